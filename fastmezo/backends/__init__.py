@@ -1,0 +1,93 @@
+"""Backend registry: which implementation runs the fused passes for tensors on a given device.
+
+Backends, fastest first:
+  triton     Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1, for tests)
+  native     C++/CUDA library fastmezo._C (not built yet: arrives with the native-backend work)
+  reference  plain torch (fastmezo.reference), any device, slow but exact
+
+The choice is per call, from the device of the tensors. ``FASTMEZO_BACKEND`` (or a ``backend=``
+argument) names one explicitly; an explicit choice that cannot run raises BackendUnavailable with the
+reason, an automatic choice falls back quietly to the next one that can.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+NAMES = ("triton", "native", "reference")
+ENV_VAR = "FASTMEZO_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
+            return ("Triton runs CPU tensors only through its interpreter: set TRITON_INTERPRET=1 in "
+                    "the environment before triton is imported")
+    elif device.type != "cuda":
+        return f"the Triton backend supports CUDA tensors, not {device.type}"
+    try:
+        from . import triton_backend  # noqa: F401  (imports triton)
+    except Exception as exc:  # ImportError, or a broken triton install
+        return f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _native_reason(device: torch.device) -> str | None:
+    return ("fastmezo was installed without its native library (fastmezo._C); "
+            "use the triton or reference backend")
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """None if backend ``name`` can run tensors on ``device``, else a sentence saying why not."""
+    if name == "triton":
+        return _triton_reason(device)
+    if name == "native":
+        return _native_reason(device)
+    if name == "reference":
+        return None
+    raise ValueError(f"unknown fastmezo backend {name!r}; expected one of {', '.join(NAMES)}")
+
+
+def _automatic_order(device: torch.device):
+    if device.type == "cuda":
+        return ("triton", "native", "reference")
+    return ("native", "reference")
+
+
+def requested_backend(backend: str | None = None) -> str | None:
+    """The explicitly requested backend name (argument first, then $FASTMEZO_BACKEND), or None."""
+    name = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    if name is not None and name not in NAMES and name != "auto":
+        raise ValueError(f"unknown fastmezo backend {name!r} (from {'argument' if backend else ENV_VAR}); "
+                         f"expected one of {', '.join(NAMES)} or 'auto'")
+    return None if name == "auto" else name
+
+
+def select(device: torch.device, backend: str | None = None) -> str:
+    """Name of the backend that will run tensors on ``device``."""
+    name = requested_backend(backend)
+    if name is not None:
+        reason = unavailable_reason(name, device)
+        if reason is not None:
+            raise BackendUnavailable(f"fastmezo backend {name!r} cannot run {device.type} tensors: {reason}")
+        return name
+    for candidate in _automatic_order(device):
+        if unavailable_reason(candidate, device) is None:
+            return candidate
+    return "reference"  # pragma: no cover  (reference always runs)
+
+
+def get(name: str):
+    """The module implementing backend ``name``: it has ``axpbz_(tensors, a, b, seed, keys, offsets, noise)``."""
+    if name == "triton":
+        from . import triton_backend as module
+    elif name == "reference":
+        from . import reference_backend as module
+    else:
+        raise BackendUnavailable(f"fastmezo backend {name!r}: {_native_reason(torch.device('cpu'))}")
+    return module

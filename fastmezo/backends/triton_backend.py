@@ -1,0 +1,7 @@
+"""Triton backend: one fused kernel launch per tensor (fastmezo.kernels)."""
+from ..kernels import axpbz_ as _launch
+
+
+def axpbz_(tensors, a, b, seed, keys, offsets, noise, load_x=True):
+    for x, a_i, b_i, key, offset in zip(tensors, a, b, keys, offsets):
+        _launch(x, a_i, b_i, seed, key, noise, offset=offset, load_x=load_x)

@@ -1,0 +1,245 @@
+"""fastmezo.MeZO: the MeZO optimizer (Malladi et al., 2023) as a torch.optim.Optimizer.
+
+One ``step(closure)``:
+  1. theta += eps * z            l_plus  = closure()
+  2. theta -= 2 eps * z          l_minus = closure()
+  3. g = (l_plus - l_minus) / (2 eps)
+  4. theta <- (1 - lr * wd) * (theta + eps * z) - lr * g * z     (restore and update, one fused pass)
+z is regenerated from the step's seed in every pass and never stored: three memory passes a step.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from . import functional as F
+from .noise import NOISE_VERSION, check_seed, derive_seed, key_from_name, parse_noise
+
+_NO_DECAY_SUBSTRINGS = ("bias", "layer_norm", "layernorm")
+
+
+def _loss_value(loss, which: str) -> float:
+    """The closure's loss as a Python float; a clear error for anything that is not one number."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"the closure must return a scalar loss, but at {which} it returned a tensor "
+                             f"of shape {tuple(loss.shape)} (reduce it, e.g. with .mean())")
+        if loss.dtype == torch.bool or loss.is_complex():
+            raise TypeError(f"the closure returned a {loss.dtype} tensor at {which}; expected a number")
+        return float(loss.detach().item())
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    raise TypeError(f"the closure must return the loss as a number or a scalar tensor, but at {which} "
+                    f"it returned {type(loss).__name__}")
+
+
+def _positive(value, what: str) -> float:
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{what} must be a finite number > 0, got {value}")
+    return v
+
+
+def _finite(value, what: str) -> float:
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{what} must be finite, got {value}")
+    return v
+
+
+class MeZO(torch.optim.Optimizer):
+    """Memory-efficient zeroth-order SGD with fused, in-place passes and in-kernel Philox noise.
+
+    Args:
+        params: tensors, (name, tensor) pairs, or param-group dicts (see :func:`param_groups`).
+            Groups carry ``lr``, ``eps`` and ``weight_decay``.
+        lr: learning rate (paper, OPT-13B full-parameter: 1e-6 or 1e-7).
+        eps: perturbation scale (paper: 1e-3 full-parameter, 1e-2 LoRA, 1e-1 prefix).
+        weight_decay: decoupled-from-nothing L2 term as in the reference: theta -= lr * wd * theta.
+        seed: base seed (uint64). Step t perturbs along z(derive_seed(seed, t)): a run is reproducible
+            from its base seed, and torch's global RNG is never touched.
+        noise: "gaussian" (the paper's) or "rademacher".
+        keys: "index" (tensor i of the optimizer gets noise key i) or "name" (a CRC-32 of the
+            parameter's name without wrapper prefixes; needs named parameters, stable across
+            re-ordering and wrappers).
+        on_nonfinite: what a NaN or inf loss does. "skip" (default): the parameters are restored, the
+            step is skipped with a RuntimeWarning and counted in ``skipped_steps``. "raise": the
+            parameters are restored and FloatingPointError is raised. The step index advances either
+            way, so the next step tries a fresh direction.
+        backend: force a backend ("triton", "native", "reference"); default: automatic per device.
+
+    After each step, ``loss_plus``, ``loss_minus``, ``projected_grad`` (of the first group; the
+    per-group values are in ``projected_grads``) and ``last_seed`` describe it. The list of
+    (last_seed, projected_grads, lrs) over a run is enough to rebuild the weights from the base
+    weights. With several groups of different eps, group i uses g_i = (l_plus - l_minus) / (2 eps_i),
+    the unbiased estimate for its own scale.
+    """
+
+    def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
+                 seed: int = 0, noise: str = "gaussian", keys: str = "index", on_nonfinite: str = "skip",
+                 backend: str | None = None):
+        _finite(lr, "lr")
+        _positive(eps, "eps")
+        _finite(weight_decay, "weight_decay")
+        if keys not in ("index", "name"):
+            raise ValueError(f"keys must be 'index' or 'name', got {keys!r}")
+        if on_nonfinite not in ("skip", "raise"):
+            raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
+        if backend is not None:
+            from . import backends
+            backends.requested_backend(backend)
+        self.seed = check_seed(seed)
+        self.noise = parse_noise(noise)
+        self.keys = keys
+        self.on_nonfinite = on_nonfinite
+        self.backend = backend
+        self.step_count = 0
+        self.skipped_steps = 0
+        self.loss_plus = self.loss_minus = self.projected_grad = self.last_seed = None
+        self.projected_grads: list[float] = []
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def _tensors(self):
+        """Per-tensor (tensor, name, key, group index), validated; raises before anything changes."""
+        tensors, names, group_of = [], [], []
+        for gi, group in enumerate(self.param_groups):
+            _positive(group["eps"], f"eps of param group {gi}")
+            _finite(group["lr"], f"lr of param group {gi}")
+            _finite(group["weight_decay"], f"weight_decay of param group {gi}")
+            group_names = group.get("param_names") or [None] * len(group["params"])
+            for p, name in zip(group["params"], group_names):
+                tensors.append(p)
+                names.append(name)
+                group_of.append(gi)
+        if self.keys == "name":
+            if any(n is None for n in names):
+                raise ValueError("MeZO(keys='name') needs named parameters: pass model.named_parameters() "
+                                 "or param groups built by fastmezo.param_groups")
+            keys = [key_from_name(n) for n in names]
+            if len(set(keys)) != len(keys):
+                raise ValueError("two parameter names hash to the same noise key; use keys='index'")
+        else:
+            keys = list(range(len(tensors)))
+        F._check_tensors(tensors, names, one_device=False)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, t in enumerate(tensors):
+            if t.numel():
+                by_device.setdefault(t.device, []).append(i)
+        return tensors, keys, group_of, by_device
+
+    def _pass(self, plan, seed: int, a_of_group, b_of_group) -> None:
+        tensors, keys, group_of, by_device = plan
+        for idx in by_device.values():
+            F._run([tensors[i] for i in idx], [a_of_group[group_of[i]] for i in idx],
+                   [b_of_group[group_of[i]] for i in idx], seed, [keys[i] for i in idx],
+                   [0] * len(idx), self.noise, self.backend)
+
+    # -- the step ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure):
+        """Run one MeZO step. ``closure()`` computes and returns the loss (a number or scalar tensor)
+        at the current weights; it is called twice, under torch.no_grad. Returns the first loss
+        (at theta + eps * z), like the reference implementation."""
+        if closure is None or not callable(closure):
+            raise ValueError("MeZO.step needs a closure that runs a forward pass and returns the loss")
+        plan = self._tensors()
+        groups = self.param_groups
+        eps = [g["eps"] for g in groups]
+        ones = [1.0] * len(groups)
+        seed = derive_seed(self.seed, self.step_count)
+
+        self._pass(plan, seed, ones, eps)
+        try:
+            loss_plus_obj = closure()
+            loss_plus = _loss_value(loss_plus_obj, "theta + eps*z")
+        except BaseException:
+            self._pass(plan, seed, ones, [-e for e in eps])
+            raise
+        self._pass(plan, seed, ones, [-2.0 * e for e in eps])
+        try:
+            loss_minus = _loss_value(closure(), "theta - eps*z")
+        except BaseException:
+            self._pass(plan, seed, ones, eps)
+            raise
+
+        self.loss_plus, self.loss_minus, self.last_seed = loss_plus, loss_minus, seed
+        diff = loss_plus - loss_minus
+        if not math.isfinite(diff):
+            self._pass(plan, seed, ones, eps)  # restore only
+            self.projected_grad, self.projected_grads = float("nan"), [float("nan")] * len(groups)
+            self.step_count += 1
+            self.skipped_steps += 1
+            message = (f"MeZO step {self.step_count - 1}: non-finite loss (l_plus={loss_plus}, "
+                       f"l_minus={loss_minus}); parameters restored, no update")
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(message)
+            warnings.warn(message + " (skipped)", RuntimeWarning, stacklevel=2)
+            return loss_plus_obj
+
+        grads = [diff / (2.0 * e) for e in eps]
+        a = [1.0 - g["lr"] * g["weight_decay"] for g in groups]
+        b = [a_i * e - g["lr"] * gr for a_i, e, g, gr in zip(a, eps, groups, grads)]
+        self._pass(plan, seed, a, b)
+        self.projected_grads = grads
+        self.projected_grad = grads[0] if grads else None
+        self.step_count += 1
+        return loss_plus_obj
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self):
+        """The torch state dict plus fastmezo's own state (base seed, step count, noise)."""
+        sd = super().state_dict()
+        sd["mezo"] = dict(seed=self.seed, step_count=self.step_count, skipped_steps=self.skipped_steps,
+                          noise=self.noise.name.lower(), keys=self.keys, noise_version=NOISE_VERSION)
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """Load a state dict from :meth:`state_dict`; a resumed run follows the same trajectory."""
+        state_dict = dict(state_dict)
+        mezo = state_dict.pop("mezo", None)
+        if mezo is None:
+            raise ValueError("this state dict was not written by fastmezo.MeZO (no 'mezo' entry)")
+        if mezo.get("noise_version") != NOISE_VERSION:
+            raise ValueError(f"state dict uses noise contract v{mezo.get('noise_version')}, this fastmezo "
+                             f"implements v{NOISE_VERSION}: the run cannot be resumed bit for bit")
+        super().load_state_dict(state_dict)
+        self.seed = check_seed(mezo["seed"])
+        self.step_count = int(mezo["step_count"])
+        self.skipped_steps = int(mezo.get("skipped_steps", 0))
+        self.noise = parse_noise(mezo["noise"])
+        self.keys = mezo.get("keys", self.keys)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float = 0.0,
+                 no_decay=_NO_DECAY_SUBSTRINGS, **group_options):
+    """Param groups for :class:`MeZO` over the trainable (requires_grad) parameters of ``model``,
+    with weight decay skipped on bias and normalization parameters.
+
+    The reference rule skips parameters whose name contains "bias", "layer_norm" or "layernorm";
+    parameters of any module whose class name contains "Norm" (LayerNorm, RMSNorm, GroupNorm, ...)
+    are skipped too, so models that name their norms differently (Llama's "input_layernorm" is
+    covered by name, "norm" by type) get the same treatment. Groups hold (name, tensor) pairs;
+    ``group_options`` (lr, eps) are copied into both groups.
+    """
+    norm_params = {id(p) for m in model.modules() if "Norm" in type(m).__name__
+                   for p in m.parameters(recurse=False)}
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lowered = name.lower()
+        if id(p) in norm_params or any(s in lowered for s in no_decay):
+            plain.append((name, p))
+        else:
+            decay.append((name, p))
+    groups = []
+    if decay:
+        groups.append(dict(params=decay, weight_decay=weight_decay, **group_options))
+    if plain:
+        groups.append(dict(params=plain, weight_decay=0.0, **group_options))
+    if not groups:
+        raise ValueError("the model has no trainable parameters (none has requires_grad=True)")
+    return groups

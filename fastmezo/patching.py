@@ -1,0 +1,119 @@
+"""fastmezo.patch(model): bind a MeZO optimizer to a model's trainable parameters.
+
+    handle = fastmezo.patch(model, lr=1e-6, eps=1e-3)
+    for batch in loader:
+        loss = model.mezo_step(batch)      # or handle.step(batch), or handle.step(closure)
+    handle.remove()                        # the model is as it was (weights aside)
+
+Only the instance is changed (one attribute, ``mezo_step``); the class and other instances are not.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .optim import MeZO, param_groups
+
+_ATTRIBUTE = "mezo_step"
+_HANDLE = "_fastmezo_patch"
+
+
+def _loss_from_output(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if loss is None:
+        raise ValueError("the model's output has no .loss: put the labels in the batch, or give "
+                         "fastmezo.patch(model, loss_fn=lambda model, batch: ...)")
+    return loss
+
+
+class MeZOPatch:
+    """Handle of a patched model: ``step``, ``optimizer``, ``remove()``; also a context manager that
+    removes the patch on exit."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: MeZO, loss_fn=None, eval_mode: bool = True):
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.eval_mode = eval_mode
+        self.active = True
+
+    def _closure(self, batch):
+        if callable(batch) and not isinstance(batch, torch.nn.Module):
+            return batch
+        model, loss_fn = self.model, self.loss_fn
+        if loss_fn is not None:
+            return lambda: loss_fn(model, batch)
+        if isinstance(batch, Mapping):
+            return lambda: _loss_from_output(model(**batch))
+        if isinstance(batch, (tuple, list)):
+            return lambda: _loss_from_output(model(*batch))
+        if isinstance(batch, torch.Tensor):
+            return lambda: _loss_from_output(model(batch))
+        raise TypeError(f"mezo_step takes a batch (dict, tuple, list or tensor) or a closure, "
+                        f"not {type(batch).__name__}")
+
+    def step(self, batch):
+        """One MeZO step on ``batch`` (forwarded as model(**batch), model(*batch) or model(batch),
+        the loss read from the output's ``.loss``) or on a closure that returns the loss.
+        The two forwards run without autograd and, by default, in eval mode (dropout off, as the
+        paper does); every module's train/eval flag is put back afterwards. Returns the loss at
+        theta + eps * z."""
+        if not self.active:
+            raise RuntimeError("this fastmezo patch was removed; patch the model again to train")
+        closure = self._closure(batch)
+        modes = [(m, m.training) for m in self.model.modules()] if self.eval_mode else []
+        if self.eval_mode:
+            self.model.eval()
+        try:
+            return self.optimizer.step(closure)
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    __call__ = step
+
+    def remove(self) -> None:
+        """Undo the patch: the model loses ``mezo_step`` and can be patched again. Idempotent."""
+        if not self.active:
+            return
+        self.active = False
+        for name in (_ATTRIBUTE, _HANDLE):
+            if name in self.model.__dict__:
+                delattr(self.model, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+
+def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
+          seed: int = 0, noise: str = "gaussian", loss_fn=None, eval_mode: bool = True,
+          keys: str = "name", no_decay=("bias", "layer_norm", "layernorm"), **optimizer_options) -> MeZOPatch:
+    """Bind MeZO to the trainable (requires_grad) parameters of ``model``; returns a :class:`MeZOPatch`.
+
+    Weight decay skips bias and normalization parameters (the reference's rule, see
+    :func:`fastmezo.param_groups`). Noise keys come from parameter names by default, so they do not
+    change when the model is wrapped. ``loss_fn(model, batch)`` replaces the default loss (the
+    output's ``.loss``). Other keyword arguments go to :class:`fastmezo.MeZO`. Patching a patched
+    model raises; remove the first patch first.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fastmezo.patch takes a torch.nn.Module, not {type(model).__name__}")
+    if _HANDLE in model.__dict__:
+        raise RuntimeError("this model is already patched by fastmezo; call remove() on the existing "
+                           "handle (model._fastmezo_patch) before patching again")
+    if _ATTRIBUTE in model.__dict__ or hasattr(type(model), _ATTRIBUTE):
+        raise RuntimeError(f"the model already has an attribute {_ATTRIBUTE!r}; fastmezo will not replace it")
+    groups = param_groups(model, weight_decay, no_decay=no_decay)
+    optimizer = MeZO(groups, lr=lr, eps=eps, seed=seed, noise=noise, keys=keys, **optimizer_options)
+    handle = MeZOPatch(model, optimizer, loss_fn=loss_fn, eval_mode=eval_mode)
+    # Instance attributes only: nn.Module.__setattr__ stores plain callables in __dict__.
+    object.__setattr__(model, _HANDLE, handle)
+    object.__setattr__(model, _ATTRIBUTE, handle.step)
+    return handle

@@ -1,0 +1,68 @@
+"""The fused pass: x <- a * x + b * z(seed, key), one read and one write of x, z made in registers.
+
+Every MeZO pass is this one kernel with different (a, b):
+  perturb by alpha            a = 1,             b = alpha
+  restore and update          a = 1 - lr * wd,   b = (1 - lr * wd) * eps - lr * g
+Arithmetic is float32; the result is rounded once to x's dtype.
+
+A program covers ROWS Philox calls: a [ROWS, PER_CALL] tile of consecutive elements (PER_CALL = 4
+for Gaussian, 128 for Rademacher), so one call's outputs feed neighbouring elements and loads stay
+contiguous. Tiles are aligned to the *global* element index (offset + local index), so the noise
+never depends on the block size or on where a shard starts.
+"""
+import triton
+import triton.language as tl
+
+from .philox import noise_tile
+
+# Default elements per program. Large blocks keep the interpreter (which runs programs one by one)
+# fast; on the GPU 4096 elements per program with 4 warps is a sound starting point.
+DEFAULT_BLOCK = 4096
+INTERPRETER_BLOCK = 1 << 16
+
+
+@triton.jit(do_not_specialize=["n", "a", "b", "seed_lo", "seed_hi", "key", "offset"])
+def _axpbz_kernel(x_ptr, n, a, b, seed_lo, seed_hi, key, offset,
+                  NOISE: tl.constexpr, ROWS: tl.constexpr, LOAD_X: tl.constexpr):
+    PER_CALL: tl.constexpr = 4 if NOISE == 0 else 128
+    pid = tl.program_id(0).to(tl.int64)
+    offset = offset.to(tl.int64)
+    first_ctr = offset // PER_CALL
+    rows = tl.arange(0, ROWS).to(tl.int64)[:, None]
+    cols = tl.arange(0, PER_CALL)[None, :]
+    ctr = first_ctr + pid * ROWS + rows                 # [ROWS, 1] Philox counters
+    local = ctr * PER_CALL + cols - offset              # [ROWS, PER_CALL] index into x
+    mask = (local >= 0) & (local < n)
+    z = noise_tile(ctr, cols, seed_lo, seed_hi, key, NOISE)
+    if LOAD_X:
+        x = tl.load(x_ptr + local, mask=mask).to(tl.float32)
+        y = a * x + b * z
+    else:
+        y = b * z
+    tl.store(x_ptr + local, y.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def _as_i32(word: int) -> int:
+    """uint32 -> the int32 with the same bits (one kernel signature whatever the value)."""
+    return word - (1 << 32) if word >= (1 << 31) else word
+
+
+def axpbz_(x, a: float, b: float, seed: int, key: int, noise: int, offset: int = 0,
+           block: int | None = None, load_x: bool = True, num_warps: int = 4) -> None:
+    """Launch the fused pass on one contiguous tensor x (any floating dtype, any device Triton runs on).
+
+    seed is a uint64, key a uint32, noise 0 (Gaussian) or 1 (Rademacher), offset the global index of
+    x's first element (non-zero for a shard of a larger tensor). With load_x=False, x <- b * z.
+    """
+    n = x.numel()
+    if n == 0:
+        return
+    per_call = 4 if noise == 0 else 128
+    if block is None:
+        block = INTERPRETER_BLOCK if x.device.type == "cpu" else DEFAULT_BLOCK
+    block = max(block, per_call)
+    rows = block // per_call
+    grid = (triton.cdiv(n + offset % per_call, block),)
+    _axpbz_kernel[grid](x, n, float(a), float(b), _as_i32(seed & 0xFFFFFFFF), _as_i32(seed >> 32),
+                        _as_i32(key & 0xFFFFFFFF), offset,
+                        NOISE=noise, ROWS=rows, LOAD_X=load_x, num_warps=num_warps)
