@@ -33,7 +33,9 @@ def _mulhilo32(a: int, b: torch.Tensor):
 
 def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS):
     """Philox4x32-R over int64 tensors of uint32 counter words (broadcast together); key is two ints."""
-    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3)))
+    device = next((c.device for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)), None)
+    c0, c1, c2, c3 = torch.broadcast_tensors(
+        *(torch.as_tensor(c, dtype=torch.int64, device=device) for c in (c0, c1, c2, c3)))
     k0 &= MASK32
     k1 &= MASK32
     for _ in range(rounds):

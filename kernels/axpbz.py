@@ -5,15 +5,18 @@ Every MeZO pass is this one kernel with different (a, b):
   restore and update          a = 1 - lr * wd,   b = (1 - lr * wd) * eps - lr * g
 Arithmetic is float32; the result is rounded once to x's dtype.
 
-A program covers ROWS Philox calls: a [ROWS, PER_CALL] tile of consecutive elements (PER_CALL = 4
-for Gaussian, 128 for Rademacher), so one call's outputs feed neighbouring elements and loads stay
-contiguous. Tiles are aligned to the *global* element index (offset + local index), so the noise
-never depends on the block size or on where a shard starts.
+A program covers CALLS consecutive Philox calls, i.e. CALLS * PER_CALL consecutive elements
+(PER_CALL = 4 for Gaussian, 128 for Rademacher), so one call's outputs feed neighbouring elements and
+loads stay contiguous. Blocks are aligned to the *global* element index (offset + local index), so the
+noise never depends on the block size or on where a shard starts. FAST (fast sin/cos) is on for
+compiled kernels and off in the interpreter, which has no libdevice.
 """
+import os
+
 import triton
 import triton.language as tl
 
-from .philox import noise_tile
+from .philox import gaussian_block, rademacher_block
 
 # Default elements per program. Large blocks keep the interpreter (which runs programs one by one)
 # fast; on the GPU 4096 elements per program with 4 warps is a sound starting point.
@@ -23,23 +26,28 @@ INTERPRETER_BLOCK = 1 << 16
 
 @triton.jit(do_not_specialize=["n", "a", "b", "seed_lo", "seed_hi", "key", "offset"])
 def _axpbz_kernel(x_ptr, n, a, b, seed_lo, seed_hi, key, offset,
-                  NOISE: tl.constexpr, ROWS: tl.constexpr, LOAD_X: tl.constexpr):
+                  NOISE: tl.constexpr, CALLS: tl.constexpr, LOAD_X: tl.constexpr, FAST: tl.constexpr):
     PER_CALL: tl.constexpr = 4 if NOISE == 0 else 128
     pid = tl.program_id(0).to(tl.int64)
     offset = offset.to(tl.int64)
-    first_ctr = offset // PER_CALL
-    rows = tl.arange(0, ROWS).to(tl.int64)[:, None]
-    cols = tl.arange(0, PER_CALL)[None, :]
-    ctr = first_ctr + pid * ROWS + rows                 # [ROWS, 1] Philox counters
-    local = ctr * PER_CALL + cols - offset              # [ROWS, PER_CALL] index into x
-    mask = (local >= 0) & (local < n)
-    z = noise_tile(ctr, cols, seed_lo, seed_hi, key, NOISE)
+    first = offset // PER_CALL + pid * CALLS                 # this program's first Philox call
+    ctr = first + tl.arange(0, CALLS).to(tl.int64)
+    if NOISE == 0:
+        z = gaussian_block(ctr, seed_lo, seed_hi, key, FAST)
+    else:
+        z = rademacher_block(ctr, seed_lo, seed_hi, key)
+    idx = first * PER_CALL - offset + tl.arange(0, CALLS * PER_CALL).to(tl.int64)   # index into x
+    mask = (idx >= 0) & (idx < n)
     if LOAD_X:
-        x = tl.load(x_ptr + local, mask=mask).to(tl.float32)
+        x = tl.load(x_ptr + idx, mask=mask).to(tl.float32)
         y = a * x + b * z
     else:
         y = b * z
-    tl.store(x_ptr + local, y.to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(x_ptr + idx, y.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _as_i32(word: int) -> int:
@@ -61,8 +69,8 @@ def axpbz_(x, a: float, b: float, seed: int, key: int, noise: int, offset: int =
     if block is None:
         block = INTERPRETER_BLOCK if x.device.type == "cpu" else DEFAULT_BLOCK
     block = max(block, per_call)
-    rows = block // per_call
     grid = (triton.cdiv(n + offset % per_call, block),)
     _axpbz_kernel[grid](x, n, float(a), float(b), _as_i32(seed & 0xFFFFFFFF), _as_i32(seed >> 32),
                         _as_i32(key & 0xFFFFFFFF), offset,
-                        NOISE=noise, ROWS=rows, LOAD_X=load_x, num_warps=num_warps)
+                        NOISE=noise, CALLS=block // per_call, LOAD_X=load_x, FAST=not _interpreting(),
+                        num_warps=num_warps)
