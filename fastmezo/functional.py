@@ -46,7 +46,7 @@ def _label(i: int, name: str | None) -> str:
 
 def _check_tensors(tensors: list[torch.Tensor], names: list[str | None], one_device: bool = True) -> None:
     device = None
-    seen = {}
+    seen: dict = {}
     for i, (t, name) in enumerate(zip(tensors, names)):
         what = _label(i, name)
         if t.dtype not in SUPPORTED_DTYPES:
@@ -63,19 +63,25 @@ def _check_tensors(tensors: list[torch.Tensor], names: list[str | None], one_dev
             raise ValueError(f"{what} is on {t.device} but tensor 0 is on {device}; one call takes "
                              "tensors of one device (group them per device)")
         if t.numel():
-            ptr = t.data_ptr()
-            if ptr in seen:
-                raise ValueError(f"{what} shares its storage with {_label(*seen[ptr])}; each tensor "
-                                 "(e.g. a tied weight) must appear once or it is perturbed twice")
-            seen[ptr] = (i, name)
+            # Byte range within its storage: overlapping tensors (a tied weight given twice, or two
+            # views of one buffer) would have the overlap perturbed twice.
+            start = t.storage_offset() * t.element_size()
+            span = (start, start + t.numel() * t.element_size(), i, name)
+            seen.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(span)
+    for spans in seen.values():
+        spans.sort()
+        for (_, end, i, name), (start, _, j, other) in zip(spans, spans[1:]):
+            if start < end:
+                raise ValueError(f"{_label(j, other)} overlaps the memory of {_label(i, name)}; each "
+                                 "tensor (e.g. a tied weight) must appear once or it is perturbed twice")
 
 
 def _resolve_keys(keys, n: int, names: list[str | None]) -> list[int]:
-    if keys is None:
+    if keys is None or (isinstance(keys, str) and keys == "index"):
         return list(range(n))
     if isinstance(keys, str):
         if keys != "name":
-            raise ValueError(f"keys must be a sequence of ints or 'name', got {keys!r}")
+            raise ValueError(f"keys must be a sequence of ints, 'index' or 'name', got {keys!r}")
         missing = [i for i, name in enumerate(names) if name is None]
         if missing:
             raise ValueError(f"keys='name' needs (name, tensor) pairs; tensor {missing[0]} has no name")

