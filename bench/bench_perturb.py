@@ -118,7 +118,7 @@ def environment(device: torch.device) -> dict:
     else:
         gpu = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
         extra = {}
-    commit = _git("rev-parse", "HEAD") or "unknown"
+    commit = _git("rev-parse", "HEAD") or os.environ.get("FASTMEZO_COMMIT") or "unknown"
     status = _git("status", "--porcelain", "--untracked-files=no") if commit != "unknown" else None
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
