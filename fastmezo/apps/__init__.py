@@ -1,0 +1,1 @@
+"""Example applications built on fastmezo (run them with ``python -m fastmezo <app>``)."""
