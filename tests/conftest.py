@@ -27,6 +27,16 @@ TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 NORMAL_ATOL = 1e-5
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny tensors: intra-op threads only add overhead (tens of times slower on a
+    2-core machine). The previous setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def triton_device():
     """The device on which the triton backend runs here (skips if triton is missing)."""

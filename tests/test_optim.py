@@ -23,14 +23,7 @@ from conftest import HAS_CUDA, backend_devices, ulp
 # helpers
 # ----------------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (tens of times slower on a
-    2-core machine). The previous setting is restored for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _gen(seed):
