@@ -22,6 +22,20 @@ except ImportError:  # pragma: no cover
 # Where the Triton kernels run in this session: compiled on the GPU, or interpreted on the CPU.
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
+
+def _native_devices():
+    """Devices the native library (fastmezo._C) runs here: none where it is not built."""
+    from fastmezo.backends import native_backend
+
+    devices = ["cpu"] if native_backend.unavailable_reason(torch.device("cpu")) is None else []
+    if HAS_CUDA and native_backend.unavailable_reason(torch.device("cuda")) is None:
+        devices.append("cuda")
+    return devices
+
+
+NATIVE_DEVICES = _native_devices()
+HAS_NATIVE = bool(NATIVE_DEVICES)
+
 # Tolerances (docs/noise.md): normals from a fast backend against the float64 oracle, in absolute
 # terms per unit of |z| (transcendentals differ by a few ulp between libm, numpy and GPU intrinsics).
 NORMAL_ATOL = 1e-5
@@ -52,6 +66,7 @@ def backend_devices():
         pairs.append(("triton", TRITON_DEVICE))
     if HAS_CUDA:
         pairs.append(("reference", "cuda"))
+    pairs.extend(("native", device) for device in NATIVE_DEVICES)
     return pairs
 
 

@@ -2,12 +2,14 @@
 
 Backends, fastest first:
   triton     Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1, for tests)
-  native     C++/CUDA library fastmezo._C (not built yet: arrives with the native-backend work)
+  native     C++ (OpenMP) and CUDA kernels of the library fastmezo._C (csrc/), loaded lazily
   reference  plain torch (fastmezo.reference), any device, slow but exact
 
-The choice is per call, from the device of the tensors. ``FASTMEZO_BACKEND`` (or a ``backend=``
-argument) names one explicitly; an explicit choice that cannot run raises BackendUnavailable with the
-reason, an automatic choice falls back quietly to the next one that can.
+The choice is per call, from the device of the tensors: CUDA tensors go to triton, then native, then
+reference; CPU tensors to native, then reference (Triton runs CPU tensors only through its interpreter,
+for tests, and only when asked for). ``FASTMEZO_BACKEND`` (or a ``backend=`` argument) names one
+explicitly; an explicit choice that cannot run raises BackendUnavailable with the reason, an automatic
+choice falls back quietly to the next one that can.
 """
 from __future__ import annotations
 
@@ -38,8 +40,8 @@ def _triton_reason(device: torch.device) -> str | None:
 
 
 def _native_reason(device: torch.device) -> str | None:
-    return ("fastmezo was installed without its native library (fastmezo._C); "
-            "use the triton or reference backend")
+    from . import native_backend  # cheap: fastmezo._C itself loads on this first question
+    return native_backend.unavailable_reason(device)
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
@@ -86,8 +88,10 @@ def get(name: str):
     """The module implementing backend ``name``: it has ``axpbz_(tensors, a, b, seed, keys, offsets, noise)``."""
     if name == "triton":
         from . import triton_backend as module
+    elif name == "native":
+        from . import native_backend as module
     elif name == "reference":
         from . import reference_backend as module
     else:
-        raise BackendUnavailable(f"fastmezo backend {name!r}: {_native_reason(torch.device('cpu'))}")
+        raise ValueError(f"unknown fastmezo backend {name!r}; expected one of {', '.join(NAMES)}")
     return module
