@@ -254,22 +254,36 @@ def test_opcheck_native_op():
             torch.library.opcheck(torch.ops.fastmezo_native.axpbz_.default, args)
 
 
-def test_op_rejects_bad_arguments():
-    x = torch.zeros(4)
-    op = torch.ops.fastmezo_native.axpbz_
-    with pytest.raises(RuntimeError, match="dtype"):
-        op([torch.zeros(4, dtype=torch.float64)], [1.0], [1.0], 0, [0], [0], 0, True)
-    with pytest.raises(RuntimeError, match="contiguous"):
-        op([torch.zeros(4, 4).t()], [1.0], [1.0], 0, [0], [0], 0, True)
-    with pytest.raises(RuntimeError, match="key"):
-        op([x], [1.0], [1.0], 0, [2**32], [0], 0, True)
-    with pytest.raises(RuntimeError, match="offset"):
-        op([x], [1.0], [1.0], 0, [0], [-1], 0, True)
-    with pytest.raises(RuntimeError, match="noise"):
-        op([x], [1.0], [1.0], 0, [0], [0], 2, True)
-    with pytest.raises(RuntimeError, match="2 tensors but 1 a"):
-        op([x, x.clone()], [1.0], [1.0, 1.0], 0, [0, 1], [0, 0], 0, True)
-    assert torch.equal(x, torch.zeros(4))
+# Each bad call runs in its own interpreter: on the H200 build (torch 2.11, /opt/gcc) an error raised
+# by the op killed the process with a segmentation fault instead of raising RuntimeError (seen
+# 2026-11-28, cause not yet found); in a subprocess that shows as this test failing, not as a crash of
+# the whole test run.
+_BAD_CALLS = {
+    "dtype": "op([torch.zeros(4, dtype=torch.float64)], [1.0], [1.0], 0, [0], [0], 0, True)",
+    "contiguous": "op([torch.zeros(4, 4).t()], [1.0], [1.0], 0, [0], [0], 0, True)",
+    "key": "op([x], [1.0], [1.0], 0, [2**32], [0], 0, True)",
+    "offset": "op([x], [1.0], [1.0], 0, [0], [-1], 0, True)",
+    "noise": "op([x], [1.0], [1.0], 0, [0], [0], 2, True)",
+    "2 tensors but 1 a": "op([x, x.clone()], [1.0], [1.0, 1.0], 0, [0, 1], [0, 0], 0, True)",
+}
+
+
+@pytest.mark.parametrize("word", list(_BAD_CALLS))
+def test_op_rejects_bad_arguments(word):
+    import subprocess
+    import sys
+    code = ("import torch, fastmezo.backends.native_backend as nb\n"
+            "nb.load()\n"
+            "op = torch.ops.fastmezo_native.axpbz_\n"
+            "x = torch.zeros(4)\n"
+            "try:\n"
+            f"    {_BAD_CALLS[word]}\n"
+            "except RuntimeError as exc:\n"
+            f"    assert {word!r} in str(exc), str(exc)\n"
+            "    assert torch.equal(x, torch.zeros(4))\n"
+            "    print('raised')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "raised" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr[-2000:])
 
 
 def test_registry_picks_native_for_cpu(monkeypatch):
