@@ -15,16 +15,13 @@ import threading
 
 import torch
 
+from .._ops import seed_arg
+
 _NAME = "fastmezo._C"
 
 _lock = threading.Lock()
 _module = None        # fastmezo._C once loaded
 _load_error = None    # the sentence saying why it could not be loaded
-
-
-def _seed_arg(seed: int) -> int:
-    """uint64 seed -> the int64 with the same bits (the schema's int)."""
-    return seed - (1 << 64) if seed >= (1 << 63) else seed
 
 
 def load():
@@ -87,5 +84,5 @@ def axpbz_(tensors, a, b, seed, keys, offsets, noise, load_x=True):
     if load() is None:  # pragma: no cover  (the registry checks availability first)
         raise RuntimeError(_load_error)
     torch.ops.fastmezo_native.axpbz_(list(tensors), [float(v) for v in a], [float(v) for v in b],
-                                     _seed_arg(int(seed)), [int(k) for k in keys], [int(o) for o in offsets],
+                                     seed_arg(int(seed)), [int(k) for k in keys], [int(o) for o in offsets],
                                      int(noise), bool(load_x))
