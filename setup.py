@@ -143,7 +143,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["fastmezo", "fastmezo.backends", "fastmezo.kernels", "fastmezo.apps", "fastmezo.tasks"],
+    packages=["fastmezo", "fastmezo.backends", "fastmezo.kernels", "fastmezo.apps", "fastmezo.tasks", "fastmezo.integrations"],
     package_dir={"fastmezo": "fastmezo", "fastmezo.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
