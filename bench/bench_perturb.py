@@ -217,10 +217,10 @@ def _ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.pow(2.0, exponent - mantissa_bits)
 
 
-def check_kernels(device: torch.device, dtypes, n: int) -> list[dict]:
-    """Compare the Triton kernels with the torch oracle (fastmezo.reference) before timing them.
+def check_kernels(device: torch.device, dtypes, n: int, backend: str = "triton") -> list[dict]:
+    """Compare the fast kernels of ``backend`` with the torch oracle (fastmezo.reference) before timing them.
 
-    * z itself: ``make_noise(..., backend="triton")`` against ``fastmezo.reference.noise`` at two
+    * z itself: ``make_noise(..., backend=backend)`` against ``fastmezo.reference.noise`` at two
       offsets: Rademacher must match exactly, Gaussian within NORMAL_ATOL * (1 + |z|).
     * the perturb pass in every dtype: ``perturb_`` on a parameter-like tensor against
       ``axpbz_reference(x, 1, alpha, z_oracle)``: Rademacher exact, Gaussian within one unit in the
@@ -238,7 +238,7 @@ def check_kernels(device: torch.device, dtypes, n: int) -> list[dict]:
     for noise in ("gaussian", "rademacher"):
         for offset in CHECK_OFFSETS:
             fast = F.make_noise(n, SEED, CHECK_KEY, noise=noise, offset=offset, device=device,
-                                backend="triton")
+                                backend=backend)
             ref = R.noise(n, SEED, CHECK_KEY, noise, offset=offset, device=device)
             err = (fast - ref).abs()
             if noise == "rademacher":
@@ -254,7 +254,7 @@ def check_kernels(device: torch.device, dtypes, n: int) -> list[dict]:
         for dtype in dtypes:
             x = (torch.randn(n, generator=gen, device=device) * 0.02).to(dtype)
             y = x.clone()
-            F.perturb_([y], SEED, CHECK_ALPHA, keys=[CHECK_KEY], noise=noise, backend="triton")
+            F.perturb_([y], SEED, CHECK_ALPHA, keys=[CHECK_KEY], noise=noise, backend=backend)
             expect = R.axpbz_reference(x, 1.0, CHECK_ALPHA, ref)
             err = (y.float() - expect.float()).abs()
             if noise == "rademacher" and not (interpreted and dtype == torch.bfloat16):
@@ -298,7 +298,7 @@ def _alternating(fn):
 
 
 def bench_model(model: str, shapes, dtype_name: str, device: torch.device, bandwidth: float,
-                warmup: int, reps: int, log=print) -> tuple[dict, list[dict]]:
+                warmup: int, reps: int, log=print, backend: str = "triton") -> tuple[dict, list[dict]]:
     """Time every pass over one model's parameters in one dtype. Returns (summary, rows)."""
     from fastmezo import functional as F
 
@@ -324,13 +324,13 @@ def bench_model(model: str, shapes, dtype_name: str, device: torch.device, bandw
 
     cases = [
         ("fastmezo", "perturb", "gaussian", _alternating(
-            lambda s: F.perturb_(params, SEED, s * EPS, noise="gaussian", backend="triton"))),
+            lambda s: F.perturb_(params, SEED, s * EPS, noise="gaussian", backend=backend))),
         ("fastmezo", "perturb", "rademacher", _alternating(
-            lambda s: F.perturb_(params, SEED, s * EPS, noise="rademacher", backend="triton"))),
+            lambda s: F.perturb_(params, SEED, s * EPS, noise="rademacher", backend=backend))),
         ("fastmezo", "restore_and_update", "gaussian", lambda: F.restore_and_update_(
-            params, SEED, EPS, LR, PROJECTED_GRAD, weight_decay=wd, noise="gaussian", backend="triton")),
+            params, SEED, EPS, LR, PROJECTED_GRAD, weight_decay=wd, noise="gaussian", backend=backend)),
         ("fastmezo", "restore_and_update", "rademacher", lambda: F.restore_and_update_(
-            params, SEED, EPS, LR, PROJECTED_GRAD, weight_decay=wd, noise="rademacher", backend="triton")),
+            params, SEED, EPS, LR, PROJECTED_GRAD, weight_decay=wd, noise="rademacher", backend=backend)),
         ("reference", "perturb", "gaussian", _alternating(
             lambda s: reference_perturb(params, TORCH_SEED, s, EPS))),
         ("reference", "update", "gaussian", lambda: reference_update(
@@ -462,6 +462,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 3; with --smoke 1 on a GPU, 0 on the CPU, "
                              "where the interpreter compiles nothing)")
     parser.add_argument("--reps", type=int, default=None, help="timed calls, median reported (default 10; 1 with --smoke)")
+    parser.add_argument("--backend", default="triton", choices=("triton", "native"),
+                        help="the fastmezo backend timed (default triton). An explicit choice: the "
+                             "FASTMEZO_BACKEND environment variable does not change what this script times")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, few repetitions, temporary output: checks that the script runs "
                              "(on the CPU through the Triton interpreter when there is no GPU)")
@@ -507,7 +510,7 @@ def main(argv=None) -> dict:
           f"triton {env['triton']}, cuda {env['cuda']}, commit {env['commit'][:12]}")
 
     check_numel = (1 << 16) if args.smoke else (1 << 20)
-    checks = check_kernels(device, [DTYPES[d] for d in args.dtypes], check_numel)
+    checks = check_kernels(device, [DTYPES[d] for d in args.dtypes], check_numel, args.backend)
     worst_z = max(c["max_abs_diff"] for c in checks if c["what"] == "make_noise")
     print(f"kernel check passed: {len(checks)} comparisons with the torch oracle on {check_numel:,} elements "
           f"(z: max |diff| {worst_z:.3g}; perturb_ in {', '.join(args.dtypes)}: within tolerance)")
@@ -521,7 +524,8 @@ def main(argv=None) -> dict:
     for model in args.models:
         shapes = opt_param_shapes(model)
         for dtype_name in args.dtypes:
-            summary, model_rows = bench_model(model, shapes, dtype_name, device, bw, args.warmup, args.reps)
+            summary, model_rows = bench_model(model, shapes, dtype_name, device, bw, args.warmup, args.reps,
+                                              backend=args.backend)
             models.append(summary)
             rows += model_rows
 
@@ -530,7 +534,7 @@ def main(argv=None) -> dict:
         "environment": env,
         "settings": {"smoke": args.smoke, "models": args.models, "dtypes": args.dtypes,
                      "warmup": args.warmup, "reps": args.reps, "timer": "cuda events" if device.type == "cuda"
-                     else "time.perf_counter", "backend": "triton", "seed": SEED, "eps": EPS, "lr": LR,
+                     else "time.perf_counter", "backend": args.backend, "seed": SEED, "eps": EPS, "lr": LR,
                      "projected_grad": PROJECTED_GRAD, "weight_decay": WEIGHT_DECAY},
         "bandwidth": bandwidth,
         "checks": checks,

@@ -56,8 +56,10 @@ def _axpbz_kernel(x_ptr, n, a, b, seed_lo, seed_hi, key, offset,
     tl.store(x_ptr + idx, y.to(x_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Triton reads TRITON_INTERPRET when it is imported, so it cannot change later: read it once here
+# rather than on every launch (the values triton accepts; fastmezo.backends.triton_interpreter_on
+# reads it the same way). No fastmezo import here: this package must import on its own.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def _as_i32(word: int) -> int:
@@ -82,5 +84,5 @@ def axpbz_(x, a: float, b: float, seed: int, key: int, noise: int, offset: int =
     grid = (triton.cdiv(n + offset % per_call, block),)
     _axpbz_kernel[grid](x, n, float(a), float(b), _as_i32(seed & 0xFFFFFFFF), _as_i32(seed >> 32),
                         _as_i32(key & 0xFFFFFFFF), offset,
-                        NOISE=noise, CALLS=block // per_call, LOAD_X=load_x, FAST=not _interpreting(),
+                        NOISE=noise, CALLS=block // per_call, LOAD_X=load_x, FAST=not _INTERPRETING,
                         ALIGNED=offset % per_call == 0, num_warps=num_warps)

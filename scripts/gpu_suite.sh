@@ -21,7 +21,7 @@ timeout 240 compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts
 echo "compute-sanitizer memcheck exit $?"; tail -2 "$OUT/sanitizer.txt"
 for backend in triton native; do
   case "${BENCH:-both}" in both|"$backend") ;; *) continue ;; esac
-  FASTMEZO_BACKEND=$backend python3 bench/bench_perturb.py --models "${MODELS:-opt-1.3b,opt-13b}" \
+  python3 bench/bench_perturb.py --backend "$backend" --models "${MODELS:-opt-1.3b,opt-13b}" \
     --dtypes "${DTYPES:-float16,bfloat16}" --out "$OUT" > "$OUT/bench_perturb_$backend.txt" 2>&1
   echo "bench $backend exit $?"
 done

@@ -138,7 +138,7 @@ def test_layer_norm_names_skip_weight_decay():
 
 
 def test_remove_restores_the_trainers_own_methods_and_patching_twice_is_refused():
-    model, inputs = _model(), _data()
+    model = _model()
     trainer = StandInTrainer(model)
     handle = use_fastmezo(trainer)
     with pytest.raises(RuntimeError, match="already uses fastmezo"):

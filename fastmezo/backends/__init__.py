@@ -21,13 +21,18 @@ NAMES = ("triton", "native", "reference")
 ENV_VAR = "FASTMEZO_BACKEND"
 
 
+def triton_interpreter_on() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's interpreter (the values triton itself accepts)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why."""
 
 
 def _triton_reason(device: torch.device) -> str | None:
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
+        if not triton_interpreter_on():
             return ("Triton runs CPU tensors only through its interpreter: set TRITON_INTERPRET=1 in "
                     "the environment before triton is imported")
     elif device.type != "cuda":
