@@ -17,7 +17,8 @@ from .noise import MASK32, check_seed, key_from_name, parse_noise
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-__all__ = ["perturb_", "restore_and_update_", "axpbz_", "make_noise", "noise_like", "SUPPORTED_DTYPES"]
+__all__ = ["perturb_", "restore_and_update_", "axpbz_", "perturbed", "make_noise", "noise_like",
+           "SUPPORTED_DTYPES"]
 
 
 def _split_named(tensors) -> tuple[list[torch.Tensor], list[str]]:
@@ -131,54 +132,108 @@ def _resolve_offsets(offsets, n: int) -> list[int]:
 
 
 def axpbz_(tensors, a, b, seed: int, *, keys=None, noise="gaussian", offsets=None,
-           backend: str | None = None) -> None:
+           rounding_seed: int | None = None, backend: str | None = None) -> None:
     """The general fused pass: tensor_i <- a_i * tensor_i + b_i * z_i, in place, one memory pass.
 
     a and b are numbers or one number per tensor; z_i = z(seed, key_i) over the global element
     indices offsets[i] + 0, 1, ... (offsets default to 0; a shard of a larger tensor passes the index
     of its first element so that it gets the same noise as the unsharded tensor).
+
+    The result is computed in float32 and stored in each tensor's dtype, rounded to nearest; with a
+    ``rounding_seed`` (uint64), float16 and bfloat16 results are rounded stochastically instead, with
+    random bits from Philox stream 2 keyed by it (docs/noise.md section 8): the stored value is
+    unbiased, so updates far below one ulp still move the weights on average.
     """
     tensors, names = _split_named(tensors)
     n = len(tensors)
     a = _per_tensor(a, n, "a")
     b = _per_tensor(b, n, "b")
-    _launch(tensors, names, a, b, seed, keys, noise, offsets, backend)
+    _launch(tensors, names, a, b, seed, keys, noise, offsets, backend, rounding_seed=rounding_seed)
 
 
-def _launch(tensors, names, a, b, seed, keys, noise, offsets, backend, load_x=True) -> None:
+def _launch(tensors, names, a, b, seed, keys, noise, offsets, backend, load_x=True, rounding_seed=None,
+            outs=None) -> None:
     seed = check_seed(seed)
+    if rounding_seed is not None:
+        rounding_seed = check_seed(rounding_seed, "rounding_seed")
     kind = parse_noise(noise)
     _check_tensors(tensors, names)
+    if outs is not None:
+        _check_outs(tensors, names, outs)
     keys = _resolve_keys(keys, len(tensors), names)
     offsets = _resolve_offsets(offsets, len(tensors))
     if backend is not None:
         from . import backends
         backends.requested_backend(backend)  # validates the name before anything runs
-    _run(tensors, a, b, seed, keys, offsets, kind, backend, load_x)
+    _run(tensors, a, b, seed, keys, offsets, kind, backend, load_x, rounding_seed, outs)
 
 
-def _run(tensors, a, b, seed, keys, offsets, kind, backend, load_x=True) -> None:
+def _check_outs(tensors, names, outs) -> None:
+    """Outputs of an out-of-place pass: one per input, same shape, dtype and device, contiguous, and
+    sharing no memory with any input or other output."""
+    if len(outs) != len(tensors):
+        raise ValueError(f"got {len(outs)} outputs for {len(tensors)} tensors")
+    for i, (t, o, name) in enumerate(zip(tensors, outs, names)):
+        what = f"output for {_label(i, name)}"
+        if not isinstance(o, torch.Tensor):
+            raise TypeError(f"{what} is a {type(o).__name__}, not a torch.Tensor")
+        if o.shape != t.shape or o.dtype != t.dtype or o.device != t.device:
+            raise ValueError(f"{what} has shape {tuple(o.shape)}, {o.dtype}, {o.device}; expected "
+                             f"{tuple(t.shape)}, {t.dtype}, {t.device}")
+    _check_tensors(list(tensors) + list(outs), list(names) + [f"output {i}" for i in range(len(outs))],
+                   one_device=True)
+
+
+def _run(tensors, a, b, seed, keys, offsets, kind, backend, load_x=True, rounding_seed=None, outs=None) -> None:
     """Run the fused pass over already validated arguments (tensors of one device)."""
     live = [i for i, t in enumerate(tensors) if t.numel()]
     if not live:
         return
+    pick = lambda values: [values[i] for i in live]  # noqa: E731
+    round_arg = None if rounding_seed is None else _ops.seed_arg(rounding_seed)
     with torch.no_grad():
-        _ops.axpbz_([tensors[i] for i in live], [a[i] for i in live], [b[i] for i in live],
-                    _ops.seed_arg(seed), [keys[i] for i in live], [offsets[i] for i in live], int(kind),
-                    load_x, backend or "auto")
+        if outs is None:
+            _ops.axpbz_(pick(tensors), pick(a), pick(b), _ops.seed_arg(seed), pick(keys), pick(offsets),
+                        int(kind), load_x, backend or "auto", round_arg)
+        else:
+            _ops.axpbz_out(pick(tensors), pick(outs), pick(a), pick(b), _ops.seed_arg(seed), pick(keys),
+                           pick(offsets), int(kind), backend or "auto", round_arg)
 
 
 def perturb_(tensors, seed: int, alpha: float, *, keys=None, noise="gaussian", offsets=None,
-             backend: str | None = None) -> None:
-    """Add alpha * z(seed) to each tensor in place (MeZO's +eps, -2 eps and restore passes)."""
+             rounding_seed: int | None = None, backend: str | None = None) -> None:
+    """Add alpha * z(seed) to each tensor in place (MeZO's +eps, -2 eps and restore passes).
+    ``rounding_seed``: stochastic rounding of float16/bfloat16 results (see :func:`axpbz_`)."""
     tensors, names = _split_named(tensors)
     alpha = _per_tensor(alpha, len(tensors), "alpha")
-    _launch(tensors, names, [1.0] * len(tensors), alpha, seed, keys, noise, offsets, backend)
+    _launch(tensors, names, [1.0] * len(tensors), alpha, seed, keys, noise, offsets, backend,
+            rounding_seed=rounding_seed)
+
+
+def perturbed(tensors, seed: int, alpha: float, *, out=None, keys=None, noise="gaussian", offsets=None,
+              rounding_seed: int | None = None, backend: str | None = None):
+    """x + alpha * z(seed) for each tensor x, written to new tensors (or to ``out``); x is only read.
+
+    The out-of-place pass of exact mode (fastmezo.patch(mode="exact")): the perturbed weight is
+    materialized right before a module uses it and the stored weight never changes, in one read of x
+    and one write of the result. Returns a tensor for a tensor argument, else a list.
+    """
+    single = isinstance(tensors, torch.Tensor)
+    tensors, names = _split_named(tensors)
+    n = len(tensors)
+    alpha = _per_tensor(alpha, n, "alpha")
+    if out is None:
+        outs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+    else:
+        outs = [out] if isinstance(out, torch.Tensor) else list(out)
+    _launch(tensors, names, [1.0] * n, alpha, seed, keys, noise, offsets, backend,
+            rounding_seed=rounding_seed, outs=outs)
+    return outs[0] if single else outs
 
 
 def restore_and_update_(tensors, seed: int, eps: float, lr, projected_grad: float, *,
                         weight_decay=0.0, keys=None, noise="gaussian", offsets=None,
-                        backend: str | None = None) -> None:
+                        rounding_seed: int | None = None, backend: str | None = None) -> None:
     """Fused restore and ZO-SGD update, one pass, for tensors currently at theta - eps * z:
 
         theta <- (1 - lr * wd) * (theta + eps * z) - lr * projected_grad * z
@@ -197,7 +252,7 @@ def restore_and_update_(tensors, seed: int, eps: float, lr, projected_grad: floa
     (g,) = _per_tensor(projected_grad, 1, "projected_grad")
     a = [1.0 - lr_i * wd_i for lr_i, wd_i in zip(lr_v, wd_v)]
     b = [a_i * e - lr_i * g for a_i, e, lr_i in zip(a, eps_v, lr_v)]
-    _launch(tensors, names, a, b, seed, keys, noise, offsets, backend)
+    _launch(tensors, names, a, b, seed, keys, noise, offsets, backend, rounding_seed=rounding_seed)
 
 
 def make_noise(numel: int, seed: int, key: int = 0, *, noise="gaussian", offset: int = 0,

@@ -36,9 +36,12 @@ class Noise(enum.IntEnum):
 #: Elements served by one Philox call, per distribution (4 normals, or 128 sign bits).
 ELEMENTS_PER_CALL = {Noise.GAUSSIAN: 4, Noise.RADEMACHER: 128}
 
-#: Stream id reserved for the random bits of stochastic rounding (used from noise v1 on by the
-#: rounding kernels; listed here so no other stream takes it).
+#: Stream id of the random bits of stochastic rounding (docs/noise.md section 8).
 STREAM_STOCHASTIC_ROUNDING = 2
+
+#: Elements served by one Philox call of the rounding stream: each of the 4 words gives two 16-bit
+#: draws (low half first), one per element.
+ROUNDING_ELEMENTS_PER_CALL = 8
 
 #: Stream id of seed derivation (counter word 3 of the call that maps (base, step, direction) to a seed).
 STREAM_SEED_DERIVATION = 0x5EED5EED
@@ -111,6 +114,21 @@ def derive_seed(base_seed: int, step: int, direction: int = 0) -> int:
         raise ValueError(f"direction must be in [0, 2**32), got {direction}")
     x = philox4x32((step & MASK32, step >> 32, direction, STREAM_SEED_DERIVATION),
                    (base_seed & MASK32, base_seed >> 32))
+    return x[0] | (x[1] << 32)
+
+
+def rounding_seed(seed: int, pass_index: int) -> int:
+    """The 64-bit Philox key of the stochastic-rounding bits of pass ``pass_index`` of a step whose
+    direction seed is ``seed`` (docs/noise.md section 8).
+
+    = words 0 and 1 (low, high) of Philox4x32-10 with key = seed and counter = (pass_index low word,
+    pass_index high word, 0, STREAM_STOCHASTIC_ROUNDING). Each pass of a step rounds with fresh bits,
+    independent of z (another stream) and of the other passes.
+    """
+    seed = check_seed(seed)
+    pass_index = check_seed(pass_index, "pass_index")
+    x = philox4x32((pass_index & MASK32, pass_index >> 32, 0, STREAM_STOCHASTIC_ROUNDING),
+                   (seed & MASK32, seed >> 32))
     return x[0] | (x[1] << 32)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from . import backends
 from . import functional as F
-from .noise import NOISE_VERSION, check_seed, derive_seed, key_from_name, parse_noise
+from .noise import NOISE_VERSION, check_seed, derive_seed, key_from_name, parse_noise, rounding_seed
 
 _NO_DECAY_SUBSTRINGS = ("bias", "layer_norm", "layernorm")
 
@@ -69,6 +69,11 @@ class MeZO(torch.optim.Optimizer):
             step is skipped with a RuntimeWarning and counted in ``skipped_steps``. "raise": the
             parameters are restored and FloatingPointError is raised. The step index advances either
             way, so the next step tries a fresh direction.
+        stochastic_rounding: round float16/bfloat16 parameters stochastically in every pass (default
+            True), with random bits from their own Philox stream (docs/noise.md section 8): an update
+            far below one ulp (lr 1e-6 on a bf16 weight) still moves the weight by the right amount on
+            average instead of being dropped by round-to-nearest. float32 parameters are unaffected.
+            False rounds to nearest, like the reference implementation.
         backend: force a backend ("triton", "native", "reference"); default: automatic per device.
 
     After each step, ``loss_plus``, ``loss_minus``, ``projected_grad`` (of the first group; the
@@ -80,7 +85,7 @@ class MeZO(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
                  seed: int = 0, noise: str = "gaussian", keys: str = "index", on_nonfinite: str = "skip",
-                 backend: str | None = None):
+                 stochastic_rounding: bool = True, backend: str | None = None):
         _finite(lr, "lr")
         _positive(eps, "eps")
         _finite(weight_decay, "weight_decay")
@@ -94,6 +99,9 @@ class MeZO(torch.optim.Optimizer):
         self.noise = parse_noise(noise)
         self.keys = keys
         self.on_nonfinite = on_nonfinite
+        if not isinstance(stochastic_rounding, bool):
+            raise TypeError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
+        self.stochastic_rounding = stochastic_rounding
         self.backend = backend
         self.step_count = 0
         self.skipped_steps = 0
@@ -133,12 +141,16 @@ class MeZO(torch.optim.Optimizer):
         backend_of = {device: backends.select(device, self.backend) for device in by_device}
         return tensors, keys, group_of, by_device, backend_of
 
-    def _pass(self, plan, seed: int, a_of_group, b_of_group) -> None:
+    # Pass indices of a step, for the rounding bits: +eps, -2 eps, then restore (+ update).
+    _PLUS, _MINUS, _RESTORE = 0, 1, 2
+
+    def _pass(self, plan, seed: int, a_of_group, b_of_group, pass_index: int) -> None:
         tensors, keys, group_of, by_device, backend_of = plan
+        round_seed = rounding_seed(seed, pass_index) if self.stochastic_rounding else None
         for device, idx in by_device.items():
             F._run([tensors[i] for i in idx], [a_of_group[group_of[i]] for i in idx],
                    [b_of_group[group_of[i]] for i in idx], seed, [keys[i] for i in idx],
-                   [0] * len(idx), self.noise, backend_of[device])
+                   [0] * len(idx), self.noise, backend_of[device], rounding_seed=round_seed)
 
     # -- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -154,24 +166,24 @@ class MeZO(torch.optim.Optimizer):
         ones = [1.0] * len(groups)
         seed = derive_seed(self.seed, self.step_count)
 
-        self._pass(plan, seed, ones, eps)
+        self._pass(plan, seed, ones, eps, self._PLUS)
         try:
             loss_plus_obj = closure()
             loss_plus = _loss_value(loss_plus_obj, "theta + eps*z")
         except BaseException:
-            self._pass(plan, seed, ones, [-e for e in eps])
+            self._pass(plan, seed, ones, [-e for e in eps], self._RESTORE)
             raise
-        self._pass(plan, seed, ones, [-2.0 * e for e in eps])
+        self._pass(plan, seed, ones, [-2.0 * e for e in eps], self._MINUS)
         try:
             loss_minus = _loss_value(closure(), "theta - eps*z")
         except BaseException:
-            self._pass(plan, seed, ones, eps)
+            self._pass(plan, seed, ones, eps, self._RESTORE)
             raise
 
         self.loss_plus, self.loss_minus, self.last_seed = loss_plus, loss_minus, seed
         diff = loss_plus - loss_minus
         if not math.isfinite(diff):
-            self._pass(plan, seed, ones, eps)  # restore only
+            self._pass(plan, seed, ones, eps, self._RESTORE)  # restore only
             self.projected_grad, self.projected_grads = float("nan"), [float("nan")] * len(groups)
             self.step_count += 1
             self.skipped_steps += 1
@@ -185,18 +197,137 @@ class MeZO(torch.optim.Optimizer):
         grads = [diff / (2.0 * e) for e in eps]
         a = [1.0 - g["lr"] * g["weight_decay"] for g in groups]
         b = [a_i * e - g["lr"] * gr for a_i, e, g, gr in zip(a, eps, groups, grads)]
-        self._pass(plan, seed, a, b)
+        self._pass(plan, seed, a, b, self._RESTORE)
         self.projected_grads = grads
         self.projected_grad = grads[0] if grads else None
         self.step_count += 1
         return loss_plus_obj
+
+    # -- gradient accumulation --------------------------------------------------------------------
+    # The micro-batch estimates of the pending step, between accumulate() and step_accumulated():
+    # None, or dict(step, seed, grads (one sum per group), loss_plus, loss_minus, count, nonfinite).
+    _window = None
+
+    @property
+    def pending_micro_batches(self) -> int:
+        """How many micro-batches :meth:`accumulate` has added to the pending step."""
+        return 0 if self._window is None else self._window["count"]
+
+    def _pending_window(self, create: bool):
+        window = self._window
+        seed = derive_seed(self.seed, self.step_count)
+        if window is not None and (window["step"] != self.step_count or window["seed"] != seed
+                                   or len(window["grads"]) != len(self.param_groups)):
+            self._window = None
+            raise RuntimeError(f"the micro-batch estimates pending since accumulate() belong to step "
+                               f"{window['step']}, but the optimizer has moved on (step {self.step_count}; "
+                               "step(), load_state_dict() or add_param_group() in between): they were dropped")
+        if window is None and create:
+            window = self._window = dict(step=self.step_count, seed=seed, grads=[0.0] * len(self.param_groups),
+                                         loss_plus=0.0, loss_minus=0.0, count=0, nonfinite=False)
+        return window
+
+    @torch.no_grad()
+    def accumulate(self, closure):
+        """Add one micro-batch's estimate to the pending step (gradient accumulation). The weights
+        are back at theta when it returns, also when the closure raises.
+
+        Perturbs by +eps*z and calls ``closure()``, by -2 eps*z and calls it again, then restores
+        (+eps*z). All micro-batches of a step use one z, the pending step's (seed
+        ``derive_seed(seed, step_count)``), and their loss differences add up as gradients do under
+        ``backward()``: scale the closure's loss by 1/k for the mean over k micro-batches.
+        :meth:`step_accumulated` then applies one update with
+        g_i = sum_j (l_plus_j - l_minus_j) / (2 eps_i).
+
+        Three passes per micro-batch and one for the update (``step`` fuses the restore into the
+        update: three in all for a single batch). The pending estimates are not in
+        :meth:`state_dict`: save after ``step_accumulated``. Returns (l_plus, l_minus) of this
+        micro-batch as floats. A non-finite loss: with ``on_nonfinite="raise"`` FloatingPointError
+        is raised here (weights restored, the step counted as skipped, its estimates dropped); with
+        "skip", ``step_accumulated`` skips the update with a RuntimeWarning.
+        """
+        if closure is None or not callable(closure):
+            raise ValueError("MeZO.accumulate needs a closure that runs a forward pass and returns the loss")
+        plan = self._tensors()  # validates before any weight moves
+        window = self._pending_window(create=True)
+        eps = [g["eps"] for g in self.param_groups]
+        ones = [1.0] * len(eps)
+        seed = window["seed"]
+        # Rounding bits (float16/bfloat16 stochastic rounding): a fresh pass index for every pass of
+        # the step, micro-batch after micro-batch.
+        first = 3 * window["count"]
+        self._pass(plan, seed, ones, eps, first)
+        try:
+            loss_plus = _loss_value(closure(), "theta + eps*z")
+        except BaseException:
+            self._pass(plan, seed, ones, [-e for e in eps], first + 2)
+            raise
+        self._pass(plan, seed, ones, [-2.0 * e for e in eps], first + 1)
+        try:
+            loss_minus = _loss_value(closure(), "theta - eps*z")
+        finally:
+            self._pass(plan, seed, ones, eps, first + 2)
+
+        window["count"] += 1
+        window["loss_plus"] += loss_plus
+        window["loss_minus"] += loss_minus
+        diff = loss_plus - loss_minus
+        if math.isfinite(diff):
+            window["grads"] = [s + diff / (2.0 * e) for s, e in zip(window["grads"], eps)]
+        else:
+            window["nonfinite"] = True
+            if self.on_nonfinite == "raise":
+                self._window = None
+                self.step_count += 1
+                self.skipped_steps += 1
+                raise FloatingPointError(
+                    f"MeZO step {self.step_count - 1}: non-finite loss in micro-batch {window['count'] - 1} "
+                    f"(l_plus={loss_plus}, l_minus={loss_minus}); parameters restored, step skipped")
+        return loss_plus, loss_minus
+
+    @torch.no_grad()
+    def step_accumulated(self):
+        """Apply one update from the estimates of :meth:`accumulate` and move on to the next step:
+
+            theta <- (1 - lr * wd) * theta - lr * g_i * z,   g_i = sum_j (l_plus_j - l_minus_j) / (2 eps_i)
+
+        with each group's lr and weight_decay as they are now (an lr scheduler stepped between steps
+        applies). Then ``loss_plus``/``loss_minus`` hold the sums over the micro-batches and
+        ``projected_grad(s)``, ``last_seed`` describe the step, as after :meth:`step`. Returns the
+        summed loss_plus. Raises ValueError, changing nothing, if nothing was accumulated.
+        """
+        window = self._pending_window(create=False)
+        if window is None or window["count"] == 0:
+            raise ValueError("MeZO.step_accumulated: no micro-batch estimates are pending; call "
+                             "accumulate(closure) for each micro-batch first")
+        plan = self._tensors()
+        groups = self.param_groups
+        grads = list(window["grads"])
+        if window["nonfinite"]:
+            grads = [float("nan")] * len(groups)
+        else:
+            a = [1.0 - g["lr"] * g["weight_decay"] for g in groups]
+            b = [-g["lr"] * gr for g, gr in zip(groups, grads)]
+            self._pass(plan, window["seed"], a, b, 3 * window["count"])
+        self._window = None
+        self.loss_plus, self.loss_minus, self.last_seed = window["loss_plus"], window["loss_minus"], window["seed"]
+        self.projected_grads = grads
+        self.projected_grad = grads[0] if grads else None
+        self.step_count += 1
+        if window["nonfinite"]:
+            self.skipped_steps += 1
+            warnings.warn(f"MeZO step {self.step_count - 1}: non-finite loss in a micro-batch "
+                          f"(summed l_plus={self.loss_plus}, l_minus={self.loss_minus}); parameters "
+                          "restored, no update (skipped)", RuntimeWarning, stacklevel=2)
+        return self.loss_plus
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self):
         """The torch state dict plus fastmezo's own state (base seed, step count, noise)."""
         sd = super().state_dict()
         sd["mezo"] = dict(seed=self.seed, step_count=self.step_count, skipped_steps=self.skipped_steps,
-                          noise=self.noise.name.lower(), keys=self.keys, noise_version=NOISE_VERSION)
+                          noise=self.noise.name.lower(), keys=self.keys, noise_version=NOISE_VERSION,
+                          stochastic_rounding=self.stochastic_rounding)
         return sd
 
     def load_state_dict(self, state_dict):
@@ -218,8 +349,12 @@ class MeZO(torch.optim.Optimizer):
         step_count, skipped = int(mezo["step_count"]), int(mezo.get("skipped_steps", 0))
         if step_count < 0 or skipped < 0:
             raise ValueError(f"state dict has a negative step count ({step_count}, {skipped} skipped)")
+        rounding = mezo.get("stochastic_rounding", self.stochastic_rounding)
+        if not isinstance(rounding, bool):
+            raise ValueError(f"state dict has stochastic_rounding={rounding!r}; expected True or False")
         super().load_state_dict(state_dict)
         self.seed, self.noise, self.keys = seed, noise, keys
+        self.stochastic_rounding = rounding
         self.step_count, self.skipped_steps = step_count, skipped
 
 

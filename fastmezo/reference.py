@@ -13,7 +13,7 @@ import math
 import torch
 
 from .noise import (ELEMENTS_PER_CALL, MASK32, PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0,
-                    PHILOX_W1, Noise, parse_noise)
+                    PHILOX_W1, ROUNDING_ELEMENTS_PER_CALL, STREAM_STOCHASTIC_ROUNDING, Noise, parse_noise)
 
 # Elements processed per chunk by the reference backend: bounds its temporaries (a few float64
 # vectors of this length) whatever the size of the parameter.
@@ -98,22 +98,73 @@ def noise(numel: int, seed: int, key: int, noise=Noise.GAUSSIAN, offset: int = 0
     return noise_at(index, seed, key, noise)
 
 
-def axpbz_reference(x: torch.Tensor, a: float, b: float, z: torch.Tensor) -> torch.Tensor:
-    """The plain-torch definition of every fused pass, with z given explicitly:
-    x <- a * x + b * z, computed in float32 and rounded once to x's dtype. Returns the new value."""
-    return (a * x.float() + b * z.float().reshape(x.shape)).to(x.dtype)
+def rounding_bits_at(index: torch.Tensor, round_seed: int, key: int) -> torch.Tensor:
+    """The 16-bit stochastic-rounding draws r (int64 in [0, 65536)) of global element indices ``index``
+    of tensor ``key`` (docs/noise.md section 8): element i uses Philox call i // 8 of stream 2 keyed by
+    round_seed, word (i % 8) // 2, low half for even i and high half for odd i."""
+    words = raw_bits(index, round_seed, key, STREAM_STOCHASTIC_ROUNDING, ROUNDING_ELEMENTS_PER_CALL)
+    lane = index % ROUNDING_ELEMENTS_PER_CALL
+    w = lane // 2
+    word = torch.where(w == 0, words[0], torch.where(w == 1, words[1], torch.where(w == 2, words[2], words[3])))
+    return (word >> (16 * (lane % 2))) & 0xFFFF
+
+
+_INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def round_stochastic(y: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 y -> dtype with stochastic rounding by the 16-bit draws r (docs/noise.md section 8).
+
+    lo = y rounded toward zero in dtype, hi = the next dtype value away from zero; with
+    q = 2**16 * |y - lo| / |hi - lo| (exact in float32), the result is hi when r + q >= 2**16, else lo.
+    So P(hi) = ceil(q) / 2**16, which is |y - lo| / ulp up to 2**-16 ulp: unbiased. For bfloat16 this
+    is exactly "add r to the low 16 bits of y and truncate". Non-finite y and y beyond the largest
+    finite value (whose hi is inf) round to nearest / saturate to lo; float32 is returned unchanged.
+    """
+    if dtype == torch.float32:
+        return y.to(dtype)
+    y = y.float()
+    nearest = y.to(dtype)
+    bits = nearest.view(_INT_VIEW[dtype]).to(torch.int32)
+    # Round-to-nearest went away from zero: step its magnitude back by one unit in the last place.
+    # (Magnitudes are ordered like their bit patterns, sign bit aside.)
+    overshoot = nearest.float().abs() > y.abs()
+    lo_bits = torch.where(overshoot, bits - 1, bits)
+    hi_bits = lo_bits + 1
+    lo = lo_bits.to(torch.int16).view(dtype)
+    hi = hi_bits.to(torch.int16).view(dtype)
+    lo_f, hi_f = lo.float(), hi.float()
+    q = (y - lo_f).abs() / (hi_f - lo_f).abs() * 65536.0
+    up = (q + r.to(torch.float32)) >= 65536.0          # NaN q (non-finite y, inf hi) compares False
+    return torch.where(up, hi, lo)
+
+
+def axpbz_reference(x: torch.Tensor, a: float, b: float, z: torch.Tensor, r: torch.Tensor | None = None,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The plain-torch definition of every fused pass, with z given explicitly: a * x + b * z computed
+    in float32 and rounded once to ``dtype`` (default x's dtype), to nearest, or stochastically with the
+    16-bit draws ``r`` when given. Returns the new value; x is not changed."""
+    dtype = x.dtype if dtype is None else dtype
+    y = a * x.float() + b * z.float().reshape(x.shape)
+    if r is None:
+        return y.to(dtype)
+    return round_stochastic(y, r.reshape(x.shape), dtype)
 
 
 def axpbz_(x: torch.Tensor, a: float, b: float, seed: int, key: int, noise_kind=Noise.GAUSSIAN,
-           offset: int = 0, load_x: bool = True) -> None:
-    """In place x <- a * x + b * z(seed, key) (x <- b * z with load_x=False), chunk by chunk so
-    temporaries stay small."""
+           offset: int = 0, load_x: bool = True, round_seed: int | None = None,
+           out: torch.Tensor | None = None) -> None:
+    """out <- a * x + b * z(seed, key) (b * z with load_x=False), chunk by chunk so temporaries stay
+    small. out defaults to x (in place); round_seed turns on stochastic rounding of the stored value."""
     flat = x.view(-1)
+    dst = flat if out is None else out.view(-1)
     n = flat.numel()
     for start in range(0, n, CHUNK):
         stop = min(n, start + CHUNK)
         z = noise(stop - start, seed, key, noise_kind, offset + start, device=x.device)
-        if load_x:
-            flat[start:stop] = axpbz_reference(flat[start:stop], a, b, z)
-        else:
-            flat[start:stop] = (b * z).to(x.dtype)
+        r = None
+        if round_seed is not None and dst.dtype != torch.float32:
+            index = torch.arange(offset + start, offset + stop, dtype=torch.int64, device=x.device)
+            r = rounding_bits_at(index, round_seed, key)
+        src = flat[start:stop] if load_x else torch.zeros_like(z)
+        dst[start:stop] = axpbz_reference(src, a if load_x else 0.0, b, z, r, dst.dtype)

@@ -76,10 +76,15 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def axpbz_(tensors, a, b, seed, keys, offsets, noise, load_x=True):
+def axpbz_(tensors, a, b, seed, keys, offsets, noise, load_x=True, round_seed=None, outs=None):
     """tensors[i] <- a[i] * tensors[i] + b[i] * z(seed, keys[i]) over global indices offsets[i] + j, in one
     native call (load_x=False: tensors[i] <- b[i] * z). Arguments are validated by fastmezo.functional."""
     if not tensors:
+        return
+    if round_seed is not None or outs is not None:
+        # Stochastic rounding and out-of-place passes have no native kernels yet: the oracle runs them.
+        from . import reference_backend
+        reference_backend.axpbz_(tensors, a, b, seed, keys, offsets, noise, load_x, round_seed, outs)
         return
     if load() is None:  # pragma: no cover  (the registry checks availability first)
         raise RuntimeError(_load_error)
