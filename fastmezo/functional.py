@@ -193,10 +193,10 @@ def _run(tensors, a, b, seed, keys, offsets, kind, backend, load_x=True, roundin
     round_arg = None if rounding_seed is None else _ops.seed_arg(rounding_seed)
     with torch.no_grad():
         if outs is None:
-            _ops.axpbz_(pick(tensors), pick(a), pick(b), _ops.seed_arg(seed), pick(keys), pick(offsets),
+            _ops.call_axpbz_(pick(tensors), pick(a), pick(b), _ops.seed_arg(seed), pick(keys), pick(offsets),
                         int(kind), load_x, backend or "auto", round_arg)
         else:
-            _ops.axpbz_out(pick(tensors), pick(outs), pick(a), pick(b), _ops.seed_arg(seed), pick(keys),
+            _ops.call_axpbz_out(pick(tensors), pick(outs), pick(a), pick(b), _ops.seed_arg(seed), pick(keys),
                            pick(offsets), int(kind), backend or "auto", round_arg)
 
 

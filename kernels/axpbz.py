@@ -1,59 +1,115 @@
-"""The fused pass: x <- a * x + b * z(seed, key), one read and one write of x, z made in registers.
+"""The fused pass: out <- a * x + b * z(seed, key), one read of x and one write, z made in registers.
 
 Every MeZO pass is this one kernel with different (a, b):
   perturb by alpha            a = 1,             b = alpha
   restore and update          a = 1 - lr * wd,   b = (1 - lr * wd) * eps - lr * g
-Arithmetic is float32; the result is rounded once to x's dtype.
+  exact mode's perturbed copy a = 1,             b = alpha,   out != x
+Arithmetic is float32; the result is rounded once to the storage dtype, to nearest or stochastically
+(docs/noise.md section 8, random bits from Philox stream 2).
 
-A program covers CALLS consecutive Philox calls, i.e. CALLS * PER_CALL consecutive elements
-(PER_CALL = 4 for Gaussian, 128 for Rademacher), so one call's outputs feed neighbouring elements and
-loads stay contiguous. Blocks are aligned to the *global* element index (offset + local index), so the
-noise never depends on the block size or on where a shard starts. FAST (fast sin/cos) is on for
-compiled kernels and off in the interpreter, which has no libdevice.
+One launch covers a whole *table* of tensors of one dtype: per tensor (x address, out address, numel,
+global offset, key) in an int64 table on the device, and the first block of each tensor in a sorted
+``starts`` table; a program finds its tensor by binary search. A model's ~400 tensors take one launch
+instead of 400 (a Triton launch costs ~20-35 us of host time, more than a 1.3B-parameter pass takes
+per tensor on an H200).
+
+A program covers BLOCK consecutive elements. Blocks are aligned to the *global* element index
+(offset + local index) in units of G = max(elements per Philox call, 8), so the noise and the rounding
+bits never depend on the block size or on where a shard starts. ALIGNED (offset % G == 0 and 16-byte
+aligned addresses for every tensor of the launch) lets full blocks use unmasked 16-byte vector
+accesses; only each tensor's last block is masked. FAST (fast sin/cos, correctly rounded division via
+libdevice) is on for compiled kernels and off in the interpreter, which has no libdevice.
 """
 import os
 
+import torch
 import triton
 import triton.language as tl
 
-from .philox import gaussian_block, rademacher_block
+from .philox import gaussian_block, rademacher_block, rounding_draws, round_stochastic
 
 # Default elements per program. Large blocks keep the interpreter (which runs programs one by one)
 # fast; on the GPU 4096 elements per program with 4 warps is a sound starting point.
 DEFAULT_BLOCK = 4096
 INTERPRETER_BLOCK = 1 << 16
 
+# Columns of the int64 tensor table.
+_X, _OUT, _N, _OFFSET, _KEY, _COLS = 0, 1, 2, 3, 4, 5
 
-# n is left to Triton's specialization (divisibility by 16 lets masked loads vectorize); the seed,
-# key, offset and coefficients are not, so they never cause a recompilation.
-@triton.jit(do_not_specialize=["a", "b", "seed_lo", "seed_hi", "key", "offset"])
-def _axpbz_kernel(x_ptr, n, a, b, seed_lo, seed_hi, key, offset,
-                  NOISE: tl.constexpr, CALLS: tl.constexpr, LOAD_X: tl.constexpr, FAST: tl.constexpr,
-                  ALIGNED: tl.constexpr):
-    PER_CALL: tl.constexpr = 4 if NOISE == 0 else 128
-    BLOCK: tl.constexpr = CALLS * PER_CALL
-    pid = tl.program_id(0).to(tl.int64)
-    offset = offset.to(tl.int64)
-    first = offset // PER_CALL + pid * CALLS                 # this program's first Philox call
-    ctr = first + tl.arange(0, CALLS).to(tl.int64)
-    if NOISE == 0:
-        z = gaussian_block(ctr, seed_lo, seed_hi, key, FAST)
-    else:
-        z = rademacher_block(ctr, seed_lo, seed_hi, key)
-    if ALIGNED:
-        # offset % PER_CALL == 0: blocks start at multiples of BLOCK in x, which Triton can see, so
-        # loads and stores become 16-byte vector accesses (2x faster than the general form on H200).
-        idx = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask = idx < n
-    else:
-        idx = first * PER_CALL - offset + tl.arange(0, BLOCK).to(tl.int64)   # index into x
-        mask = (idx >= 0) & (idx < n)
+
+@triton.jit
+def _pass_block(x_ptr, out_ptr, idx, mask, z, a, b, rseed_lo, rseed_hi, key, first_global,
+                LOAD_X: tl.constexpr, ROUND: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """Load x (masked or not), y = a * x + b * z in float32, round, store to out."""
     if LOAD_X:
-        x = tl.load(x_ptr + idx, mask=mask).to(tl.float32)
+        if MASKED:
+            x = tl.load(x_ptr + idx, mask=mask).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + idx).to(tl.float32)
         y = a * x + b * z
     else:
         y = b * z
-    tl.store(x_ptr + idx, y.to(x_ptr.dtype.element_ty), mask=mask)
+    if ROUND:
+        r = rounding_draws(first_global // 8, BLOCK // 8, rseed_lo, rseed_hi, key, FAST)
+        v = round_stochastic(y, r, out_ptr.dtype.element_ty, FAST)
+    else:
+        v = y.to(out_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(out_ptr + idx, v, mask=mask)
+    else:
+        tl.store(out_ptr + idx, v)
+
+
+# Seeds, coefficients and table sizes are not specialized: they never cause a recompilation.
+@triton.jit(do_not_specialize=["a", "b", "seed_lo", "seed_hi", "rseed_lo", "rseed_hi", "total"])
+def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, total, a, b, seed_lo, seed_hi, rseed_lo, rseed_hi,
+                        NOISE: tl.constexpr, BLOCK: tl.constexpr, LOG2T: tl.constexpr, LOAD_X: tl.constexpr,
+                        OUT: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr):
+    PER_CALL: tl.constexpr = 4 if NOISE == 0 else 128
+    G: tl.constexpr = 8 if NOISE == 0 else 128              # block alignment: z calls and rounding calls
+    pid = tl.program_id(0).to(tl.int64)
+    # The tensor of this program: the last t with starts[t] <= pid (starts is padded to 2**LOG2T
+    # entries with a value above every pid, so the search needs no bounds checks).
+    t = pid * 0
+    for k in tl.static_range(LOG2T):
+        step = 1 << (LOG2T - 1 - k)
+        t = tl.where(tl.load(starts_ptr + t + step) <= pid, t + step, t)
+    blk = pid - tl.load(starts_ptr + t)
+    row = table_ptr + t * 5
+    ELEM = proto_ptr.dtype.element_ty
+    x_ptr = tl.load(row + 0).to(tl.pointer_type(ELEM))
+    if OUT:
+        out_ptr = tl.load(row + 1).to(tl.pointer_type(ELEM))
+    else:
+        out_ptr = x_ptr
+    if ALIGNED:
+        # Every address of this launch is 16-byte aligned (the launcher checks): with that and block
+        # starts at multiples of BLOCK, Triton emits 16-byte vector loads and stores.
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        out_ptr = tl.multiple_of(out_ptr, 16)
+    n = tl.load(row + 2)
+    offset = tl.load(row + 3)
+    key = tl.load(row + 4).to(tl.int32)
+    first_global = (offset // G) * G + blk * BLOCK          # global index of this block's first element
+    ctr = first_global // PER_CALL + tl.arange(0, BLOCK // PER_CALL).to(tl.int64)
+    if NOISE == 0:
+        z = gaussian_block(ctr, seed_lo, seed_hi, key, FAST)
+    else:
+        z = rademacher_block(ctr, seed_lo, seed_hi, key, FAST)
+    if ALIGNED:
+        start = blk * BLOCK
+        idx = start + tl.arange(0, BLOCK).to(tl.int64)
+        if start + BLOCK <= n:
+            _pass_block(x_ptr, out_ptr, idx, idx < n, z, a, b, rseed_lo, rseed_hi, key, first_global,
+                        LOAD_X, ROUND, False, FAST, BLOCK)
+        else:
+            _pass_block(x_ptr, out_ptr, idx, idx < n, z, a, b, rseed_lo, rseed_hi, key, first_global,
+                        LOAD_X, ROUND, True, FAST, BLOCK)
+    else:
+        idx = first_global - offset + tl.arange(0, BLOCK).to(tl.int64)     # index into x
+        _pass_block(x_ptr, out_ptr, idx, (idx >= 0) & (idx < n), z, a, b, rseed_lo, rseed_hi, key,
+                    first_global, LOAD_X, ROUND, True, FAST, BLOCK)
 
 
 # Triton reads TRITON_INTERPRET when it is imported, so it cannot change later: read it once here
@@ -67,22 +123,94 @@ def _as_i32(word: int) -> int:
     return word - (1 << 32) if word >= (1 << 31) else word
 
 
+def _alignment(noise: int) -> int:
+    return 8 if noise == 0 else 128
+
+
+class _TableCache:
+    """Device tables keyed by their content (addresses, sizes, offsets, keys): a training loop passes
+    the same tensors every step, so the tables are built and copied to the device once. Keyed by
+    content, an entry is right whenever it is found, whatever happened to the tensors in between."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self.entries: dict = {}
+
+    def get(self, rows: tuple, blocks: tuple, device: torch.device):
+        key = (device, rows, blocks)
+        hit = self.entries.pop(key, None)
+        if hit is None:
+            log2t = max(1, (len(rows)).bit_length())       # 2**log2t > len(rows)
+            starts = [0] * (1 << log2t)
+            acc = 0
+            for i, nb in enumerate(blocks):
+                starts[i] = acc
+                acc += nb
+            for i in range(len(blocks), 1 << log2t):
+                starts[i] = 1 << 62                           # above every program id
+            table = torch.tensor(rows, dtype=torch.int64).reshape(-1, _COLS)
+            hit = (table.to(device), torch.tensor(starts, dtype=torch.int64).to(device), acc, log2t)
+            if len(self.entries) >= self.capacity:
+                self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = hit                               # most recently used last
+        return hit
+
+
+_tables = _TableCache()
+
+
+def axpbz_multi_(tensors, a: float, b: float, seed: int, keys, noise: int, offsets=None, *, outs=None,
+                 round_seed: int | None = None, load_x: bool = True, block: int | None = None,
+                 num_warps: int = 4) -> None:
+    """One pass over several contiguous tensors of one device: out_i <- a * x_i + b * z(seed, key_i).
+
+    Coefficients a and b are shared (the optimizer's passes have one (a, b) per param group; the
+    backend groups tensors accordingly). outs (default: in place), offsets (global index of each
+    tensor's first element; default 0), round_seed (stochastic rounding of float16/bfloat16 results;
+    default round to nearest). Tensors are grouped by dtype and alignment, one launch per group.
+    """
+    n_t = len(tensors)
+    offsets = [0] * n_t if offsets is None else list(offsets)
+    outs = list(tensors) if outs is None else list(outs)
+    use_out = any(o is not x for o, x in zip(outs, tensors))
+    g = _alignment(noise)
+    groups: dict = {}
+    for x, o, key, off in zip(tensors, outs, keys, offsets):
+        if x.numel() == 0:
+            continue
+        aligned = off % g == 0 and x.data_ptr() % 16 == 0 and o.data_ptr() % 16 == 0
+        groups.setdefault((x.dtype, aligned), []).append((x, o, key, off))
+    if not groups:
+        return
+    device = tensors[0].device
+    if block is None:
+        block = INTERPRETER_BLOCK if device.type == "cpu" else DEFAULT_BLOCK
+    block = max(block, g)
+    rnd = round_seed is not None
+    rseed = round_seed if rnd else 0
+    for (dtype, aligned), members in groups.items():
+        rows, blocks = [], []
+        for x, o, key, off in members:
+            n = x.numel()
+            rows.extend((x.data_ptr(), o.data_ptr(), n, off, key & 0xFFFFFFFF))
+            blocks.append(triton.cdiv(n + off % g, block))
+        table, starts, total, log2t = _tables.get(tuple(rows), tuple(blocks), device)
+        _axpbz_table_kernel[(total,)](
+            members[0][0], table, starts, total, float(a), float(b),
+            _as_i32(seed & 0xFFFFFFFF), _as_i32((seed >> 32) & 0xFFFFFFFF),
+            _as_i32(rseed & 0xFFFFFFFF), _as_i32((rseed >> 32) & 0xFFFFFFFF),
+            NOISE=noise, BLOCK=block, LOG2T=log2t, LOAD_X=load_x, OUT=use_out,
+            ROUND=rnd and dtype != torch.float32, ALIGNED=aligned, FAST=not _INTERPRETING,
+            num_warps=num_warps)
+
+
 def axpbz_(x, a: float, b: float, seed: int, key: int, noise: int, offset: int = 0,
-           block: int | None = None, load_x: bool = True, num_warps: int = 4) -> None:
-    """Launch the fused pass on one contiguous tensor x (any floating dtype, any device Triton runs on).
+           block: int | None = None, load_x: bool = True, num_warps: int = 4, out=None,
+           round_seed: int | None = None) -> None:
+    """The fused pass on one contiguous tensor x (any floating dtype, any device Triton runs on).
 
     seed is a uint64, key a uint32, noise 0 (Gaussian) or 1 (Rademacher), offset the global index of
     x's first element (non-zero for a shard of a larger tensor). With load_x=False, x <- b * z.
     """
-    n = x.numel()
-    if n == 0:
-        return
-    per_call = 4 if noise == 0 else 128
-    if block is None:
-        block = INTERPRETER_BLOCK if x.device.type == "cpu" else DEFAULT_BLOCK
-    block = max(block, per_call)
-    grid = (triton.cdiv(n + offset % per_call, block),)
-    _axpbz_kernel[grid](x, n, float(a), float(b), _as_i32(seed & 0xFFFFFFFF), _as_i32(seed >> 32),
-                        _as_i32(key & 0xFFFFFFFF), offset,
-                        NOISE=noise, CALLS=block // per_call, LOAD_X=load_x, FAST=not _INTERPRETING,
-                        ALIGNED=offset % per_call == 0, num_warps=num_warps)
+    axpbz_multi_([x], a, b, seed, [key], noise, [offset], outs=None if out is None else [out],
+                 round_seed=round_seed, load_x=load_x, block=block, num_warps=num_warps)

@@ -14,19 +14,44 @@ from triton.language.extra import libdevice
 PI = tl.constexpr(3.141592653589793)  # module globals used in jit code must be constexpr
 
 
+# (high, low) words of M * x with one 32x32->64 multiply (compiled CUDA only): umulhi and mul
+# separately cost two multiplies, and Philox is most of the pass's instructions.
 @triton.jit
-def philox4x32_10(c0, c1, c2, c3, k0, k1):
-    """Philox4x32-10 (Random123) on uint32 tensors; returns the 4 output words."""
+def _mulhilo_m0(x):
+    return tl.inline_asm_elementwise(
+        asm="{ .reg .b64 t; mul.wide.u32 t, $2, 0xD2511F53; mov.b64 {$1, $0}, t; }",
+        constraints="=r,=r,r", args=[x], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _mulhilo_m1(x):
+    return tl.inline_asm_elementwise(
+        asm="{ .reg .b64 t; mul.wide.u32 t, $2, 0xCD9E8D57; mov.b64 {$1, $0}, t; }",
+        constraints="=r,=r,r", args=[x], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+
+
+@triton.jit
+def philox4x32_10(c0, c1, c2, c3, k0, k1, WIDE: tl.constexpr = False):
+    """Philox4x32-10 (Random123) on uint32 tensors; returns the 4 output words. WIDE (compiled CUDA
+    kernels only) uses one wide multiply per product instead of umulhi + mul."""
     M0: tl.constexpr = 0xD2511F53
     M1: tl.constexpr = 0xCD9E8D57
     W0: tl.constexpr = 0x9E3779B9
     W1: tl.constexpr = 0xBB67AE85
     for _ in tl.static_range(10):
         _c0, _c2 = c0, c2
-        c0 = tl.umulhi(M1, _c2) ^ c1 ^ k0
-        c2 = tl.umulhi(M0, _c0) ^ c3 ^ k1
-        c1 = tl.mul(M1, _c2, sanitize_overflow=False)
-        c3 = tl.mul(M0, _c0, sanitize_overflow=False)
+        if WIDE:
+            hi1, lo1 = _mulhilo_m1(_c2)
+            hi0, lo0 = _mulhilo_m0(_c0)
+        else:
+            hi1 = tl.umulhi(M1, _c2)
+            hi0 = tl.umulhi(M0, _c0)
+            lo1 = tl.mul(M1, _c2, sanitize_overflow=False)
+            lo0 = tl.mul(M0, _c0, sanitize_overflow=False)
+        c0 = hi1 ^ c1 ^ k0
+        c2 = hi0 ^ c3 ^ k1
+        c1 = lo1
+        c3 = lo0
         k0 = tl.add(k0, W0, sanitize_overflow=False)
         k1 = tl.add(k1, W1, sanitize_overflow=False)
     return c0, c1, c2, c3
@@ -57,13 +82,14 @@ def box_muller(x_a, x_b, FAST: tl.constexpr):
 
 
 @triton.jit
-def _philox_calls(ctr, seed_lo, seed_hi, key, STREAM: tl.constexpr):
+def _philox_calls(ctr, seed_lo, seed_hi, key, STREAM: tl.constexpr, WIDE: tl.constexpr = False):
     """Philox words for a 1-D int64 tensor of counters ``ctr`` of tensor ``key`` in stream STREAM."""
     c0 = (ctr & 0xFFFFFFFF).to(tl.uint32)
     c1 = (ctr >> 32).to(tl.uint32)
     c2 = tl.zeros_like(c0) + key.to(tl.uint32, bitcast=True)
     c3 = tl.zeros_like(c0) + STREAM
-    return philox4x32_10(c0, c1, c2, c3, seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True))
+    return philox4x32_10(c0, c1, c2, c3, seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True),
+                         WIDE)
 
 
 @triton.jit
@@ -71,17 +97,62 @@ def gaussian_block(ctr, seed_lo, seed_hi, key, FAST: tl.constexpr):
     """z for the 4 * len(ctr) consecutive elements served by Philox calls ``ctr`` (1-D, consecutive),
     in element order. The 4 normals of a call are computed as 1-D vectors and interleaved (an
     in-register join), which keeps every Philox call and transcendental computed exactly once."""
-    x0, x1, x2, x3 = _philox_calls(ctr, seed_lo, seed_hi, key, 0)
+    x0, x1, x2, x3 = _philox_calls(ctr, seed_lo, seed_hi, key, 0, FAST)
     n0, n1 = box_muller(x0, x1, FAST)
     n2, n3 = box_muller(x2, x3, FAST)
     return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
 
 
 @triton.jit
-def rademacher_block(ctr, seed_lo, seed_hi, key):
+def rademacher_block(ctr, seed_lo, seed_hi, key, FAST: tl.constexpr = False):
     """z for the 128 * len(ctr) consecutive elements served by Philox calls ``ctr``: element lane l of
     a call is bit l % 32 of word l // 32, z = 1 - 2 * bit."""
-    x0, x1, x2, x3 = _philox_calls(ctr, seed_lo, seed_hi, key, 1)
+    x0, x1, x2, x3 = _philox_calls(ctr, seed_lo, seed_hi, key, 1, FAST)
     words = tl.interleave(tl.interleave(x0, x2), tl.interleave(x1, x3))      # word order x0 x1 x2 x3
     bits = (words[:, None] >> tl.arange(0, 32).to(tl.uint32)[None, :]) & 1
     return tl.reshape(1.0 - 2.0 * bits.to(tl.float32), (words.shape[0] * 32,))
+
+
+@triton.jit
+def rounding_draws(first_call, CALLS: tl.constexpr, seed_lo, seed_hi, key, FAST: tl.constexpr = False):
+    """The 16-bit stochastic-rounding draws (uint32 holding 0..65535) of the 8 * CALLS consecutive
+    elements served by rounding-stream calls first_call .. first_call + CALLS - 1, in element order
+    (docs/noise.md section 8: element i uses the low half, then the high half, of word (i % 8) // 2)."""
+    ctr = first_call + tl.arange(0, CALLS).to(tl.int64)
+    x0, x1, x2, x3 = _philox_calls(ctr, seed_lo, seed_hi, key, 2, FAST)
+    words = tl.interleave(tl.interleave(x0, x2), tl.interleave(x1, x3))      # word order x0 x1 x2 x3
+    return tl.interleave(words & 0xFFFF, words >> 16)
+
+
+@triton.jit
+def round_stochastic(y, r, DTYPE: tl.constexpr, FAST: tl.constexpr):
+    """float32 y -> DTYPE (float16 or bfloat16) rounded stochastically by the 16-bit draws r (uint32),
+    bit-identical to fastmezo.reference.round_stochastic (docs/noise.md section 8): lo = y toward zero,
+    hi = the next value away from zero, q = 2**16 |y - lo| / |hi - lo|, hi if q + r >= 2**16.
+
+    Written with integer operations instead of a division (an exact division costs ~20 instructions a
+    element on CUDA; the pass is compute-bound): for bfloat16, lo is y's float32 pattern truncated and
+    q its low 16 bits, so the rule is "add r, truncate"; for float16 the gap hi - lo is a power of
+    two, and 2**16 / gap is built from lo's exponent."""
+    if DTYPE == tl.bfloat16:
+        ybits = y.to(tl.uint32, bitcast=True)
+        trunc = ybits >> 16
+        summed = (ybits + r) >> 16                  # carries into the exponent when rounding up
+        finite = (ybits & 0x7F800000) != 0x7F800000
+        to_inf = (summed & 0x7FFF) == 0x7F80        # rounding up a finite y to inf: saturate instead
+        nearest = y.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        out = tl.where(finite, tl.where(to_inf, trunc, summed), nearest)
+        return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        nearest = y.to(tl.float16)
+        bits = nearest.to(tl.int16, bitcast=True).to(tl.int32)
+        overshoot = tl.abs(nearest.to(tl.float32)) > tl.abs(y)
+        lo_bits = tl.where(overshoot, bits - 1, bits)          # magnitude one step toward zero
+        lo = lo_bits.to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (lo_bits + 1).to(tl.int16).to(tl.float16, bitcast=True)
+        e = tl.maximum((lo_bits >> 10) & 0x1F, 1)            # gap = 2**(e - 25) (subnormals: e = 1)
+        inv_gap = ((168 - e) << 23).to(tl.float32, bitcast=True)   # 2**16 / gap = 2**(41 - e)
+        q = tl.abs(y - lo.to(tl.float32)) * inv_gap            # NaN for non-finite y: never up
+        to_inf = ((lo_bits + 1) & 0x7FFF) == 0x7C00
+        up = ((q + r.to(tl.float32)) >= 65536.0) & (~to_inf)
+        return tl.where(up, hi, lo)

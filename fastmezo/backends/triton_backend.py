@@ -1,11 +1,14 @@
-"""Triton backend: one fused kernel launch per tensor (fastmezo.kernels)."""
-from ..kernels import axpbz_ as _launch
+"""Triton backend: the fused table kernel of fastmezo.kernels, one launch per (dtype, a, b) group."""
+from ..kernels.axpbz import axpbz_multi_
 
 
 def axpbz_(tensors, a, b, seed, keys, offsets, noise, load_x=True, round_seed=None, outs=None):
-    if round_seed is not None or outs is not None:
-        from . import reference_backend  # until the Triton kernel has these (in progress)
-        reference_backend.axpbz_(tensors, a, b, seed, keys, offsets, noise, load_x, round_seed, outs)
-        return
-    for x, a_i, b_i, key, offset in zip(tensors, a, b, keys, offsets):
-        _launch(x, a_i, b_i, seed, key, noise, offset=offset, load_x=load_x)
+    # The optimizer's passes have one (a, b) per param group: one launch per distinct pair.
+    outs = list(tensors) if outs is None else list(outs)
+    groups: dict = {}
+    for i, coef in enumerate(zip(a, b)):
+        groups.setdefault(coef, []).append(i)
+    for (a_i, b_i), idx in groups.items():
+        axpbz_multi_([tensors[i] for i in idx], a_i, b_i, seed, [keys[i] for i in idx], noise,
+                     [offsets[i] for i in idx], outs=[outs[i] for i in idx], round_seed=round_seed,
+                     load_x=load_x)
