@@ -9,6 +9,14 @@ CMakeLists.txt) is built with torch.utils.cpp_extension when torch can be import
     when unset (H100/H200 code, plus PTX that newer GPUs JIT-compile).
   * FASTMEZO_NO_NATIVE=1 skips it; FASTMEZO_NO_CUDA=1 builds the CPU kernels only. A failed build
     warns and leaves the pure-Python package, unless FASTMEZO_REQUIRE_NATIVE=1.
+  * C++ runtime consistency (exceptions thrown by torch travel through our frames back into torch, so our
+    code must agree with torch's C++ ABI and unwind with the runtime the process loads; see
+    scripts/diagnose_native_exceptions.py): -D_GLIBCXX_USE_CXX11_ABI is set to torch's value for the C++
+    and the nvcc host compiles (recent torch no longer adds it, and a GCC configured for the old ABI
+    would silently build old-ABI code); nvcc's host compiler is the C++ compiler (-ccbin, unless CC is
+    set), so one GCC builds every object; the compilers used are printed. FASTMEZO_STATIC_LIBSTDCXX=1
+    links libstdc++ / libgcc statically (a last resort where the compiler's runtime is newer than the
+    one the process loads; off by default: two C++ runtimes in one process is its own risk).
   * Without torch (pip's isolated build environment) it is skipped quietly and the pure-Python package
     is built: ``pip install -e .`` never downloads torch. To get the native library, install torch
     first and use ``pip install --no-build-isolation -e .`` (what scripts/setup.sh does).
@@ -90,13 +98,18 @@ def _native_build():
     include_dirs = [str(ROOT / "csrc")]
     cxx = list(m["cxxflags"])
     link = []
+    abi = getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", None)
+    abi_flag = [] if abi is None or sys.platform in ("win32", "darwin") else [f"-D_GLIBCXX_USE_CXX11_ABI={int(abi)}"]
     if sys.platform == "win32":
         cxx = ["/O2", "/openmp", "/fp:precise"]
     elif sys.platform == "darwin":  # Apple clang has no -fopenmp: the CPU kernels run on one thread
         cxx += ["-Wno-unknown-pragmas"]
     else:
-        cxx += ["-fopenmp"]
+        cxx += ["-fopenmp"] + abi_flag
         link += ["-fopenmp"]  # links libgomp, the OpenMP runtime torch itself uses on Linux
+        if _flag("FASTMEZO_STATIC_LIBSTDCXX"):
+            link += ["-static-libstdc++", "-static-libgcc"]
+    compiler = cpp_extension.get_cxx_compiler()
     with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                  and not _flag("FASTMEZO_NO_CUDA"))
     sources = m["cpu"] + m["bindings"]
@@ -104,13 +117,24 @@ def _native_build():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0+PTX")
         sources += m["cuda"] + m["bindings_cuda"]
         define = ["-DFASTMEZO_WITH_CUDA=1"]
+        nvcc = list(m["nvccflags"]) + define + abi_flag
+        if sys.platform != "win32" and not os.environ.get("CC"):
+            # torch passes -ccbin only from $CC; otherwise nvcc takes whatever gcc is first on PATH, which
+            # can be another GCC than the C++ compiler (e.g. /opt/gcc's g++ for .cpp, the system gcc for
+            # .cu): one library built by two compilers. Use the C++ compiler for both.
+            import shutil
+            resolved = shutil.which(compiler)
+            if resolved:
+                nvcc = ["-ccbin", resolved] + nvcc
         ext = cpp_extension.CUDAExtension(
             "fastmezo._C", sources, include_dirs=include_dirs, extra_link_args=link,
-            extra_compile_args={"cxx": cxx + define, "nvcc": list(m["nvccflags"]) + define})
+            extra_compile_args={"cxx": cxx + define, "nvcc": nvcc})
     else:
         ext = cpp_extension.CppExtension("fastmezo._C", sources, include_dirs=include_dirs,
                                          extra_compile_args={"cxx": cxx}, extra_link_args=link)
-    print(f"fastmezo: building the native library fastmezo._C (CPU kernels{' + CUDA kernels' if with_cuda else ''})")
+    print(f"fastmezo: building the native library fastmezo._C (CPU kernels{' + CUDA kernels' if with_cuda else ''}) "
+          f"with {compiler}{' (nvcc host: $CC=' + os.environ['CC'] + ')' if with_cuda and os.environ.get('CC') else ''}"
+          f", torch's C++ ABI flag {abi_flag or 'n/a'}")
 
     class BuildNative(cpp_extension.BuildExtension):
         """A failed native build (no C++ compiler, say) leaves a working pure-Python install, with a

@@ -64,3 +64,26 @@ def reference_update(params, seed: int, lr: float, projected_grad: float, weight
             p.data = p.data - lr * (projected_grad * z)
         else:
             p.data = p.data - lr * (projected_grad * z + weight_decay * p.data)
+
+
+@torch.no_grad()
+def reference_step(params, names, closure, seed: int, eps: float, lr: float, weight_decay: float = 0.0):
+    """One whole MeZO step the reference way, as the paper's trainer runs it (``zo_step`` then
+    ``zo_update``): four passes over the parameters around two forward passes.
+
+    ``closure()`` returns the loss (a scalar tensor or a number) at the current weights. The projected
+    gradient is ``(loss_plus - loss_minus) / (2 eps)`` as a Python float: one device synchronisation per
+    step, as in the paper's ``.item()``. Returns ``(loss_plus, projected_grad)``.
+
+    Nothing is undone if the closure raises (the paper's trainer does not either): the weights are
+    then left perturbed.
+    """
+    params = list(params)
+    reference_perturb(params, seed, 1, eps)
+    loss_plus = closure()
+    reference_perturb(params, seed, -2, eps)
+    loss_minus = closure()
+    projected_grad = float((loss_plus - loss_minus) / (2 * eps))
+    reference_perturb(params, seed, 1, eps)
+    reference_update(params, seed, lr, projected_grad, weight_decay, names)
+    return loss_plus, projected_grad

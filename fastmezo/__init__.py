@@ -9,7 +9,7 @@ or ``handle = fastmezo.patch(model); model.mezo_step(batch)``. The fused passes 
 :mod:`fastmezo.functional`; the noise contract in :mod:`fastmezo.noise` and docs/noise.md.
 Importing fastmezo never imports triton or a native library: backends load on first use.
 """
-from . import functional, integrations, noise
+from . import exact, functional, integrations, noise
 from .backends import BackendUnavailable
 from .noise import NOISE_VERSION, derive_seed, key_from_name
 from .optim import MeZO, param_groups
@@ -17,5 +17,5 @@ from .patching import MeZOPatch, patch
 
 __version__ = "0.1.0"
 
-__all__ = ["MeZO", "MeZOPatch", "patch", "param_groups", "functional", "integrations", "noise", "derive_seed",
+__all__ = ["MeZO", "MeZOPatch", "patch", "param_groups", "functional", "exact", "integrations", "noise", "derive_seed",
            "key_from_name", "NOISE_VERSION", "BackendUnavailable", "__version__"]

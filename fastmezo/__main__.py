@@ -1,8 +1,9 @@
 """Command line: ``python -m fastmezo <command> [options]`` (also the ``fastmezo`` console script).
 
 Commands:
-  finetune   MeZO fine-tuning example: all-MiniLM-L6-v2 on VADER word polarity
-             (``fastmezo finetune --quick`` runs in a few minutes on a small CPU)
+  finetune   the MeZO paper's comparison (zero-shot, linear probing, MeZO full / LoRA / prefix /
+             non-differentiable, backprop + Adam) fine-tuning all-MiniLM-L6-v2 on VADER word
+             polarity (``fastmezo finetune --quick`` runs the grid in a few minutes on a small CPU)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmezo", description="fastmezo: fused kernels for MeZO.",
                                      epilog="Run 'fastmezo <command> --help' for a command's options.")
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
-    sub = commands.add_parser("finetune", help="MeZO fine-tuning example (MiniLM, word polarity)",
+    sub = commands.add_parser("finetune", help="MeZO vs baselines, fine-tuning MiniLM on word polarity",
                               description=finetune.__doc__.split("\n\n")[0])
     finetune.build_parser(sub)
     sub.set_defaults(func=finetune.run)
@@ -26,8 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Parse ``argv`` (default: sys.argv[1:]), run the command, return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.func(args)
+    args.argv = argv[1:]  # the command's own options, recorded in its outputs
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: one clear line, no traceback
+        raise SystemExit(f"fastmezo {args.command}: error: {exc}") from None
     return 0
 
 

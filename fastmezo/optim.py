@@ -75,6 +75,12 @@ class MeZO(torch.optim.Optimizer):
             average instead of being dropped by round-to-nearest. float32 parameters are unaffected.
             False rounds to nearest, like the reference implementation.
         backend: force a backend ("triton", "native", "reference"); default: automatic per device.
+        perturbation: "inplace" (default): the +eps and -2 eps passes write the perturbed values into
+            the stored weights and the update pass restores them. Or a perturbation provider (exact
+            mode, :class:`fastmezo.exact.ExactPerturbation`, installed by
+            ``fastmezo.patch(model, mode="exact")``): the forwards see W + eps z materialized per
+            module, the stored weights are only read, and one pass applies the update
+            theta <- (1 - lr * wd) * theta - lr * g * z (rounding bits of pass index 2).
 
     After each step, ``loss_plus``, ``loss_minus``, ``projected_grad`` (of the first group; the
     per-group values are in ``projected_grads``) and ``last_seed`` describe it. The list of
@@ -85,7 +91,8 @@ class MeZO(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
                  seed: int = 0, noise: str = "gaussian", keys: str = "index", on_nonfinite: str = "skip",
-                 stochastic_rounding: bool = True, backend: str | None = None):
+                 stochastic_rounding: bool = True, backend: str | None = None,
+                 perturbation="inplace"):
         _finite(lr, "lr")
         _positive(eps, "eps")
         _finite(weight_decay, "weight_decay")
@@ -103,6 +110,7 @@ class MeZO(torch.optim.Optimizer):
             raise TypeError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
         self.stochastic_rounding = stochastic_rounding
         self.backend = backend
+        self._provider = _perturbation_provider(perturbation)
         self.step_count = 0
         self.skipped_steps = 0
         self.loss_plus = self.loss_minus = self.projected_grad = self.last_seed = None
@@ -160,6 +168,8 @@ class MeZO(torch.optim.Optimizer):
         (at theta + eps * z), like the reference implementation."""
         if closure is None or not callable(closure):
             raise ValueError("MeZO.step needs a closure that runs a forward pass and returns the loss")
+        if self._provider is not None:
+            return self._step_exact(closure)
         plan = self._tensors()
         groups = self.param_groups
         eps = [g["eps"] for g in groups]
@@ -248,6 +258,8 @@ class MeZO(torch.optim.Optimizer):
         """
         if closure is None or not callable(closure):
             raise ValueError("MeZO.accumulate needs a closure that runs a forward pass and returns the loss")
+        if self._provider is not None:
+            return self._accumulate_exact(closure)
         plan = self._tensors()  # validates before any weight moves
         window = self._pending_window(create=True)
         eps = [g["eps"] for g in self.param_groups]
@@ -321,6 +333,81 @@ class MeZO(torch.optim.Optimizer):
                           "restored, no update (skipped)", RuntimeWarning, stacklevel=2)
         return self.loss_plus
 
+    # -- exact mode (fastmezo.exact) --------------------------------------------------------------
+    @property
+    def perturbation_mode(self) -> str:
+        """"inplace", or "exact" when a perturbation provider materializes W + eps z per module."""
+        return "inplace" if self._provider is None else "exact"
+
+    def _exact_plan(self):
+        plan = self._tensors()
+        missing = self._provider.covered(plan[0])
+        if missing:
+            raise ValueError(f"exact mode: tensor {missing[0]} of the optimizer is not a parameter of the "
+                             "patched model, so no module would perturb it; give MeZO the model's parameters")
+        return plan
+
+    def _exact_losses(self, plan, seed, closure):
+        """(loss_plus object, loss_plus, loss_minus): two forwards at W + eps z and W - eps z, with
+        the stored weights only read (an exception leaves them as they were)."""
+        tensors, keys, group_of = plan[0], plan[1], plan[2]
+        eps = [self.param_groups[gi]["eps"] for gi in group_of]
+        with self._provider.perturbation(seed, tensors, keys, eps, noise=self.noise, backend=self.backend):
+            loss_plus_obj = closure()
+            loss_plus = _loss_value(loss_plus_obj, "theta + eps*z")
+        with self._provider.perturbation(seed, tensors, keys, [-e for e in eps], noise=self.noise,
+                                         backend=self.backend):
+            loss_minus = _loss_value(closure(), "theta - eps*z")
+        return loss_plus_obj, loss_plus, loss_minus
+
+    def _step_exact(self, closure):
+        plan = self._exact_plan()
+        groups = self.param_groups
+        seed = derive_seed(self.seed, self.step_count)
+        loss_plus_obj, loss_plus, loss_minus = self._exact_losses(plan, seed, closure)
+        self.loss_plus, self.loss_minus, self.last_seed = loss_plus, loss_minus, seed
+        diff = loss_plus - loss_minus
+        if not math.isfinite(diff):
+            self.projected_grad, self.projected_grads = float("nan"), [float("nan")] * len(groups)
+            self.step_count += 1
+            self.skipped_steps += 1
+            message = (f"MeZO step {self.step_count - 1}: non-finite loss (l_plus={loss_plus}, "
+                       f"l_minus={loss_minus}); parameters unchanged (exact mode), no update")
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(message)
+            warnings.warn(message + " (skipped)", RuntimeWarning, stacklevel=3)
+            return loss_plus_obj
+        grads = [diff / (2.0 * g["eps"]) for g in groups]
+        a = [1.0 - g["lr"] * g["weight_decay"] for g in groups]
+        b = [-g["lr"] * gr for g, gr in zip(groups, grads)]
+        self._pass(plan, seed, a, b, self._RESTORE)   # the only pass that writes the weights
+        self.projected_grads = grads
+        self.projected_grad = grads[0] if grads else None
+        self.step_count += 1
+        return loss_plus_obj
+
+    def _accumulate_exact(self, closure):
+        plan = self._exact_plan()
+        window = self._pending_window(create=True)
+        eps = [g["eps"] for g in self.param_groups]
+        _, loss_plus, loss_minus = self._exact_losses(plan, window["seed"], closure)
+        window["count"] += 1
+        window["loss_plus"] += loss_plus
+        window["loss_minus"] += loss_minus
+        diff = loss_plus - loss_minus
+        if math.isfinite(diff):
+            window["grads"] = [s + diff / (2.0 * e) for s, e in zip(window["grads"], eps)]
+        else:
+            window["nonfinite"] = True
+            if self.on_nonfinite == "raise":
+                self._window = None
+                self.step_count += 1
+                self.skipped_steps += 1
+                raise FloatingPointError(
+                    f"MeZO step {self.step_count - 1}: non-finite loss in micro-batch {window['count'] - 1} "
+                    f"(l_plus={loss_plus}, l_minus={loss_minus}); parameters unchanged, step skipped")
+        return loss_plus, loss_minus
+
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self):
         """The torch state dict plus fastmezo's own state (base seed, step count, noise)."""
@@ -356,6 +443,22 @@ class MeZO(torch.optim.Optimizer):
         self.seed, self.noise, self.keys = seed, noise, keys
         self.stochastic_rounding = rounding
         self.step_count, self.skipped_steps = step_count, skipped
+
+
+def _perturbation_provider(perturbation):
+    """None for in-place mode, else the exact-mode provider (checked for the two methods MeZO calls)."""
+    if isinstance(perturbation, str):
+        if perturbation == "inplace":
+            return None
+        if perturbation == "exact":
+            raise ValueError("MeZO(perturbation='exact') needs the model, whose modules materialize W + eps*z: "
+                             "use fastmezo.patch(model, mode='exact'), or pass "
+                             "perturbation=fastmezo.exact.ExactPerturbation(model)")
+        raise ValueError(f"perturbation must be 'inplace' or an exact-mode provider, got {perturbation!r}")
+    if not (callable(getattr(perturbation, "perturbation", None)) and callable(getattr(perturbation, "covered", None))):
+        raise TypeError(f"perturbation must be 'inplace' or a provider with perturbation() and covered() "
+                        f"(fastmezo.exact.ExactPerturbation), got {type(perturbation).__name__}")
+    return perturbation
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float = 0.0,

@@ -6,6 +6,13 @@
     handle.remove()                        # the model is as it was (weights aside)
 
 Only the instance is changed (one attribute, ``mezo_step``); the class and other instances are not.
+
+Two modes:
+  * ``mode="inplace"`` (default, fastest): the +eps and -2 eps passes write the perturbed weights into
+    the stored parameters, the update pass restores and updates them.
+  * ``mode="exact"``: forward hooks on the modules that own trained parameters materialize W + eps z
+    right before each module runs and put the stored parameter back after it (fastmezo.exact); the
+    stored weights change only at the update, so float16/bfloat16 weights do not drift.
 """
 from __future__ import annotations
 
@@ -13,10 +20,12 @@ from collections.abc import Mapping
 
 import torch
 
+from .exact import ExactPerturbation
 from .optim import MeZO, param_groups
 
 _ATTRIBUTE = "mezo_step"
 _HANDLE = "_fastmezo_patch"
+MODES = ("inplace", "exact")
 
 
 def _loss_from_output(output):
@@ -33,9 +42,13 @@ class MeZOPatch:
     """Handle of a patched model: ``step``, ``optimizer``, ``remove()``; also a context manager that
     removes the patch on exit."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: MeZO, loss_fn=None, eval_mode: bool = True):
+    def __init__(self, model: torch.nn.Module, optimizer: MeZO, loss_fn=None, eval_mode: bool = True,
+                 exact: ExactPerturbation | None = None):
         self.model = model
         self.optimizer = optimizer
+        #: The exact-mode hooks (fastmezo.exact.ExactPerturbation), or None in in-place mode.
+        self.exact = exact
+        self.mode = "inplace" if exact is None else "exact"
         self.loss_fn = loss_fn
         self.eval_mode = eval_mode
         self.active = True
@@ -76,10 +89,13 @@ class MeZOPatch:
     __call__ = step
 
     def remove(self) -> None:
-        """Undo the patch: the model loses ``mezo_step`` and can be patched again. Idempotent."""
+        """Undo the patch: the model loses ``mezo_step`` (and, in exact mode, its hooks) and can be
+        patched again. Idempotent."""
         if not self.active:
             return
         self.active = False
+        if self.exact is not None:
+            self.exact.remove()
         for name in (_ATTRIBUTE, _HANDLE):
             if name in self.model.__dict__:
                 delattr(self.model, name)
@@ -94,7 +110,8 @@ class MeZOPatch:
 
 def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
           seed: int = 0, noise: str = "gaussian", loss_fn=None, eval_mode: bool = True,
-          keys: str = "name", no_decay=("bias", "layer_norm", "layernorm"), **optimizer_options) -> MeZOPatch:
+          keys: str = "name", no_decay=("bias", "layer_norm", "layernorm"), mode: str = "inplace",
+          **optimizer_options) -> MeZOPatch:
     """Bind MeZO to the trainable (requires_grad) parameters of ``model``; returns a :class:`MeZOPatch`.
 
     Weight decay skips bias and normalization parameters (the reference's rule, see
@@ -102,17 +119,36 @@ def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight
     change when the model is wrapped. ``loss_fn(model, batch)`` replaces the default loss (the
     output's ``.loss``). Other keyword arguments go to :class:`fastmezo.MeZO`. Patching a patched
     model raises; remove the first patch first.
+
+    ``mode``: "inplace" (default, fastest) or "exact" (perturbed weights materialized per module, the
+    stored weights written only by the update; see fastmezo.exact). In exact mode the first step
+    checks that every trained parameter is read only inside the forward of a module that owns it and
+    raises fastmezo.exact.ExactModeError otherwise (e.g. a parent's forward reading a child's weight).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fastmezo.patch takes a torch.nn.Module, not {type(model).__name__}")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"unknown fastmezo.patch mode {mode!r}; expected one of {', '.join(map(repr, MODES))}")
+    if "perturbation" in optimizer_options:
+        raise TypeError("fastmezo.patch chooses the perturbation from mode='inplace'|'exact'; do not pass "
+                        "perturbation= as well")
     if _HANDLE in model.__dict__:
         raise RuntimeError("this model is already patched by fastmezo; call remove() on the existing "
                            "handle (model._fastmezo_patch) before patching again")
     if _ATTRIBUTE in model.__dict__ or hasattr(type(model), _ATTRIBUTE):
         raise RuntimeError(f"the model already has an attribute {_ATTRIBUTE!r}; fastmezo will not replace it")
     groups = param_groups(model, weight_decay, no_decay=no_decay)
-    optimizer = MeZO(groups, lr=lr, eps=eps, seed=seed, noise=noise, keys=keys, **optimizer_options)
-    handle = MeZOPatch(model, optimizer, loss_fn=loss_fn, eval_mode=eval_mode)
+    exact = None
+    if mode == "exact":
+        exact = ExactPerturbation(model, [p for g in groups for _, p in g["params"]])
+        optimizer_options["perturbation"] = exact
+    try:
+        optimizer = MeZO(groups, lr=lr, eps=eps, seed=seed, noise=noise, keys=keys, **optimizer_options)
+    except BaseException:
+        if exact is not None:
+            exact.remove()      # a rejected option leaves no hook behind
+        raise
+    handle = MeZOPatch(model, optimizer, loss_fn=loss_fn, eval_mode=eval_mode, exact=exact)
     # Instance attributes only: nn.Module.__setattr__ stores plain callables in __dict__.
     object.__setattr__(model, _HANDLE, handle)
     object.__setattr__(model, _ATTRIBUTE, handle.step)

@@ -249,9 +249,34 @@ def test_opcheck_native_op():
     tensors = [_rand((10,), torch.float32, 0), _rand((3, 4), torch.float16, 1), _rand((5,), torch.bfloat16, 2)]
     for noise in (0, 1):
         for load_x in (True, False):
-            args = ([t.clone() for t in tensors], [1.0, 0.5, 2.0], [0.1, -0.2, 0.3], -5, [0, 1, 2**32 - 1],
-                    [0, 3, 2**33], noise, load_x)
-            torch.library.opcheck(torch.ops.fastmezo_native.axpbz_.default, args)
+            for round_seed in (None, -7):
+                args = ([t.clone() for t in tensors], [1.0, 0.5, 2.0], [0.1, -0.2, 0.3], -5, [0, 1, 2**32 - 1],
+                        [0, 3, 2**33], noise, load_x, round_seed)
+                torch.library.opcheck(torch.ops.fastmezo_native.axpbz_.default, args)
+        for round_seed in (None, 2**63 - 1):
+            args = ([t.clone() for t in tensors], [torch.full_like(t, float("nan")) for t in tensors], [1.0, 0.5, 2.0],
+                    [0.1, -0.2, 0.3], -5, [0, 1, 2**32 - 1], [0, 3, 2**33], noise, round_seed)
+            torch.library.opcheck(torch.ops.fastmezo_native.axpbz_out.default, args)
+
+
+def test_native_ops_directly_round_stochastically_and_out_of_place():
+    """The operators themselves (no Python layer): round_seed gives the oracle's stochastic rounding,
+    axpbz_out writes the in-place result into poisoned outputs and leaves its inputs alone; empty tensors
+    in the list are skipped."""
+    x = _rand((1000,), torch.bfloat16, 7)
+    empty = torch.empty(0, dtype=torch.float16)
+    rs = 0x8000000000000005
+    got = x.clone()
+    torch.ops.fastmezo_native.axpbz_([got, empty], [0.999, 1.0], [-0.01, 1.0], -3, [4, 5], [17, 0], 1, True,
+                                     rs - 2**64)
+    z = R.noise(1000, 2**64 - 3, 4, "rademacher", 17)
+    r = R.rounding_bits_at(torch.arange(17, 1017), rs, 4)
+    assert torch.equal(got, R.axpbz_reference(x, 0.999, -0.01, z, r))
+    out = torch.full_like(x, float("nan"))
+    before = x.clone()
+    torch.ops.fastmezo_native.axpbz_out([x, empty], [out, torch.empty_like(empty)], [0.999, 1.0], [-0.01, 1.0], -3,
+                                        [4, 5], [17, 0], 1, rs - 2**64)
+    assert torch.equal(out, got) and torch.equal(x, before)
 
 
 # Each bad call runs in its own interpreter: on the H200 build (torch 2.11, /opt/gcc) an error raised
@@ -265,6 +290,12 @@ _BAD_CALLS = {
     "offset": "op([x], [1.0], [1.0], 0, [0], [-1], 0, True)",
     "noise": "op([x], [1.0], [1.0], 0, [0], [0], 2, True)",
     "2 tensors but 1 a": "op([x, x.clone()], [1.0], [1.0, 1.0], 0, [0, 1], [0, 0], 0, True)",
+    "overlaps the memory": "op([x, x[1:]], [1.0, 1.0], [1.0, 1.0], 0, [0, 1], [0, 0], 0, True)",
+    "1 outs": "out([x, x.clone()], [torch.zeros(4)], [1.0, 1.0], [1.0, 1.0], 0, [0, 1], [0, 0], 0)",
+    "output 0 has dtype": "out([x], [torch.zeros(4, dtype=torch.float16)], [1.0], [1.0], 0, [0], [0], 0)",
+    "output 0 has shape": "out([x], [torch.zeros(2, 2)], [1.0], [1.0], 0, [0], [0], 0)",
+    "output 0 is not contiguous": "out([torch.zeros(4, 4)], [torch.zeros(4, 4).t()], [1.0], [1.0], 0, [0], [0], 0)",
+    "output 0 overlaps the memory of tensor 0": "out([x], [x], [1.0], [1.0], 0, [0], [0], 0)",
 }
 
 
@@ -275,6 +306,7 @@ def test_op_rejects_bad_arguments(word):
     code = ("import torch, fastmezo.backends.native_backend as nb\n"
             "nb.load()\n"
             "op = torch.ops.fastmezo_native.axpbz_\n"
+            "out = torch.ops.fastmezo_native.axpbz_out\n"
             "x = torch.zeros(4)\n"
             "try:\n"
             f"    {_BAD_CALLS[word]}\n"
@@ -455,7 +487,35 @@ def test_cuda_opcheck():
 
 
 @cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_stochastic_rounding_and_out_of_place_match_cpu(dtype):
+    """CUDA kernels with rounding on (Rademacher: y is exact, so stored bits must equal the oracle and the CPU
+    kernels), in place and out of place into NaN-poisoned outputs, sizes across Philox calls and tiles."""
+    rs = 0x0123456789ABCDEF
+    for n in (1, 3, 127, 4097, 40_000):
+        x = _rand((n,), dtype, seed=n)
+        for offset in OFFSETS:
+            cpu = x.clone()
+            _native_sr = lambda ts, **kw: native_backend.axpbz_(ts, [0.999], [-0.3], SEED, [9], [offset], 1,  # noqa: E731
+                                                               round_seed=rs, **kw)
+            _native_sr([cpu])
+            z = R.noise(n, SEED, 9, "rademacher", offset)
+            r = R.rounding_bits_at(torch.arange(offset, offset + n), rs, 9)
+            assert torch.equal(cpu, R.axpbz_reference(x, 0.999, -0.3, z, r)), (n, offset)
+            dev = x.cuda()
+            _native_sr([dev])
+            out = torch.full_like(x, float("nan")).cuda()
+            src = x.cuda()
+            _native_sr([src], outs=[out])
+            torch.cuda.synchronize()
+            assert torch.equal(dev.cpu(), cpu) and torch.equal(out.cpu(), cpu) and torch.equal(src.cpu(), x)
+
+
+@cuda_only
 def test_cuda_rejects_mixed_devices():
     with pytest.raises(RuntimeError, match="is on"):
         torch.ops.fastmezo_native.axpbz_([torch.zeros(4, device="cuda"), torch.zeros(4)], [1.0, 1.0], [1.0, 1.0],
                                          0, [0, 1], [0, 0], 0, True)
+    with pytest.raises(RuntimeError, match="is on"):
+        torch.ops.fastmezo_native.axpbz_out([torch.zeros(4)], [torch.zeros(4, device="cuda")], [1.0], [1.0], 0, [0],
+                                            [0], 0)

@@ -1,4 +1,4 @@
-// CUDA registration of fastmezo_native::axpbz_ (built only when setup.py finds nvcc and torch has CUDA):
+// CUDA registration of fastmezo_native::axpbz_ and ::axpbz_out (built only when setup.py finds nvcc and torch has CUDA):
 // the thin torch-facing launcher. It picks the tensors' device and torch's current stream and calls the
 // torch-free kernels of csrc/cuda/axpbz_cuda.cu, which enqueue asynchronously like any torch op.
 #include <ATen/ATen.h>
@@ -12,20 +12,39 @@
 
 namespace {
 
-void axpbz_cuda(at::TensorList tensors, at::ArrayRef<double> a, at::ArrayRef<double> b, int64_t seed,
-                at::IntArrayRef keys, at::IntArrayRef offsets, int64_t noise, bool load_x) {
-  fastmezo::Noise kind;
-  const auto args = fastmezo::bindings::collect(tensors, a, b, keys, offsets, noise, c10::DeviceType::CUDA, &kind);
-  if (args.empty()) return;
-  const c10::cuda::CUDAGuard guard(tensors[0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(tensors[0].device().index()).stream();
-  const int err = fastmezo::cuda::axpbz(args.data(), static_cast<int64_t>(args.size()), static_cast<uint64_t>(seed),
-                                        kind, load_x, stream);
+constexpr const char* kInPlace = "fastmezo_native::axpbz_";
+constexpr const char* kOutOfPlace = "fastmezo_native::axpbz_out";
+
+void run_cuda(const fastmezo::bindings::Call& call, const at::Tensor& first, uint64_t seed, bool load_x) {
+  if (call.tensors.empty()) return;
+  const c10::cuda::CUDAGuard guard(first.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(first.device().index()).stream();
+  const int err = fastmezo::cuda::axpbz(call.tensors.data(), static_cast<int64_t>(call.tensors.size()), seed,
+                                        call.noise, load_x, stream, call.rounding);
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
+}
+
+void axpbz_cuda(at::TensorList tensors, at::ArrayRef<double> a, at::ArrayRef<double> b, int64_t seed,
+                at::IntArrayRef keys, at::IntArrayRef offsets, int64_t noise, bool load_x,
+                std::optional<int64_t> round_seed) {
+  const auto call = fastmezo::bindings::collect(kInPlace, tensors, nullptr, a, b, keys, offsets, noise, round_seed,
+                                                c10::DeviceType::CUDA);
+  if (call.tensors.empty()) return;
+  run_cuda(call, tensors[0], static_cast<uint64_t>(seed), load_x);
+}
+
+void axpbz_out_cuda(at::TensorList tensors, at::TensorList outs, at::ArrayRef<double> a, at::ArrayRef<double> b,
+                    int64_t seed, at::IntArrayRef keys, at::IntArrayRef offsets, int64_t noise,
+                    std::optional<int64_t> round_seed) {
+  const auto call = fastmezo::bindings::collect(kOutOfPlace, tensors, &outs, a, b, keys, offsets, noise, round_seed,
+                                                c10::DeviceType::CUDA);
+  if (call.tensors.empty()) return;
+  run_cuda(call, tensors[0], static_cast<uint64_t>(seed), /*load_x=*/true);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmezo_native, CUDA, m) {
   m.impl("axpbz_", &axpbz_cuda);
+  m.impl("axpbz_out", &axpbz_out_cuda);
 }

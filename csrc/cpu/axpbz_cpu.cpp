@@ -7,7 +7,9 @@
 // threads take from. A chunk is processed in blocks of kBlock elements (also aligned): first the z of
 // every Philox call the block touches is generated into a small buffer (stays in L1), by a loop over
 // calls that the compiler vectorizes across calls (4 normals or 128 signs per call); then one
-// contiguous loop over the elements computes a * x + b * z in float32 and rounds to the dtype.
+// contiguous loop over the elements computes a * x + b * z in float32 and rounds to the dtype. With
+// stochastic rounding, the block's 16-bit draws (8 per Philox call of stream 2) are generated the same way
+// into a second buffer before the element loop. Out-of-place passes read x from AxpbzTensor::src.
 // Nothing depends on the number of threads: each element's z is a pure function of its global index.
 //
 // Build flags that matter (setup.py and CMakeLists.txt pass the same): -O3 (vectorization),
@@ -26,6 +28,7 @@
 #include "fastmezo/dtypes.h"
 #include "fastmezo/fastmath.h"
 #include "fastmezo/philox.h"
+#include "fastmezo/rounding.h"
 #include "cpu/philox_simd.h"
 
 // x86-64: one compiled copy per ISA level, chosen once at load time (ifunc), so one binary uses
@@ -51,7 +54,8 @@ namespace {
 constexpr int64_t kBlock = 2048;           // elements per z buffer: 8 KB of float32
 constexpr int64_t kChunk = 16 * kBlock;    // elements per unit of work of a thread
 constexpr int64_t kParallelMin = 1 << 15;  // below this many elements in a call, one thread
-static_assert(kBlock % kRademacherPerCall == 0, "blocks must hold whole Philox calls");
+static_assert(kBlock % kRademacherPerCall == 0 && kBlock % kRoundingPerCall == 0,
+              "blocks must hold whole Philox calls");
 
 // Philox words of up to kBlock / 4 calls (+ 16: the SIMD versions fill whole vectors), four arrays.
 constexpr int kWordStride = static_cast<int>(kBlock / kGaussianPerCall) + 16;
@@ -97,36 +101,80 @@ FASTMEZO_INLINE void rademacher_calls(uint64_t seed, uint32_t key, uint64_t firs
   }
 }
 
-// x[j] <- a * x[j] + b * z[j] (or b * z[j]) for j < m, float32 arithmetic, one rounding to the dtype.
-FASTMEZO_INLINE void apply_f32(float* __restrict x, const float* __restrict z, int64_t m, float a, float b, bool load_x) {
-  if (load_x) {
-    for (int64_t j = 0; j < m; ++j) x[j] = a * x[j] + b * z[j];
-  } else {
-    for (int64_t j = 0; j < m; ++j) x[j] = b * z[j];
+// Rounding draws of Philox calls first_call .. first_call + ncalls - 1 of the rounding stream (8 per call),
+// in element order: r[8 i + 2 k + h] = half h (0: low, 1: high) of word k of call first_call + i.
+FASTMEZO_INLINE void rounding_calls(uint64_t round_seed, uint32_t key, uint64_t first_call, int ncalls,
+                                    uint16_t* __restrict r, WordBuffer& words) {
+  philox_words()(first_call, ncalls, key, kStreamRounding, round_seed, words.w, kWordStride);
+  const uint32_t* __restrict x0 = words.w;
+  const uint32_t* __restrict x1 = words.w + kWordStride;
+  const uint32_t* __restrict x2 = words.w + 2 * kWordStride;
+  const uint32_t* __restrict x3 = words.w + 3 * kWordStride;
+  uint16_t* __restrict out = r;  // bumped pointer: see gaussian_calls
+  for (int i = 0; i < ncalls; ++i) {
+    out[0] = static_cast<uint16_t>(x0[i]);
+    out[1] = static_cast<uint16_t>(x0[i] >> 16);
+    out[2] = static_cast<uint16_t>(x1[i]);
+    out[3] = static_cast<uint16_t>(x1[i] >> 16);
+    out[4] = static_cast<uint16_t>(x2[i]);
+    out[5] = static_cast<uint16_t>(x2[i] >> 16);
+    out[6] = static_cast<uint16_t>(x3[i]);
+    out[7] = static_cast<uint16_t>(x3[i] >> 16);
+    out += 8;
   }
 }
 
-FASTMEZO_INLINE void apply_f16(uint16_t* __restrict x, const float* __restrict z, int64_t m, float a, float b, bool load_x) {
-  if (load_x) {
-    for (int64_t j = 0; j < m; ++j) x[j] = float_to_fp16(a * fp16_to_float(x[j]) + b * z[j]);
-  } else {
-    for (int64_t j = 0; j < m; ++j) x[j] = float_to_fp16(b * z[j]);
+// The element loops: dst[j] <- a * x[j] + b * z[j] (LOAD_X) or b * z[j], float32 arithmetic (two rounded
+// products and a rounded sum), one rounding to the dtype. x is dst itself (INPLACE) or src (out of place,
+// src and dst do not overlap: the bindings check it). Template flags rather than run-time branches, so
+// each combination is one branch-free loop that vectorizes; INPLACE reads through dst, never through a
+// second pointer to the same memory (that would break the __restrict promise).
+template <bool LOAD_X, bool INPLACE>
+FASTMEZO_INLINE void apply_f32(float* __restrict dst, const float* __restrict src, const float* __restrict z,
+                               int64_t m, float a, float b) {
+  const float* x = INPLACE ? dst : src;
+  for (int64_t j = 0; j < m; ++j) dst[j] = LOAD_X ? a * x[j] + b * z[j] : b * z[j];
+}
+
+// float16 / bfloat16: to nearest even, or stochastically with the draws r (SR; rounding.h).
+template <DType D, bool LOAD_X, bool INPLACE, bool SR>
+FASTMEZO_INLINE void apply_16(uint16_t* __restrict dst, const uint16_t* __restrict src, const float* __restrict z,
+                              const uint16_t* __restrict r, int64_t m, float a, float b) {
+  using T = Float16Like<D>;
+  const uint16_t* x = INPLACE ? dst : src;
+  for (int64_t j = 0; j < m; ++j) {
+    const float y = LOAD_X ? a * T::to_float(x[j]) + b * z[j] : b * z[j];
+    dst[j] = SR ? round_stochastic<D>(y, r[j]) : T::from_float(y);
   }
 }
 
-FASTMEZO_INLINE void apply_bf16(uint16_t* __restrict x, const float* __restrict z, int64_t m, float a, float b, bool load_x) {
-  if (load_x) {
-    for (int64_t j = 0; j < m; ++j) x[j] = float_to_bf16(a * bf16_to_float(x[j]) + b * z[j]);
+template <DType D, bool SR>
+FASTMEZO_INLINE void apply_16_dispatch(uint16_t* dst, const uint16_t* src, const float* z, const uint16_t* r,
+                                       int64_t m, float a, float b, bool load_x) {
+  if (!load_x) {
+    apply_16<D, false, true, SR>(dst, nullptr, z, r, m, a, b);
+  } else if (src == nullptr) {
+    apply_16<D, true, true, SR>(dst, nullptr, z, r, m, a, b);
   } else {
-    for (int64_t j = 0; j < m; ++j) x[j] = float_to_bf16(b * z[j]);
+    apply_16<D, true, false, SR>(dst, src, z, r, m, a, b);
+  }
+}
+
+template <DType D>
+FASTMEZO_INLINE void apply_16_any(uint16_t* dst, const uint16_t* src, const float* z, const uint16_t* r, int64_t m,
+                                  float a, float b, bool load_x, bool sr) {
+  if (sr) {
+    apply_16_dispatch<D, true>(dst, src, z, r, m, a, b, load_x);
+  } else {
+    apply_16_dispatch<D, false>(dst, src, z, r, m, a, b, load_x);
   }
 }
 
 // Global elements [lo, hi) of tensor t, all within one aligned block of kBlock elements. zbuf holds
-// kBlock floats.
+// kBlock floats, rbuf kBlock draws (used with stochastic rounding only).
 FASTMEZO_CLONES
 void process_block(const AxpbzTensor& t, uint64_t lo, uint64_t hi, uint64_t seed, Noise noise, bool load_x,
-                   float* __restrict zbuf, WordBuffer& words) {
+                   const Rounding& rounding, float* __restrict zbuf, uint16_t* __restrict rbuf, WordBuffer& words) {
   const uint64_t per_call = elements_per_call(noise);
   const uint64_t first_call = lo / per_call;
   const int ncalls = static_cast<int>((hi + per_call - 1) / per_call - first_call);
@@ -136,18 +184,39 @@ void process_block(const AxpbzTensor& t, uint64_t lo, uint64_t hi, uint64_t seed
     rademacher_calls(seed, t.key, first_call, ncalls, zbuf, words);
   }
   const float* z = zbuf + (lo - first_call * per_call);
+  const bool sr = rounding.stochastic && t.dtype != DType::kFloat32;  // float32: stored exactly as without
+  const uint16_t* r = nullptr;
+  if (sr) {
+    const uint64_t first_rcall = lo / kRoundingPerCall;
+    const int nrcalls = static_cast<int>((hi + kRoundingPerCall - 1) / kRoundingPerCall - first_rcall);
+    rounding_calls(rounding.seed, t.key, first_rcall, nrcalls, rbuf, words);
+    r = rbuf + (lo - first_rcall * kRoundingPerCall);
+  }
   const int64_t start = static_cast<int64_t>(lo - t.offset);  // index into the tensor
   const int64_t m = static_cast<int64_t>(hi - lo);
   switch (t.dtype) {
-    case DType::kFloat32:
-      apply_f32(static_cast<float*>(t.data) + start, z, m, t.a, t.b, load_x);
+    case DType::kFloat32: {
+      float* dst = static_cast<float*>(t.data) + start;
+      if (!load_x) {
+        apply_f32<false, true>(dst, nullptr, z, m, t.a, t.b);
+      } else if (t.src == nullptr) {
+        apply_f32<true, true>(dst, nullptr, z, m, t.a, t.b);
+      } else {
+        apply_f32<true, false>(dst, static_cast<const float*>(t.src) + start, z, m, t.a, t.b);
+      }
       break;
+    }
     case DType::kFloat16:
-      apply_f16(static_cast<uint16_t*>(t.data) + start, z, m, t.a, t.b, load_x);
+    case DType::kBFloat16: {
+      uint16_t* dst = static_cast<uint16_t*>(t.data) + start;
+      const uint16_t* src = t.src == nullptr ? nullptr : static_cast<const uint16_t*>(t.src) + start;
+      if (t.dtype == DType::kFloat16) {
+        apply_16_any<DType::kFloat16>(dst, src, z, r, m, t.a, t.b, load_x, sr);
+      } else {
+        apply_16_any<DType::kBFloat16>(dst, src, z, r, m, t.a, t.b, load_x, sr);
+      }
       break;
-    case DType::kBFloat16:
-      apply_bf16(static_cast<uint16_t*>(t.data) + start, z, m, t.a, t.b, load_x);
-      break;
+    }
   }
 }
 
@@ -156,20 +225,22 @@ struct WorkItem {
   uint64_t begin, end;  // global element indices
 };
 
-void process_item(const AxpbzTensor& t, const WorkItem& item, uint64_t seed, Noise noise, bool load_x) {
+void process_item(const AxpbzTensor& t, const WorkItem& item, uint64_t seed, Noise noise, bool load_x,
+                  const Rounding& rounding) {
   alignas(64) float zbuf[kBlock];
+  alignas(64) uint16_t rbuf[kBlock];
   WordBuffer words;
   for (uint64_t b0 = item.begin - item.begin % kBlock; b0 < item.end; b0 += kBlock) {
     const uint64_t lo = std::max<uint64_t>(b0, item.begin);
     const uint64_t hi = std::min<uint64_t>(b0 + kBlock, item.end);
-    process_block(t, lo, hi, seed, noise, load_x, zbuf, words);
+    process_block(t, lo, hi, seed, noise, load_x, rounding, zbuf, rbuf, words);
   }
 }
 
 }  // namespace
 
 void axpbz(const AxpbzTensor* tensors, int64_t count, uint64_t seed, Noise noise, bool load_x,
-           int num_threads) {
+           int num_threads, Rounding rounding) {
   std::vector<WorkItem> items;
   int64_t total = 0;
   for (int64_t i = 0; i < count; ++i) {
@@ -192,7 +263,7 @@ void axpbz(const AxpbzTensor* tensors, int64_t count, uint64_t seed, Noise noise
   (void)num_threads;
 #endif
   for (int64_t k = 0; k < n_items; ++k) {
-    process_item(tensors[items[k].tensor], items[k], seed, noise, load_x);
+    process_item(tensors[items[k].tensor], items[k], seed, noise, load_x, rounding);
   }
 }
 

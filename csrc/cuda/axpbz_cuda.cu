@@ -21,6 +21,14 @@
 //    explicitly rounded products and sum (__fmul_rn / __fadd_rn: no FMA contraction), like the torch
 //    oracle and the CPU kernels, so Rademacher results are bit-identical to both. Conversions to
 //    float16 / bfloat16 round to nearest even (__float2half_rn / __float2bfloat16_rn).
+//  * Stochastic rounding (docs/noise.md section 8): the same rounding code as the CPU kernels and the
+//    C++ tests (csrc/fastmezo/rounding.h, explicitly rounded float32 steps), so the stored bits equal the
+//    oracle's for the same float32 y. The 16-bit draws: a Gaussian thread's 4 elements are half of one
+//    Philox call of stream 2 (8 draws per call), a Rademacher lane's 4 elements likewise; each thread
+//    computes that call itself (two neighbouring threads compute the same call: simple, and cheaper than
+//    the normals; a shuffle-shared version would halve it, see SR_NOTE below).
+//  * Out-of-place passes (exact mode): x is read from TensorDesc::src, the result written to data (the
+//    bindings check they do not overlap); in place, src == data.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -30,6 +38,7 @@
 
 #include "fastmezo/axpbz.h"
 #include "fastmezo/philox.h"
+#include "fastmezo/rounding.h"
 
 namespace fastmezo {
 namespace cuda {
@@ -46,7 +55,8 @@ constexpr int64_t kMaxGrid = 65535;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 struct TensorDesc {
-  void* data;
+  void* data;          // where the result is written
+  const void* src;     // where x is read (== data in place)
   int64_t numel;
   int64_t offset;      // global index of element 0
   int64_t first_call;  // offset / per_call
@@ -54,7 +64,7 @@ struct TensorDesc {
   float a;
   float b;
   uint32_t key;
-  int32_t vec;  // 1: 4-element groups of the tensor start at 4-element-aligned addresses
+  int32_t vec;  // 1: 4-element groups of the tensor start at 4-element-aligned addresses (data and src)
 };
 
 struct LaunchTable {
@@ -82,11 +92,14 @@ struct Storage<DType::kFloat32> {
   static __device__ __forceinline__ void store4(T* p, const float (&v)[4]) {
     __stwb(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
   }
+  // float32 is never rounded stochastically (stored exactly as without it).
+  static __device__ __forceinline__ void store_sr(T* p, float v, uint32_t) { *p = v; }
+  static __device__ __forceinline__ void store4_sr(T* p, const float (&v)[4], const uint32_t (&)[4]) { store4(p, v); }
 };
 
 // 16-bit storage: held as unsigned short bits, converted with the CUDA intrinsics (the build defines
 // __CUDA_NO_HALF_CONVERSIONS__ like torch does, so no implicit conversions are used).
-template <class Traits>
+template <class Traits, DType D>
 struct Storage16 {
   using T = unsigned short;
   static __device__ __forceinline__ float load(const T* p) { return Traits::to_float(*p); }
@@ -102,6 +115,16 @@ struct Storage16 {
     uint2 q;
     q.x = static_cast<unsigned>(Traits::from_float(v[0])) | (static_cast<unsigned>(Traits::from_float(v[1])) << 16);
     q.y = static_cast<unsigned>(Traits::from_float(v[2])) | (static_cast<unsigned>(Traits::from_float(v[3])) << 16);
+    __stwb(reinterpret_cast<uint2*>(p), q);
+  }
+  // Stochastic rounding with the 16-bit draw r (csrc/fastmezo/rounding.h, shared with the CPU kernels).
+  static __device__ __forceinline__ void store_sr(T* p, float v, uint32_t r) { *p = round_stochastic<D>(v, r); }
+  static __device__ __forceinline__ void store4_sr(T* p, const float (&v)[4], const uint32_t (&r)[4]) {
+    uint2 q;
+    q.x = static_cast<unsigned>(round_stochastic<D>(v[0], r[0])) |
+          (static_cast<unsigned>(round_stochastic<D>(v[1], r[1])) << 16);
+    q.y = static_cast<unsigned>(round_stochastic<D>(v[2], r[2])) |
+          (static_cast<unsigned>(round_stochastic<D>(v[3], r[3])) << 16);
     __stwb(reinterpret_cast<uint2*>(p), q);
   }
 };
@@ -121,9 +144,9 @@ struct BFloat16Traits {
 };
 
 template <>
-struct Storage<DType::kFloat16> : Storage16<HalfTraits> {};
+struct Storage<DType::kFloat16> : Storage16<HalfTraits, DType::kFloat16> {};
 template <>
-struct Storage<DType::kBFloat16> : Storage16<BFloat16Traits> {};
+struct Storage<DType::kBFloat16> : Storage16<BFloat16Traits, DType::kBFloat16> {};
 
 // ---- the arithmetic -------------------------------------------------------------------------------
 
@@ -159,7 +182,7 @@ __device__ __forceinline__ int find_tensor(const LaunchTable& table, int64_t til
 template <DType D, bool LOAD_X>
 __device__ __forceinline__ void load_group(const TensorDesc& d, int64_t idx, float (&x)[4]) {
   using S = Storage<D>;
-  const auto* p = static_cast<const typename S::T*>(d.data);
+  const auto* p = static_cast<const typename S::T*>(d.src);
   if (!LOAD_X) return;
   if (d.vec && idx >= 0 && idx + 4 <= d.numel) {
     S::load4(p + idx, x);
@@ -169,25 +192,44 @@ __device__ __forceinline__ void load_group(const TensorDesc& d, int64_t idx, flo
   }
 }
 
-template <DType D>
-__device__ __forceinline__ void store_group(const TensorDesc& d, int64_t idx, const float (&y)[4]) {
+// SR: rounded stochastically with the draws r (16-bit types; float32 ignores them).
+template <DType D, bool SR>
+__device__ __forceinline__ void store_group(const TensorDesc& d, int64_t idx, const float (&y)[4],
+                                            const uint32_t (&r)[4]) {
   using S = Storage<D>;
   auto* p = static_cast<typename S::T*>(d.data);
   if (d.vec && idx >= 0 && idx + 4 <= d.numel) {
-    S::store4(p + idx, y);
+    if (SR) S::store4_sr(p + idx, y, r); else S::store4(p + idx, y);
   } else {
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
-      if (idx + l >= 0 && idx + l < d.numel) S::store(p + idx + l, y[l]);
+      if (idx + l >= 0 && idx + l < d.numel) {
+        if (SR) S::store_sr(p + idx + l, y[l], r[l]); else S::store(p + idx + l, y[l]);
+      }
     }
   }
 }
 
+// The 4 draws of global elements 4 g .. 4 g + 3 (g = a group of 4 aligned elements): half g & 1 of
+// rounding call g / 2 (8 draws per call: word k gives elements 2k (low half) and 2k + 1 (high half)).
+// SR_NOTE: threads of consecutive g compute the same call; sharing it by a shuffle would halve the
+// Philox work of the rounding stream if it ever shows up in a profile.
+__device__ __forceinline__ void rounding_draws4(uint64_t round_seed, uint32_t key, uint64_t g, uint32_t (&r)[4]) {
+  const Words4 w = noise_words(round_seed, key, kStreamRounding, g >> 1);
+  const bool high = (g & 1u) != 0;
+  const uint32_t w0 = high ? w.x[2] : w.x[0];
+  const uint32_t w1 = high ? w.x[3] : w.x[1];
+  r[0] = w0 & 0xFFFFu;
+  r[1] = w0 >> 16;
+  r[2] = w1 & 0xFFFFu;
+  r[3] = w1 >> 16;
+}
+
 // ---- kernels --------------------------------------------------------------------------------------
 
-template <DType D, bool LOAD_X>
+template <DType D, bool LOAD_X, bool SR>
 __global__ void __launch_bounds__(kThreads) gaussian_kernel(const __grid_constant__ LaunchTable table,
-                                                            uint64_t seed) {
+                                                            uint64_t seed, uint64_t round_seed) {
   const int64_t total = table.tile_start[table.count];
   for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
     const int ti = find_tensor(table, tile);
@@ -210,15 +252,17 @@ __global__ void __launch_bounds__(kThreads) gaussian_kernel(const __grid_constan
         float y[4];
 #pragma unroll
         for (int l = 0; l < 4; ++l) y[l] = axpbz<LOAD_X>(d.a, x[u][l], d.b, z[l]);
-        store_group<D>(d, q * 4 - d.offset, y);
+        uint32_t r[4] = {0u, 0u, 0u, 0u};
+        if (SR) rounding_draws4(round_seed, d.key, static_cast<uint64_t>(q), r);  // elements 4q .. 4q + 3
+        store_group<D, SR>(d, q * 4 - d.offset, y, r);
       }
     }
   }
 }
 
-template <DType D, bool LOAD_X>
+template <DType D, bool LOAD_X, bool SR>
 __global__ void __launch_bounds__(kThreads) rademacher_kernel(const __grid_constant__ LaunchTable table,
-                                                              uint64_t seed) {
+                                                              uint64_t seed, uint64_t round_seed) {
   const int64_t total = table.tile_start[table.count];
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -248,45 +292,55 @@ __global__ void __launch_bounds__(kThreads) rademacher_kernel(const __grid_const
         const float z = ((bits >> l) & 1u) ? -1.0f : 1.0f;
         y[l] = axpbz<LOAD_X>(d.a, x[l], d.b, z);
       }
-      store_group<D>(d, idx, y);
+      uint32_t r[4] = {0u, 0u, 0u, 0u};
+      // global elements q * 128 + 4 lane .. + 3: group of 4 number q * 32 + lane
+      if (SR) rounding_draws4(round_seed, d.key, static_cast<uint64_t>(q) * 32u + static_cast<uint64_t>(lane), r);
+      store_group<D, SR>(d, idx, y, r);
     }
   }
 }
 
 // ---- host side ------------------------------------------------------------------------------------
 
-template <DType D, bool LOAD_X>
-cudaError_t launch(const LaunchTable& table, uint64_t seed, Noise noise, cudaStream_t stream) {
+template <DType D, bool LOAD_X, bool SR>
+cudaError_t launch(const LaunchTable& table, uint64_t seed, Noise noise, uint64_t round_seed, cudaStream_t stream) {
   const int64_t total = table.tile_start[table.count];
   if (total == 0) return cudaSuccess;
   const unsigned grid = static_cast<unsigned>(std::min(total, kMaxGrid));
   if (noise == kGaussian) {
-    gaussian_kernel<D, LOAD_X><<<grid, kThreads, 0, stream>>>(table, seed);
+    gaussian_kernel<D, LOAD_X, SR><<<grid, kThreads, 0, stream>>>(table, seed, round_seed);
   } else {
-    rademacher_kernel<D, LOAD_X><<<grid, kThreads, 0, stream>>>(table, seed);
+    rademacher_kernel<D, LOAD_X, SR><<<grid, kThreads, 0, stream>>>(table, seed, round_seed);
   }
   return cudaGetLastError();
 }
 
+template <DType D, bool SR>
+cudaError_t launch_x(const LaunchTable& table, uint64_t seed, Noise noise, bool load_x, uint64_t round_seed,
+                     cudaStream_t stream) {
+  return load_x ? launch<D, true, SR>(table, seed, noise, round_seed, stream)
+                : launch<D, false, SR>(table, seed, noise, round_seed, stream);
+}
+
 cudaError_t launch_table(const LaunchTable& table, DType dtype, uint64_t seed, Noise noise, bool load_x,
-                         cudaStream_t stream) {
+                         const Rounding& rounding, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat32:
-      return load_x ? launch<DType::kFloat32, true>(table, seed, noise, stream)
-                    : launch<DType::kFloat32, false>(table, seed, noise, stream);
+    case DType::kFloat32:  // never rounded stochastically
+      return launch_x<DType::kFloat32, false>(table, seed, noise, load_x, 0, stream);
     case DType::kFloat16:
-      return load_x ? launch<DType::kFloat16, true>(table, seed, noise, stream)
-                    : launch<DType::kFloat16, false>(table, seed, noise, stream);
+      return rounding.stochastic ? launch_x<DType::kFloat16, true>(table, seed, noise, load_x, rounding.seed, stream)
+                                 : launch_x<DType::kFloat16, false>(table, seed, noise, load_x, 0, stream);
     case DType::kBFloat16:
-      return load_x ? launch<DType::kBFloat16, true>(table, seed, noise, stream)
-                    : launch<DType::kBFloat16, false>(table, seed, noise, stream);
+      return rounding.stochastic ? launch_x<DType::kBFloat16, true>(table, seed, noise, load_x, rounding.seed, stream)
+                                 : launch_x<DType::kBFloat16, false>(table, seed, noise, load_x, 0, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-int axpbz(const AxpbzTensor* tensors, int64_t count, uint64_t seed, Noise noise, bool load_x, CUstream_st* stream) {
+int axpbz(const AxpbzTensor* tensors, int64_t count, uint64_t seed, Noise noise, bool load_x, CUstream_st* stream,
+          Rounding rounding) {
   const int64_t per_call = elements_per_call(noise);
   const int64_t tile_calls = noise == kGaussian ? kGaussianTileCalls : kRademacherTileCalls;
   // One launch per dtype and group of kMaxTensors tensors.
@@ -297,7 +351,7 @@ int axpbz(const AxpbzTensor* tensors, int64_t count, uint64_t seed, Noise noise,
     for (int64_t i = 0; i <= count; ++i) {
       const bool flush = table.count == kMaxTensors || (i == count && table.count > 0);
       if (flush) {
-        const cudaError_t err = launch_table(table, dtype, seed, noise, load_x, stream);
+        const cudaError_t err = launch_table(table, dtype, seed, noise, load_x, rounding, stream);
         if (err != cudaSuccess) return static_cast<int>(err);
         table.count = 0;
       }
@@ -306,6 +360,7 @@ int axpbz(const AxpbzTensor* tensors, int64_t count, uint64_t seed, Noise noise,
       if (t.dtype != dtype || t.numel <= 0) continue;
       TensorDesc& d = table.tensor[table.count];
       d.data = t.data;
+      d.src = t.src != nullptr ? t.src : t.data;
       d.numel = t.numel;
       d.offset = static_cast<int64_t>(t.offset);
       d.first_call = d.offset / per_call;
@@ -314,7 +369,8 @@ int axpbz(const AxpbzTensor* tensors, int64_t count, uint64_t seed, Noise noise,
       d.b = t.b;
       d.key = t.key;
       const uintptr_t group_bytes = 4u * static_cast<uintptr_t>(dtype_size(dtype));
-      d.vec = (d.offset % 4 == 0) && (reinterpret_cast<uintptr_t>(t.data) % group_bytes == 0);
+      d.vec = (d.offset % 4 == 0) && (reinterpret_cast<uintptr_t>(d.data) % group_bytes == 0) &&
+              (reinterpret_cast<uintptr_t>(d.src) % group_bytes == 0);
       const int64_t tiles = (d.last_call - d.first_call + tile_calls - 1) / tile_calls;
       table.tile_start[table.count + 1] = table.tile_start[table.count] + tiles;
       ++table.count;

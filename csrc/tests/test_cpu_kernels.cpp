@@ -12,6 +12,11 @@
 //   4. The fixed values of docs/noise.md section 7 through the kernel.
 //   5. The SIMD Philox versions of the CPU kernels (csrc/cpu/philox_simd.h) against the scalar one, bit for
 //      bit, on every ISA this CPU has, across the 2^32 boundary of the counter's low word.
+//   6. Stochastic rounding (csrc/fastmezo/rounding.h, docs/noise.md section 8): fixed cases (halfway-ish,
+//      negative, zeros, float16 subnormals, beyond the largest finite value, NaN / inf), an independent
+//      float64 implementation on sampled float32 values and draws, exact unbiasedness over all 2^16 draws,
+//      and the kernel with rounding on (in place, out of place, noise fill, both noises, thread counts)
+//      against round_stochastic(y, rounding_bits_at(...)) element by element.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -23,6 +28,7 @@
 #include "fastmezo/dtypes.h"
 #include "fastmezo/fastmath.h"
 #include "fastmezo/philox.h"
+#include "fastmezo/rounding.h"
 
 using namespace fastmezo;
 
@@ -334,12 +340,202 @@ static void test_philox_simd() {
   std::printf("philox: %d implementation(s) checked against the scalar definition\n", checked);
 }
 
+// ---------------------------------------------------------------------------------------------
+// 6. Stochastic rounding
+// ---------------------------------------------------------------------------------------------
+static double value_of(DType d, uint16_t h) { return d == DType::kFloat16 ? half_value(h) : bf16_value(h); }
+
+// Independent of rounding.h: lo = the value of the type nearest to y toward zero (found from the
+// round-to-nearest result, checked above, by comparing magnitudes in float64), hi = the next one away from
+// zero; q exact in float64; q + r rounded to float32 as the oracle's float32 sum is.
+static uint16_t sr_reference(DType d, float y, uint32_t r) {
+  const uint16_t nearest = d == DType::kFloat16 ? float_to_fp16(y) : float_to_bf16(y);
+  if (std::isnan(y) || std::isinf(y)) return nearest;
+  uint16_t lo = nearest;
+  if (std::fabs(value_of(d, nearest)) > std::fabs(static_cast<double>(y))) lo = static_cast<uint16_t>(nearest - 1);
+  const uint16_t hi = static_cast<uint16_t>(lo + 1);
+  const double lo_v = value_of(d, lo), hi_v = value_of(d, hi);
+  if (std::isinf(hi_v)) return lo;  // saturate at the largest finite value
+  const double q = std::fabs(static_cast<double>(y) - lo_v) / std::fabs(hi_v - lo_v) * 65536.0;
+  const float sum = static_cast<float>(q + static_cast<double>(r));  // q and r exact in double: one rounding
+  return sum >= 65536.0f ? hi : lo;
+}
+
+static void test_rounding_fixed() {
+  const DType F16 = DType::kFloat16, BF16 = DType::kBFloat16;
+  struct Case { DType d; float y; uint32_t r; uint16_t want; const char* what; };
+  const float ulp_bf16_at_1 = std::ldexp(1.0f, -7), ulp_f16_at_1 = std::ldexp(1.0f, -10);
+  const Case cases[] = {
+      // y = 1 + ulp/4: q = 16384; up iff r >= 49152.
+      {BF16, 1.0f + ulp_bf16_at_1 / 4, 49151, 0x3F80, "bf16 1 + ulp/4, r just below"},
+      {BF16, 1.0f + ulp_bf16_at_1 / 4, 49152, 0x3F81, "bf16 1 + ulp/4, r at the threshold"},
+      {F16, 1.0f + ulp_f16_at_1 / 4, 49151, 0x3C00, "fp16 1 + ulp/4, r just below"},
+      {F16, 1.0f + ulp_f16_at_1 / 4, 49152, 0x3C01, "fp16 1 + ulp/4, r at the threshold"},
+      // Halfway-ish: exactly halfway (q = 32768) goes up iff r >= 32768, whatever round-to-even says.
+      {BF16, 1.0f + ulp_bf16_at_1 / 2, 32767, 0x3F80, "bf16 halfway, r = 2^15 - 1"},
+      {BF16, 1.0f + ulp_bf16_at_1 / 2, 32768, 0x3F81, "bf16 halfway, r = 2^15"},
+      {F16, 1.0f + 3 * ulp_f16_at_1 / 2, 32767, 0x3C01, "fp16 odd halfway, r = 2^15 - 1 (nearest-even would go up)"},
+      // Negative: the same magnitudes, toward / away from zero.
+      {BF16, -(1.0f + ulp_bf16_at_1 / 4), 49151, 0xBF80, "bf16 negative, toward zero"},
+      {BF16, -(1.0f + ulp_bf16_at_1 / 4), 65535, 0xBF81, "bf16 negative, away from zero"},
+      {F16, -(2.0f - ulp_f16_at_1 / 8), 0, 0xBFFF, "fp16 negative just above -2 (nearest is -2), r = 0"},
+      {F16, -(2.0f - ulp_f16_at_1 / 8), 65535, 0xC000, "fp16 negative just above -2, r = max"},
+      // Exact values never move, whatever r.
+      {F16, 1.5f, 65535, 0x3E00, "fp16 exact"},
+      {BF16, -3.0f, 65535, 0xC040, "bf16 exact negative"},
+      {F16, 0.0f, 65535, 0x0000, "fp16 +0"},
+      {F16, -0.0f, 65535, 0x8000, "fp16 -0 keeps its sign"},
+      {BF16, 0.0f, 65535, 0x0000, "bf16 +0"},
+      // float16 subnormals (ulp 2^-24): y = 2.25 * 2^-24 -> 2 or 3 ulp; y = 2^-26 (below the smallest subnormal).
+      {F16, 2.25f * std::ldexp(1.0f, -24), 49151, 0x0002, "fp16 subnormal, down"},
+      {F16, 2.25f * std::ldexp(1.0f, -24), 49152, 0x0003, "fp16 subnormal, up"},
+      {F16, std::ldexp(1.0f, -26), 49151, 0x0000, "fp16 2^-26 -> 0"},
+      {F16, std::ldexp(1.0f, -26), 49152, 0x0001, "fp16 2^-26 -> smallest subnormal"},
+      {F16, -std::ldexp(1.0f, -26), 49152, 0x8001, "fp16 -2^-26 -> -smallest subnormal"},
+      // Beyond the largest finite value: saturates (never inf), whatever r.
+      {F16, 65504.0f + 8.0f, 65535, 0x7BFF, "fp16 just above max"},
+      {F16, 1e6f, 65535, 0x7BFF, "fp16 far above max"},
+      {F16, -1e6f, 65535, 0xFBFF, "fp16 far below -max"},
+      {BF16, 3.4e38f, 65535, 0x7F7F, "bf16 above max"},
+      // Non-finite: round to nearest (inf stays inf; NaN stays NaN: torch's pattern).
+      {F16, INFINITY, 65535, 0x7C00, "fp16 inf"},
+      {F16, -INFINITY, 0, 0xFC00, "fp16 -inf"},
+      {BF16, INFINITY, 65535, 0x7F80, "bf16 inf"},
+      {BF16, NAN, 65535, 0x7FC0, "bf16 NaN"},
+      {F16, NAN, 0, 0x7E00, "fp16 NaN"},
+  };
+  for (const Case& c : cases) {
+    const uint16_t got = round_stochastic(c.d, c.y, c.r);
+    CHECK(got == c.want, "stochastic rounding, %s: got %04x want %04x", c.what, got, c.want);
+    CHECK(sr_reference(c.d, c.y, c.r) == c.want || std::isnan(c.y), "float64 reference disagrees on %s", c.what);
+  }
+}
+
+static void test_rounding_sampled() {
+  // Float32 patterns across the whole range (every exponent, both signs, subnormals, inf, NaN) with a
+  // spread of draws, against the float64 reference; and exact unbiasedness: for y whose q is an
+  // integer (all y of at least the type's smallest normal magnitude), the mean over all 2^16 draws is y.
+  uint64_t checked = 0, unbiased = 0;
+  for (DType d : {DType::kFloat16, DType::kBFloat16}) {
+    for (uint64_t b = 0; b < (1ull << 32); b += 7 * 4099 * 13) {
+      const uint32_t bits = static_cast<uint32_t>(b);
+      const float y = bits_as_float(bits);
+      for (uint32_t r : {0u, 1u, 12345u, 32767u, 32768u, 65534u, 65535u, static_cast<uint32_t>(b % 65536)}) {
+        const uint16_t got = round_stochastic(d, y, r);
+        const uint16_t want = sr_reference(d, y, r);
+        CHECK(got == want || (std::isnan(y) && std::isnan(value_of(d, got))), "dtype %d y %08x r %u: got %04x want %04x",
+              static_cast<int>(d), bits, r, got, want);
+        ++checked;
+      }
+      const double min_normal = d == DType::kFloat16 ? std::ldexp(1.0, -14) : std::ldexp(1.0, -126);
+      const double max_finite = d == DType::kFloat16 ? 65504.0 : value_of(d, 0x7F7F);
+      if (std::isfinite(y) && std::fabs(y) >= min_normal && std::fabs(y) <= max_finite && (b / (7 * 4099 * 13)) % 16 == 0) {
+        double sum = 0;
+        for (uint32_t r = 0; r < 65536; ++r) sum += value_of(d, round_stochastic(d, y, r));
+        CHECK(sum / 65536.0 == static_cast<double>(y), "not unbiased: dtype %d y %.9g mean %.17g", static_cast<int>(d), y,
+              sum / 65536.0);
+        ++unbiased;
+      }
+    }
+  }
+  std::printf("stochastic rounding: %llu (y, r) pairs against a float64 reference, %llu values exactly unbiased over all 2^16 draws\n",
+              static_cast<unsigned long long>(checked), static_cast<unsigned long long>(unbiased));
+}
+
+// The kernel with stochastic rounding, element by element against round_stochastic(y, rounding_bits_at).
+static void test_kernel_sr_case(DType dtype, Noise noise, int mode, int64_t n, uint64_t offset, int threads) {
+  // mode 0: in place; 1: out of place (src only read); 2: noise fill (load_x off).
+  const uint64_t seed = 0x0F1E2D3C4B5A6978ull, rseed = 0x8877665544332211ull;
+  const uint32_t key = 0xABCDEF01u;
+  const float a = 0.998f, b = -0.0173f;
+  Buffer src{dtype, std::vector<uint8_t>(static_cast<size_t>(n + kPad) * dtype_size(dtype))};
+  for (int64_t i = 0; i < n; ++i) store(src, i, rand_normalish());
+  for (int64_t i = n; i < n + kPad; ++i) store(src, i, -1088.0f);
+  Buffer dst = src;
+  if (mode == 1) for (int64_t i = 0; i < n + kPad; ++i) store(dst, i, NAN);  // poisoned output
+  const Buffer before = src;
+  AxpbzTensor t{dst.bytes.data(), n, offset, a, b, key, dtype};
+  if (mode == 1) t.src = src.bytes.data();
+  cpu::axpbz(&t, 1, seed, noise, mode != 2, threads, Rounding{true, rseed});
+  // z of the kernel itself: the CPU kernel's Gaussian z is not libm's (noise_at), so take it from a noise
+  // fill (b = 1, float32) of the same elements; Rademacher z is exact either way.
+  std::vector<float> z(static_cast<size_t>(n));
+  AxpbzTensor zt{z.data(), n, offset, 0.0f, 1.0f, key, DType::kFloat32};
+  cpu::axpbz(&zt, 1, seed, noise, false, 1);
+  int64_t moved_by_sr = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = load(before, i);
+    const float y = mode == 2 ? b * z[i] : a * x + b * z[i];
+    const uint32_t r = rounding_bits_at(rseed, key, offset + i);
+    uint16_t got;
+    std::memcpy(&got, &dst.bytes[2 * i], 2);
+    const uint16_t want = round_stochastic(dtype, y, r);
+    CHECK(got == want, "SR kernel dtype %d noise %d mode %d element %lld: got %04x want %04x", static_cast<int>(dtype),
+          static_cast<int>(noise), mode, static_cast<long long>(i), got, want);
+    const uint16_t nearest = dtype == DType::kFloat16 ? float_to_fp16(y) : float_to_bf16(y);
+    moved_by_sr += got != nearest;
+  }
+  for (int64_t i = n; i < n + kPad; ++i) {
+    const float v = load(dst, i);
+    CHECK(mode == 1 ? std::isnan(v) : v == -1088.0f, "SR kernel wrote past the end (mode %d)", mode);
+  }
+  if (mode == 1) CHECK(src.bytes == before.bytes, "the source of an out-of-place pass changed");
+  // Sanity: the draws are used (about a third to a half of results differ from round-to-nearest).
+  CHECK(n < 1000 || moved_by_sr > n / 10, "stochastic rounding changed only %lld of %lld results",
+        static_cast<long long>(moved_by_sr), static_cast<long long>(n));
+}
+
+static void test_kernel_sr() {
+  for (DType d : {DType::kFloat16, DType::kBFloat16}) {
+    for (Noise nz : {kGaussian, kRademacher}) {
+      for (int mode = 0; mode < 3; ++mode) {
+        test_kernel_sr_case(d, nz, mode, 5, 3, 1);
+        test_kernel_sr_case(d, nz, mode, 4099, (1ull << 32) - 5, 2);
+        test_kernel_sr_case(d, nz, mode, 70001, 7, 2);  // several work items (threads)
+      }
+    }
+  }
+  // float32 with rounding on: bit-identical to round-to-nearest (in place and out of place).
+  for (Noise nz : {kGaussian, kRademacher}) {
+    std::vector<float> x(10007), y1, y2(x.size(), NAN);
+    for (float& v : x) v = rand_normalish();
+    y1 = x;
+    std::vector<float> ref = x;
+    AxpbzTensor t1{y1.data(), static_cast<int64_t>(x.size()), 9, 0.99f, 0.1f, 4, DType::kFloat32};
+    AxpbzTensor t2{y2.data(), static_cast<int64_t>(x.size()), 9, 0.99f, 0.1f, 4, DType::kFloat32};
+    t2.src = x.data();
+    AxpbzTensor tr{ref.data(), static_cast<int64_t>(x.size()), 9, 0.99f, 0.1f, 4, DType::kFloat32};
+    cpu::axpbz(&t1, 1, 5, nz, true, 2, Rounding{true, 77});
+    cpu::axpbz(&t2, 1, 5, nz, true, 2, Rounding{true, 77});
+    cpu::axpbz(&tr, 1, 5, nz, true, 2);
+    CHECK(std::memcmp(y1.data(), ref.data(), 4 * x.size()) == 0, "float32 changed by stochastic rounding (in place)");
+    CHECK(std::memcmp(y2.data(), ref.data(), 4 * x.size()) == 0, "float32 out of place differs from in place");
+  }
+  // Thread-count independence with rounding on.
+  for (DType d : {DType::kFloat16, DType::kBFloat16}) {
+    std::vector<std::vector<uint8_t>> outs;
+    for (int threads : {1, 2, 3}) {
+      Buffer b{d, std::vector<uint8_t>(300001 * 2)};
+      for (int64_t i = 0; i < 300001; ++i) store(b, i, 0.001f * static_cast<float>(i % 1000));
+      AxpbzTensor t{b.bytes.data(), 300001, 11, 0.999f, 0.01f, 3, d};
+      cpu::axpbz(&t, 1, 42, kGaussian, true, threads, Rounding{true, 0xFFFFFFFFFFFFFFFFull});
+      outs.push_back(b.bytes);
+    }
+    CHECK(outs[0] == outs[1] && outs[1] == outs[2], "thread count changes stochastically rounded results (dtype %d)",
+          static_cast<int>(d));
+  }
+  std::printf("kernel with stochastic rounding: float16/bfloat16 x Gaussian/Rademacher x in place/out of place/fill checked\n");
+}
+
 int main() {
   test_philox_simd();
   test_fast_math();
   test_conversions();
   test_kernel();
   test_fixed_values();
+  test_rounding_fixed();
+  test_rounding_sampled();
+  test_kernel_sr();
   if (failures == 0) std::printf("cpu kernels: all checks passed\n");
   else std::printf("cpu kernels: %d failures\n", failures);
   return failures == 0 ? 0 : 1;

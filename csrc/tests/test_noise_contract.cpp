@@ -1,11 +1,13 @@
 // Checks csrc/fastmezo/philox.h against the fixed values of docs/noise.md: the Random123 known-answer
-// vectors (bit for bit), the first normals and signs of a documented (seed, key, index), and the seed
-// derivation. Run by ctest.
+// vectors (bit for bit), the first normals and signs of a documented (seed, key, index), the seed
+// derivation, and the stochastic-rounding stream of section 8 (rounding seed of a pass, 16-bit draws of
+// documented indices). Run by ctest.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 
 #include "fastmezo/philox.h"
+#include "fastmezo/rounding.h"
 
 static int failures = 0;
 
@@ -47,6 +49,25 @@ int main() {
   if (derive_seed(0, 0, 0) != 0x3ed3f23b51dc4d72ull) { std::printf("FAIL derive_seed(0, 0)\n"); ++failures; }
   if (derive_seed(42, 1, 0) != 0x2734ca6d65657f26ull) { std::printf("FAIL derive_seed(42, 1, 0)\n"); ++failures; }
   if (derive_seed(42, 1, 1) != 0x5ce0a76b78e38996ull) { std::printf("FAIL derive_seed(42, 1, 1)\n"); ++failures; }
+
+  // Section 8: rounding_seed(seed, pass) = words 0, 1 of Philox(counter (pass lo, pass hi, 0, 2), key seed).
+  const uint64_t pass_seeds[3] = {0x5f6468e346c5fd35ull, 0xac58cde726db1478ull, 0x6bd190155b7b3816ull};
+  for (uint32_t pass = 0; pass < 3; ++pass) {
+    const Words4 w = philox4x32_10(pass, 0, 0, kStreamRounding, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    const uint64_t got = static_cast<uint64_t>(w.x[0]) | (static_cast<uint64_t>(w.x[1]) << 32);
+    if (got != pass_seeds[pass]) { std::printf("FAIL rounding_seed(seed, %u): %016llx\n", pass, static_cast<unsigned long long>(got)); ++failures; }
+  }
+  // Draws of round seed 0x0123456789ABCDEF, key 7: the words of call 0, elements 0..7, 2^32, 2^32 + 1, 2^40 + 3.
+  expect_words("rounding call 0", noise_words(seed, 7, kStreamRounding, 0), {0x6afbfcc7u, 0x6b80b5e9u, 0x80ccb903u, 0x75190327u});
+  const uint64_t draw_index[11] = {0, 1, 2, 3, 4, 5, 6, 7, 1ull << 32, (1ull << 32) + 1, (1ull << 40) + 3};
+  const uint32_t draws[11] = {0xfcc7, 0x6afb, 0xb5e9, 0x6b80, 0xb903, 0x80cc, 0x0327, 0x7519, 0x0071, 0xfb8c, 0x43d2};
+  for (int i = 0; i < 11; ++i) {
+    const uint32_t got = rounding_bits_at(seed, 7, draw_index[i]);
+    if (got != draws[i]) {
+      std::printf("FAIL rounding draw of element %llu: got %04x want %04x\n", static_cast<unsigned long long>(draw_index[i]), got, draws[i]);
+      ++failures;
+    }
+  }
 
   if (failures == 0) std::printf("noise contract v%d: all checks passed\n", kNoiseVersion);
   return failures == 0 ? 0 : 1;

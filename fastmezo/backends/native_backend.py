@@ -3,9 +3,11 @@
 fastmezo._C is loaded lazily, on the first question about this backend, never when fastmezo is
 imported: a missing or broken native library (not built, built against another torch, ...) only makes
 this backend unavailable, with the reason, and the others run (fastmezo.backends). Loading it registers
-the operator ``torch.ops.fastmezo_native.axpbz_`` (csrc/bindings/ops.cpp: schema, CPU and CUDA kernels);
-its fake (meta) implementation is registered here, so the op works under FakeTensorMode / torch.compile
-and passes torch.library.opcheck.
+the operators ``torch.ops.fastmezo_native.axpbz_`` (in place, optional stochastic rounding) and
+``torch.ops.fastmezo_native.axpbz_out`` (out of place) (csrc/bindings/ops.cpp: schemas, CPU and CUDA
+kernels); their fake (meta) implementations are registered here, so the ops work under FakeTensorMode /
+torch.compile and pass torch.library.opcheck. Everything runs natively: stochastic rounding
+(docs/noise.md section 8) and the out-of-place pass included.
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ import torch
 from .._ops import seed_arg
 
 _NAME = "fastmezo._C"
+# The operator set this file calls (csrc/bindings/ops.cpp FASTMEZO_API_VERSION): 2 = axpbz_ with
+# round_seed, and axpbz_out. A library built from older sources is reported, not half used.
+API_VERSION = 2
 
 _lock = threading.Lock()
 _module = None        # fastmezo._C once loaded
@@ -47,6 +52,12 @@ def load():
         except Exception as exc:  # noqa: BLE001  (ImportError: undefined symbol, ABI mismatch, ...)
             _load_error = f"fastmezo._C failed to load: {type(exc).__name__}: {exc}"
             return None
+        built = getattr(module, "API_VERSION", 1)
+        if built != API_VERSION:
+            _load_error = (f"fastmezo._C was built from older sources (operator API {built}, this fastmezo needs "
+                           f"{API_VERSION}: stochastic rounding and out-of-place passes); rebuild it with "
+                           "`pip install --no-build-isolation -e .`")
+            return None
         _register_fake()
         _module = module
     return _module
@@ -59,8 +70,12 @@ def load_error() -> str | None:
 
 def _register_fake() -> None:
     @torch.library.register_fake("fastmezo_native::axpbz_")
-    def _axpbz_fake(tensors, a, b, seed, keys, offsets, noise, load_x) -> None:
+    def _axpbz_fake(tensors, a, b, seed, keys, offsets, noise, load_x, round_seed=None) -> None:
         return None  # in-place on its inputs: no outputs, no shapes to propagate
+
+    @torch.library.register_fake("fastmezo_native::axpbz_out")
+    def _axpbz_out_fake(tensors, outs, a, b, seed, keys, offsets, noise, round_seed=None) -> None:
+        return None  # writes into the given outs: nothing to allocate
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -78,16 +93,24 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def axpbz_(tensors, a, b, seed, keys, offsets, noise, load_x=True, round_seed=None, outs=None):
     """tensors[i] <- a[i] * tensors[i] + b[i] * z(seed, keys[i]) over global indices offsets[i] + j, in one
-    native call (load_x=False: tensors[i] <- b[i] * z). Arguments are validated by fastmezo.functional."""
+    native call (load_x=False: tensors[i] <- b[i] * z). With ``outs``: outs[i] <- a[i] * tensors[i] +
+    b[i] * z, tensors only read (load_x must be True). ``round_seed`` (uint64): float16 / bfloat16 results
+    are rounded stochastically with the draws of Philox stream 2 keyed by it (docs/noise.md section 8).
+    Arguments are validated by fastmezo.functional (and again by the operators)."""
     if not tensors:
-        return
-    if round_seed is not None or outs is not None:
-        # Stochastic rounding and out-of-place passes have no native kernels yet: the oracle runs them.
-        from . import reference_backend
-        reference_backend.axpbz_(tensors, a, b, seed, keys, offsets, noise, load_x, round_seed, outs)
         return
     if load() is None:  # pragma: no cover  (the registry checks availability first)
         raise RuntimeError(_load_error)
-    torch.ops.fastmezo_native.axpbz_(list(tensors), [float(v) for v in a], [float(v) for v in b],
-                                     seed_arg(int(seed)), [int(k) for k in keys], [int(o) for o in offsets],
-                                     int(noise), bool(load_x))
+    a = [float(v) for v in a]
+    b = [float(v) for v in b]
+    keys = [int(k) for k in keys]
+    offsets = [int(o) for o in offsets]
+    round_arg = None if round_seed is None else seed_arg(int(round_seed))
+    if outs is None:
+        torch.ops.fastmezo_native.axpbz_(list(tensors), a, b, seed_arg(int(seed)), keys, offsets, int(noise),
+                                         bool(load_x), round_arg)
+        return
+    if not load_x:
+        raise ValueError("an out-of-place pass reads its tensors: load_x must be True with outs")
+    torch.ops.fastmezo_native.axpbz_out(list(tensors), list(outs), a, b, seed_arg(int(seed)), keys, offsets,
+                                        int(noise), round_arg)

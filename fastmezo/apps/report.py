@@ -1,0 +1,135 @@
+"""Outputs of the fine-tuning comparison: a markdown table, a CSV, the JSON record and a PNG plot."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+CSV_COLUMNS = ("method", "title", "trainable_params", "total_params", "steps", "test_acc", "dev_acc",
+               "train_seconds", "seconds_per_step", "eval_seconds", "peak_mib", "extra_mib", "memory_kind")
+
+
+def _fmt(value, spec):
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def memory_header(results):
+    """What the memory columns measure, in words, for the table's notes."""
+    kinds = {r["memory_kind"] for r in results["methods"]}
+    kind = kinds.pop() if len(kinds) == 1 else " / ".join(sorted(kinds))
+    if kind.startswith("CUDA"):
+        return ("peak = torch.cuda.max_memory_allocated during training (weights included); extra = peak "
+                "minus the memory allocated when training started (the loaded model)")
+    return (f"peak = {kind}, during training (Python, torch and the model included; each method in a fresh "
+            "forked process); extra = peak minus the RSS when training started (the loaded model): "
+            "what training itself adds (activations, gradients, optimizer state)")
+
+
+def markdown(results):
+    """The comparison as a markdown table, with the setting above it and notes below."""
+    c = results["config"]
+    lines = [
+        f"# Fine-tuning comparison: {results['task']}", "",
+        f"model {results['model']}; device {c['device']} (MeZO backend {results['backend']}); "
+        f"train {results['n_train']} examples (k={c['k'] or 'all'} per class), dev {results['n_dev_eval']}"
+        f" of {results['n_dev']}, test {results['n_test']}; batch {c['batch_size']}; seed {c['seed']}; "
+        f"setting {'quick' if c['quick'] else 'full'}.", "",
+        f"Command: `{results['command']}`", "",
+        "| method | trained weights | steps | test acc. | dev acc. | train time (s) | s/step | "
+        "peak memory (MiB) | extra over loaded model (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["methods"]:
+        lines.append(
+            f"| {r['title']} | {r['trainable_params']:,} | {r['steps']} | **{_fmt(r['test_acc'], '.4f')}** | "
+            f"{_fmt(r['dev_acc'], '.4f')} | {_fmt(r['train_seconds'], '.1f')} | {_fmt(r['seconds_per_step'], '.3f')} | "
+            f"{_fmt(r['peak_mib'], '.0f')} | {_fmt(r['extra_mib'], '.0f')} |")
+    lines += ["", "Notes:", f"- memory: {memory_header(results)}.",
+              "- zero-shot trains nothing: its time and memory are those of one forward pass of a training batch "
+              "(inference); linear probing's include extracting the frozen features of the train set.",
+              "- hyper-parameters per method (lr, eps, steps, ...) are in results.json under `methods[].hparams`.",
+              f"- whole run: {results['wall_seconds']:.0f} s of wall time."]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(results, path):
+    """One row per method, the columns of :data:`CSV_COLUMNS`."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in results["methods"]:
+            writer.writerow({k: r.get(k) for k in CSV_COLUMNS})
+
+
+def plot(results, path):
+    """Test accuracy, peak memory, training time per method, and the training losses, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["methods"]
+    names = [r["method"] for r in rows]
+    y = list(range(len(rows)))[::-1]
+    colors = ["0.6" if r["method"] == "zero-shot" else "C2" if r["method"] in ("linear-probe", "ft-adam")
+              else "C0" for r in rows]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
+    ax = axes[0, 0]
+    ax.barh(y, [r["test_acc"] for r in rows], color=colors)
+    for yi, r in zip(y, rows):
+        ax.text(r["test_acc"] + 0.005, yi, f"{r['test_acc']:.3f}", va="center", fontsize=8)
+    zero = next((r["test_acc"] for r in rows if r["method"] == "zero-shot"), None)
+    if zero is not None:
+        ax.axvline(zero, color="0.4", ls=":", lw=1)
+    lo = min(r["test_acc"] for r in rows)
+    ax.set(xlim=(max(0.0, lo - 0.1), 1.0), yticks=y, yticklabels=names, xlabel="test accuracy",
+           title="test accuracy")
+
+    ax = axes[0, 1]
+    base = [r["peak_mib"] - r["extra_mib"] for r in rows]
+    ax.barh(y, base, color="0.85", label="at start of training (loaded model)")
+    ax.barh(y, [r["extra_mib"] for r in rows], left=base, color=colors, label="added by training")
+    for yi, r in zip(y, rows):
+        ax.text(r["peak_mib"], yi, f" {r['peak_mib']:.0f} (+{r['extra_mib']:.0f})", va="center", fontsize=8)
+    ax.set(yticks=y, yticklabels=names, xlabel="MiB", title="peak memory during training")
+    ax.set_xlim(0, max(r["peak_mib"] for r in rows) * 1.6)  # room for the labels and the legend
+    ax.legend(fontsize=7, loc="upper right")
+
+    ax = axes[1, 0]
+    times = [max(r["train_seconds"], 1e-3) for r in rows]
+    ax.barh(y, times, color=colors)
+    for yi, t, r in zip(y, times, rows):
+        ax.text(t, yi, f" {t:.1f} s ({r['steps']} steps)", va="center", fontsize=8)
+    ax.set(yticks=y, yticklabels=names, xlabel="seconds", title="training time (wall)")
+    ax.set_xlim(0, max(times) * 1.35)
+
+    ax = axes[1, 1]
+    for r in rows:
+        losses = r.get("losses") or []
+        if len(losses) < 2:
+            continue
+        window = max(1, len(losses) // 20)
+        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                  for i in range(len(losses))]
+        ax.plot(range(1, len(losses) + 1), smooth, label=r["method"])
+    ax.set(xlabel="step", ylabel="train loss (running mean)", title="training loss (0-1 loss for mezo-nondiff)")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    c = results["config"]
+    fig.suptitle(f"{results['task']}, {results['model']}, k={c['k'] or 'all'}, device {c['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(results, out):
+    """results.json, results.csv, results.md and comparison.png in ``out``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = dict(json=out / "results.json", csv=out / "results.csv", md=out / "results.md",
+                 png=out / "comparison.png")
+    paths["json"].write_text(json.dumps(results, indent=1))
+    write_csv(results, paths["csv"])
+    paths["md"].write_text(markdown(results))
+    plot(results, paths["png"])
+    return paths

