@@ -74,6 +74,19 @@ def _cuda_home_from_nvcc():
     return None
 
 
+def _loaded_libstdcxx():
+    """Path of the libstdc++ this process loaded (torch's, once torch is imported), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1] if len(line.split()) >= 6 else ""
+                if "/libstdc++.so" in path and os.path.exists(path):
+                    return path
+    except OSError:  # not Linux
+        pass
+    return None
+
+
 def _native_build():
     """(ext_modules, cmdclass) that build fastmezo._C, or ([], {}) where it is not built."""
     if _flag("FASTMEZO_NO_NATIVE"):
@@ -109,6 +122,15 @@ def _native_build():
         link += ["-fopenmp"]  # links libgomp, the OpenMP runtime torch itself uses on Linux
         if _flag("FASTMEZO_STATIC_LIBSTDCXX"):
             link += ["-static-libstdc++", "-static-libgcc"]
+        else:
+            runtime = _loaded_libstdcxx()
+            if runtime is not None:
+                # Link the C++ runtime torch runs with, by path, ahead of the driver's own: some GCC
+                # installs (the H200 machine's /opt/gcc) link libstdc++ statically by default, and a
+                # private copy of the exception runtime inside _C crashes the process when a c10::Error
+                # is thrown through it (diagnosed there: scripts/diagnose_native_exceptions.py). Given
+                # first, the shared library resolves every runtime symbol, so no archive member is used.
+                link += ["-Wl,--no-as-needed", runtime, "-Wl,--as-needed"]
     compiler = cpp_extension.get_cxx_compiler()
     with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                  and not _flag("FASTMEZO_NO_CUDA"))
