@@ -3,6 +3,7 @@
 forward passes included.
 
     python bench/bench_steps.py [--models opt-1.3b,opt-13b] [--dtypes float16] [--configs 16x256,4x256,1x128]
+                                [--variants inplace-rn,inplace-sr,exact-rn,exact-sr]
                                 [--warmup N] [--reps N] [--out DIR] [--quick] [--smoke]
                                 [--opt66b [--opt66b-tokens 256] [--opt66b-max-batch 128]]
 
@@ -10,33 +11,54 @@ For each model and dtype, one process builds a randomly initialised ``OPTForCaus
 ``OPTConfig`` (the published OPT sizes, bench/shapes.py; no download) directly on the GPU in the target
 dtype: constructed with transformers' weight initialisation switched off (no CPU copy, no slow
 ``_init_weights``), then filled in place (N(0, 0.02) matrices, zero biases, unit layer-norm weights).
-The same model instance then serves both optimizers. Per batch configuration (batch x tokens, random
-token ids, labels = input ids, the causal-LM loss):
+The same model instance then serves the reference and every fastmezo variant. Per batch configuration
+(batch x tokens, random token ids, labels = input ids, the causal-LM loss):
 
 1. before any timing: the kernels agree with the torch oracle (``fastmezo.reference``): the pass
-   benchmark's check (``bench_perturb.check_kernels``: z at two offsets, perturb_ in the dtype), and one
-   ``fastmezo.MeZO`` step over copies of a sample of the model's own tensors against the oracle's three
-   passes (within 3 units in the last place). A disagreement aborts the run (exit code 1);
+   benchmark's check (``bench_perturb.check_kernels``: z at two offsets, perturb_ in the dtype); for
+   every in-place rounding measured, one ``fastmezo.MeZO`` step over copies of a sample of the model's
+   own tensors against the oracle's three passes (within 3 units in the last place); for every exact
+   rounding measured, one exact-mode step (``fastmezo.patch(mode="exact")``) of a tiny OPT built in
+   the same dtype on the same device: its two losses against forwards of the oracle's W +- eps z, its
+   stored weights untouched by the forwards (a step with lr = 0 changes nothing), its update against the oracle's
+   theta <- (1 - lr wd) theta - lr g z with g from the two losses. A disagreement aborts the run
+   (exit code 1);
 2. ``forward``: two forward passes (no_grad, loss as a Python float after each, as the step does): the
    part of a step that is not zeroth-order work;
 3. ``reference``: ``reference_mezo.reference_step``: 3 out-of-place perturbation passes with
    ``torch.manual_seed`` + ``torch.normal`` per tensor, 2 forwards, 1 update pass (the paper's trainer);
-4. ``fastmezo``: ``fastmezo.MeZO.step``: 3 fused in-place passes with in-kernel Philox noise, 2 forwards.
+4. the fastmezo variants (``--variants``, default all four, in this order), each ``MeZO.step``:
+   ``inplace-rn`` / ``inplace-sr``: 3 fused in-place passes with in-kernel Philox noise + 2 forwards,
+   float16/bfloat16 stores rounded to nearest / stochastically; ``exact-rn`` / ``exact-sr``: exact mode
+   (``fastmezo.patch(model, mode="exact")``, hooks materialize W + eps z per module right before it
+   runs, 2 out-of-place passes inside the forwards + 1 update pass), the update rounded to nearest /
+   stochastically. Exact mode is patched for its rows only and removed with the handle's context
+   manager; before the next variant the script verifies that every module holds its own parameter
+   objects again, that the hook dictionaries are as before patching and that no ``mezo_step`` is left
+   (else RuntimeError). The first exact step after patching (it checks the model's parameter reads
+   during one forward) is never timed. In float32 the rounding does not apply (rn = sr).
 
 Reported per configuration: median step time over ``--reps`` steps after ``--warmup`` (CUDA events;
 the time between a call's first and last GPU work), the ZO overhead = step - two forwards, the speed-ups
-reference / fastmezo of the step and of the overhead, the overhead over the one-pass floor (floor = 2 *
+reference / variant of the step and of the overhead, the overhead over the one-pass floor (floor = 2 *
 trainable parameter bytes / copy bandwidth measured in this run, as bench_perturb.py does: fastmezo makes
-3 passes a step, the reference 4, so 3.0 and 4.0 are their ideals), and the peak memory above inference:
+3 passes a step, the reference 4, so 3.0 and 4.0 are their ideals), the peak memory above inference:
 ``max_memory_allocated`` during the steps minus that during the plain forwards of the same batch
-(peak statistics reset in between). On the CPU there are no memory statistics: reported as n/a.
+(peak statistics reset in between; exact mode is expected to need about one extra weight tensor, the
+largest one alive at a time: ``largest_tensor_bytes`` and ``exact_copy_peak_bytes``, the most bytes of
+perturbed copies alive at once, are on the rows), and for the exact rows ``overhead_vs_inplace`` = exact
+overhead / in-place overhead of the same rounding (target: <= 1.3). On the CPU there are no memory
+statistics: reported as n/a. ``--rounding nearest|stochastic`` is a shortcut for the two variants of
+that rounding (``inplace-rn,exact-rn`` or ``inplace-sr,exact-sr``); it also sets the OPT-66B search's
+rounding.
 
 --opt66b: OPT-66B in fp16 on one GPU (131.4 GB of weights): how large a batch (1, 2, 4, ... up to
---opt66b-max-batch, --opt66b-tokens tokens) each implementation can take a step with. Every batch runs a
-plain forward (the inference peak), then one step of each implementation still in the race; a
-``torch.OutOfMemoryError`` ends that implementation's search (its cache is emptied and the others go
-on). An out-of-memory in the middle of a reference step leaves the (random) weights perturbed: the
-reference does not undo anything; it does not matter for speed or memory. Takes a few minutes.
+--opt66b-max-batch, --opt66b-tokens tokens) each implementation (the reference, fastmezo in place) can
+take a step with. Every batch runs a plain forward (the inference peak), then one step of each
+implementation still in the race; a ``torch.OutOfMemoryError`` ends that implementation's search (its
+cache is emptied and the others go on). An out-of-memory in the middle of a reference step leaves the
+(random) weights perturbed: the reference does not undo anything; it does not matter for speed or
+memory. Takes a few minutes.
 
 --smoke: tiny OPT ("opt-tiny"), tiny batches, few repetitions, output in a temporary directory; runs on
 the CPU (fastmezo's automatic backend there: native, else reference). Times then mean nothing.
@@ -94,16 +116,34 @@ CHECK_LR = 1e-6
 CHECK_WD = 0.1
 CHECK_LOSSES = (2.0, 1.0)
 CHECK_ULPS = 3                # one rounding per pass, each may land one unit off (z within NORMAL_ATOL)
+MEZO_UPDATE_PASS = 2          # MeZO's pass index of the update (its stochastic-rounding bits)
+
+# The exact-mode check: one exact step of a tiny OPT (CHECK_EXACT_MODEL, built in the benchmark's dtype
+# on its device) with real losses. eps large enough that the two losses differ by far more than the
+# tolerance of the loss comparison (so the check sees whether the forwards were perturbed at all), lr
+# large enough that the update moves float16 weights by many units in the last place.
+CHECK_EXACT_MODEL = "opt-tiny"
+CHECK_EXACT_BATCH = (2, 16)
+CHECK_EXACT_EPS = 0.05
+CHECK_EXACT_LR = 1e-3
+CHECK_EXACT_LOSS_RTOL = 2e-4   # |loss - oracle loss| <= RTOL * (1 + |oracle loss|)
+
+#: The fastmezo variants of the step benchmark: name -> (perturbation mode, stochastic rounding).
+VARIANTS = {"inplace-rn": ("inplace", False), "inplace-sr": ("inplace", True),
+            "exact-rn": ("exact", False), "exact-sr": ("exact", True)}
+ROUNDING_NAMES = {False: "nearest", True: "stochastic"}
 
 # The --opt66b search.
 OPT66B = "opt-66b"
 OPT66B_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
-STEP_FIELDS = ["model", "dtype", "batch", "tokens", "impl", "rounding", "ms_median", "ms_min", "ms_max", "reps",
-               "forward2_ms", "overhead_ms", "passes", "floor_ms", "overhead_x_floor",
+STEP_FIELDS = ["model", "dtype", "batch", "tokens", "impl", "variant", "mode", "rounding", "ms_median", "ms_min",
+               "ms_max", "reps", "forward2_ms", "overhead_ms", "passes", "floor_ms", "overhead_x_floor",
                "speedup_step_vs_reference", "speedup_overhead_vs_reference", "zo_share",
-               "peak_bytes", "peak_extra_vs_inference_bytes", "loss", "backend", "n_tensors", "numel",
-               "param_bytes", "bandwidth_gbps", "device", "gpu", "torch", "triton", "cuda", "commit", "date"]
+               "overhead_vs_inplace", "step_vs_inplace", "peak_bytes", "peak_extra_vs_inference_bytes",
+               "exact_copy_peak_bytes", "largest_tensor_bytes", "restore_checked", "loss", "backend",
+               "n_tensors", "numel", "param_bytes", "bandwidth_gbps", "device", "gpu", "torch", "triton", "cuda",
+               "commit", "date"]
 OPT66B_FIELDS = ["model", "dtype", "batch", "tokens", "impl", "status", "ms", "peak_bytes",
                  "peak_extra_vs_inference_bytes", "inference_peak_bytes", "loss", "error", "backend",
                  "device", "gpu", "torch", "triton", "cuda", "commit", "date"]
@@ -295,6 +335,98 @@ def make_optimizer(model: torch.nn.Module, backend: str, rounding: str | None = 
     return fastmezo.MeZO(groups, lr=LR, eps=EPS, seed=seed, backend=backend, **rounding_kwargs(rounding))
 
 
+def parse_variants(text: str) -> list[str]:
+    """'exact-sr,inplace-rn' -> ['inplace-rn', 'exact-sr'] (VARIANTS order, duplicates dropped); 'all' is
+    all four. Raises ValueError naming an unknown variant."""
+    names = [v.strip().lower() for v in text.split(",") if v.strip()]
+    if "all" in names:
+        names = [v for v in names if v != "all"] + list(VARIANTS)
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant {unknown[0]!r}; expected a comma-separated subset of "
+                         f"{', '.join(VARIANTS)} (or 'all')")
+    if not names:
+        raise ValueError("--variants is empty")
+    return [v for v in VARIANTS if v in names]
+
+
+def variants_of_rounding(rounding: str | None) -> list[str]:
+    """The variants --rounding selects: all four for None, else the in-place and exact one of it."""
+    return [v for v, (_, sr) in VARIANTS.items() if rounding is None or ROUNDING_NAMES[sr] == rounding]
+
+
+def variant_rounding(variant: str) -> str:
+    """'nearest' or 'stochastic'."""
+    return ROUNDING_NAMES[VARIANTS[variant][1]]
+
+
+def variant_mode(variant: str) -> str:
+    """'inplace' or 'exact'."""
+    return VARIANTS[variant][0]
+
+
+def inplace_twin(variant: str) -> str:
+    """The in-place variant with the same rounding (the exact rows' yardstick)."""
+    return "inplace-" + variant.split("-", 1)[1]
+
+
+def model_hooks_state(model: torch.nn.Module) -> dict:
+    """What exact mode changes and must give back: every module's own parameter objects, its forward
+    (pre-)hook dictionaries, and the instance attributes fastmezo.patch adds. Holds references to the
+    model's own parameters only (no copies)."""
+    return {"params": [(m, n, p) for m in model.modules() for n, p in m._parameters.items()],
+            "hooks": [(m, tuple(m._forward_pre_hooks), tuple(m._forward_hooks),
+                       tuple(getattr(m, "_forward_hooks_always_called", {}))) for m in model.modules()],
+            "attrs": sorted(k for k in ("mezo_step", "_fastmezo_patch") if k in model.__dict__)}
+
+
+def verify_restored(model: torch.nn.Module, before: dict, what: str = "exact mode", exact=None) -> dict:
+    """Raise RuntimeError unless the model is as ``before`` (model_hooks_state) says: the same parameter
+    object in every module (no perturbed copy left swapped in), the same hook dictionaries (exact
+    mode's hooks gone), no attribute of fastmezo.patch; and, for an exact-mode provider, no copy alive
+    and no hook active. Returns a small record of what was checked."""
+    problems = []
+    moved = [n for m, n, p in before["params"] if m._parameters.get(n) is not p]
+    if moved:
+        problems.append(f"{len(moved)} module parameters are not the stored tensors again (e.g. {moved[0]!r})")
+    now = model_hooks_state(model)
+    if [h[1:] for h in now["hooks"]] != [h[1:] for h in before["hooks"]]:
+        extra = sum(len(a[1]) + len(a[2]) - len(b[1]) - len(b[2]) for a, b in zip(now["hooks"], before["hooks"]))
+        problems.append(f"forward hooks differ from before ({extra:+d} hooks)")
+    if now["attrs"] != before["attrs"]:
+        problems.append(f"attributes {now['attrs']} left on the model (before: {before['attrs']})")
+    if exact is not None and (exact.active or exact.live_tensors):
+        problems.append(f"the exact-mode provider is still active ({exact.live_tensors} copies alive)")
+    if problems:
+        raise RuntimeError(f"{what} did not leave the model as it was: " + "; ".join(problems))
+    return {"params_checked": len(before["params"]), "hooks": sum(len(h[1]) + len(h[2]) for h in now["hooks"])}
+
+
+@contextlib.contextmanager
+def fastmezo_variant(model: torch.nn.Module, variant: str, backend: str, optimizers: dict | None = None,
+                     seed: int = FAST_SEED, lr: float = LR, eps: float = EPS, weight_decay: float = WEIGHT_DECAY):
+    """Yields (optimizer, exact provider or None) for one variant on ``model``. In-place: the optimizer
+    of ``optimizers[variant]`` (made and stored there if missing). Exact: ``fastmezo.patch(model,
+    mode="exact", ...)`` as a context manager, removed on exit, after which verify_restored runs (a
+    model not given back raises RuntimeError); index keys and param_groups as make_optimizer, so the
+    variants differ only in the mode and the rounding."""
+    import fastmezo
+
+    mode, stochastic = VARIANTS[variant]
+    rounding = ROUNDING_NAMES[stochastic]
+    if mode == "inplace":
+        optimizers = {} if optimizers is None else optimizers
+        if variant not in optimizers:
+            optimizers[variant] = make_optimizer(model, backend, rounding, seed)
+        yield optimizers[variant], None
+        return
+    before = model_hooks_state(model)
+    with fastmezo.patch(model, mode="exact", lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, keys="index",
+                        backend=backend, **rounding_kwargs(rounding)) as handle:
+        yield handle.optimizer, handle.exact
+    verify_restored(model, before, f"exact mode ({variant})", handle.exact)
+
+
 class ReferenceStepper:
     """The reference step (reference_mezo.reference_step) over the model's trainable parameters, with
     a fresh torch seed per step, as the paper's trainer draws one."""
@@ -384,7 +516,7 @@ def check_model_step(named, device: torch.device, backend: str, cap: int = CHECK
         tol = CHECK_ULPS * torch.maximum(BP._ulp(expect), BP._ulp(scale)) + 4 * EPS * BP.NORMAL_ATOL * (1 + z.abs())
         ok = bool((err <= tol).all())
         changed += int((got != x).sum())
-        records.append({"what": "MeZO.step", "tensor": name, "dtype": str(x.dtype).split(".")[-1],
+        records.append({"what": "MeZO.step", "mode": "inplace", "tensor": name, "dtype": str(x.dtype).split(".")[-1],
                         "rounding": rounding_of(opt), "numel": x.numel(), "max_abs_diff": err.max().item(),
                         "ok": ok})
         if not ok:
@@ -397,6 +529,117 @@ def check_model_step(named, device: torch.device, backend: str, cap: int = CHECK
     if failures:
         raise CheckFailed("fastmezo.MeZO disagrees with the torch oracle on the model's tensors; not timing "
                           "it:\n  " + "\n  ".join(failures))
+    return records
+
+
+def check_exact_step(dtype: torch.dtype, device: torch.device, backend: str, rounding: str | None = None,
+                     name: str = CHECK_EXACT_MODEL) -> list[dict]:
+    """One exact-mode step (``fastmezo.patch(model, mode="exact")``, configured as the timed exact
+    variants: index keys, param_groups, ``rounding``) of a tiny OPT built in ``dtype`` on ``device``,
+    with its real causal-LM losses, against the torch oracle (``fastmezo.reference``):
+
+    * the forwards saw W +- eps z: each loss matches a forward (``torch.func.functional_call``) with
+      the oracle's perturbed weights, x + (+-eps) z computed in float32 and rounded to nearest, within
+      CHECK_EXACT_LOSS_RTOL; and those two oracle losses differ by far more than that (else the check
+      could not tell a perturbed forward from a plain one);
+    * the forwards only read the stored weights: a second step with lr = 0 leaves them bit-identical
+      (checked this way because exact mode's read check forbids touching them inside a forward);
+    * the update: every tensor equals  (1 - lr wd) theta - lr g z  (per group wd; g = (l+ - l-) / 2 eps
+      from the step's own losses; rounded once, to nearest or with the oracle's rounding bits of pass
+      index 2) within CHECK_ULPS units in the last place, and the step changed the weights;
+    * the patch is removed afterwards and the model is as before (verify_restored).
+
+    Raises CheckFailed listing the failures; returns one record for the losses and one for the update."""
+    import fastmezo
+    from fastmezo import reference as R
+    from torch.func import functional_call
+
+    model = build_model(name, dtype, device, log=lambda *a: None)
+    named = trainable(model)
+    start = {n: p.detach().clone() for n, p in named}
+    ids = make_batch(model.config.vocab_size, *CHECK_EXACT_BATCH, device)
+    kwargs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    failures = []
+
+    def closure():
+        return model(**kwargs).loss
+
+    before = model_hooks_state(model)
+    eps, lr = CHECK_EXACT_EPS, CHECK_EXACT_LR
+    with fastmezo.patch(model, mode="exact", lr=lr, eps=eps, weight_decay=CHECK_WD, seed=FAST_SEED, keys="index",
+                        backend=backend, **rounding_kwargs(rounding)) as handle:
+        opt = handle.optimizer
+        opt.step(closure)                                  # step 0: the one checked below
+        loss_plus, loss_minus, skipped = opt.loss_plus, opt.loss_minus, opt.skipped_steps
+        after = {n: p.detach().clone() for n, p in named}
+        for group in opt.param_groups:                     # step 1 with lr = 0: the forwards only read
+            group["lr"] = 0.0
+        opt.step(closure)
+        touched = [n for n, p in named if not torch.equal(p, after[n])]
+        for group in opt.param_groups:
+            group["lr"] = lr
+    verify_restored(model, before, "exact mode (check)", handle.exact)
+    stochastic = rounding_of(opt) == "stochastic" and dtype in (torch.float16, torch.bfloat16)
+    rounding_name = rounding_of(opt)
+    if skipped or opt.skipped_steps:
+        raise CheckFailed(f"the exact-mode check step was skipped (losses {loss_plus}, {loss_minus})")
+    if touched:
+        failures.append(f"a step with lr = 0 changed stored weights ({touched[0]!r}, ...): the forwards wrote "
+                        "into them")
+
+    seed = fastmezo.derive_seed(FAST_SEED, 0)
+    perturbed = {1: {}, -1: {}}
+    diffs, changed, total, key = [], 0, 0, 0
+    for gi, group in enumerate(opt.param_groups):
+        g = (loss_plus - loss_minus) / (2 * group["eps"])
+        a, b = 1.0 - group["lr"] * group["weight_decay"], -group["lr"] * g
+        for pname in group["param_names"]:
+            x, got = start[pname], after[pname]
+            z = R.noise(x.numel(), seed, key, "gaussian", device=device).reshape(x.shape)
+            for sign in (1, -1):
+                perturbed[sign][pname] = R.axpbz_reference(x, 1.0, sign * eps, z)
+            r = None
+            if stochastic:
+                index = torch.arange(x.numel(), dtype=torch.int64, device=device)
+                r = R.rounding_bits_at(index, fastmezo.noise.rounding_seed(seed, MEZO_UPDATE_PASS), key)
+            expect = R.axpbz_reference(x, a, b, z) if r is None else R.axpbz_reference(x, a, b, z, r)
+            err = (got.float() - expect.float()).abs()
+            scale = (x.float().abs() + abs(b) * z.abs()).to(x.dtype)
+            tol = CHECK_ULPS * torch.maximum(BP._ulp(expect), BP._ulp(scale)) + 4 * abs(b) * BP.NORMAL_ATOL * (1 + z.abs())
+            diffs.append(err.max().item())
+            if not bool((err <= tol).all()):
+                failures.append(f"update of {pname}: max |diff| {err.max().item():.3g} (tolerance {CHECK_ULPS} ulp)")
+            changed += int((got != x).sum())
+            total += x.numel()
+            key += 1
+    if changed == 0:
+        failures.append("the exact-mode step changed none of the weights")
+
+    with torch.no_grad():
+        oracle = {sign: float(functional_call(model, perturbed[sign], (), kwargs).loss) for sign in (1, -1)}
+    tol_loss = {sign: CHECK_EXACT_LOSS_RTOL * (1 + abs(oracle[sign])) for sign in (1, -1)}
+    loss_diff = {1: abs(loss_plus - oracle[1]), -1: abs(loss_minus - oracle[-1])}
+    for sign, which in ((1, "+eps"), (-1, "-eps")):
+        if not loss_diff[sign] <= tol_loss[sign]:
+            failures.append(f"loss at theta {which} z: {loss_plus if sign == 1 else loss_minus} against the "
+                            f"oracle's {oracle[sign]} (tolerance {tol_loss[sign]:.2g})")
+    if not abs(oracle[1] - oracle[-1]) > 10 * max(tol_loss.values()):
+        failures.append(f"the oracle's two losses ({oracle[1]}, {oracle[-1]}) are too close for the loss check "
+                        "to mean anything (raise CHECK_EXACT_EPS)")
+    model = named = start = after = perturbed = None  # noqa: F841  (free the tiny model before timing)
+    BP.free_memory(device)
+    dname = str(dtype).split(".")[-1]
+    records = [{"what": "MeZO.step losses", "mode": "exact", "tensor": f"{name} forwards", "dtype": dname,
+                "rounding": rounding_name, "numel": 2, "max_abs_diff": max(loss_diff.values()),
+                "loss_plus": loss_plus, "loss_minus": loss_minus, "oracle_loss_plus": oracle[1],
+                "oracle_loss_minus": oracle[-1], "ok": not any(f.startswith(("loss", "the oracle", "a step"))
+                                                               for f in failures)},
+               {"what": "MeZO.step", "mode": "exact", "tensor": f"{name}: all {key} tensors", "dtype": dname,
+                "rounding": rounding_name, "numel": total, "max_abs_diff": max(diffs), "changed": changed,
+                "ok": not any(f.startswith(("update", "the exact")) for f in failures)}]
+    if failures:
+        raise CheckFailed("fastmezo exact mode disagrees with the torch oracle on a tiny OPT; not timing it:\n  "
+                          + "\n  ".join(failures))
     return records
 
 
@@ -430,9 +673,20 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text)
 
 
-def bench_config(model, opt, ref, batch: int, tokens: int, device: torch.device, floor_ms: float,
-                 warmup: int, reps: int, log=print, label: str = "") -> list[dict]:
-    """Time two forwards, the reference step and the fastmezo step at one batch size. Three rows."""
+def bench_config(model, ref, batch: int, tokens: int, device: torch.device, floor_ms: float, warmup: int,
+                 reps: int, log=print, label: str = "", variants=tuple(VARIANTS), backend: str | None = None,
+                 optimizers: dict | None = None) -> list[dict]:
+    """Time two forwards, the reference step and each fastmezo variant's step at one batch size, all on
+    ``model``. Rows: forward, reference, then one per variant (``variants`` order).
+
+    In-place variants use ``optimizers[variant]`` (made there if missing, so a caller can keep their step
+    counts across configurations). Each exact variant patches the model for its own rows only: one
+    untimed step (the read check of exact mode's first forward), then the timed ones, then the patch is
+    removed and verify_restored checks the model before anything else runs on it."""
+    if backend is None:
+        backend = resolve_backend(device, None)
+    optimizers = {} if optimizers is None else optimizers
+    largest_tensor_bytes = max(p.numel() * p.element_size() for p in model.parameters())
     ids = make_batch(model.config.vocab_size, batch, tokens, device)
     closure = make_closure(model, ids)
     with torch.no_grad():
@@ -447,29 +701,44 @@ def bench_config(model, opt, ref, batch: int, tokens: int, device: torch.device,
         float(closure())
         float(closure())
 
-    skipped_before = opt.skipped_steps
     fwd_times, fwd_peak = timed(forwards, device, warmup, reps)
     ref_times, ref_peak = timed(lambda: ref.step(closure), device, warmup, reps)
-    fast_times, fast_peak = timed(lambda: opt.step(closure), device, warmup, reps)
-    if opt.skipped_steps != skipped_before:
-        raise RuntimeError(f"{label} {batch}x{tokens}: fastmezo skipped {opt.skipped_steps - skipped_before} "
-                           "steps (non-finite loss): its times would lack the update pass")
-    for what, value in (("reference loss", ref.last_loss), ("reference projected gradient", ref.last_projected_grad),
-                        ("fastmezo loss", opt.loss_plus), ("fastmezo projected gradient", opt.projected_grad)):
+    for what, value in (("reference loss", ref.last_loss), ("reference projected gradient", ref.last_projected_grad)):
         if value is None or not math.isfinite(value):
             raise RuntimeError(f"{label} {batch}x{tokens}: {what} is {value}")
+    plain = {"mode": None, "rounding": "nearest", "exact_copy_peak_bytes": None, "restore_checked": False,
+             "largest_tensor_bytes": largest_tensor_bytes}
+    rows = [{"impl": "forward", "variant": "forward", **plain, "passes": 0, "times": fwd_times, "peak_bytes": fwd_peak,
+             "loss": loss0},
+            {"impl": "reference", "variant": "reference", **plain, "passes": 4, "times": ref_times,
+             "peak_bytes": ref_peak, "loss": ref.last_loss}]
+    for variant in variants:
+        mode = variant_mode(variant)
+        with fastmezo_variant(model, variant, backend, optimizers) as (opt, exact):
+            if exact is not None:
+                opt.step(closure)   # untimed: exact mode's first forward runs under its read check
+                exact.reset_peak()
+            skipped_before = opt.skipped_steps
+            times, peak = timed(lambda: opt.step(closure), device, warmup, reps)
+            copy_peak = None if exact is None else exact.peak_bytes
+        # (exact mode is removed here, and the model verified as before patching)
+        if opt.skipped_steps != skipped_before:
+            raise RuntimeError(f"{label} {batch}x{tokens}: {variant} skipped {opt.skipped_steps - skipped_before} "
+                               "steps (non-finite loss): its times would lack the update pass")
+        for what, value in (("loss", opt.loss_plus), ("projected gradient", opt.projected_grad)):
+            if value is None or not math.isfinite(value):
+                raise RuntimeError(f"{label} {batch}x{tokens}: {variant} {what} is {value}")
+        rows.append({"impl": "fastmezo", "variant": variant, "mode": mode, "rounding": rounding_of(opt),
+                     "passes": 3, "times": times, "peak_bytes": peak, "loss": opt.loss_plus,
+                     "exact_copy_peak_bytes": copy_peak, "restore_checked": exact is not None,
+                     "largest_tensor_bytes": largest_tensor_bytes})
 
     fwd_ms = statistics.median(fwd_times)
-    ref_ms, fast_ms = statistics.median(ref_times), statistics.median(fast_times)
-    rows = [{"impl": "forward", "passes": 0, "times": fwd_times, "ms_median": fwd_ms, "peak_bytes": fwd_peak,
-             "loss": loss0},
-            {"impl": "reference", "passes": 4, "times": ref_times, "ms_median": ref_ms, "peak_bytes": ref_peak,
-             "loss": ref.last_loss},
-            {"impl": "fastmezo", "passes": 3, "times": fast_times, "ms_median": fast_ms, "peak_bytes": fast_peak,
-             "loss": opt.loss_plus}]
+    ref_ms = statistics.median(ref_times)
     ref_overhead = ref_ms - fwd_ms
     for r in rows:
         times = r.pop("times")
+        r["ms_median"] = statistics.median(times)
         overhead = None if r["impl"] == "forward" else r["ms_median"] - fwd_ms
         r.update({"batch": batch, "tokens": tokens, "ms_min": min(times), "ms_max": max(times), "reps": len(times),
                   "forward2_ms": fwd_ms, "overhead_ms": overhead, "floor_ms": floor_ms,
@@ -479,27 +748,39 @@ def bench_config(model, opt, ref, batch: int, tokens: int, device: torch.device,
                   "zo_share": None if overhead is None else overhead / r["ms_median"],
                   "peak_extra_vs_inference_bytes": None if r["peak_bytes"] is None or fwd_peak is None
                   else r["peak_bytes"] - fwd_peak})
-    fast = rows[2]
+    by_variant = {r["variant"]: r for r in rows}
+    for r in rows:
+        twin = by_variant.get(inplace_twin(r["variant"])) if r["mode"] == "exact" else None
+        r["overhead_vs_inplace"] = None if twin is None else _ratio(r["overhead_ms"], twin["overhead_ms"])
+        r["step_vs_inplace"] = None if twin is None else r["ms_median"] / twin["ms_median"]
     log(f"[{label}] {batch}x{tokens}: 2 forwards {fwd_ms:.2f} ms | reference step {ref_ms:.2f} ms "
-        f"(overhead {ref_overhead:.2f}) | fastmezo step {fast_ms:.2f} ms (overhead {fast['overhead_ms']:.2f}) "
-        f"| step speed-up {fast['speedup_step_vs_reference']:.2f}x, overhead speed-up "
-        f"{_fmt(fast['speedup_overhead_vs_reference'], '.2f')}x | extra memory reference "
-        f"{_fmt_mb(rows[1]['peak_extra_vs_inference_bytes'])}, fastmezo {_fmt_mb(fast['peak_extra_vs_inference_bytes'])}")
+        f"(overhead {ref_overhead:.2f}, extra memory {_fmt_mb(rows[1]['peak_extra_vs_inference_bytes'])})")
+    for r in rows[2:]:
+        versus = "" if r["mode"] != "exact" else \
+            (f" | overhead / {inplace_twin(r['variant'])}'s {_fmt(r['overhead_vs_inplace'], '.2f')}x | perturbed "
+             f"copies alive at most {_fmt_mb(r['exact_copy_peak_bytes'])} (largest weight {_fmt_mb(largest_tensor_bytes)})")
+        log(f"[{label}] {batch}x{tokens}:   {r['variant']:<10} step {r['ms_median']:.2f} ms (overhead "
+            f"{r['overhead_ms']:.2f}) | step speed-up {r['speedup_step_vs_reference']:.2f}x, overhead speed-up "
+            f"{_fmt(r['speedup_overhead_vs_reference'], '.2f')}x | extra memory "
+            f"{_fmt_mb(r['peak_extra_vs_inference_bytes'])}{versus}")
     return rows
 
 
 def bench_model(name: str, dtype_name: str, device: torch.device, configs, bandwidth: float, warmup: int,
-                reps: int, backend: str, log=print, check: bool = True,
-                rounding: str | None = None) -> tuple[dict, list[dict], list[dict]]:
-    """Build one model in one dtype, check the kernels on its tensors, time every batch configuration.
-    Returns (summary, rows, check records); a model that does not fit is reported as skipped."""
+                reps: int, backend: str, log=print, check: bool = True, rounding: str | None = None,
+                variants=None) -> tuple[dict, list[dict], list[dict]]:
+    """Build one model in one dtype, check the kernels (every rounding and mode measured), time every
+    batch configuration with the reference and each variant (default: those of ``rounding``, all four
+    when it is None). Returns (summary, rows, check records); a model that does not fit is skipped."""
+    variants = list(variants) if variants is not None else variants_of_rounding(rounding)
     dtype = DTYPES[dtype_name]
     shapes = opt_param_shapes(name)
     pbytes = param_bytes_of(name, dtype)
+    largest = max(math.prod(s) for _, s in shapes) * torch.tensor([], dtype=dtype).element_size()
     floor_ms = 2 * pbytes / bandwidth * 1e3
     label = f"{name} {dtype_name}"
     summary = {"model": name, "dtype": dtype_name, "n_tensors": len(shapes), "numel": numel(shapes),
-               "param_bytes": pbytes, "floor_ms": floor_ms}
+               "param_bytes": pbytes, "largest_tensor_bytes": largest, "floor_ms": floor_ms, "variants": variants}
     try:
         t0 = time.perf_counter()
         model = build_model(name, dtype, device, log=log)
@@ -510,27 +791,37 @@ def bench_model(name: str, dtype_name: str, device: torch.device, configs, bandw
         return summary, [], []
     summary["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
     rows, records = [], []
+    opt = ref = optimizers = None
     try:
         named = trainable(model)
         if check:
-            records = check_model_step(named, device, backend, rounding=rounding)
-            log(f"[{label}] model-step check passed: {len(records)} of the model's tensors, "
-                f"max |diff| {max(r['max_abs_diff'] for r in records):.3g}")
+            for rnd in dict.fromkeys(variant_rounding(v) for v in variants if variant_mode(v) == "inplace"):
+                got = check_model_step(named, device, backend, rounding=rnd)
+                records += got
+                log(f"[{label}] model-step check passed (in place, rounding {rnd}): {len(got)} of the model's "
+                    f"tensors, max |diff| {max(r['max_abs_diff'] for r in got):.3g}")
+            for rnd in dict.fromkeys(variant_rounding(v) for v in variants if variant_mode(v) == "exact"):
+                got = check_exact_step(dtype, device, backend, rounding=rnd)
+                records += got
+                log(f"[{label}] exact-mode check passed (rounding {rnd}, {CHECK_EXACT_MODEL} in {dtype_name} on "
+                    f"{device.type}): losses within {got[0]['max_abs_diff']:.3g} of the oracle's, update max "
+                    f"|diff| {got[1]['max_abs_diff']:.3g}")
         if device.type == "cuda":
             summary["weights_allocated_bytes"] = torch.cuda.memory_allocated(device)
-        opt = make_optimizer(model, backend, rounding)
+        optimizers = {}
         ref = ReferenceStepper(model)
-        summary["rounding"] = rounding_of(opt)
+        summary["rounding"] = sorted({variant_rounding(v) for v in variants})
         for batch, tokens in configs:
-            for r in bench_config(model, opt, ref, batch, tokens, device, floor_ms, warmup, reps, log, label):
+            for r in bench_config(model, ref, batch, tokens, device, floor_ms, warmup, reps, log, label,
+                                  variants=variants, backend=backend, optimizers=optimizers):
                 r.update({"model": name, "dtype": dtype_name, "backend": backend, "n_tensors": len(named),
-                          "rounding": rounding_of(opt) if r["impl"] == "fastmezo" else "nearest",
-                          "numel": summary["numel"], "param_bytes": pbytes, "bandwidth_gbps": bandwidth / 1e9})
+                          "numel": summary["numel"], "param_bytes": pbytes, "largest_tensor_bytes": largest,
+                          "bandwidth_gbps": bandwidth / 1e9})
                 rows.append(r)
     finally:
-        # The optimizer, the closures and the exception traceback (if any) hold the parameters: drop the
+        # The optimizers, the closures and the exception traceback (if any) hold the parameters: drop the
         # model before the next one is built.
-        model = opt = ref = named = None  # noqa: F841
+        model = opt = ref = named = optimizers = None  # noqa: F841
         BP.free_memory(device)
     return summary, rows, records
 
@@ -727,24 +1018,26 @@ def format_table(result: dict) -> str:
              f"transformers {env['transformers']} | commit {env['commit'][:12]} | {env['date']}",
              f"copy bandwidth {result['bandwidth']['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; floor = 2 * "
              "trainable parameter bytes / bandwidth; fastmezo backend " + result["settings"]["backend"]
-             + ", rounding " + ", ".join(sorted({r["rounding"] for r in result["rows"] if r["impl"] == "fastmezo"}) or ["-"])]
+             + ", variants " + ", ".join(result["settings"].get("variants") or ["-"])]
     for s in result["models"]:
         line = (f"  {s['model']} {s['dtype']}: {s['numel']:,} parameters, {s['param_bytes'] / 1e9:.3f} GB, "
                 f"floor {s['floor_ms']:.3f} ms")
         lines.append(line + (f"  SKIPPED ({s['skipped']})" if "skipped" in s else ""))
     header = ["model", "dtype", "batch", "impl", "step ms", "overhead ms", "x floor", "step speedup",
-              "overhead speedup", "ZO share", "extra MiB"]
+              "overhead speedup", "ZO share", "extra MiB", "exact/inplace"]
     body = []
     for r in result["rows"]:
-        body.append([r["model"], r["dtype"], f"{r['batch']}x{r['tokens']}", r["impl"],
+        body.append([r["model"], r["dtype"], f"{r['batch']}x{r['tokens']}", r.get("variant") or r["impl"],
                      _fmt(r["ms_median"], ".2f"), _fmt(r["overhead_ms"], ".2f"), _fmt(r["overhead_x_floor"], ".2f"),
                      _fmt(r["speedup_step_vs_reference"], ".2f"), _fmt(r["speedup_overhead_vs_reference"], ".2f"),
                      _fmt(None if r["zo_share"] is None else 100 * r["zo_share"], ".0f") + ("%" if r["zo_share"] is not None else ""),
                      _fmt(None if r["peak_extra_vs_inference_bytes"] is None
-                          else r["peak_extra_vs_inference_bytes"] / 2**20, ".0f")])
+                          else r["peak_extra_vs_inference_bytes"] / 2**20, ".0f"),
+                     _fmt(r.get("overhead_vs_inplace"), ".2f") if r.get("mode") == "exact" else ""])
     lines += ["", *_align(header, body, numeric_from=4),
               "forward = two forward passes; overhead = step - forward; x floor = overhead / one-pass floor "
-              "(ideal: 3 passes fastmezo, 4 reference); extra = peak above a plain forward"]
+              "(ideal: 3 passes fastmezo, 4 reference); extra = peak above a plain forward; exact/inplace = "
+              "overhead of exact mode / overhead in place, same rounding (target <= 1.3)"]
     big = result.get("opt66b")
     if big:
         s = big["summary"]
@@ -798,9 +1091,14 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed steps per measurement, median reported (default 5; 3 with --quick, 2 with --smoke)")
     parser.add_argument("--backend", default=None, choices=("triton", "native", "reference"),
                         help="fastmezo backend (default: automatic, triton on CUDA; the choice is recorded)")
+    parser.add_argument("--variants", default=None,
+                        help="fastmezo variants timed next to the reference, comma-separated: inplace-rn, "
+                             "inplace-sr, exact-rn, exact-sr (in place or exact mode; float16/bfloat16 stores "
+                             "rounded to nearest or stochastically), or 'all' (default: all four)")
     parser.add_argument("--rounding", default=None, choices=("stochastic", "nearest"),
-                        help="how fastmezo.MeZO rounds float16/bfloat16 stores (default: MeZO's own default, "
-                             "stochastic; the reference always rounds to nearest)")
+                        help="shortcut for the variants of one rounding: nearest = inplace-rn,exact-rn, "
+                             "stochastic = inplace-sr,exact-sr; also the rounding of the --opt66b search "
+                             "(default there: MeZO's own, stochastic). The reference always rounds to nearest")
     parser.add_argument("--opt66b", action="store_true",
                         help="also search the largest batch OPT-66B (fp16, one GPU) takes a step with, for "
                              "fastmezo and the reference (a few minutes)")
@@ -816,6 +1114,16 @@ def finish_args(args, parser) -> argparse.Namespace:
             SMOKE_CONFIGS if args.smoke else QUICK_CONFIGS if args.quick else STEP_CONFIGS)
     except ValueError as exc:
         parser.error(str(exc))
+    try:
+        variants = parse_variants(args.variants) if args.variants else None
+    except ValueError as exc:
+        parser.error(str(exc))
+    if variants is not None and args.rounding is not None:
+        wrong = [v for v in variants if variant_rounding(v) != args.rounding]
+        if wrong:
+            parser.error(f"--rounding {args.rounding} contradicts --variants {','.join(variants)} ({wrong[0]}); "
+                         "give --variants alone")
+    args.variants = variants if variants is not None else variants_of_rounding(args.rounding)
     if args.step_warmup is None:
         args.step_warmup = 1 if args.smoke else 2
     if args.step_reps is None:
@@ -913,7 +1221,8 @@ def _run(args, device, env, out_dir, bandwidth, log) -> dict:
         "settings": {"smoke": args.smoke, "quick": args.quick, "models": args.models, "dtypes": args.dtypes,
                      "configs": [f"{b}x{t}" for b, t in args.configs], "warmup": args.step_warmup,
                      "reps": args.step_reps, "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
-                     "backend": backend, "rounding": args.rounding or "MeZO default", "eps": EPS, "lr": LR, "weight_decay": WEIGHT_DECAY, "init_std": INIT_STD,
+                     "backend": backend, "variants": list(args.variants),
+                     "rounding": args.rounding or "per variant", "eps": EPS, "lr": LR, "weight_decay": WEIGHT_DECAY, "init_std": INIT_STD,
                      "fastmezo_seed": FAST_SEED, "reference_seed": REF_SEED, "opt66b": args.opt66b},
         "bandwidth": bandwidth,
         "checks": checks,
@@ -924,7 +1233,7 @@ def _run(args, device, env, out_dir, bandwidth, log) -> dict:
     for name in args.models:
         for dtype_name in args.dtypes:
             summary, rows, records = bench_model(name, dtype_name, device, args.configs, bw, args.step_warmup,
-                                                 args.step_reps, backend, log, rounding=args.rounding)
+                                                 args.step_reps, backend, log, variants=args.variants)
             result["models"].append(summary)
             result["checks"] += records
             meta = {k: env[k] for k in META_FIELDS}

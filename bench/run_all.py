@@ -6,9 +6,10 @@
 1. the pass benchmark (bench_perturb.py): one perturbation / restore-and-update pass over OPT-shaped
    parameters, fastmezo against the reference way, as multiples of the one-pass memory floor;
 2. the step benchmark (bench_steps.py): whole MeZO steps with the two forward passes of a randomly
-   initialised OPT (no download), fastmezo.MeZO against the reference step, per batch configuration:
-   step time, ZO overhead (step - two forwards), speed-ups, overhead over the floor, peak memory above
-   inference;
+   initialised OPT (no download), the reference step and fastmezo.MeZO in four variants (in place or
+   exact mode, rounding to nearest or stochastic: inplace-rn, inplace-sr, exact-rn, exact-sr; --variants
+   picks), all on the same model instance, per batch configuration: step time, ZO overhead (step - two
+   forwards), speed-ups, overhead over the floor, peak memory above inference, exact / in-place overhead;
 3. with --opt66b, the largest batch OPT-66B (fp16, one GPU) can take a step with, for each.
 
 Both check fastmezo's kernels against the torch oracle before timing anything (exit code 1 if they
@@ -16,12 +17,15 @@ disagree). --out receives each benchmark's own JSON and CSV (GPU name, torch / t
 git commit on every row), plus:
 
     results.json   everything: environment, settings, both benchmarks' results, the file list
-    summary.png    bars: pass time / floor per model and dtype; step time per batch configuration
-    summary.md     the same as markdown tables, ready to paste into a README
+    summary.png    bars: pass time / floor per model and dtype; step time of the reference and of each
+                   variant per batch configuration
+    summary.md     the same as markdown tables, ready to paste into a README (the step table: model,
+                   batch, reference, inplace-rn, inplace-sr, exact-rn, exact-sr step ms, the exact /
+                   in-place overhead ratios and exact mode's extra MiB)
 
 Options: --models (default opt-1.3b,opt-13b), --dtypes (default float16,bfloat16), --quick (opt-1.3b,
 float16, two batch configurations, fewer repetitions: about a minute), --skip-steps, --opt66b, and the
-step benchmark's own options (--configs, --step-reps, --rounding, ...; see --help). --smoke runs
+step benchmark's own options (--configs, --step-reps, --variants, --rounding, ...; see --help). --smoke runs
 everything on tiny shapes, on the CPU when there is no GPU (the times then mean nothing), into a
 temporary directory unless --out is given: the test suite runs it to prove the script works end to end.
 """
@@ -108,12 +112,33 @@ def _pass_table(passes: dict | None):
     return table
 
 
+def _variant(row: dict) -> str:
+    """A step row's variant: forward, reference, inplace-rn, inplace-sr, exact-rn or exact-sr (rows of
+    a bench_steps.py from before the variants: fastmezo in place, by its rounding)."""
+    if row.get("variant"):
+        return row["variant"]
+    if row["impl"] == "fastmezo":
+        return "inplace-sr" if row.get("rounding") == "stochastic" else "inplace-rn"
+    return row["impl"]
+
+
 def _step_table(steps: dict | None):
-    """{(model, dtype, "BxT"): {impl: row}}, in run order."""
+    """{(model, dtype, "BxT"): {variant: row}}, in run order (variant: forward, reference, inplace-rn, ...)."""
     table: dict = {}
     for r in (steps or {}).get("rows", []):
-        table.setdefault((r["model"], r["dtype"], f"{r['batch']}x{r['tokens']}"), {})[r["impl"]] = r
+        table.setdefault((r["model"], r["dtype"], f"{r['batch']}x{r['tokens']}"), {})[_variant(r)] = r
     return table
+
+
+def _variants_present(st: dict) -> list[str]:
+    """The fastmezo variants that have rows, in bench_steps.VARIANTS order."""
+    seen = {v for t in st.values() for v in t}
+    return [v for v in BS.VARIANTS if v in seen]
+
+
+#: Plot colours of the step panel.
+STEP_COLORS = {"forward": "tab:gray", "reference": "tab:red", "inplace-rn": "tab:cyan", "inplace-sr": "tab:blue",
+               "exact-rn": "tab:olive", "exact-sr": "tab:green"}
 
 
 def plot(passes: dict | None, steps: dict | None, path: Path, title: str) -> Path:
@@ -152,8 +177,9 @@ def plot(passes: dict | None, steps: dict | None, path: Path, title: str) -> Pat
 
     ax = axes[1]
     st = _step_table(steps)
-    series = [("forward", "two forwards (no ZO)", "tab:gray"), ("fastmezo", "fastmezo step", "tab:blue"),
-              ("reference", "reference step", "tab:red")]
+    series = [("forward", "two forwards (no ZO)", STEP_COLORS["forward"]),
+              ("reference", "reference step", STEP_COLORS["reference"])]
+    series += [(v, f"fastmezo {v} step", STEP_COLORS[v]) for v in _variants_present(st)]
     if st:
         groups = list(st)
         width = 0.8 / len(series)
@@ -167,7 +193,8 @@ def plot(passes: dict | None, steps: dict | None, path: Path, title: str) -> Pat
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "step benchmark not run", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("whole MeZO step (two forwards + ZO passes), per batch x tokens", fontsize=10)
+    ax.set_title("whole MeZO step (two forwards + ZO passes), per batch x tokens; fastmezo in place / exact "
+                 "mode, rounding to nearest (rn) / stochastic (sr)", fontsize=10)
 
     if panels == 3:
         ax = axes[2]
@@ -201,6 +228,54 @@ def _f(value, spec: str = ".2f", suffix: str = "") -> str:
 
 def _mib(n) -> str:
     return "n/a" if n is None else f"{n / 2**20:.0f}"
+
+
+def _ratio_cell(t: dict, variants: list[str]) -> str:
+    """'rn / sr' of exact overhead / in-place overhead, for the roundings with both variants measured."""
+    cells = [_f(t.get(v, {}).get("overhead_vs_inplace"), ".2f", "x") for v in variants
+             if v.startswith("exact-") and BS.inplace_twin(v) in variants]
+    return " / ".join(cells) if cells else "n/a"
+
+
+def _step_markdown(st: dict, variants: list[str], backend: str) -> list[str]:
+    """The two step tables: step time per variant (compact), then overhead, x floor, speed-ups and memory."""
+    exact = [v for v in variants if v.startswith("exact-")]
+    paired = [v for v in exact if BS.inplace_twin(v) in variants]
+    impls = ["reference", *variants]
+    lines = ["", f"**Whole MeZO steps** on a randomly initialised OPT (two forwards + ZO passes; median ms; "
+             f"fastmezo backend {backend}). fastmezo variants: in place (`inplace`) or exact mode (`exact`: W + eps z "
+             "materialized per module, stored weights written only by the update), float16/bfloat16 stores rounded "
+             "to nearest (`rn`) or stochastically (`sr`); all on the same model instance. exact / in place = ZO "
+             "overhead (step - two forwards) of exact mode over that of in place with the same rounding "
+             "(target <= 1.3x); extra MiB = peak memory above a plain forward of the same batch "
+             "(exact mode: about one weight tensor).", "",
+             "| model | dtype | batch x tokens | 2 forwards | reference | "
+             + " | ".join(variants) + " |"
+             + ("" if not paired else f" exact / in place overhead {' / '.join(v.split('-')[1] for v in paired)} |")
+             + ("" if not exact else f" extra MiB {' / '.join(exact)} |"),
+             "|---|---|---|" + "---:|" * (2 + len(variants) + bool(paired) + bool(exact))]
+    for (model, dtype, config), t in st.items():
+        row = (f"| {model} | {dtype} | {config} | {_f(t.get('forward', {}).get('ms_median'))} | "
+               + " | ".join(_f(t.get(v, {}).get("ms_median")) for v in impls) + " |")
+        if paired:
+            row += f" {_ratio_cell(t, variants)} |"
+        if exact:
+            row += " " + " / ".join(_mib(t.get(v, {}).get("peak_extra_vs_inference_bytes")) for v in exact) + " |"
+        lines.append(row)
+
+    lines += ["", f"ZO overhead per step (ms), overhead / one-pass floor (ideal 3 for fastmezo, 4 for the reference) "
+              f"and extra MiB, each as {' / '.join(impls)}; speed-ups over the reference (step and overhead) as "
+              f"{' / '.join(variants)}:", "",
+              "| model | dtype | batch x tokens | overhead ms | overhead x floor | step speed-up | overhead speed-up "
+              "| extra MiB |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for (model, dtype, config), t in st.items():
+        def cells(key, spec=".2f", suffix="", names=impls, t=t):
+            return " / ".join(_f(t.get(v, {}).get(key), spec, suffix) for v in names)
+        lines.append(f"| {model} | {dtype} | {config} | {cells('overhead_ms')} | {cells('overhead_x_floor', '.1f')} | "
+                     f"{cells('speedup_step_vs_reference', '.2f', 'x', variants)} | "
+                     f"{cells('speedup_overhead_vs_reference', '.2f', 'x', variants)} | "
+                     + " / ".join(_mib(t.get(v, {}).get("peak_extra_vs_inference_bytes")) for v in impls) + " |")
+    return lines
 
 
 def summary_markdown(env: dict, passes: dict | None, steps: dict | None, bandwidth: dict | None) -> str:
@@ -238,25 +313,9 @@ def summary_markdown(env: dict, passes: dict | None, steps: dict | None, bandwid
         lines += [f"\n{s['model']} {s['dtype']} skipped: {s['skipped']}" for s in skipped]
 
     st = _step_table(steps)
+    variants = _variants_present(st)
     if st:
-        rounding = ", ".join(sorted({r["rounding"] for t in st.values() for i, r in t.items() if i == "fastmezo"}))
-        lines += ["", f"**Whole MeZO steps** on a randomly initialised OPT (two forwards + ZO passes; median ms; "
-                  f"fastmezo backend {steps['settings']['backend']}, rounding {rounding}). Overhead = step - two "
-                  "forwards; x floor = overhead / one-pass floor (ideal 3 for fastmezo, 4 for the reference); "
-                  "extra memory = peak above a plain forward of the same batch.", "",
-                  "| model | dtype | batch x tokens | 2 forwards | reference step | fastmezo step | step speed-up "
-                  "| overhead ref / fastmezo | overhead speed-up | overhead x floor ref / fastmezo "
-                  "| extra MiB ref / fastmezo |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for (model, dtype, config), t in st.items():
-            fwd, ref, fast = t.get("forward", {}), t.get("reference", {}), t.get("fastmezo", {})
-            lines.append(
-                f"| {model} | {dtype} | {config} | {_f(fwd.get('ms_median'))} | {_f(ref.get('ms_median'))} | "
-                f"{_f(fast.get('ms_median'))} | {_f(fast.get('speedup_step_vs_reference'), '.2f', 'x')} | "
-                f"{_f(ref.get('overhead_ms'))} / {_f(fast.get('overhead_ms'))} | "
-                f"{_f(fast.get('speedup_overhead_vs_reference'), '.2f', 'x')} | "
-                f"{_f(ref.get('overhead_x_floor'), '.1f')} / {_f(fast.get('overhead_x_floor'), '.1f')} | "
-                f"{_mib(ref.get('peak_extra_vs_inference_bytes'))} / {_mib(fast.get('peak_extra_vs_inference_bytes'))} |")
+        lines += _step_markdown(st, variants, steps["settings"]["backend"])
     for s in (steps or {}).get("models", []):
         if "skipped" in s:
             lines.append(f"\n{s['model']} {s['dtype']} skipped: {s['skipped']}")

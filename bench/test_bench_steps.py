@@ -1,14 +1,17 @@
-"""pytest-benchmark entry points for whole MeZO steps (fastmezo.MeZO against the reference step, and the
-two forwards alone), and checks of bench_steps.py's pieces.
+"""pytest-benchmark entry points for whole MeZO steps (fastmezo.MeZO in place and in exact mode against
+the reference step, and the two forwards alone), and checks of bench_steps.py's pieces.
 
     python -m pytest bench/test_bench_steps.py -q                    # CPU: tiny OPT, seconds
     python -m pytest bench/test_bench_steps.py -q --benchmark-only   # on a GPU: OPT-1.3B fp16, 4x256
 
 The benchmark cases run on whatever device is present: on a GPU an OPT-1.3B in float16 at batch 4 x 256
 tokens, on the CPU a tiny OPT in float32 (the times then mean nothing; they show the cases run). The
-other tests check behaviour, not speed: the rows' keys and arithmetic, the model-step check catching a
-wrong optimizer, the OPT-66B batch search's out-of-memory handling, and the CLI end to end.
+other tests check behaviour, not speed: the rows' keys and arithmetic (the four fastmezo variants, their
+exact / in-place ratios), the model-step checks catching a wrong optimizer or a broken exact mode, exact
+mode removed from the model (and verified) after its rows, the OPT-66B batch search's out-of-memory
+handling, and the CLI end to end.
 """
+import contextlib
 import csv
 import json
 import math
@@ -67,9 +70,10 @@ def _synced(fn):
     return call
 
 
-@pytest.mark.parametrize("impl", ["forward", "reference", "fastmezo"])
-def test_step(benchmark, bench_setup, impl):
-    """One whole MeZO step (or the two forwards it contains) on the benchmark model."""
+@pytest.mark.parametrize("impl", ["forward", "reference", "fastmezo", "fastmezo-exact"])
+def test_step(benchmark, bench_setup, backend, impl):
+    """One whole MeZO step (or the two forwards it contains) on the benchmark model; fastmezo in place
+    (MeZO's default rounding) and in exact mode (stochastic rounding, patched for this case only)."""
     model, closure, opt, ref = bench_setup
 
     @torch.no_grad()
@@ -77,13 +81,17 @@ def test_step(benchmark, bench_setup, impl):
         float(closure())
         float(closure())
 
-    fn = {"forward": forwards, "reference": lambda: ref.step(closure), "fastmezo": lambda: opt.step(closure)}[impl]
-    benchmark.group = f"step {BENCH_MODEL} {str(BENCH_DTYPE).split('.')[-1]} {BENCH_BATCH[0]}x{BENCH_BATCH[1]}"
-    if HAS_CUDA:
-        benchmark.pedantic(_synced(fn), rounds=5, warmup_rounds=2, iterations=1)
-    else:
-        benchmark.pedantic(fn, rounds=1, warmup_rounds=0, iterations=1)
-    if impl == "fastmezo":
+    with contextlib.ExitStack() as stack:
+        if impl == "fastmezo-exact":
+            opt, _ = stack.enter_context(BS.fastmezo_variant(model, "exact-sr", backend))
+            opt.step(closure)  # the read check of exact mode's first forward: not timed
+        fn = {"forward": forwards, "reference": lambda: ref.step(closure)}.get(impl, lambda: opt.step(closure))
+        benchmark.group = f"step {BENCH_MODEL} {str(BENCH_DTYPE).split('.')[-1]} {BENCH_BATCH[0]}x{BENCH_BATCH[1]}"
+        if HAS_CUDA:
+            benchmark.pedantic(_synced(fn), rounds=5, warmup_rounds=2, iterations=1)
+        else:
+            benchmark.pedantic(fn, rounds=1, warmup_rounds=0, iterations=1)
+    if impl.startswith("fastmezo"):
         assert opt.skipped_steps == 0 and math.isfinite(opt.projected_grad)
     if impl == "reference":
         assert math.isfinite(ref.last_projected_grad)
@@ -135,39 +143,140 @@ def test_reference_step_is_the_algorithm():
 
 
 def test_bench_model_rows(backend):
-    """bench_model on a tiny OPT: the model-step check passes, and the rows are complete and consistent:
-    positive times, overhead = step - two forwards, speed-ups = reference / fastmezo, x floor = overhead /
-    floor; peak memory is measured on a GPU and n/a (None) on the CPU."""
+    """bench_model on a tiny OPT with all four variants: the model-step checks (in place and exact, both
+    roundings) pass, and the rows are complete and consistent: per configuration forward, reference,
+    inplace-rn, inplace-sr, exact-rn, exact-sr; positive times, overhead = step - two forwards, speed-ups
+    = reference / variant, x floor = overhead / floor, exact / in-place ratios of the same rounding;
+    peak memory is measured on a GPU and n/a (None) on the CPU; exact mode's live copies peak at the
+    largest weight (the tied embedding) and its rows say the restore was verified."""
     bandwidth = 50e9
     summary, rows, checks = BS.bench_model("opt-tiny", TINY_DTYPE, DEVICE, [(2, 16), (1, 8)], bandwidth,
                                            warmup=0, reps=2, backend=backend, log=lambda *a: None)
     assert "skipped" not in summary and summary["floor_ms"] == pytest.approx(2 * summary["param_bytes"] / bandwidth * 1e3)
-    assert checks and all(c["ok"] for c in checks) and {c["what"] for c in checks} == {"MeZO.step"}
-    assert len(rows) == 6 and [r["impl"] for r in rows[:3]] == ["forward", "reference", "fastmezo"]
+    assert summary["variants"] == list(BS.VARIANTS)
+    assert checks and all(c["ok"] for c in checks)
+    assert {(c["what"], c["mode"], c["rounding"]) for c in checks} == {
+        ("MeZO.step", "inplace", "nearest"), ("MeZO.step", "inplace", "stochastic"),
+        ("MeZO.step", "exact", "nearest"), ("MeZO.step", "exact", "stochastic"),
+        ("MeZO.step losses", "exact", "nearest"), ("MeZO.step losses", "exact", "stochastic")}
+    order = ["forward", "reference", "inplace-rn", "inplace-sr", "exact-rn", "exact-sr"]
+    assert len(rows) == 12 and [r["variant"] for r in rows] == order * 2
+    embedding = summary["largest_tensor_bytes"]
+    assert embedding == BS.opt_config("opt-tiny").vocab_size * 64 * BS.DTYPES[TINY_DTYPE].itemsize
     for r in rows:
         assert set(BS.STEP_FIELDS) - set(r) <= set(BS.META_FIELDS)
         assert r["ms_median"] > 0 and r["ms_min"] <= r["ms_median"] <= r["ms_max"] and r["reps"] == 2
-    for i in (0, 3):
-        fwd, ref, fast = rows[i:i + 3]
+    for i in (0, 6):
+        t = {r["variant"]: r for r in rows[i:i + 6]}
+        fwd, ref = t["forward"], t["reference"]
+        assert (fwd["impl"], ref["impl"]) == ("forward", "reference")
         assert fwd["overhead_ms"] is None and fwd["speedup_step_vs_reference"] is None
-        for r in (ref, fast):
+        for name in order[1:]:
+            r = t[name]
             assert r["forward2_ms"] == fwd["ms_median"]
             assert r["overhead_ms"] == pytest.approx(r["ms_median"] - fwd["ms_median"])
             assert r["overhead_x_floor"] == pytest.approx(r["overhead_ms"] / summary["floor_ms"])
             assert r["zo_share"] == pytest.approx(r["overhead_ms"] / r["ms_median"])
+            assert r["speedup_step_vs_reference"] == pytest.approx(ref["ms_median"] / r["ms_median"])
             assert math.isfinite(r["loss"])
-        assert ref["speedup_step_vs_reference"] == pytest.approx(1.0)
-        assert fast["speedup_step_vs_reference"] == pytest.approx(ref["ms_median"] / fast["ms_median"])
-        if fast["overhead_ms"] > 0:  # on a tiny CPU model noise can make the overhead <= 0: then n/a
-            assert fast["speedup_overhead_vs_reference"] == pytest.approx(ref["overhead_ms"] / fast["overhead_ms"])
-        else:
-            assert fast["speedup_overhead_vs_reference"] is None
-        assert (ref["passes"], fast["passes"]) == (4, 3)
+            if name == "reference":
+                continue
+            assert (r["impl"], r["mode"], r["passes"]) == ("fastmezo", name.split("-")[0], 3)
+            assert r["rounding"] == {"rn": "nearest", "sr": "stochastic"}[name.split("-")[1]]
+            if r["overhead_ms"] > 0:  # on a tiny CPU model noise can make the overhead <= 0: then n/a
+                assert r["speedup_overhead_vs_reference"] == pytest.approx(ref["overhead_ms"] / r["overhead_ms"])
+            else:
+                assert r["speedup_overhead_vs_reference"] is None
+        assert ref["speedup_step_vs_reference"] == pytest.approx(1.0) and ref["passes"] == 4
+        for rnd in ("rn", "sr"):
+            exact, inplace = t[f"exact-{rnd}"], t[f"inplace-{rnd}"]
+            assert exact["step_vs_inplace"] == pytest.approx(exact["ms_median"] / inplace["ms_median"])
+            if inplace["overhead_ms"] > 0:
+                assert exact["overhead_vs_inplace"] == pytest.approx(exact["overhead_ms"] / inplace["overhead_ms"])
+            else:
+                assert exact["overhead_vs_inplace"] is None
+            assert inplace["overhead_vs_inplace"] is None and inplace["exact_copy_peak_bytes"] is None
+            assert exact["restore_checked"] is True and inplace["restore_checked"] is False
+            # Leaf modules only: the most bytes of perturbed copies alive at once is the embedding's.
+            assert exact["exact_copy_peak_bytes"] == embedding
         if HAS_CUDA:
             assert fwd["peak_bytes"] > 0 and fwd["peak_extra_vs_inference_bytes"] == 0
-            assert fast["peak_extra_vs_inference_bytes"] is not None
+            assert all(t[v]["peak_extra_vs_inference_bytes"] is not None for v in order)
         else:
-            assert all(r["peak_bytes"] is None and r["peak_extra_vs_inference_bytes"] is None for r in (fwd, ref, fast))
+            assert all(t[v]["peak_bytes"] is None and t[v]["peak_extra_vs_inference_bytes"] is None for v in order)
+
+
+def test_bench_model_variant_subset(backend):
+    """--variants picks the rows (and the checks): an exact variant without its in-place twin has no
+    ratio; --rounding's variant sets are the two of one rounding."""
+    summary, rows, checks = BS.bench_model("opt-tiny", TINY_DTYPE, DEVICE, [(1, 8)], 50e9, warmup=0, reps=1,
+                                           backend=backend, log=lambda *a: None, variants=["exact-sr"])
+    assert [r["variant"] for r in rows] == ["forward", "reference", "exact-sr"]
+    assert rows[2]["overhead_vs_inplace"] is None and rows[2]["step_vs_inplace"] is None
+    assert {(c["mode"], c["rounding"]) for c in checks} == {("exact", "stochastic")}
+    assert BS.variants_of_rounding("nearest") == ["inplace-rn", "exact-rn"]
+    assert BS.variants_of_rounding(None) == list(BS.VARIANTS)
+
+
+def test_exact_variant_is_removed_and_verified(backend):
+    """fastmezo_variant patches exact mode for its block only: inside, hooks are on the model and steps
+    run; on exit the hooks are gone, every module holds its stored parameter again and mezo_step is
+    gone. verify_restored notices a hook left behind and a parameter swapped for a copy."""
+    model = BS.build_model("opt-tiny", BS.DTYPES[TINY_DTYPE], DEVICE, log=lambda *a: None)
+    closure = BS.make_closure(model, BS.make_batch(model.config.vocab_size, 1, 8, DEVICE))
+    before = BS.model_hooks_state(model)
+    params = {n: p for n, p in model.named_parameters()}
+    assert sum(len(h[1]) + len(h[2]) for h in before["hooks"]) == 0
+    with BS.fastmezo_variant(model, "exact-sr", backend) as (opt, exact):
+        assert exact.active and opt.perturbation_mode == "exact" and opt.stochastic_rounding
+        assert "mezo_step" in model.__dict__
+        hooked = BS.model_hooks_state(model)
+        assert sum(len(h[1]) + len(h[2]) for h in hooked["hooks"]) > 0
+        with pytest.raises(RuntimeError, match="hooks differ"):
+            BS.verify_restored(model, before)
+        opt.step(closure)
+        opt.step(closure)
+        assert opt.step_count == 2 and exact.live_tensors == 0 and exact.materialized > 0
+    assert not exact.active
+    record = BS.verify_restored(model, before, exact=exact)
+    assert record == {"params_checked": len(before["params"]), "hooks": 0}
+    assert all(p is params[n] for n, p in model.named_parameters()) and "mezo_step" not in model.__dict__
+    # The in-place variant keeps one optimizer per variant (its step count goes on across configurations).
+    optimizers = {}
+    with BS.fastmezo_variant(model, "inplace-rn", backend, optimizers) as (opt, exact):
+        assert exact is None and not opt.stochastic_rounding and optimizers == {"inplace-rn": opt}
+
+    handle = model.lm_head.register_forward_hook(lambda *a: None)
+    with pytest.raises(RuntimeError, match="hooks differ"):
+        BS.verify_restored(model, before)
+    handle.remove()
+    stored = model.model.decoder.layers[0].fc1._parameters["weight"]
+    model.model.decoder.layers[0].fc1._parameters["weight"] = stored.detach().clone()
+    with pytest.raises(RuntimeError, match="not the stored tensors"):
+        BS.verify_restored(model, before)
+    model.model.decoder.layers[0].fc1._parameters["weight"] = stored
+    BS.verify_restored(model, before)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_exact_check_passes_and_catches_broken_exact_mode(monkeypatch, backend, rounding):
+    """check_exact_step accepts fastmezo's exact mode (both roundings) and refuses to time one whose
+    forwards are not perturbed, or whose update does not move the weights as the oracle says."""
+    import fastmezo.exact
+    import fastmezo.optim
+
+    dtype = BS.DTYPES[TINY_DTYPE]
+    records = BS.check_exact_step(dtype, DEVICE, backend, rounding)
+    assert [r["what"] for r in records] == ["MeZO.step losses", "MeZO.step"] and all(r["ok"] for r in records)
+    assert records[1]["changed"] > 0 and records[0]["loss_plus"] != records[0]["loss_minus"]
+    with monkeypatch.context() as m:  # the forwards see the stored weights: the losses disagree
+        m.setattr(fastmezo.exact.F, "perturbed", lambda tensors, *a, **k: [t.clone() for t in tensors])
+        with pytest.raises(BS.CheckFailed, match="loss at theta"):
+            BS.check_exact_step(dtype, DEVICE, backend, rounding)
+    with monkeypatch.context() as m:  # no update pass
+        m.setattr(fastmezo.optim.MeZO, "_pass", lambda *a, **k: None)
+        with pytest.raises(BS.CheckFailed, match="update of|changed none"):
+            BS.check_exact_step(dtype, DEVICE, backend, rounding)
 
 
 def test_model_step_check_catches_a_wrong_optimizer(monkeypatch, backend):
@@ -260,10 +369,13 @@ def test_cli_smoke(tmp_path):
     assert env["torch"] == torch.__version__ and env["commit"] and env["gpu"] and "transformers" in env
     assert data["checks"] and all(c["ok"] for c in data["checks"])
     rows = list(csv.DictReader(csv_path.open()))
-    assert [r["impl"] for r in rows] == ["forward", "reference", "fastmezo"] == [r["impl"] for r in result["rows"]]
+    assert [r["impl"] for r in rows] == ["forward", "reference"] + ["fastmezo"] * 4 == [r["impl"] for r in result["rows"]]
+    assert [r["variant"] for r in rows] == ["forward", "reference", *BS.VARIANTS]
+    assert data["settings"]["variants"] == list(BS.VARIANTS)
+    assert {c["mode"] for c in data["checks"] if c["what"].startswith("MeZO.step")} == {"inplace", "exact"}
     assert all(r["gpu"] == env["gpu"] and r["commit"] == env["commit"] and float(r["ms_median"]) > 0 for r in rows)
     table = BS.format_table(result)
-    assert "fastmezo" in table and ("n/a" in table) == (not HAS_CUDA)
+    assert "exact-sr" in table and "exact/inplace" in table and ("n/a" in table) == (not HAS_CUDA)
 
 
 def test_parse_args():
@@ -276,3 +388,15 @@ def test_parse_args():
         BS.parse_args(["--configs", "16by256"])
     with pytest.raises(SystemExit):
         BS.parse_args(["--models", "opt-7b"])
+
+
+def test_parse_variants_and_rounding_shortcut():
+    assert BS.parse_args([]).variants == ["inplace-rn", "inplace-sr", "exact-rn", "exact-sr"]
+    assert BS.parse_args(["--variants", "exact-sr,inplace-sr"]).variants == ["inplace-sr", "exact-sr"]
+    assert BS.parse_args(["--variants", "all"]).variants == list(BS.VARIANTS)
+    args = BS.parse_args(["--rounding", "nearest"])
+    assert args.variants == ["inplace-rn", "exact-rn"] and args.rounding == "nearest"
+    assert BS.parse_args(["--rounding", "stochastic", "--variants", "exact-sr"]).variants == ["exact-sr"]
+    for bad in (["--variants", "exact"], ["--variants", ","], ["--rounding", "nearest", "--variants", "exact-sr"]):
+        with pytest.raises(SystemExit):
+            BS.parse_args(bad)

@@ -34,6 +34,11 @@ def test_smoke(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "| model | dtype | floor ms |" in md and "| opt-tiny |" in md and "1x8" in md
     assert env["gpu"] in md and env["commit"][:12] in md
+    # The variants table: every variant's step time, the exact / in-place ratios, exact mode's memory.
+    assert ("| model | dtype | batch x tokens | 2 forwards | reference | inplace-rn | inplace-sr | exact-rn | exact-sr "
+            "| exact / in place overhead rn / sr | extra MiB exact-rn / exact-sr |") in md
+    assert {r["variant"] for r in data["steps"]["rows"]} == {"forward", "reference", "inplace-rn", "inplace-sr",
+                                                             "exact-rn", "exact-sr"}
     assert ("n/a / n/a" in md) == (not HAS_CUDA)  # no memory statistics on the CPU
     assert sorted(result["files"]["csv"]) == sorted(str(p) for p in tmp_path.glob("*.csv"))
 
@@ -50,20 +55,24 @@ def _fake_results():
                        {**pass_row("fastmezo", "step", 73.0, True), "speedup_vs_reference": 343 / 73}],
               "models": [{"model": "opt-66b", "dtype": "float16", "skipped": "needs 132 GiB"}]}
 
-    def step_row(impl, ms, peak):
-        overhead = None if impl == "forward" else ms - 100.0
-        return {"model": "opt-13b", "dtype": "float16", "batch": 4, "tokens": 256, "impl": impl, "ms_median": ms,
+    def step_row(variant, ms, peak, inplace_overhead=None):
+        overhead = None if variant == "forward" else ms - 100.0
+        impl = variant if variant in ("forward", "reference") else "fastmezo"
+        return {"model": "opt-13b", "dtype": "float16", "batch": 4, "tokens": 256, "impl": impl, "variant": variant,
+                "mode": None if impl != "fastmezo" else variant.split("-")[0], "ms_median": ms,
                 "overhead_ms": overhead, "overhead_x_floor": None if overhead is None else overhead / 12.0,
                 "speedup_step_vs_reference": None if overhead is None else 440.0 / ms,
                 "speedup_overhead_vs_reference": None if overhead is None else 340.0 / overhead,
-                "peak_extra_vs_inference_bytes": peak, "rounding": "stochastic" if impl == "fastmezo" else "nearest"}
+                "overhead_vs_inplace": None if inplace_overhead is None else overhead / inplace_overhead,
+                "peak_extra_vs_inference_bytes": peak, "rounding": "stochastic" if variant.endswith("-sr") else "nearest"}
     big_rows = [{"batch": b, "tokens": 256, "impl": impl, "status": status, "ms": ms, "peak_bytes": 130 << 30,
                  "peak_extra_vs_inference_bytes": 0}
                 for b, impl, status, ms in [(1, "forward", "ok", 90.0), (1, "fastmezo", "ok", 400.0),
                                             (1, "reference", "ok", 2000.0), (2, "forward", "ok", 150.0),
                                             (2, "fastmezo", "ok", 500.0), (2, "reference", "oom", None)]]
     steps = {"rows": [step_row("forward", 100.0, 0), step_row("reference", 440.0, 2 << 30),
-                      step_row("fastmezo", 180.0, 0)],
+                      step_row("inplace-rn", 170.0, 0), step_row("inplace-sr", 180.0, 0),
+                      step_row("exact-rn", 191.0, 491 << 20, 70.0), step_row("exact-sr", 204.0, 492 << 20, 80.0)],
              "settings": {"backend": "triton"}, "models": [],
              "opt66b": {"summary": {"model": "opt-66b", "dtype": "float16", "tokens": 256, "batches": [1, 2, 4]},
                         "rows": big_rows, "largest": {"fastmezo": 2, "reference": 1}}}
@@ -79,8 +88,12 @@ def test_summary_markdown_and_plot(tmp_path):
     md = run_all.summary_markdown(env, passes, steps, {"bandwidth_bytes_per_s": 4.2e12})
     assert "NVIDIA H200" in md and "`0123456789ab`" in md and "4200 GB/s" in md
     assert "| opt-13b | float16 | 12.00 | 24.00 (2.0x) | 25.00 (2.1x) | 78.00 (6.5x) |" in md
-    assert "| opt-13b | float16 | 4x256 | 100.00 | 440.00 | 180.00 | 2.44x | 340.00 / 80.00 | 4.25x |" in md
-    assert "| 2048 / 0 |" in md  # extra MiB reference / fastmezo
+    # The variants table: step ms of each, exact / in-place overhead ratio (rn / sr), exact mode's extra MiB.
+    assert ("| opt-13b | float16 | 4x256 | 100.00 | 440.00 | 170.00 | 180.00 | 191.00 | 204.00 | 1.30x / 1.30x "
+            "| 491 / 492 |") in md
+    # The overhead table: reference / inplace-rn / inplace-sr / exact-rn / exact-sr.
+    assert ("| opt-13b | float16 | 4x256 | 340.00 / 70.00 / 80.00 / 91.00 / 104.00 | 28.3 / 5.8 / 6.7 / 7.6 / 8.7 "
+            "| 2.59x / 2.44x / 2.30x / 2.16x | 4.86x / 4.25x / 3.74x / 3.27x | 2048 / 0 / 0 / 491 / 492 |") in md
     assert "| fastmezo | 2 | 500.0 |" in md and "| reference | 1 | 2000.0 |" in md
     assert "opt-66b float16 skipped: needs 132 GiB" in md
     png = run_all.plot(passes, steps, tmp_path / "s.png", "title")
@@ -88,6 +101,21 @@ def test_summary_markdown_and_plot(tmp_path):
     # Nothing measured: still a plot and a summary, saying so.
     assert run_all.plot(None, None, tmp_path / "empty.png", "t").exists()
     assert "### fastmezo benchmarks" in run_all.summary_markdown(env, None, None, None)
+
+
+def test_summary_of_a_subset_and_of_old_rows():
+    """Only the variants measured get columns (no ratio without an in-place twin); rows of a
+    bench_steps.py from before the variants (impl fastmezo, no variant) count as in-place rows."""
+    env, _, steps = _fake_results()
+    only_exact = {**steps, "rows": [r for r in steps["rows"] if r["variant"] in ("forward", "reference", "exact-sr")]}
+    md = run_all.summary_markdown(env, None, only_exact, None)
+    assert "| reference | exact-sr | extra MiB exact-sr |" in md and "exact / in place overhead" not in md
+    assert "| 100.00 | 440.00 | 204.00 | 492 |" in md
+    old = {**steps, "rows": [{k: v for k, v in r.items() if k not in ("variant", "mode", "overhead_vs_inplace")}
+                             for r in steps["rows"][:2]]
+           + [{**steps["rows"][3], "variant": None, "impl": "fastmezo"}]}
+    md = run_all.summary_markdown(env, None, old, None)
+    assert "| reference | inplace-sr |" in md and "| 100.00 | 440.00 | 180.00 |" in md
 
 
 def test_parse_args():
