@@ -47,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from . import functional as F
+from .noise import parse_noise
 
 __all__ = ["ExactPerturbation", "ExactModeError", "update_"]
 
@@ -194,6 +195,7 @@ class ExactPerturbation:
             raise RuntimeError("this exact-mode perturbation was removed; patch the model again")
         if self._active is not None:
             raise RuntimeError("exact-mode perturbations do not nest: a forward is already perturbed")
+        noise = parse_noise(noise)
         entries = {id(t): (k, float(a)) for t, k, a in zip(tensors, keys, alphas) if t.numel()}
         check = self._check_reads
         self._active = _Active(seed, entries, noise, backend, check)
@@ -244,8 +246,12 @@ class ExactPerturbation:
             self._checker.paused += 1
         try:
             # Round to nearest: the copy is a temporary, the stored weight keeps its exact value.
-            copies = F.perturbed(stored, active.seed, alphas, keys=keys, noise=active.noise,
-                                 backend=active.backend)
+            # Straight to the fused pass: the tensors were validated when the step began, and this
+            # runs once per module and forward (hundreds of times a step), where validating again
+            # cost more host time than the launch.
+            copies = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in stored]
+            F._run(stored, [1.0] * len(stored), alphas, active.seed, keys, [0] * len(stored), active.noise,
+                   active.backend, outs=copies)
         finally:
             if self._checker is not None:
                 self._checker.paused -= 1

@@ -3,10 +3,22 @@
 # carry=[".device-assets"]):
 #   1. pip install --no-deps each carried wheel (.device-assets/wheels: peft, accelerate, psutil, tqdm)
 #      whose module does not import yet; a failure is reported, not fatal;
-#   2. export FASTMEZO_MODEL (the float16 MiniLM folder, upcast to float32 by the apps),
-#      FASTMEZO_VADER_LEXICON (VADER's lexicon file), HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1 and
-#      PYTHONPATH (this checkout, so that fastmezo imports without pip install -e .);
-#   3. check that torch sees CUDA and that transformers, peft and the model folder load.
+#   2. pip install --no-deps --no-build-isolation -e . (fastmezo itself: the Triton kernels live in
+#      kernels/, installed as fastmezo.kernels, so a bare PYTHONPATH checkout has NO kernels and every
+#      pass falls back to the slow torch oracle; FASTMEZO_NO_NATIVE=1 by default here to save the
+#      ~35 s native build, set FASTMEZO_NO_NATIVE=0 to build it);
+#   3. export FASTMEZO_MODEL (the float16 MiniLM folder, upcast to float32 by the apps),
+#      FASTMEZO_VADER_LEXICON (VADER's lexicon file), HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1;
+#   4. check that torch sees CUDA and that transformers, peft, the Triton kernels and the model load.
+#
+# Then, on an H200 (about 2-3 min each; not yet run):
+#   python3 -m fastmezo finetune --device cuda --model .device-assets/minilm-fp16 \
+#     --lexicon .device-assets/vader_lexicon.txt --methods zero-shot,linear-probe,mezo,mezo-nondiff,ft-adam \
+#     --no-progress --out $OUT/finetune-full-a
+#   python3 -m fastmezo finetune ... --methods mezo-lora,mezo-prefix --out $OUT/finetune-full-b
+#   python3 bench/bf16_proof.py --device cuda --trainable all --k 512 --steps 2000 --seeds 0,1,2 \
+#     --eval-every 200 --dev-limit 0 --tail 100 --model .device-assets/minilm-fp16 \
+#     --lexicon .device-assets/vader_lexicon.txt --out $OUT/bf16-proof
 #
 #   bash scripts/device_setup.sh                 # install + check (the exports end with that shell)
 #   source scripts/device_setup.sh && python ... # install + check + exports in this shell
@@ -47,14 +59,17 @@ else
   export FASTMEZO_VADER_LEXICON="$_fm_assets/vader_lexicon.txt"
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-case ":${PYTHONPATH:-}:" in *":$_fm_root:"*) ;; *) export PYTHONPATH="$_fm_root${PYTHONPATH:+:$PYTHONPATH}" ;; esac
+(cd "$_fm_root" && FASTMEZO_NO_NATIVE="${FASTMEZO_NO_NATIVE:-1}" "$_fm_py" -m pip install -q --no-deps \
+   --no-build-isolation --disable-pip-version-check -e . >/dev/null 2>&1) \
+  || echo "device_setup: pip install -e . failed: fastmezo would run without its kernels" >&2
 
 (cd "$_fm_root" && "$_fm_py" - <<'EOF'
 import importlib, os
 import torch
 print(f"device_setup: torch {torch.__version__}, cuda available {torch.cuda.is_available()}"
       + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
-for mod in ("transformers", "safetensors", "peft", "accelerate", "tqdm", "matplotlib", "fastmezo"):
+for mod in ("transformers", "safetensors", "peft", "accelerate", "tqdm", "matplotlib", "fastmezo",
+            "fastmezo.kernels"):
     try:
         m = importlib.import_module(mod)
         print(f"device_setup: {mod} {getattr(m, '__version__', '?')}")

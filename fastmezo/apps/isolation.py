@@ -13,6 +13,7 @@ CUDA context does not survive fork); elsewhere the function runs in this process
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
 import sys
 import traceback
@@ -26,7 +27,20 @@ def can_fork(device) -> bool:
             and not torch.cuda.is_initialized())
 
 
-def _child(conn, fn, args, kwargs):
+def _thread_count() -> int:
+    """Threads of this process (Linux); 1 where it cannot be read."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1
+
+
+def _child(conn, fn, args, kwargs, single_thread):
+    if single_thread:
+        # The parent had started threads (e.g. an OpenMP pool, inside a long test session): GNU
+        # OpenMP is not fork-safe, and the child's first parallel region waits forever for pool
+        # threads that were not forked. One thread never enters a parallel region.
+        torch.set_num_threads(1)
     try:
         result = fn(*args, **kwargs)
         conn.send(("ok", result))
@@ -48,7 +62,7 @@ def run_isolated(fn, *args, isolate: bool = True, what: str = "the task", **kwar
         return fn(*args, **kwargs)
     ctx = multiprocessing.get_context("fork")
     parent_conn, child_conn = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child_conn, fn, args, kwargs), daemon=True)
+    proc = ctx.Process(target=_child, args=(child_conn, fn, args, kwargs, _thread_count() > 1), daemon=True)
     proc.start()
     child_conn.close()  # so that recv() sees EOF if the child dies without answering
     try:

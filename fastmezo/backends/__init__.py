@@ -83,10 +83,30 @@ def select(device: torch.device, backend: str | None = None) -> str:
         if reason is not None:
             raise BackendUnavailable(f"fastmezo backend {name!r} cannot run {device.type} tensors: {reason}")
         return name
-    for candidate in _automatic_order(device):
+    order = _automatic_order(device)
+    for candidate in order:
         if unavailable_reason(candidate, device) is None:
+            if candidate != order[0]:
+                _warn_fallback(device, order[0], candidate)
             return candidate
     return "reference"  # pragma: no cover  (reference always runs)
+
+
+_warned: set = set()
+
+
+def _warn_fallback(device: torch.device, preferred: str, chosen: str) -> None:
+    """Say once per (device type, backend) why the automatic choice fell back: a CUDA run on the torch
+    oracle is ~100x slower, and a silent fallback (e.g. fastmezo run from a source checkout without
+    `pip install -e .`, where fastmezo.kernels does not exist) looks like a slow GPU."""
+    key = (device.type, chosen)
+    if key in _warned:
+        return
+    _warned.add(key)
+    import warnings
+    warnings.warn(f"fastmezo: the {preferred} backend cannot run {device.type} tensors "
+                  f"({unavailable_reason(preferred, device)}); using the {chosen} backend instead, which is "
+                  "slower. Set FASTMEZO_BACKEND to choose explicitly.", RuntimeWarning, stacklevel=3)
 
 
 def get(name: str):
