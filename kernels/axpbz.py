@@ -148,7 +148,7 @@ class _TableCache:
         key = (device, rows, blocks)
         hit = self.entries.pop(key, None)
         if hit is None:
-            log2t = max(1, (len(rows)).bit_length())       # 2**log2t > len(rows)
+            log2t = max(1, len(blocks).bit_length())       # 2**log2t > number of tensors
             starts = [0] * (1 << log2t)
             acc = 0
             for i, nb in enumerate(blocks):

@@ -434,3 +434,62 @@ def test_bf16_rounding_is_to_nearest(backend, device):
     alpha = 2.0 ** -16  # |alpha z| <= 5.8 * 2**-16 < 2**-13
     got = _run_on(device, x, lambda t: F.perturb_(t, 3, alpha, backend=backend))
     assert torch.equal(got, x), f"{int((got != x).sum())} of {x.numel()} weights moved"
+
+
+# ------------------------------------------------------------------------------------------------
+# The Triton table kernel: many tensors in one launch, many blocks per tensor
+# ------------------------------------------------------------------------------------------------
+
+def test_table_kernel_many_tensors_mixed_dtypes_and_alignments(triton_device):
+    """One call over 37 tensors (binary search over 2**6 block starts) of three dtypes, some at odd
+    storage offsets (unaligned, masked path) and some aligned, with small blocks so tensors span many
+    programs: every tensor gets a * x + b * z of its own key, and the padding around the views is
+    untouched."""
+    from fastmezo.kernels.axpbz import axpbz_multi_
+
+    sizes = [1, 7, 64, 129, 300, 1000, 1027, 2049] * 4 + [3, 5, 8, 9, 4100]
+    buffers, views, before = [], [], []
+    for i, n in enumerate(sizes):
+        dtype = DTYPES[i % 3]
+        pad = 0 if i % 2 == 0 else 3          # odd element offset: not 16-byte aligned
+        buf = torch.full((pad + n + 5,), 4321.0, dtype=dtype)
+        buf[pad:pad + n] = _rand((n,), dtype, seed=100 + i)
+        buf = buf.to(triton_device)
+        buffers.append((buf, pad, n))
+        views.append(buf[pad:pad + n])
+        before.append(buf.cpu().clone())
+    keys = [7 * i + 1 for i in range(len(sizes))]
+    offsets = [0 if i % 3 else 5 * i for i in range(len(sizes))]
+    for noise in (0, 1):
+        for i, v in enumerate(views):
+            v.copy_(before[i][buffers[i][1]:buffers[i][1] + sizes[i]].to(triton_device))
+        axpbz_multi_(views, 0.75, -0.5, 99, keys, noise, offsets, block=256)
+        for i, (buf, pad, n) in enumerate(buffers):
+            got = buf.cpu()
+            x = before[i][pad:pad + n]
+            z = R.noise(n, 99, keys[i], Noise(noise), offsets[i])
+            _assert_pass_close(got[pad:pad + n], x, 0.75, -0.5, z)
+            assert torch.equal(got[:pad], before[i][:pad]) and torch.equal(got[pad + n:], before[i][pad + n:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_table_kernel_stochastic_rounding_many_blocks_and_shards(triton_device, dtype):
+    """Stochastic rounding over many programs (block 256) stores exactly axpbz_reference(x, a, b, z, r)
+    with the kernel's own z and the oracle's draws r, and shards at unaligned offsets reproduce the
+    whole tensor bit for bit."""
+    from fastmezo.kernels.axpbz import axpbz_multi_
+
+    n, rseed = 5003, 12345
+    x = _rand((n,), dtype, seed=8).to(triton_device)
+    for noise in (0, 1):
+        z = torch.empty(n, device=triton_device)
+        axpbz_multi_([z], 0.0, 1.0, 77, [9], noise, [0], load_x=False, block=256)
+        r = R.rounding_bits_at(torch.arange(n, device=triton_device), rseed, 9)
+        want = R.axpbz_reference(x, 1.0, 5e-3, z, r)
+        whole = x.clone()
+        axpbz_multi_([whole], 1.0, 5e-3, 77, [9], noise, [0], round_seed=rseed, block=256)
+        assert torch.equal(whole.view(torch.int16), want.view(torch.int16)), noise
+        for lo, hi in [(1, 9), (130, 2504), (2504, n)]:
+            shard = x[lo:hi].clone()
+            axpbz_multi_([shard], 1.0, 5e-3, 77, [9], noise, [lo], round_seed=rseed, block=256)
+            assert torch.equal(shard.view(torch.int16), whole[lo:hi].view(torch.int16)), (noise, lo, hi)
