@@ -147,6 +147,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def synced(fn, device):
+    """fn followed by a synchronize of ``device``, so wall-clock timers (pytest-benchmark) see the GPU
+    work."""
+    device = torch.device(device)
+
+    def call():
+        fn()
+        synchronize(device)
+    return call
+
+
 def time_ms(fn, device: torch.device, warmup: int, reps: int) -> list[float]:
     """Milliseconds of each of ``reps`` calls of fn after ``warmup`` untimed calls.
 

@@ -47,15 +47,6 @@ def _params(shapes, dtype, device):
     return [torch.randn(s, generator=gen, device=device, dtype=dtype).mul_(0.02) for _, s in shapes]
 
 
-def _synced(fn):
-    """fn followed by a device synchronize, so wall-clock timers see the GPU work."""
-    def call():
-        fn()
-        if HAS_CUDA:
-            torch.cuda.synchronize()
-    return call
-
-
 @pytest.mark.parametrize("impl", ["fastmezo-gaussian", "fastmezo-rademacher", "reference"])
 @pytest.mark.parametrize("size", list(SHAPE_SETS))
 def test_perturb_pass(benchmark, size, impl):
@@ -73,7 +64,7 @@ def test_perturb_pass(benchmark, size, impl):
         fn = lambda: F.perturb_(params, 1234, 1e-3, noise=noise, backend=backend)  # noqa: E731
     benchmark.group = f"perturb {size} float16"
     if HAS_CUDA:
-        benchmark.pedantic(_synced(fn), rounds=10, warmup_rounds=2, iterations=1)
+        benchmark.pedantic(bench_perturb.synced(fn, DEVICE), rounds=10, warmup_rounds=2, iterations=1)
     else:
         benchmark.pedantic(fn, rounds=1, warmup_rounds=0, iterations=1)
     assert all(torch.isfinite(p).all() for p in params)

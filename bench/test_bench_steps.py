@@ -62,14 +62,6 @@ def bench_setup(backend):
     BS.BP.free_memory(DEVICE)
 
 
-def _synced(fn):
-    def call():
-        fn()
-        if HAS_CUDA:
-            torch.cuda.synchronize()
-    return call
-
-
 @pytest.mark.parametrize("impl", ["forward", "reference", "fastmezo", "fastmezo-exact"])
 def test_step(benchmark, bench_setup, backend, impl):
     """One whole MeZO step (or the two forwards it contains) on the benchmark model; fastmezo in place
@@ -88,7 +80,7 @@ def test_step(benchmark, bench_setup, backend, impl):
         fn = {"forward": forwards, "reference": lambda: ref.step(closure)}.get(impl, lambda: opt.step(closure))
         benchmark.group = f"step {BENCH_MODEL} {str(BENCH_DTYPE).split('.')[-1]} {BENCH_BATCH[0]}x{BENCH_BATCH[1]}"
         if HAS_CUDA:
-            benchmark.pedantic(_synced(fn), rounds=5, warmup_rounds=2, iterations=1)
+            benchmark.pedantic(BS.BP.synced(fn, DEVICE), rounds=5, warmup_rounds=2, iterations=1)
         else:
             benchmark.pedantic(fn, rounds=1, warmup_rounds=0, iterations=1)
     if impl.startswith("fastmezo"):

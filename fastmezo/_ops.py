@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
 from .noise import MASK64
@@ -67,17 +68,12 @@ def _plain(tensors) -> bool:
     """True when the call can skip the dispatcher: eager mode, no tracing, plain tensors. The
     dispatcher's handling of a 400-tensor list costs ~1 ms of host time per pass (measured), as much
     as the pass itself on a 1.3B-parameter model."""
-    if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     return all(type(t) in _PLAIN_TYPES for t in tensors)
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def _current_dispatch_mode():
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-    return _get_current_dispatch_mode()
 
 
 def call_axpbz_(tensors, a, b, seed, keys, offsets, noise, load_x, backend, round_seed) -> None:

@@ -157,9 +157,10 @@ def _launch(tensors, names, a, b, seed, keys, noise, offsets, backend, load_x=Tr
     if rounding_seed is not None:
         rounding_seed = check_seed(rounding_seed, "rounding_seed")
     kind = parse_noise(noise)
-    _check_tensors(tensors, names)
-    if outs is not None:
-        _check_outs(tensors, names, outs)
+    if outs is None:
+        _check_tensors(tensors, names)
+    else:
+        _check_outs(tensors, names, outs)   # checks the inputs too, together with the outputs
     keys = _resolve_keys(keys, len(tensors), names)
     offsets = _resolve_offsets(offsets, len(tensors))
     if backend is not None:
@@ -173,15 +174,16 @@ def _check_outs(tensors, names, outs) -> None:
     sharing no memory with any input or other output."""
     if len(outs) != len(tensors):
         raise ValueError(f"got {len(outs)} outputs for {len(tensors)} tensors")
-    for i, (t, o, name) in enumerate(zip(tensors, outs, names)):
-        what = f"output for {_label(i, name)}"
+    for i, (o, name) in enumerate(zip(outs, names)):
         if not isinstance(o, torch.Tensor):
-            raise TypeError(f"{what} is a {type(o).__name__}, not a torch.Tensor")
-        if o.shape != t.shape or o.dtype != t.dtype or o.device != t.device:
-            raise ValueError(f"{what} has shape {tuple(o.shape)}, {o.dtype}, {o.device}; expected "
-                             f"{tuple(t.shape)}, {t.dtype}, {t.device}")
+            raise TypeError(f"output for {_label(i, name)} is a {type(o).__name__}, not a torch.Tensor")
+    # Inputs and outputs in one check: dtypes, contiguity, one device, no shared memory.
     _check_tensors(list(tensors) + list(outs), list(names) + [f"output {i}" for i in range(len(outs))],
                    one_device=True)
+    for i, (t, o, name) in enumerate(zip(tensors, outs, names)):
+        if o.shape != t.shape or o.dtype != t.dtype:
+            raise ValueError(f"output for {_label(i, name)} has shape {tuple(o.shape)}, {o.dtype}; expected "
+                             f"{tuple(t.shape)}, {t.dtype}")
 
 
 def _run(tensors, a, b, seed, keys, offsets, kind, backend, load_x=True, rounding_seed=None, outs=None) -> None:

@@ -280,21 +280,7 @@ class MeZO(torch.optim.Optimizer):
         finally:
             self._pass(plan, seed, ones, eps, first + 2)
 
-        window["count"] += 1
-        window["loss_plus"] += loss_plus
-        window["loss_minus"] += loss_minus
-        diff = loss_plus - loss_minus
-        if math.isfinite(diff):
-            window["grads"] = [s + diff / (2.0 * e) for s, e in zip(window["grads"], eps)]
-        else:
-            window["nonfinite"] = True
-            if self.on_nonfinite == "raise":
-                self._window = None
-                self.step_count += 1
-                self.skipped_steps += 1
-                raise FloatingPointError(
-                    f"MeZO step {self.step_count - 1}: non-finite loss in micro-batch {window['count'] - 1} "
-                    f"(l_plus={loss_plus}, l_minus={loss_minus}); parameters restored, step skipped")
+        self._add_to_window(window, eps, loss_plus, loss_minus, "restored")
         return loss_plus, loss_minus
 
     @torch.no_grad()
@@ -386,26 +372,32 @@ class MeZO(torch.optim.Optimizer):
         self.step_count += 1
         return loss_plus_obj
 
-    def _accumulate_exact(self, closure):
-        plan = self._exact_plan()
-        window = self._pending_window(create=True)
-        eps = [g["eps"] for g in self.param_groups]
-        _, loss_plus, loss_minus = self._exact_losses(plan, window["seed"], closure)
+    def _add_to_window(self, window, eps, loss_plus: float, loss_minus: float, weights: str) -> None:
+        """Add one micro-batch's losses to the pending accumulation window; a non-finite difference
+        marks the window (or, with on_nonfinite="raise", drops it and raises). ``weights`` says what
+        happened to the parameters, for the message."""
         window["count"] += 1
         window["loss_plus"] += loss_plus
         window["loss_minus"] += loss_minus
         diff = loss_plus - loss_minus
         if math.isfinite(diff):
             window["grads"] = [s + diff / (2.0 * e) for s, e in zip(window["grads"], eps)]
-        else:
-            window["nonfinite"] = True
-            if self.on_nonfinite == "raise":
-                self._window = None
-                self.step_count += 1
-                self.skipped_steps += 1
-                raise FloatingPointError(
-                    f"MeZO step {self.step_count - 1}: non-finite loss in micro-batch {window['count'] - 1} "
-                    f"(l_plus={loss_plus}, l_minus={loss_minus}); parameters unchanged, step skipped")
+            return
+        window["nonfinite"] = True
+        if self.on_nonfinite == "raise":
+            self._window = None
+            self.step_count += 1
+            self.skipped_steps += 1
+            raise FloatingPointError(
+                f"MeZO step {self.step_count - 1}: non-finite loss in micro-batch {window['count'] - 1} "
+                f"(l_plus={loss_plus}, l_minus={loss_minus}); parameters {weights}, step skipped")
+
+    def _accumulate_exact(self, closure):
+        plan = self._exact_plan()
+        window = self._pending_window(create=True)
+        eps = [g["eps"] for g in self.param_groups]
+        _, loss_plus, loss_minus = self._exact_losses(plan, window["seed"], closure)
+        self._add_to_window(window, eps, loss_plus, loss_minus, "unchanged")
         return loss_plus, loss_minus
 
     # -- checkpoints ------------------------------------------------------------------------------

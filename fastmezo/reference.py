@@ -109,9 +109,6 @@ def rounding_bits_at(index: torch.Tensor, round_seed: int, key: int) -> torch.Te
     return (word >> (16 * (lane % 2))) & 0xFFFF
 
 
-_INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
 def round_stochastic(y: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float32 y -> dtype with stochastic rounding by the 16-bit draws r (docs/noise.md section 8).
 
@@ -125,7 +122,7 @@ def round_stochastic(y: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> to
         return y.to(dtype)
     y = y.float()
     nearest = y.to(dtype)
-    bits = nearest.view(_INT_VIEW[dtype]).to(torch.int32)
+    bits = nearest.view(torch.int16).to(torch.int32)
     # Round-to-nearest went away from zero: step its magnitude back by one unit in the last place.
     # (Magnitudes are ordered like their bit patterns, sign bit aside.)
     overshoot = nearest.float().abs() > y.abs()

@@ -52,7 +52,7 @@ def _pass_block(x_ptr, out_ptr, idx, mask, z, a, b, rseed_lo, rseed_hi, key, fir
         y = b * z
     if ROUND:
         r = rounding_draws(first_global // 8, BLOCK // 8, rseed_lo, rseed_hi, key, FAST)
-        v = round_stochastic(y, r, out_ptr.dtype.element_ty, FAST)
+        v = round_stochastic(y, r, out_ptr.dtype.element_ty)
     else:
         v = y.to(out_ptr.dtype.element_ty)
     if MASKED:

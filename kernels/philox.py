@@ -125,12 +125,12 @@ def rounding_draws(first_call, CALLS: tl.constexpr, seed_lo, seed_hi, key, FAST:
 
 
 @triton.jit
-def round_stochastic(y, r, DTYPE: tl.constexpr, FAST: tl.constexpr):
+def round_stochastic(y, r, DTYPE: tl.constexpr):
     """float32 y -> DTYPE (float16 or bfloat16) rounded stochastically by the 16-bit draws r (uint32),
     bit-identical to fastmezo.reference.round_stochastic (docs/noise.md section 8): lo = y toward zero,
     hi = the next value away from zero, q = 2**16 |y - lo| / |hi - lo|, hi if q + r >= 2**16.
 
-    Written with integer operations instead of a division (an exact division costs ~20 instructions a
+    Written with integer operations instead of a division (an exact division costs ~20 instructions an
     element on CUDA; the pass is compute-bound): for bfloat16, lo is y's float32 pattern truncated and
     q its low 16 bits, so the rule is "add r, truncate"; for float16 the gap hi - lo is a power of
     two, and 2**16 / gap is built from lo's exponent."""
