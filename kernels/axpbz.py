@@ -138,16 +138,27 @@ def _alignment(noise: int) -> int:
 class _TableCache:
     """Device tables keyed by their content (addresses, sizes, offsets, keys): a training loop passes
     the same tensors every step, so the tables are built and copied to the device once. Keyed by
-    content, an entry is right whenever it is found, whatever happened to the tensors in between."""
+    content, an entry is right whenever it is found, whatever happened to the tensors in between.
 
-    def __init__(self, capacity: int = 64):
+    Capacity: exact mode makes one small table per hooked module and forward (out = that module's
+    perturbed copy, at the same addresses step after step once the caching allocator is warm), so a
+    model's few hundred modules must all fit; 4096 entries of a few hundred bytes each.
+
+    A miss builds the table on the host and uploads it with ONE non-blocking copy from pinned memory:
+    a copy from pageable memory synchronizes the stream (CUDA's rule for pageable host-to-device
+    copies), and a sync per module forward made exact mode host-bound on the H200 (OPT-13B, batch 1:
+    322 ms of overhead per step against 69 ms in place)."""
+
+    def __init__(self, capacity: int = 4096):
         self.capacity = capacity
         self.entries: dict = {}
+        self.misses = 0
 
     def get(self, rows: tuple, blocks: tuple, device: torch.device):
         key = (device, rows, blocks)
         hit = self.entries.pop(key, None)
         if hit is None:
+            self.misses += 1
             log2t = max(1, len(blocks).bit_length())       # 2**log2t > number of tensors
             starts = [0] * (1 << log2t)
             acc = 0
@@ -156,8 +167,13 @@ class _TableCache:
                 acc += nb
             for i in range(len(blocks), 1 << log2t):
                 starts[i] = 1 << 62                           # above every program id
-            table = torch.tensor(rows, dtype=torch.int64).reshape(-1, _COLS)
-            hit = (table.to(device), torch.tensor(starts, dtype=torch.int64).to(device), acc, log2t)
+            host = torch.tensor(list(rows) + starts, dtype=torch.int64)
+            if device.type == "cuda":
+                buf = host.pin_memory().to(device, non_blocking=True)
+            else:
+                buf = host.to(device)
+            # Two views of one buffer: the table (rows of _COLS int64) and the padded block starts.
+            hit = (buf[:len(rows)], buf[len(rows):], acc, log2t)
             if len(self.entries) >= self.capacity:
                 self.entries.pop(next(iter(self.entries)))
         self.entries[key] = hit                               # most recently used last

@@ -493,3 +493,25 @@ def test_table_kernel_stochastic_rounding_many_blocks_and_shards(triton_device, 
             shard = x[lo:hi].clone()
             axpbz_multi_([shard], 1.0, 5e-3, 77, [9], noise, [lo], round_seed=rseed, block=256)
             assert torch.equal(shard.view(torch.int16), whole[lo:hi].view(torch.int16)), (noise, lo, hi)
+
+
+def test_table_cache_builds_each_table_once_and_holds_a_model_of_modules(triton_device):
+    """The launcher's device tables are cached by content: the same tensors again reuse the table (no
+    upload: on CUDA an upload per call would cost host time, and from pageable memory a stream sync), a
+    changed tensor list builds a new one, a launch from a cached table computes a * x + b * z for every
+    tensor, and the cache holds one table per module of a large model (exact mode makes one per hooked
+    module), so a second forward finds them all."""
+    from fastmezo.kernels import axpbz as K
+
+    sizes = (5, 300, 17)
+    xs = [_rand((n,), torch.float32, seed=40 + n).to(triton_device) for n in sizes]
+    before = K._tables.misses
+    K.axpbz_multi_(xs, 1.0, 0.5, 3, [0, 1, 2], 0)
+    after_first = [x.cpu().clone() for x in xs]
+    K.axpbz_multi_(xs, 0.5, -0.25, 4, [0, 1, 2], 0)      # other seed and coefficients: same table
+    assert K._tables.misses == before + 1
+    for x, x1, n, key in zip(xs, after_first, sizes, range(3)):
+        _assert_pass_close(x.cpu(), x1, 0.5, -0.25, R.noise(n, 4, key, Noise.GAUSSIAN, 0))
+    K.axpbz_multi_(xs[:2], 1.0, 0.5, 3, [0, 1], 0)
+    assert K._tables.misses == before + 2
+    assert K._tables.capacity >= 2048                    # a 70B model has ~1000 modules with parameters

@@ -30,7 +30,13 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why."""
 
 
+_TRITON_IMPORTED = False   # set once triton_backend imported: later questions skip the import machinery
+
+
 def _triton_reason(device: torch.device) -> str | None:
+    global _TRITON_IMPORTED
+    if device.type == "cuda" and _TRITON_IMPORTED:
+        return None                 # asked once per pass (and per module forward in exact mode)
     if device.type == "cpu":
         if not triton_interpreter_on():
             return ("Triton runs CPU tensors only through its interpreter: set TRITON_INTERPRET=1 in "
@@ -41,6 +47,7 @@ def _triton_reason(device: torch.device) -> str | None:
         from . import triton_backend  # noqa: F401  (imports triton)
     except Exception as exc:  # ImportError, or a broken triton install
         return f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    _TRITON_IMPORTED = True
     return None
 
 
