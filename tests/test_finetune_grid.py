@@ -76,6 +76,12 @@ def test_grid_metrics_are_sane(grid):
         assert len(by[name]["losses"]) == 2 and all(math.isfinite(x) for x in by[name]["losses"])
     assert all(0.0 <= x <= 1.0 for x in by["mezo-nondiff"]["losses"])  # a 0-1 loss
     assert len(by["ft-adam"]["losses"]) == 1 and len(by["linear-probe"]["losses"]) == 3
+    # quick setting: dev every 50 steps and after the last, so here one evaluation, at the last step
+    for name in (*MEZO_METHODS, "ft-adam", "linear-probe"):
+        r = by[name]
+        assert r["eval_every"] == 50 and [s for s, _ in r["dev_curve"]] == [r["steps"]] and r["best_step"] == r["steps"]
+        assert r["dev_curve"][0][1] == r["dev_acc"]
+    assert by["zero-shot"]["best_step"] is None and by["zero-shot"]["dev_curve"] == []
 
 
 @pytest.mark.slow
@@ -261,3 +267,30 @@ def test_peft_prefix_is_used_and_respects_padding():
     assert not torch.allclose(logits, base_logits, atol=1e-3)  # the prefix is in the attention
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
     assert torch.equal(logits.argmax(1), base_logits.argmax(1))  # the prompt still answers
+
+
+def test_best_on_dev_restores_the_best_checkpoint(tmp_path):
+    """Checkpoint selection: evaluations every 2 steps and after the last; the weights restored are the
+    ones of the best dev accuracy (not the last), frozen weights are neither saved nor touched, and a
+    tie keeps the earlier checkpoint."""
+    from fastmezo.apps.methods import BestOnDev
+
+    m = torch.nn.Linear(3, 1)
+    m.bias.requires_grad_(False)
+    accs = iter([0.5, 0.8, 0.8, 0.6])
+    seen = []
+    mon = BestOnDev(m, lambda dev, bs: (seen.append((len(dev), bs)), next(accs))[1], dev=[("w", 0)] * 5,
+                    every=2, batch_size=4, path=str(tmp_path / "best.pt"))
+    snapshots = {}
+    for step in range(1, 8):                       # evaluations at 2, 4, 6 and 7 (the last)
+        with torch.no_grad():
+            m.weight.add_(torch.randn(1, 3))
+        mon(step, last=step == 7)
+        snapshots[step] = m.weight.detach().clone()
+    assert mon.curve == [(2, 0.5), (4, 0.8), (6, 0.8), (7, 0.6)] and mon.best_step == 4
+    assert seen == [(5, 4)] * 4 and mon.seconds > 0
+    with torch.no_grad():
+        m.bias.fill_(3.25)
+    mon.restore()
+    assert torch.equal(m.weight, snapshots[4]) and float(m.bias) == 3.25
+    assert set(torch.load(tmp_path / "best.pt")) == {"weight"}

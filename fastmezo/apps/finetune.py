@@ -45,8 +45,8 @@ from .prompt_model import PromptClassifier, load_encoder, select_trainable  # no
 # encoder cost ~0.1 s at batch 16 there, a backprop step ~0.4 s). full: the paper's k=512 and more
 # steps; minutes on a GPU, hours on a small CPU.
 SETTINGS = {
-    "quick": dict(k=64, mezo_steps=250, ft_steps=50, batch_size=16, dev_limit=200),
-    "full": dict(k=512, mezo_steps=5000, ft_steps=1000, batch_size=16, dev_limit=0),
+    "quick": dict(k=64, mezo_steps=250, ft_steps=50, batch_size=16, dev_limit=200, eval_every=50),
+    "full": dict(k=512, mezo_steps=5000, ft_steps=1000, batch_size=16, dev_limit=0, eval_every=500),
 }
 
 
@@ -87,6 +87,10 @@ def build_parser(parser=None):
                    help="one verbalizer sentence per label, in label order (default for --data: "
                         "'This text is {label}.')")
     p.add_argument("--dev-limit", type=int, help="evaluate on the first N dev examples (0 = all; quick 200)")
+    p.add_argument("--eval-every", type=int,
+                   help="checkpoint selection, the paper's protocol: evaluate on dev every N steps and keep "
+                        "the best weights (saved to disk) for the final dev/test evaluation; 0 = use the "
+                        "weights of the last step (quick 50, full 500)")
     p.add_argument("--eval-limit", type=int, default=0,
                    help="use only the first N examples of dev and test (smoke tests; 0 = all)")
     p.add_argument("--temperature", type=float, default=20.0)
@@ -150,11 +154,13 @@ def resolve(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here")
     setting = SETTINGS["quick" if args.quick else "full"]
-    for key in ("k", "batch_size", "dev_limit"):
+    for key in ("k", "batch_size", "dev_limit", "eval_every"):
         if getattr(args, key) is None:
             setattr(args, key, setting[key])
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.eval_every < 0:
+        raise ValueError(f"--eval-every must be >= 0, got {args.eval_every}")
     methods = parse_methods(args.methods)
     hps = hyperparameters(args, methods, setting)
     if args.model is not None:
@@ -207,7 +213,7 @@ def run(args):
     setup = Setup(splits=splits, template=template, label_texts=label_texts, model_path=args.model,
                   device=str(device), seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
                   trainable=args.trainable, weight_decay=args.weight_decay, dev_limit=args.dev_limit or None,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, eval_every=args.eval_every)
     isolate = not args.no_isolate and can_fork(device)
     print(f"methods: {', '.join(methods)}; device {device}"
           f"{'; each method in a forked process' if isolate else ''}")
@@ -223,7 +229,8 @@ def run(args):
         row = run_isolated(run_method, name, setup, hp, isolate=isolate, what=f"method {name}")
         row["title"] = title
         rows.append(row)
-        print(f"   test {row['test_acc']:.4f}, dev {row['dev_acc']:.4f}; train {row['train_seconds']:.1f} s; "
+        best = f" (best dev at step {row['best_step']} of {row['steps']})" if row.get("best_step") else ""
+        print(f"   test {row['test_acc']:.4f}, dev {row['dev_acc']:.4f}{best}; train {row['train_seconds']:.1f} s; "
               f"peak {row['peak_mib']:.0f} MiB (+{row['extra_mib']:.0f} for training); "
               f"{row['trainable_params']:,} trained weights", flush=True)
 

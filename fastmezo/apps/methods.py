@@ -31,6 +31,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -110,6 +112,8 @@ class Setup:
     weight_decay: float = 0.0
     dev_limit: int | None = None
     progress: bool = True
+    eval_every: int = 0           # checkpoint selection on dev every N steps (0: keep the last weights)
+    monitor: object = None        # set by run_method: the BestOnDev of the method being trained
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -146,12 +150,15 @@ def _progress(total, desc, enabled):
 
 
 def _loop(steps, desc, setup, step_fn):
-    """Run ``step_fn(step) -> loss`` ``steps`` times under a progress bar; returns the losses."""
+    """Run ``step_fn(step) -> loss`` ``steps`` times under a progress bar; returns the losses. After
+    each step, ``setup.monitor`` (if any) may evaluate and checkpoint the weights."""
     bar = _progress(steps, desc, setup.progress)
     losses = []
     try:
         for step in range(1, steps + 1):
             losses.append(float(step_fn(step)))
+            if setup.monitor is not None:
+                setup.monitor(step, last=step == steps)
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0 or step == steps:
@@ -161,6 +168,47 @@ def _loop(steps, desc, setup, step_fn):
         if bar is not None:
             bar.close()
     return losses
+
+
+class BestOnDev:
+    """Checkpoint selection on dev, the paper's protocol (its runs evaluate every ``eval_steps`` and load
+    the best model at the end): every ``every`` steps and after the last one, the trained weights
+    (requires_grad) are evaluated on ``dev``; the best so far are saved to ``path`` on disk (kept out of
+    memory, where they would count in the method's peak) and loaded back by :meth:`restore`.
+
+    Evaluation runs at the training batch size, so its memory is that of a training forward; its time
+    (and the saving) is kept in :attr:`seconds`, which run_method takes out of the training time.
+    ``curve`` holds (step, dev accuracy); ``best_step`` the step restored."""
+
+    def __init__(self, module, accuracy, dev, every, batch_size, path):
+        self.module, self.accuracy, self.dev = module, accuracy, dev
+        self.every, self.batch_size, self.path = every, batch_size, path
+        self.curve: list = []
+        self.best_acc = self.best_step = None
+        self.seconds = 0.0
+
+    def _trained(self):
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def __call__(self, step, last=False):
+        if step % self.every and not last:
+            return
+        start = time.perf_counter()
+        acc = self.accuracy(self.dev, self.batch_size)
+        self.curve.append((step, acc))
+        if self.best_acc is None or acc > self.best_acc:
+            self.best_acc, self.best_step = acc, step
+            torch.save({n: p.detach().cpu() for n, p in self._trained().items()}, self.path)
+        self.seconds += time.perf_counter() - start
+
+    def restore(self):
+        """Load the best checkpoint's weights into the module (nothing to do if it is the last)."""
+        if self.best_step is None or self.best_step == self.curve[-1][0]:
+            return
+        state = torch.load(self.path, map_location="cpu")
+        with torch.no_grad():
+            for name, p in self._trained().items():
+                p.copy_(state[name])
 
 
 # -- the methods -----------------------------------------------------------------------------------
@@ -207,10 +255,10 @@ def _build_linear_probe(clf, setup, hp):
         return _loop(hp["steps"], "linear-probe", setup, step)
 
     @torch.inference_mode()
-    def accuracy(examples):
+    def accuracy(examples, batch_size=256):
         if not examples:
             return float("nan")
-        pred = head(features(examples)).argmax(1).tolist()
+        pred = head(features(examples, batch_size)).argmax(1).tolist()
         return sum(p == y for p, (_, y) in zip(pred, examples)) / len(examples)
     return module, train, accuracy
 
@@ -352,6 +400,7 @@ def run_method(name, setup: Setup, hp: dict) -> dict:
     if name not in _BUILDERS:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
     torch.manual_seed(setup.seed)  # LoRA and the linear head draw their init from torch's generator
+    setup = copy_setup(setup, monitor=None)   # the builders' closures read setup.monitor, set below
     encoder, tokenizer = load_encoder(setup.model_path, setup.device)
     clf = PromptClassifier(encoder, tokenizer, template=setup.template, label_texts=setup.label_texts,
                            temperature=setup.temperature)
@@ -360,16 +409,24 @@ def run_method(name, setup: Setup, hp: dict) -> dict:
     n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in module.parameters())
     before = fingerprints(module)
+    dev = setup.splits["dev"][:setup.dev_limit] if setup.dev_limit else setup.splits["dev"]
 
-    with PeakMemory(setup.device) as mem:
-        start = time.perf_counter()
-        losses = train()
-        if torch.device(setup.device).type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="fastmezo-best-") as tmp:
+        if setup.eval_every and name != "zero-shot":
+            setup.monitor = BestOnDev(module, accuracy, dev, setup.eval_every, setup.batch_size,
+                                      os.path.join(tmp, "best.pt"))
+        with PeakMemory(setup.device) as mem:
+            start = time.perf_counter()
+            losses = train()
+            if torch.device(setup.device).type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        monitor = setup.monitor
+        if monitor is not None:
+            seconds -= monitor.seconds
+            monitor.restore()
 
     start = time.perf_counter()
-    dev = setup.splits["dev"][:setup.dev_limit] if setup.dev_limit else setup.splits["dev"]
     dev_acc, test_acc = accuracy(dev), accuracy(setup.splits["test"])
     eval_seconds = time.perf_counter() - start
     after = fingerprints(module)
@@ -382,6 +439,8 @@ def run_method(name, setup: Setup, hp: dict) -> dict:
         peak_mib=mem.peak_mib, extra_mib=mem.extra_mib, start_mib=mem.start_mib, memory_kind=mem.kind,
         trainable_params=n_trainable, total_params=n_total, trainable_tensors=trainable,
         changed_tensors=changed, losses=losses,
+        eval_every=monitor.every if monitor else 0, best_step=monitor.best_step if monitor else None,
+        dev_curve=monitor.curve if monitor else [],
         final_loss=(sum(losses[-20:]) / len(losses[-20:])) if losses else math.nan,
     )
 

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-CSV_COLUMNS = ("method", "title", "trainable_params", "total_params", "steps", "test_acc", "dev_acc",
+CSV_COLUMNS = ("method", "title", "trainable_params", "total_params", "steps", "best_step", "test_acc", "dev_acc",
                "train_seconds", "seconds_per_step", "eval_seconds", "peak_mib", "extra_mib", "memory_kind")
 
 
@@ -26,6 +26,12 @@ def memory_header(results):
             "what training itself adds (activations, gradients, optimizer state)")
 
 
+def _steps(r):
+    """Steps trained, with the step of the selected checkpoint when it is not the last."""
+    best = r.get("best_step")
+    return f"{r['steps']} ({best})" if best and best != r["steps"] else f"{r['steps']}"
+
+
 def markdown(results):
     """The comparison as a markdown table, with the setting above it and notes below."""
     c = results["config"]
@@ -42,13 +48,17 @@ def markdown(results):
     ]
     for r in results["methods"]:
         lines.append(
-            f"| {r['title']} | {r['trainable_params']:,} | {r['steps']} | **{_fmt(r['test_acc'], '.4f')}** | "
+            f"| {r['title']} | {r['trainable_params']:,} | {_steps(r)} | **{_fmt(r['test_acc'], '.4f')}** | "
             f"{_fmt(r['dev_acc'], '.4f')} | {_fmt(r['train_seconds'], '.1f')} | {_fmt(r['seconds_per_step'], '.3f')} | "
             f"{_fmt(r['peak_mib'], '.0f')} | {_fmt(r['extra_mib'], '.0f')} |")
     lines += ["", "Notes:", f"- memory: {memory_header(results)}.",
               "- zero-shot trains nothing: its time and memory are those of one forward pass of a training batch "
               "(inference); linear probing's include extracting the frozen features of the train set.",
               "- hyper-parameters per method (lr, eps, steps, ...) are in results.json under `methods[].hparams`.",
+              *([f"- checkpoint selection (the paper's protocol): dev accuracy every {c['eval_every']} steps and "
+                 "after the last; the best weights are the ones evaluated, 'steps' reads 'last (best)' where "
+                 "the best came earlier; dev curves in results.json under `methods[].dev_curve`."]
+                if c.get("eval_every") else ["- no checkpoint selection: the weights of the last step are evaluated."]),
               f"- whole run: {results['wall_seconds']:.0f} s of wall time."]
     return "\n".join(lines) + "\n"
 
