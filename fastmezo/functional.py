@@ -187,19 +187,32 @@ def _check_outs(tensors, names, outs) -> None:
 
 
 def _run(tensors, a, b, seed, keys, offsets, kind, backend, load_x=True, rounding_seed=None, outs=None) -> None:
-    """Run the fused pass over already validated arguments (tensors of one device)."""
-    live = [i for i, t in enumerate(tensors) if t.numel()]
-    if not live:
-        return
-    pick = lambda values: [values[i] for i in live]  # noqa: E731
+    """Run the fused pass over already validated arguments (tensors of one device).
+
+    Lean on purpose: exact mode calls it once per module and forward (hundreds of times a step)."""
+    if all(t.numel() for t in tensors):
+        live = None
+    else:
+        live = [i for i, t in enumerate(tensors) if t.numel()]
+        if not live:
+            return
+        tensors, a, b, keys, offsets = ([v[i] for i in live] for v in (tensors, a, b, keys, offsets))
+        if outs is not None:
+            outs = [outs[i] for i in live]
     round_arg = None if rounding_seed is None else _ops.seed_arg(rounding_seed)
-    with torch.no_grad():
+    grad = torch.is_grad_enabled()
+    if grad:
+        torch.set_grad_enabled(False)
+    try:
         if outs is None:
-            _ops.call_axpbz_(pick(tensors), pick(a), pick(b), _ops.seed_arg(seed), pick(keys), pick(offsets),
-                        int(kind), load_x, backend or "auto", round_arg)
+            _ops.call_axpbz_(tensors, a, b, _ops.seed_arg(seed), keys, offsets, int(kind), load_x,
+                             backend or "auto", round_arg)
         else:
-            _ops.call_axpbz_out(pick(tensors), pick(outs), pick(a), pick(b), _ops.seed_arg(seed), pick(keys),
-                           pick(offsets), int(kind), backend or "auto", round_arg)
+            _ops.call_axpbz_out(tensors, outs, a, b, _ops.seed_arg(seed), keys, offsets, int(kind),
+                                backend or "auto", round_arg)
+    finally:
+        if grad:
+            torch.set_grad_enabled(True)
 
 
 def perturb_(tensors, seed: int, alpha: float, *, keys=None, noise="gaussian", offsets=None,
