@@ -196,9 +196,15 @@ def test_cli_bad_input_is_one_clear_error(argv, message, capsys):
 
 
 def test_hyperparameters_follow_trainable_lr_and_set():
-    def hps(*argv):
-        return finetune.resolve(finetune.build_parser().parse_args(["--quick", *argv]))[3]
+    def hps(*argv, quick=True):
+        return finetune.resolve(finetune.build_parser().parse_args(["--quick"] * quick + [*argv]))[3]
     assert hps("--trainable", "bitfit")["mezo"]["lr"] == 2e-3 and hps()["mezo"]["lr"] == 1e-4
+    # the full setting's 5000 steps take smaller rates for the methods that drift (FULL_SETTING_LR)
+    full = hps(quick=False)
+    assert (full["mezo"]["lr"], full["mezo-nondiff"]["lr"], full["mezo-lora"]["lr"]) == (1e-5, 1e-5, 5e-4)
+    assert full["mezo-prefix"]["lr"] == hps()["mezo-prefix"]["lr"] and full["mezo"]["steps"] == 5000
+    assert hps("--trainable", "bitfit", quick=False)["mezo"]["lr"] == 2e-3
+    assert hps("--lr", "3e-5", "--methods", "mezo", quick=False)["mezo"]["lr"] == 3e-5
     assert hps()["mezo-lora"]["steps"] == finetune.SETTINGS["quick"]["mezo_steps"]
     assert hps()["ft-adam"]["steps"] == finetune.SETTINGS["quick"]["ft_steps"]
     custom = hps("--methods", "mezo-lora,ft-adam", "--lr", "3e-3", "--set", "mezo-lora.r=4", "--set", "ft-adam.steps=7")

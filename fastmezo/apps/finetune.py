@@ -36,7 +36,7 @@ import fastmezo
 
 from . import report
 from .isolation import can_fork, run_isolated
-from .methods import MEZO_LR_BY_TRAINABLE, METHODS, Setup, parse_methods, run_method
+from .methods import FULL_SETTING_LR, MEZO_LR_BY_TRAINABLE, METHODS, Setup, parse_methods, run_method
 from .prompt_model import DEFAULT_MODEL_NAME, LABEL_TEXTS, MODEL_ENV, TEMPLATE, TRAINABLE, check_model_path
 # Re-exported for callers of the single-run version of this module.
 from .prompt_model import PromptClassifier, load_encoder, select_trainable  # noqa: F401
@@ -121,6 +121,8 @@ def hyperparameters(args, methods, setting):
         hp = dict(METHODS[name].defaults)
         if name == "mezo":
             hp["lr"] = MEZO_LR_BY_TRAINABLE[args.trainable]
+        if not args.quick and name in FULL_SETTING_LR and (name == "mezo-lora" or args.trainable == "all"):
+            hp["lr"] = FULL_SETTING_LR[name]      # 5000 steps: see FULL_SETTING_LR
         if METHODS[name].mezo:
             hp["steps"] = args.steps if args.steps is not None else setting["mezo_steps"]
         elif name == "ft-adam":

@@ -68,6 +68,15 @@ class Method:
 # mezo's learning rate goes with the weights it trains (--trainable); bitfit's 2e-3 was tuned on dev by
 # the single-method version of this job, top1's 1e-3 came from the same 1/tr(H) rule, not from runs.
 MEZO_LR_BY_TRAINABLE = {"bitfit": 2e-3, "top1": 1e-3, "all": 1e-4}
+# The full setting's 5000 steps need smaller rates: at the quick setting's, full-parameter MeZO, its
+# 0-1 variant and LoRA improve for 500-2000 steps and then drift to chance (the weights random-walk
+# along z); measured on the H200 (bench/results/h200-2026-11-29-finetune-no-selection) and on CPU
+# (bench/results/cpu-2026-11-29-finetune-full-lr: MeZO all weights at 1e-4 / 5e-5 peaks at step 500
+# and decays, at 1e-5 still improves at step 5000; LoRA at 2e-3 / 1e-3 collapses after 1000 / 3500
+# steps, at 5e-4 improves to step 4500; the 0-1 loss at 1e-5 improves to step 5000). For --trainable all; bitfit and
+# top1 keep their quick-setting rates (not measured over 5000 steps). Prefix tuning at 1e-2 improves
+# to the end.
+FULL_SETTING_LR = {"mezo": 1e-5, "mezo-nondiff": 1e-5, "mezo-lora": 5e-4}
 
 METHODS = {m.name: m for m in (
     Method("zero-shot", "zero-shot (prompt, no training)", False, {}),
