@@ -11,7 +11,8 @@
 #      FASTMEZO_VADER_LEXICON (VADER's lexicon file), HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1;
 #   4. check that torch sees CUDA and that transformers, peft, the Triton kernels and the model load.
 #
-# Then, on an H200 (about 2-3 min each; not yet run):
+# Then, on an H200 (grid A about 4 min, grid B 4 min, the bf16 proof 1-2 min per configuration; results of
+# 2026-11-29 in bench/results/h200-2026-11-29-*):
 #   python3 -m fastmezo finetune --device cuda --model .device-assets/minilm-fp16 \
 #     --lexicon .device-assets/vader_lexicon.txt --methods zero-shot,linear-probe,mezo,mezo-nondiff,ft-adam \
 #     --no-progress --out $OUT/finetune-full-a
