@@ -17,8 +17,8 @@
 #     --lexicon .device-assets/vader_lexicon.txt --methods zero-shot,linear-probe,mezo,mezo-nondiff,ft-adam \
 #     --no-progress --out $OUT/finetune-full-a
 #   python3 -m fastmezo finetune ... --methods mezo-lora,mezo-prefix --out $OUT/finetune-full-b
-#   python3 bench/bf16_proof.py --device cuda --trainable all --k 512 --steps 2000 --seeds 0,1,2 \
-#     --eval-every 200 --dev-limit 0 --tail 100 --model .device-assets/minilm-fp16 \
+#   python3 bench/bf16_proof.py --device cuda --trainable all --k 512 --steps 1500 --lr 5e-5 --seeds 0,1,2 \
+#     --eval-every 250 --dev-limit 0 --tail 100 --model .device-assets/minilm-fp16 \
 #     --lexicon .device-assets/vader_lexicon.txt --out $OUT/bf16-proof
 #
 #   bash scripts/device_setup.sh                 # install + check (the exports end with that shell)
