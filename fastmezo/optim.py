@@ -149,6 +149,19 @@ class MeZO(torch.optim.Optimizer):
         backend_of = {device: backends.select(device, self.backend) for device in by_device}
         return tensors, keys, group_of, by_device, backend_of
 
+    def _skip_nonfinite(self, loss_plus: float, loss_minus: float, weights: str, stacklevel: int) -> None:
+        """Bookkeeping of a step skipped for a non-finite loss difference (the parameters are already
+        back at theta): NaN projected gradients, the counters, then FloatingPointError with
+        on_nonfinite="raise", else a RuntimeWarning. ``weights`` says what happened to the parameters."""
+        self.projected_grad, self.projected_grads = float("nan"), [float("nan")] * len(self.param_groups)
+        self.step_count += 1
+        self.skipped_steps += 1
+        message = (f"MeZO step {self.step_count - 1}: non-finite loss (l_plus={loss_plus}, "
+                   f"l_minus={loss_minus}); parameters {weights}, no update")
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(message)
+        warnings.warn(message + " (skipped)", RuntimeWarning, stacklevel=stacklevel)
+
     # Pass indices of a step, for the rounding bits: +eps, -2 eps, then restore (+ update).
     _PLUS, _MINUS, _RESTORE = 0, 1, 2
 
@@ -194,14 +207,7 @@ class MeZO(torch.optim.Optimizer):
         diff = loss_plus - loss_minus
         if not math.isfinite(diff):
             self._pass(plan, seed, ones, eps, self._RESTORE)  # restore only
-            self.projected_grad, self.projected_grads = float("nan"), [float("nan")] * len(groups)
-            self.step_count += 1
-            self.skipped_steps += 1
-            message = (f"MeZO step {self.step_count - 1}: non-finite loss (l_plus={loss_plus}, "
-                       f"l_minus={loss_minus}); parameters restored, no update")
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(message)
-            warnings.warn(message + " (skipped)", RuntimeWarning, stacklevel=2)
+            self._skip_nonfinite(loss_plus, loss_minus, "restored", stacklevel=3)
             return loss_plus_obj
 
         grads = [diff / (2.0 * e) for e in eps]
@@ -354,14 +360,7 @@ class MeZO(torch.optim.Optimizer):
         self.loss_plus, self.loss_minus, self.last_seed = loss_plus, loss_minus, seed
         diff = loss_plus - loss_minus
         if not math.isfinite(diff):
-            self.projected_grad, self.projected_grads = float("nan"), [float("nan")] * len(groups)
-            self.step_count += 1
-            self.skipped_steps += 1
-            message = (f"MeZO step {self.step_count - 1}: non-finite loss (l_plus={loss_plus}, "
-                       f"l_minus={loss_minus}); parameters unchanged (exact mode), no update")
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(message)
-            warnings.warn(message + " (skipped)", RuntimeWarning, stacklevel=3)
+            self._skip_nonfinite(loss_plus, loss_minus, "unchanged (exact mode)", stacklevel=4)
             return loss_plus_obj
         grads = [diff / (2.0 * g["eps"]) for g in groups]
         a = [1.0 - g["lr"] * g["weight_decay"] for g in groups]
