@@ -30,8 +30,8 @@ The same model instance then serves the reference and every fastmezo variant. Pe
 4. the fastmezo variants (``--variants``, default all four, in this order), each ``MeZO.step``:
    ``inplace-rn`` / ``inplace-sr``: 3 fused in-place passes with in-kernel Philox noise + 2 forwards,
    float16/bfloat16 stores rounded to nearest / stochastically; ``exact-rn`` / ``exact-sr``: exact mode
-   (``fastmezo.patch(model, mode="exact")``, hooks materialize W + eps z per module right before it
-   runs, 2 out-of-place passes inside the forwards + 1 update pass), the update rounded to nearest /
+   (``fastmezo.patch(model, mode="exact")``, hooks materialize W + eps z per group of modules right
+   before it runs (``--exact-group-bytes``), 2 out-of-place passes inside the forwards + 1 update pass), the update rounded to nearest /
    stochastically. Exact mode is patched for its rows only and removed with the handle's context
    manager; before the next variant the script verifies that every module holds its own parameter
    objects again, that the hook dictionaries are as before patching and that no ``mezo_step`` is left
@@ -44,9 +44,10 @@ reference / variant of the step and of the overhead, the overhead over the one-p
 trainable parameter bytes / copy bandwidth measured in this run, as bench_perturb.py does: fastmezo makes
 3 passes a step, the reference 4, so 3.0 and 4.0 are their ideals), the peak memory above inference:
 ``max_memory_allocated`` during the steps minus that during the plain forwards of the same batch
-(peak statistics reset in between; exact mode is expected to need about one extra weight tensor, the
-largest one alive at a time: ``largest_tensor_bytes`` and ``exact_copy_peak_bytes``, the most bytes of
-perturbed copies alive at once, are on the rows), and for the exact rows ``overhead_vs_inplace`` = exact
+(peak statistics reset in between; exact mode is expected to need about one extra weight tensor: its
+hooks materialize groups of modules of at most ``exact_group_bytes`` each, by default the largest
+trained tensor's bytes; ``largest_tensor_bytes``, ``exact_group_bytes``, ``exact_hooked_modules`` and
+``exact_copy_peak_bytes``, the most bytes of perturbed copies alive at once, are on the rows), and for the exact rows ``overhead_vs_inplace`` = exact
 overhead / in-place overhead of the same rounding (target: <= 1.3). On the CPU there are no memory
 statistics: reported as n/a. ``--rounding nearest|stochastic`` is a shortcut for the two variants of
 that rounding (``inplace-rn,exact-rn`` or ``inplace-sr,exact-sr``); it also sets the OPT-66B search's
@@ -141,7 +142,8 @@ STEP_FIELDS = ["model", "dtype", "batch", "tokens", "impl", "variant", "mode", "
                "ms_max", "reps", "forward2_ms", "overhead_ms", "passes", "floor_ms", "overhead_x_floor",
                "speedup_step_vs_reference", "speedup_overhead_vs_reference", "zo_share",
                "overhead_vs_inplace", "step_vs_inplace", "peak_bytes", "peak_extra_vs_inference_bytes",
-               "exact_copy_peak_bytes", "largest_tensor_bytes", "restore_checked", "loss", "backend",
+               "exact_copy_peak_bytes", "largest_tensor_bytes", "exact_group_bytes", "exact_hooked_modules",
+               "restore_checked", "loss", "backend",
                "n_tensors", "numel", "param_bytes", "bandwidth_gbps", "device", "gpu", "torch", "triton", "cuda",
                "commit", "date"]
 OPT66B_FIELDS = ["model", "dtype", "batch", "tokens", "impl", "status", "ms", "peak_bytes",
@@ -404,12 +406,14 @@ def verify_restored(model: torch.nn.Module, before: dict, what: str = "exact mod
 
 @contextlib.contextmanager
 def fastmezo_variant(model: torch.nn.Module, variant: str, backend: str, optimizers: dict | None = None,
-                     seed: int = FAST_SEED, lr: float = LR, eps: float = EPS, weight_decay: float = WEIGHT_DECAY):
+                     seed: int = FAST_SEED, lr: float = LR, eps: float = EPS, weight_decay: float = WEIGHT_DECAY,
+                     group_bytes: int | None = None):
     """Yields (optimizer, exact provider or None) for one variant on ``model``. In-place: the optimizer
     of ``optimizers[variant]`` (made and stored there if missing). Exact: ``fastmezo.patch(model,
     mode="exact", ...)`` as a context manager, removed on exit, after which verify_restored runs (a
     model not given back raises RuntimeError); index keys and param_groups as make_optimizer, so the
-    variants differ only in the mode and the rounding."""
+    variants differ only in the mode and the rounding. ``group_bytes``: exact mode's group budget
+    (fastmezo.exact.plan_groups; None = its default)."""
     import fastmezo
 
     mode, stochastic = VARIANTS[variant]
@@ -422,7 +426,7 @@ def fastmezo_variant(model: torch.nn.Module, variant: str, backend: str, optimiz
         return
     before = model_hooks_state(model)
     with fastmezo.patch(model, mode="exact", lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, keys="index",
-                        backend=backend, **rounding_kwargs(rounding)) as handle:
+                        backend=backend, group_bytes=group_bytes, **rounding_kwargs(rounding)) as handle:
         yield handle.optimizer, handle.exact
     verify_restored(model, before, f"exact mode ({variant})", handle.exact)
 
@@ -675,7 +679,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 def bench_config(model, ref, batch: int, tokens: int, device: torch.device, floor_ms: float, warmup: int,
                  reps: int, log=print, label: str = "", variants=tuple(VARIANTS), backend: str | None = None,
-                 optimizers: dict | None = None) -> list[dict]:
+                 optimizers: dict | None = None, exact_group_bytes: int | None = None) -> list[dict]:
     """Time two forwards, the reference step and each fastmezo variant's step at one batch size, all on
     ``model``. Rows: forward, reference, then one per variant (``variants`` order).
 
@@ -707,20 +711,22 @@ def bench_config(model, ref, batch: int, tokens: int, device: torch.device, floo
         if value is None or not math.isfinite(value):
             raise RuntimeError(f"{label} {batch}x{tokens}: {what} is {value}")
     plain = {"mode": None, "rounding": "nearest", "exact_copy_peak_bytes": None, "restore_checked": False,
-             "largest_tensor_bytes": largest_tensor_bytes}
+             "largest_tensor_bytes": largest_tensor_bytes, "exact_hooked_modules": None, "exact_group_bytes": None}
     rows = [{"impl": "forward", "variant": "forward", **plain, "passes": 0, "times": fwd_times, "peak_bytes": fwd_peak,
              "loss": loss0},
             {"impl": "reference", "variant": "reference", **plain, "passes": 4, "times": ref_times,
              "peak_bytes": ref_peak, "loss": ref.last_loss}]
     for variant in variants:
         mode = variant_mode(variant)
-        with fastmezo_variant(model, variant, backend, optimizers) as (opt, exact):
+        with fastmezo_variant(model, variant, backend, optimizers, group_bytes=exact_group_bytes) as (opt, exact):
             if exact is not None:
                 opt.step(closure)   # untimed: exact mode's first forward runs under its read check
                 exact.reset_peak()
             skipped_before = opt.skipped_steps
             times, peak = timed(lambda: opt.step(closure), device, warmup, reps)
             copy_peak = None if exact is None else exact.peak_bytes
+            hooked = None if exact is None else len(exact.groups)
+            group_bytes = None if exact is None else exact.group_bytes
         # (exact mode is removed here, and the model verified as before patching)
         if opt.skipped_steps != skipped_before:
             raise RuntimeError(f"{label} {batch}x{tokens}: {variant} skipped {opt.skipped_steps - skipped_before} "
@@ -731,7 +737,8 @@ def bench_config(model, ref, batch: int, tokens: int, device: torch.device, floo
         rows.append({"impl": "fastmezo", "variant": variant, "mode": mode, "rounding": rounding_of(opt),
                      "passes": 3, "times": times, "peak_bytes": peak, "loss": opt.loss_plus,
                      "exact_copy_peak_bytes": copy_peak, "restore_checked": exact is not None,
-                     "largest_tensor_bytes": largest_tensor_bytes})
+                     "largest_tensor_bytes": largest_tensor_bytes, "exact_hooked_modules": hooked,
+                     "exact_group_bytes": group_bytes})
 
     fwd_ms = statistics.median(fwd_times)
     ref_ms = statistics.median(ref_times)
@@ -758,7 +765,8 @@ def bench_config(model, ref, batch: int, tokens: int, device: torch.device, floo
     for r in rows[2:]:
         versus = "" if r["mode"] != "exact" else \
             (f" | overhead / {inplace_twin(r['variant'])}'s {_fmt(r['overhead_vs_inplace'], '.2f')}x | perturbed "
-             f"copies alive at most {_fmt_mb(r['exact_copy_peak_bytes'])} (largest weight {_fmt_mb(largest_tensor_bytes)})")
+             f"copies alive at most {_fmt_mb(r['exact_copy_peak_bytes'])} (largest weight {_fmt_mb(largest_tensor_bytes)}; "
+             f"{r['exact_hooked_modules']} hooked modules, groups of at most {_fmt_mb(r['exact_group_bytes'])})")
         log(f"[{label}] {batch}x{tokens}:   {r['variant']:<10} step {r['ms_median']:.2f} ms (overhead "
             f"{r['overhead_ms']:.2f}) | step speed-up {r['speedup_step_vs_reference']:.2f}x, overhead speed-up "
             f"{_fmt(r['speedup_overhead_vs_reference'], '.2f')}x | extra memory "
@@ -768,7 +776,7 @@ def bench_config(model, ref, batch: int, tokens: int, device: torch.device, floo
 
 def bench_model(name: str, dtype_name: str, device: torch.device, configs, bandwidth: float, warmup: int,
                 reps: int, backend: str, log=print, check: bool = True, rounding: str | None = None,
-                variants=None) -> tuple[dict, list[dict], list[dict]]:
+                variants=None, exact_group_bytes: int | None = None) -> tuple[dict, list[dict], list[dict]]:
     """Build one model in one dtype, check the kernels (every rounding and mode measured), time every
     batch configuration with the reference and each variant (default: those of ``rounding``, all four
     when it is None). Returns (summary, rows, check records); a model that does not fit is skipped."""
@@ -813,7 +821,8 @@ def bench_model(name: str, dtype_name: str, device: torch.device, configs, bandw
         summary["rounding"] = sorted({variant_rounding(v) for v in variants})
         for batch, tokens in configs:
             for r in bench_config(model, ref, batch, tokens, device, floor_ms, warmup, reps, log, label,
-                                  variants=variants, backend=backend, optimizers=optimizers):
+                                  variants=variants, backend=backend, optimizers=optimizers,
+                                  exact_group_bytes=exact_group_bytes):
                 r.update({"model": name, "dtype": dtype_name, "backend": backend, "n_tensors": len(named),
                           "numel": summary["numel"], "param_bytes": pbytes, "largest_tensor_bytes": largest,
                           "bandwidth_gbps": bandwidth / 1e9})
@@ -1095,6 +1104,10 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fastmezo variants timed next to the reference, comma-separated: inplace-rn, "
                              "inplace-sr, exact-rn, exact-sr (in place or exact mode; float16/bfloat16 stores "
                              "rounded to nearest or stochastically), or 'all' (default: all four)")
+    parser.add_argument("--exact-group-bytes", type=int, default=None,
+                        help="exact mode's group budget (fastmezo.patch(group_bytes=...)): the most bytes of "
+                             "perturbed copies one hooked module makes; 0 = one hooked module per module owning "
+                             "a trained parameter (default: fastmezo's, the largest trained tensor, >= 16 MiB)")
     parser.add_argument("--rounding", default=None, choices=("stochastic", "nearest"),
                         help="shortcut for the variants of one rounding: nearest = inplace-rn,exact-rn, "
                              "stochastic = inplace-sr,exact-sr; also the rounding of the --opt66b search "
@@ -1130,6 +1143,8 @@ def finish_args(args, parser) -> argparse.Namespace:
         args.step_reps = 2 if args.smoke else 3 if args.quick else 5
     if args.step_warmup < 0 or args.step_reps < 1:
         parser.error("--warmup must be >= 0 and --reps >= 1")
+    if args.exact_group_bytes is not None and args.exact_group_bytes < 0:
+        parser.error("--exact-group-bytes must be >= 0")
     if args.opt66b_tokens < 1 or args.opt66b_max_batch < 1:
         parser.error("--opt66b-tokens and --opt66b-max-batch must be >= 1")
     return args
@@ -1223,7 +1238,8 @@ def _run(args, device, env, out_dir, bandwidth, log) -> dict:
                      "reps": args.step_reps, "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
                      "backend": backend, "variants": list(args.variants),
                      "rounding": args.rounding or "per variant", "eps": EPS, "lr": LR, "weight_decay": WEIGHT_DECAY, "init_std": INIT_STD,
-                     "fastmezo_seed": FAST_SEED, "reference_seed": REF_SEED, "opt66b": args.opt66b},
+                     "fastmezo_seed": FAST_SEED, "reference_seed": REF_SEED, "opt66b": args.opt66b,
+                     "exact_group_bytes": args.exact_group_bytes},
         "bandwidth": bandwidth,
         "checks": checks,
         "models": [],
@@ -1233,7 +1249,8 @@ def _run(args, device, env, out_dir, bandwidth, log) -> dict:
     for name in args.models:
         for dtype_name in args.dtypes:
             summary, rows, records = bench_model(name, dtype_name, device, args.configs, bw, args.step_warmup,
-                                                 args.step_reps, backend, log, variants=args.variants)
+                                                 args.step_reps, backend, log, variants=args.variants,
+                                                 exact_group_bytes=args.exact_group_bytes)
             result["models"].append(summary)
             result["checks"] += records
             meta = {k: env[k] for k in META_FIELDS}

@@ -27,6 +27,7 @@ if not HAS_CUDA:  # Triton's interpreter on CPU tensors; must be set before trit
 import bench_steps as BS  # noqa: E402
 from reference_mezo import reference_step  # noqa: E402
 from shapes import numel, opt_param_shapes  # noqa: E402
+from fastmezo.exact import MIN_GROUP_BYTES  # noqa: E402
 
 DEVICE = torch.device("cuda", torch.cuda.current_device()) if HAS_CUDA else torch.device("cpu")
 # The benchmark cases: a real size on a GPU, a tiny one on the CPU.
@@ -139,8 +140,8 @@ def test_bench_model_rows(backend):
     roundings) pass, and the rows are complete and consistent: per configuration forward, reference,
     inplace-rn, inplace-sr, exact-rn, exact-sr; positive times, overhead = step - two forwards, speed-ups
     = reference / variant, x floor = overhead / floor, exact / in-place ratios of the same rounding;
-    peak memory is measured on a GPU and n/a (None) on the CPU; exact mode's live copies peak at the
-    largest weight (the tied embedding) and its rows say the restore was verified."""
+    peak memory is measured on a GPU and n/a (None) on the CPU; exact mode's live copies peak at its
+    group (here the whole model) and its rows say the restore was verified."""
     bandwidth = 50e9
     summary, rows, checks = BS.bench_model("opt-tiny", TINY_DTYPE, DEVICE, [(2, 16), (1, 8)], bandwidth,
                                            warmup=0, reps=2, backend=backend, log=lambda *a: None)
@@ -189,8 +190,11 @@ def test_bench_model_rows(backend):
                 assert exact["overhead_vs_inplace"] is None
             assert inplace["overhead_vs_inplace"] is None and inplace["exact_copy_peak_bytes"] is None
             assert exact["restore_checked"] is True and inplace["restore_checked"] is False
-            # Leaf modules only: the most bytes of perturbed copies alive at once is the embedding's.
-            assert exact["exact_copy_peak_bytes"] == embedding
+            # The default group budget (the largest weight, at least MIN_GROUP_BYTES) holds the whole tiny
+            # model: one hooked module, all trained weights (the tied embedding once) alive at once.
+            assert exact["exact_group_bytes"] == max(embedding, MIN_GROUP_BYTES)
+            assert exact["exact_hooked_modules"] == 1 and inplace["exact_hooked_modules"] is None
+            assert exact["exact_copy_peak_bytes"] == summary["param_bytes"]
         if HAS_CUDA:
             assert fwd["peak_bytes"] > 0 and fwd["peak_extra_vs_inference_bytes"] == 0
             assert all(t[v]["peak_extra_vs_inference_bytes"] is not None for v in order)

@@ -1,30 +1,38 @@
-"""Exact mode: the perturbed weights W + alpha * z are materialized per module, right before the module
-uses them, so the STORED weights change only at the update (DESIGN.md section 5).
+"""Exact mode: the perturbed weights W + alpha * z are materialized per module (or per group of
+modules), right before the module uses them, so the STORED weights change only at the update
+(DESIGN.md section 5).
 
 In-place MeZO writes theta + eps z, then theta - eps z, then theta back into the stored weights; in
 float16/bfloat16 each of those writes rounds, and the rounding errors of the restore pile up step after
 step (DESIGN.md section 6: 17% relative drift of bf16 weights after 2000 null steps). Exact mode never
-writes a perturbed value into a stored weight: a forward pre-hook on every module that owns a trained
-parameter computes the perturbed copy (:func:`fastmezo.functional.perturbed`, one read of W, one write
-of the copy, rounded to nearest: it is a temporary) and swaps it in; a forward hook swaps the stored
-parameter back and the copy is freed. One step is then two forwards and ONE update pass
+writes a perturbed value into a stored weight: a forward pre-hook computes the perturbed copies
+(:func:`fastmezo.functional.perturbed`, one read of W, one write of the copy, rounded to nearest: it
+is a temporary) and swaps them in; a forward hook swaps the stored parameters back and the copies are
+freed. One step is then two forwards and ONE update pass
 
     theta <- (1 - lr * wd) * theta - lr * g * z
 
 (:func:`update_`), so a step with lr = 0 leaves the weights bit-identical.
 
+Groups (:func:`plan_groups`): the hooks sit on the largest modules whose trained parameters take at
+most ``group_bytes`` (default: the largest trained tensor, at least :data:`MIN_GROUP_BYTES`), e.g. one
+decoder layer of OPT-1.3B, whose copies are then made in one launch, before the layer runs. Per
+forward that is 28 hooked modules on OPT-1.3B instead of 196 Linear / LayerNorm / Embedding modules:
+exact mode's cost on a model of many small modules was host time, a Python hook and a kernel launch
+per module. ``group_bytes=0`` hooks every module that owns a trained parameter, for its own ones.
+
 Cost and memory: the same number of passes over the weights as in-place mode (two out-of-place, one
 update), plus a little Python per hooked module and forward. Extra memory is the perturbed copies that
-are alive at once: those of the modules whose forward is running. For leaf modules (Linear,
-Embedding, LayerNorm, Conv1D, LoRA's Linear layers) that is one module's parameters; a parameter owned
-by a module with children (e.g. the root) stays materialized for that module's whole forward.
-:attr:`ExactPerturbation.peak_bytes` records the peak.
+are alive at once: those of the hooked modules whose forward is running, at most ``group_bytes`` for
+a group (a parameter owned by a module above the budget, e.g. the root, stays materialized for that
+module's whole forward). :attr:`ExactPerturbation.peak_bytes` records the peak.
 
 Which module reads which parameter: a parameter is "owned" by every module holding it in its own
 ``_parameters`` (``named_parameters(recurse=False)``); a tied weight (embedding and lm_head) has two
-owners and is materialized in each, with the same key, so it gets the same z wherever it is used, and
-it is updated once (it is one tensor of the optimizer). A forward that reads a parameter in any other
-way (a parent's forward reading ``self.child.weight``, a loss adding ``p.pow(2).sum()``, a call of
+owners and is materialized in each (once in a group holding both), with the same key, so it gets the
+same z wherever it is used, and it is updated once (it is one tensor of the optimizer). A forward that
+reads a parameter outside the forward of the hooked module covering it (a parent's forward reading
+``self.child.weight`` when the parent is above the budget, a loss adding ``p.pow(2).sum()``, a call of
 ``module.forward`` that bypasses hooks) would see the unperturbed weight: the first perturbed forward
 after patching runs under a checker that raises :class:`ExactModeError` naming the parameter if a
 stored trained parameter (or a view of it) reaches any torch function during a forward.
@@ -49,11 +57,70 @@ from torch.utils._pytree import tree_flatten
 from . import functional as F
 from .noise import parse_noise
 
-__all__ = ["ExactPerturbation", "ExactModeError", "update_"]
+__all__ = ["ExactPerturbation", "ExactModeError", "update_", "plan_groups", "MIN_GROUP_BYTES"]
 
 # Modules hooked by a live ExactPerturbation: a second exact patch over any of them is refused (the
 # two would swap each other's tensors). Weak, so a dropped model is not kept alive by fastmezo.
 _HOOKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+#: Smallest automatic group budget (see :func:`plan_groups`): models whose trained tensors are all
+#: small (LoRA, prefixes, norms) are materialized in a few launches rather than one per module.
+MIN_GROUP_BYTES = 16 << 20
+
+
+def plan_groups(model: torch.nn.Module, owned: dict, budget: int) -> dict:
+    """Which module's hooks materialize which trained parameters: {hooked module: [(owner, attribute)]}.
+
+    Walking down from the root, a module whose subtree's trained parameters take at most ``budget``
+    bytes (a tied weight counted once) becomes one group: its pre-hook materializes all of them in
+    one launch and its forward hook puts them all back, so the modules inside run without hooks of
+    their own. Per forward that is a few hooks and launches per transformer block instead of one
+    per Linear / LayerNorm: the host time that made exact mode slow on models of many small modules.
+    A module is grouped only if its subtree is closed (no module in it is reachable by a second
+    path from the root, e.g. a layer shared with another part of the model, which could be called
+    outside the group's forward); otherwise, or above the budget, the walk goes down to its
+    children, and a module owning trained parameters itself gets hooks for its own. ``budget`` 0
+    gives one group per owning module (each module's own parameters).
+    """
+    paths = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        paths[id(module)] = paths.get(id(module), 0) + 1
+
+    def subtree(module):
+        members = [(module, pname) for pname in owned.get(module, ())]
+        closed = paths[id(module)] == 1
+        for child in module.children():
+            child_members, child_closed = subtree(child)
+            members += child_members
+            closed = closed and child_closed
+        return members, closed
+
+    def nbytes(members):
+        unique = {id(o._parameters[n]): o._parameters[n] for o, n in members}
+        return sum(p.numel() * p.element_size() for p in unique.values())
+
+    plan: dict = {}
+    seen: set = set()
+
+    def visit(module):
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        members, closed = subtree(module)
+        if not members:
+            return
+        if closed and nbytes(members) <= budget:
+            plan[module] = members
+            return
+        own = [(module, pname) for pname in owned.get(module, ())]
+        if own:
+            plan[module] = own
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    return plan
 
 
 class ExactModeError(RuntimeError):
@@ -116,22 +183,28 @@ class _ReadCheck(TorchFunctionMode):
 
 
 class ExactPerturbation:
-    """Perturbation provider of exact mode: hooks on the modules that own the given parameters.
+    """Perturbation provider of exact mode: hooks on the modules that cover the given parameters.
 
     ``ExactPerturbation(model, params)`` installs a forward pre-hook and a forward hook (always
-    called, also when the forward raises) on every module owning one of ``params`` (default: the
-    model's trainable parameters). Nothing else of the model changes: no attribute, class, forward or
-    parameter. :meth:`remove` takes the hooks off again. ``check_reads``: check the first perturbed
-    forward for reads that bypass the hooks (see the module docstring).
+    called, also when the forward raises) on each module of :func:`plan_groups` for ``params``
+    (default: the model's trainable parameters) and ``group_bytes`` (default None: the largest of
+    ``params``, at least :data:`MIN_GROUP_BYTES`; 0: every owning module for itself); ``groups``
+    holds the plan. Nothing else of the model changes: no attribute, class, forward or parameter.
+    :meth:`remove` takes the hooks off again. ``check_reads``: check the first perturbed forward for
+    reads that bypass the hooks (see the module docstring).
 
     Statistics (for tests and memory reports): ``materialized`` counts perturbed copies made,
     ``live_tensors``/``live_bytes`` are the copies alive now, ``peak_tensors``/``peak_bytes`` the most
     alive at once since construction (or :meth:`reset_peak`).
     """
 
-    def __init__(self, model: torch.nn.Module, params=None, *, check_reads: bool = True):
+    def __init__(self, model: torch.nn.Module, params=None, *, check_reads: bool = True,
+                 group_bytes: int | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"ExactPerturbation takes a torch.nn.Module, not {type(model).__name__}")
+        if group_bytes is not None and (isinstance(group_bytes, bool) or not isinstance(group_bytes, int)
+                                        or group_bytes < 0):
+            raise ValueError(f"group_bytes must be None (automatic) or an int >= 0, got {group_bytes!r}")
         params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
         names = {}
         for name, p in model.named_parameters(remove_duplicate=True):
@@ -154,27 +227,36 @@ class ExactPerturbation:
         if clash:
             raise ExactModeError(f"module {clash[0]!r} is already patched in exact mode by another fastmezo "
                                  "patch; remove that patch first")
+        if group_bytes is None:
+            largest = max((p.numel() * p.element_size() for p in params), default=0)
+            group_bytes = max(largest, MIN_GROUP_BYTES)
         self.model = model
+        self.group_bytes = group_bytes
         self.names = {pid: names[pid] for pid in wanted}    # id(parameter) -> its (first) name
         self._owned = owned
         self._module_names = module_names
-        self._owners_of: dict[str, list[str]] = {}     # parameter name -> names of its owning modules
-        for module, pnames in owned.items():
-            for pname in pnames:
-                pid = id(module._parameters[pname])
-                self._owners_of.setdefault(names[pid], []).append(module_names[module] or "<root>")
+        #: hooked module -> the (owner module, attribute) pairs its hooks materialize (see plan_groups)
+        self.groups = plan_groups(model, owned, group_bytes)
+        self._where: dict[str, list[str]] = {}     # parameter name -> names of the hooked modules covering it
+        for hooked, members in self.groups.items():
+            for owner, pname in members:
+                where = self._where.setdefault(names[id(owner._parameters[pname])], [])
+                label = module_names[hooked] or "<root>"
+                if label not in where:
+                    where.append(label)
         self._check_reads = bool(check_reads)
         self._active: _Active | None = None
-        self._swapped: dict[int, tuple[torch.nn.Module, list]] = {}   # id(module) -> (module, saved)
+        self._swapped: dict[int, tuple[torch.nn.Module, list, int]] = {}   # id(hooked) -> (module, saved, bytes)
         self._depth: dict[int, int] = {}
         self._checker: _ReadCheck | None = None
         self.materialized = 0
         self.live_tensors = self.live_bytes = 0
         self.peak_tensors = self.peak_bytes = 0
         self._handles = []
-        for module in owned:
+        for module in self.groups:
             self._handles.append(module.register_forward_pre_hook(self._pre_hook, prepend=True))
             self._handles.append(module.register_forward_hook(self._post_hook, always_call=True))
+        for module in owned:
             _HOOKED.add(module)
 
     # -- the provider interface used by fastmezo.MeZO -------------------------------------------------
@@ -231,39 +313,46 @@ class ExactPerturbation:
         self._depth[key] = depth + 1
         if depth:                          # re-entrant call: the copies are already in place
             return None
-        names, stored, keys, alphas = [], [], [], []
-        for pname in self._owned[module]:
-            p = module._parameters[pname]
-            entry = active.entries.get(id(p))
-            if entry is not None:
-                names.append(pname)
+        entries = active.entries
+        slots, stored, keys, alphas, index = [], [], [], [], {}
+        for owner, pname in self.groups[module]:
+            p = owner._parameters[pname]
+            pid = id(p)
+            i = index.get(pid)
+            if i is None:
+                entry = entries.get(pid)
+                if entry is None:
+                    continue
+                i = index[pid] = len(stored)     # a tied weight in two owners of a group: one copy
                 stored.append(p)
                 keys.append(entry[0])
                 alphas.append(entry[1])
+            slots.append((owner, pname, p, i))
         if not stored:
             return None
         if self._checker is not None:
             self._checker.paused += 1
         try:
             # Round to nearest: the copy is a temporary, the stored weight keeps its exact value.
-            # Straight to the fused pass: the tensors were validated when the step began, and this
-            # runs once per module and forward (hundreds of times a step), where validating again
-            # cost more host time than the launch.
+            # Straight to the fused pass (one launch for the whole group): the tensors were validated
+            # when the step began, and this runs once per hooked module and forward.
             copies = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in stored]
-            F._run(stored, [1.0] * len(stored), alphas, active.seed, keys, [0] * len(stored), active.noise,
-                   active.backend, outs=copies)
+            n = len(stored)
+            F._run(stored, [1.0] * n, alphas, active.seed, keys, [0] * n, active.noise, active.backend,
+                   outs=copies)
         finally:
             if self._checker is not None:
                 self._checker.paused -= 1
         saved = []
-        for pname, p, copy in zip(names, stored, copies):
-            # A plain dict write: nn.Module.__getattr__ returns it as module.<pname> during the forward.
-            module._parameters[pname] = copy
-            saved.append((pname, p, copy.numel() * copy.element_size()))
-        self._swapped[key] = (module, saved)
-        self.materialized += len(saved)
-        self.live_tensors += len(saved)
-        self.live_bytes += sum(s[2] for s in saved)
+        for owner, pname, p, i in slots:
+            # A plain dict write: nn.Module.__getattr__ returns it as owner.<pname> during the forward.
+            owner._parameters[pname] = copies[i]
+            saved.append((owner, pname, p))
+        nbytes = sum(c.numel() * c.element_size() for c in copies)
+        self._swapped[key] = (module, saved, len(copies), nbytes)
+        self.materialized += len(copies)
+        self.live_tensors += len(copies)
+        self.live_bytes += nbytes
         self.peak_tensors = max(self.peak_tensors, self.live_tensors)
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         return None
@@ -282,22 +371,24 @@ class ExactPerturbation:
             self._restore(*swapped)
         return None
 
-    def _restore(self, module, saved):
-        for pname, p, nbytes in saved:
-            module._parameters[pname] = p
-            self.live_tensors -= 1
-            self.live_bytes -= nbytes
+    def _restore(self, module, saved, ntensors, nbytes):
+        for owner, pname, p in saved:
+            owner._parameters[pname] = p
+        self.live_tensors -= ntensors
+        self.live_bytes -= nbytes
 
     def _read_outside(self, name, func):
-        inside = [self._module_names.get(m) or "<root>" for m, _ in self._swapped.values()]
+        inside = [self._module_names.get(m) or "<root>" for m, *_ in self._swapped.values()]
         where = f" inside the forward of {inside[-1]!r}" if inside else ""
-        owners = self._owners_of.get(name) or ["its module"]
+        covering = self._where.get(name) or ["its module"]
         raise ExactModeError(
             f"exact mode: parameter {name!r} was read by {getattr(func, '__name__', func)}(){where}, outside "
-            f"the forward of {', '.join(repr(o) for o in owners)}, which owns it. Exact mode materializes "
-            "W + eps*z only inside the owning module's forward, so this read would see the unperturbed weight "
-            "and the gradient estimate would be wrong. Call the submodule instead of reading its weight, leave "
-            "this parameter out of training (requires_grad=False), or use mode='inplace'.")
+            f"the forward of {', '.join(repr(o) for o in covering)}, where exact mode materializes it "
+            f"(group_bytes={self.group_bytes}). Exact mode swaps W + eps*z in only for the forward of that "
+            "module, so this read would see the unperturbed weight and the gradient estimate would be wrong. "
+            "Call the submodule instead of reading its weight, give exact mode a group_bytes large enough "
+            "to hold the whole reading module's trained parameters, leave this parameter out of training "
+            "(requires_grad=False), or use mode='inplace'.")
 
     def reset_peak(self) -> None:
         """Start a new measurement of ``peak_tensors`` / ``peak_bytes``."""

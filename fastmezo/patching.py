@@ -111,7 +111,7 @@ class MeZOPatch:
 def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
           seed: int = 0, noise: str = "gaussian", loss_fn=None, eval_mode: bool = True,
           keys: str = "name", no_decay=("bias", "layer_norm", "layernorm"), mode: str = "inplace",
-          **optimizer_options) -> MeZOPatch:
+          group_bytes: int | None = None, **optimizer_options) -> MeZOPatch:
     """Bind MeZO to the trainable (requires_grad) parameters of ``model``; returns a :class:`MeZOPatch`.
 
     Weight decay skips bias and normalization parameters (the reference's rule, see
@@ -124,11 +124,16 @@ def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight
     stored weights written only by the update; see fastmezo.exact). In exact mode the first step
     checks that every trained parameter is read only inside the forward of a module that owns it and
     raises fastmezo.exact.ExactModeError otherwise (e.g. a parent's forward reading a child's weight).
+    ``group_bytes`` (exact mode only): the most bytes of perturbed copies one hooked module
+    materializes at once (fastmezo.exact.plan_groups; default: the largest trained tensor, at least
+    16 MiB; 0: one hooked module per module owning a trained parameter).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fastmezo.patch takes a torch.nn.Module, not {type(model).__name__}")
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"unknown fastmezo.patch mode {mode!r}; expected one of {', '.join(map(repr, MODES))}")
+    if group_bytes is not None and mode != "exact":
+        raise ValueError("group_bytes applies to mode='exact' only (in-place mode materializes nothing)")
     if "perturbation" in optimizer_options:
         raise TypeError("fastmezo.patch chooses the perturbation from mode='inplace'|'exact'; do not pass "
                         "perturbation= as well")
@@ -140,7 +145,7 @@ def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight
     groups = param_groups(model, weight_decay, no_decay=no_decay)
     exact = None
     if mode == "exact":
-        exact = ExactPerturbation(model, [p for g in groups for _, p in g["params"]])
+        exact = ExactPerturbation(model, [p for g in groups for _, p in g["params"]], group_bytes=group_bytes)
         optimizer_options["perturbation"] = exact
     try:
         optimizer = MeZO(groups, lr=lr, eps=eps, seed=seed, noise=noise, keys=keys, **optimizer_options)

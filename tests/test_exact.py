@@ -219,9 +219,11 @@ def test_accumulate_in_exact_mode_equals_step():
 # Hugging Face layers: GPT-2's Conv1D, tied weights, PEFT LoRA
 # ----------------------------------------------------------------------------------------------
 
-def test_gpt2_conv1d_and_tied_weights():
-    """The tied wte / lm_head weight is materialized in both modules with the same z (one key), and
-    updated once; Conv1D layers are perturbed; the result equals in-place mode within 1e-5."""
+@pytest.mark.parametrize("group_bytes", [None, 0])
+def test_gpt2_conv1d_and_tied_weights(group_bytes):
+    """The tied wte / lm_head weight is materialized in both modules (group_bytes=0: two hooked
+    owners; default: one copy in the model's group) with the same z (one key), and updated once;
+    Conv1D layers are perturbed; the result equals in-place mode within 1e-5."""
     model, twin = tiny_gpt2(), tiny_gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight
     theta = model.transformer.wte.weight.detach().clone()
@@ -232,7 +234,9 @@ def test_gpt2_conv1d_and_tied_weights():
             seen.setdefault(name, module.weight.detach().clone())   # returns None: args unchanged
         return hook
 
-    handle = fastmezo.patch(model, lr=0.5, eps=1e-3, seed=6, mode="exact")
+    handle = fastmezo.patch(model, lr=0.5, eps=1e-3, seed=6, mode="exact", group_bytes=group_bytes)
+    hooked = {model.transformer.wte, model.lm_head} if group_bytes == 0 else {model}
+    assert hooked <= set(handle.exact.groups)
     # Registered after the patch: fastmezo's pre-hook runs first, so these see the materialized copy.
     hooks = [model.transformer.wte.register_forward_pre_hook(record("wte")),
              model.lm_head.register_forward_pre_hook(record("lm_head")),
@@ -297,13 +301,16 @@ def test_peft_lora_in_exact_mode():
 # the patch's life cycle
 # ----------------------------------------------------------------------------------------------
 
-def test_remove_restores_the_model_exactly():
+@pytest.mark.parametrize("group_bytes", [None, 0])
+def test_remove_restores_the_model_exactly(group_bytes):
     model = tiny_gpt2()
     before = snapshot(model)
-    handle = fastmezo.patch(model, lr=1e-2, mode="exact")
+    handle = fastmezo.patch(model, lr=1e-2, mode="exact", group_bytes=group_bytes)
     during = snapshot(model)
     assert during != before                                   # hooks and mezo_step are installed
-    assert model.transformer.h[0].mlp.c_fc._forward_pre_hooks
+    leaf, root = model.transformer.h[0].mlp.c_fc, model
+    # One group for the whole tiny model by default; every owning module hooked with group_bytes=0.
+    assert bool(leaf._forward_pre_hooks) == (group_bytes == 0) != bool(root._forward_pre_hooks)
     handle.step(gpt2_batch())
     handle.remove()
     assert snapshot(model) == before
@@ -396,7 +403,7 @@ def test_weight_read_outside_its_module_is_refused():
     model = ParentReadsChild()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     state = snapshot(model)
-    handle = fastmezo.patch(model, mode="exact", lr=0.1)
+    handle = fastmezo.patch(model, mode="exact", lr=0.1, group_bytes=0)    # hooks on proj and head only
     with pytest.raises(ExactModeError, match=r"'proj\.weight' was read by t\(\).*outside the forward of 'proj'"):
         handle.step(torch.randn(3, 4, generator=_gen(0)))
     for n, p in model.named_parameters():
@@ -407,8 +414,25 @@ def test_weight_read_outside_its_module_is_refused():
     assert snapshot(model) == state
     # Frozen, it is not perturbed, so the read is fine.
     model.proj.weight.requires_grad_(False)
-    with fastmezo.patch(model, mode="exact", lr=0.1) as handle:
+    with fastmezo.patch(model, mode="exact", lr=0.1, group_bytes=0) as handle:
         handle.step(torch.randn(3, 4, generator=_gen(0)))
+
+
+def test_group_covering_the_reading_parent_makes_the_read_right():
+    """With the default budget the parent is one group: its forward sees the perturbed child weight,
+    and the step equals in-place mode's."""
+    model, twin = ParentReadsChild(), ParentReadsChild()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(3, 4, generator=_gen(0))
+    with fastmezo.patch(model, mode="exact", lr=0.1, seed=4) as handle, \
+            fastmezo.patch(twin, lr=0.1, seed=4) as twin_handle:
+        assert list(handle.exact.groups) == [model]
+        for _ in range(2):
+            assert float(handle.step(x)) == pytest.approx(float(twin_handle.step(x)), rel=1e-6)
+    assert handle.optimizer.projected_grad != 0
+    # 1e-5: in-place mode's float32 restore rounds, which moves the second step's g by ~1e-5 relative.
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=n)
 
 
 def test_root_parameter_is_handled():
@@ -464,10 +488,87 @@ def test_at_most_one_module_materialized_at_a_time():
     live = []
     for m in model:      # after the patch's pre-hook: what is alive while each layer runs
         m.register_forward_pre_hook(lambda m, a: live.append(handle.exact.live_tensors))
-    handle = fastmezo.patch(model, mode="exact", loss_fn=lambda m, b: m(b).pow(2).mean())
+    handle = fastmezo.patch(model, mode="exact", loss_fn=lambda m, b: m(b).pow(2).mean(), group_bytes=0)
     handle.step(x)
     assert live == [2, 2, 2] * 2                       # weight and bias of the running layer only
     assert handle.exact.live_tensors == 0 and handle.exact.materialized == 2 * 6
     largest = max(sum(p.numel() * p.element_size() for p in m.parameters()) for m in model)
     assert handle.exact.peak_bytes == largest
     handle.remove()
+
+
+def _blocks(seed=0):
+    """Two blocks of two Linear layers (block 1 the larger), a LayerNorm between them."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16)), nn.LayerNorm(16),
+                             nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 16)))
+
+
+def _nbytes(module):
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def test_groups_materialize_a_block_at_a_time():
+    """group_bytes = the largest block's bytes: the hooks sit on the blocks (and the LayerNorm between
+    them), each block's four tensors are materialized together before it runs and freed after it, and
+    the step is bit-identical to one hooked module per Linear."""
+    model, per_module = _blocks(), _blocks()
+    budget = _nbytes(model[0])
+    x = torch.randn(5, 16, generator=_gen(0))
+    live = []
+    for block in (model[0], model[2]):
+        for layer in block:          # after the block's pre-hook: what is alive while each layer runs
+            layer.register_forward_pre_hook(lambda m, a: live.append(handle.exact.live_tensors))
+    loss = lambda m, b: m(b).pow(2).mean()      # noqa: E731
+    handle = fastmezo.patch(model, mode="exact", loss_fn=loss, group_bytes=budget, lr=0.1, seed=2)
+    twin = fastmezo.patch(per_module, mode="exact", loss_fn=loss, group_bytes=0, lr=0.1, seed=2)
+    assert list(handle.exact.groups) == [model[0], model[1], model[2]]
+    assert len(twin.exact.groups) == 5
+    assert float(handle.step(x)) == float(twin.step(x))
+    assert live == [4, 4, 4, 4] * 2
+    assert handle.exact.peak_bytes == budget and handle.exact.peak_tensors == 4
+    assert handle.exact.materialized == 2 * 10 and handle.exact.live_tensors == 0
+    for p, q in zip(model.parameters(), per_module.parameters()):
+        assert torch.equal(p, q)
+    # The whole model under the default budget (>= MIN_GROUP_BYTES): one hooked module.
+    handle.remove()
+    twin.remove()
+    with fastmezo.patch(model, mode="exact", loss_fn=loss) as whole:
+        assert list(whole.exact.groups) == [model]
+        whole.step(x)
+        assert whole.exact.peak_bytes == _nbytes(model)
+
+
+def test_a_module_shared_between_blocks_is_hooked_on_its_own():
+    """A Linear used by two blocks could run outside either block's forward: neither block (nor the
+    root) is a group, the shared layer has its own hooks, and the step equals in-place mode's."""
+    def build():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            shared = nn.Linear(8, 8)
+            return nn.Sequential(nn.Sequential(nn.Linear(8, 8), shared), nn.Sequential(shared, nn.Linear(8, 8)))
+
+    model, twin = build(), build()
+    assert model[0][1] is model[1][0]
+    x = torch.randn(4, 8, generator=_gen(1))
+    loss = lambda m, b: m(b).pow(2).mean()      # noqa: E731
+    with fastmezo.patch(model, mode="exact", loss_fn=loss, lr=0.1, seed=5) as handle, \
+            fastmezo.patch(twin, loss_fn=loss, lr=0.1, seed=5) as twin_handle:
+        assert list(handle.exact.groups) == [model[0][0], model[0][1], model[1][1]]
+        assert float(handle.step(x)) == pytest.approx(float(twin_handle.step(x)), rel=1e-6)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="inplace", group_bytes=1 << 20), "group_bytes applies to mode='exact' only"),
+    (dict(mode="exact", group_bytes=-1), "group_bytes must be None"),
+    (dict(mode="exact", group_bytes=2.5), "group_bytes must be None"),
+])
+def test_bad_group_bytes_is_a_clear_error_and_changes_nothing(kwargs, message):
+    model = MLP()
+    state = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        fastmezo.patch(model, **kwargs)
+    assert snapshot(model) == state
