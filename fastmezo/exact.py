@@ -123,6 +123,38 @@ def plan_groups(model: torch.nn.Module, owned: dict, budget: int) -> dict:
     return plan
 
 
+def _carve(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Uninitialized contiguous tensors shaped like ``tensors``, carved from one buffer per dtype, each
+    starting at a multiple of 64 bytes. One allocation per group rather than one per tensor, and a
+    layout that is the same at every forward: the Triton launcher's table of a group (which records
+    where each copy lies relative to the first) is then found in its cache instead of being built and
+    uploaded again each time the caching allocator hands out another address."""
+    by_dtype: dict = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    out: list = [None] * len(tensors)
+    for dtype, idx in by_dtype.items():
+        first = tensors[idx[0]]
+        align = max(1, 64 // first.element_size())
+        starts, total = [], 0
+        for i in idx:
+            starts.append(total)
+            total += -(-tensors[i].numel() // align) * align
+        buf = torch.empty(total, dtype=dtype, device=first.device)
+        for i, start in zip(idx, starts):
+            t = tensors[i]
+            out[i] = buf.as_strided(t.shape, _contiguous_strides(t.shape), start)
+    return out
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 class ExactModeError(RuntimeError):
     """A model cannot run in exact mode as it is (a parameter is read outside its module's forward,
     or a module is already patched)."""
@@ -336,7 +368,7 @@ class ExactPerturbation:
             # Round to nearest: the copy is a temporary, the stored weight keeps its exact value.
             # Straight to the fused pass (one launch for the whole group): the tensors were validated
             # when the step began, and this runs once per hooked module and forward.
-            copies = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in stored]
+            copies = _carve(stored)
             n = len(stored)
             F._run(stored, [1.0] * n, alphas, active.seed, keys, [0] * n, active.noise, active.backend,
                    outs=copies)
@@ -348,7 +380,7 @@ class ExactPerturbation:
             # A plain dict write: nn.Module.__getattr__ returns it as owner.<pname> during the forward.
             owner._parameters[pname] = copies[i]
             saved.append((owner, pname, p))
-        nbytes = sum(c.numel() * c.element_size() for c in copies)
+        nbytes = sum(c.numel() * c.element_size() for c in copies)     # the copies' own bytes, no padding
         self._swapped[key] = (module, saved, len(copies), nbytes)
         self.materialized += len(copies)
         self.live_tensors += len(copies)

@@ -17,7 +17,7 @@ A program covers BLOCK consecutive elements. Blocks are aligned to the *global* 
 (offset + local index) in units of G = max(elements per Philox call, 8), so the noise and the rounding
 bits never depend on the block size or on where a shard starts. ALIGNED (offset % G == 0 and 16-byte
 aligned addresses for every tensor of the launch) lets full blocks use unmasked 16-byte vector
-accesses; only each tensor's last block is masked. FAST (fast sin/cos, correctly rounded division via
+accesses; only each tensor's last block is masked. FAST (fast sin/cos and log2, correctly rounded division via
 libdevice) is on for compiled kernels and off in the interpreter, which has no libdevice.
 """
 import os
@@ -33,7 +33,11 @@ from .philox import gaussian_block, rademacher_block, rounding_draws, round_stoc
 DEFAULT_BLOCK = 4096
 INTERPRETER_BLOCK = 1 << 16
 
-# Columns of the int64 tensor table.
+# Columns of the int64 tensor table: x's address, the output's offset in elements from the launch's
+# first output (proto_ptr), numel, global index of the first element, noise key. Offsets rather than
+# output addresses: exact mode's perturbed copies are carved from one buffer per group of modules,
+# whose address changes from forward to forward (the caching allocator), their offsets do not; so the
+# table, keyed by its content, is built and uploaded once.
 _X, _OUT, _N, _OFFSET, _KEY, _COLS = 0, 1, 2, 3, 4, 5
 
 
@@ -80,7 +84,7 @@ def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, total, a, b, seed_lo, 
     ELEM = proto_ptr.dtype.element_ty
     x_ptr = tl.load(row + 0).to(tl.pointer_type(ELEM))
     if OUT:
-        out_ptr = tl.load(row + 1).to(tl.pointer_type(ELEM))
+        out_ptr = proto_ptr + tl.load(row + 1)
     else:
         out_ptr = x_ptr
     if ALIGNED:
@@ -214,13 +218,18 @@ def axpbz_multi_(tensors, a: float, b: float, seed: int, keys, noise: int, offse
     rseed = round_seed if rnd else 0
     for (dtype, aligned), members in groups.items():
         rows, blocks = [], []
+        proto = members[0][1]                              # the first output: offsets count from it
+        base, esize = proto.data_ptr(), proto.element_size()
         for x, o, key, off in members:
             n = x.numel()
-            rows.extend((x.data_ptr(), o.data_ptr(), n, off, key & 0xFFFFFFFF))
+            delta, rest = divmod(o.data_ptr() - base, esize)
+            if rest:  # pragma: no cover  (tensors of one dtype sit at multiples of its size)
+                raise ValueError("outputs of one launch must lie a whole number of elements apart")
+            rows.extend((x.data_ptr(), delta, n, off, key & 0xFFFFFFFF))
             blocks.append(-(-(n + off % g) // block))   # ceil; triton.cdiv is a jit function, ~10 us a call
         table, starts, total, log2t = _tables.get(tuple(rows), tuple(blocks), device)
         _axpbz_table_kernel[(total,)](
-            members[0][0], table, starts, total, float(a), float(b),
+            proto, table, starts, total, float(a), float(b),
             _as_i32(seed & 0xFFFFFFFF), _as_i32((seed >> 32) & 0xFFFFFFFF),
             _as_i32(rseed & 0xFFFFFFFF), _as_i32((rseed >> 32) & 0xFFFFFFFF),
             NOISE=noise, BLOCK=block, LOG2T=log2t, LOAD_X=load_x, OUT=use_out,

@@ -64,16 +64,32 @@ def uniform_from_bits(x):
 
 
 @triton.jit
+def _minus_2_log(u, FAST: tl.constexpr):
+    """-2 ln u for the uniforms of uniform_from_bits (u in [2**-24, 1 - 2**-24]).
+
+    FAST (CUDA only): the hardware log2 (lg2.approx, absolute error about 2**-22) where u <= 1 - 2**-10,
+    so r = sqrt(-2 ln u) >= 0.044 and the absolute error of r stays below 3e-6; nearer to 1, where
+    that absolute error would be a large relative error of a small r, the series
+    -2 ln(1 - d) = 2 d (1 + d / 2 + d**2 / 3) in the exact d = 1 - u (truncation below 2**-32
+    relative). libdevice's accurate logf costs ~2x the instructions, and the pass is compute-bound."""
+    if FAST:
+        d = 1.0 - u
+        series = 2.0 * d * (1.0 + d * (0.5 + d * 0.3333333333333333))
+        return tl.where(d < 0.0009765625, series, -1.3862943611198906 * libdevice.fast_log2f(u))
+    else:
+        return -2.0 * tl.log(u)
+
+
+@triton.jit
 def box_muller(x_a, x_b, FAST: tl.constexpr):
     """Two standard normals: r = sqrt(-2 ln u_a), t = pi * (2 u_b - 1), (r cos t, r sin t).
 
     FAST (CUDA only) uses the hardware sin/cos approximations (absolute error about 2**-21 on
-    (-pi, pi), so |dz| < 4e-6): Box-Muller is compute-bound at H200 bandwidth and the accurate
-    versions cost 2x. The log stays accurate: an approximate log2 has an absolute error that becomes
-    a large relative error of r for u near 1."""
+    (-pi, pi), so |dz| < 4e-6) and the hardware log2 away from u_a = 1 (_minus_2_log): Box-Muller is
+    compute-bound at H200 bandwidth and the accurate versions cost 2x."""
     u_a = uniform_from_bits(x_a)
     u_b = uniform_from_bits(x_b)
-    r = tl.sqrt(-2.0 * tl.log(u_a))
+    r = tl.sqrt(_minus_2_log(u_a, FAST))
     t = PI * (2.0 * u_b - 1.0)
     if FAST:
         return r * libdevice.fast_cosf(t), r * libdevice.fast_sinf(t)

@@ -421,14 +421,18 @@ def test_weight_read_outside_its_module_is_refused():
 def test_group_covering_the_reading_parent_makes_the_read_right():
     """With the default budget the parent is one group: its forward sees the perturbed child weight,
     and the step equals in-place mode's."""
-    model, twin = ParentReadsChild(), ParentReadsChild()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ParentReadsChild()
+    twin = ParentReadsChild()
     twin.load_state_dict(model.state_dict())
     x = torch.randn(3, 4, generator=_gen(0))
     with fastmezo.patch(model, mode="exact", lr=0.1, seed=4) as handle, \
             fastmezo.patch(twin, lr=0.1, seed=4) as twin_handle:
         assert list(handle.exact.groups) == [model]
-        for _ in range(2):
-            assert float(handle.step(x)) == pytest.approx(float(twin_handle.step(x)), rel=1e-6)
+        # Step 1 sees the same weights; step 2 the updates, whose g differ by ~1e-5 relative (below).
+        for rel in (1e-6, 1e-5):
+            assert float(handle.step(x)) == pytest.approx(float(twin_handle.step(x)), rel=rel)
     assert handle.optimizer.projected_grad != 0
     # 1e-5: in-place mode's float32 restore rounds, which moves the second step's g by ~1e-5 relative.
     for (n, p), q in zip(model.named_parameters(), twin.parameters()):
@@ -572,3 +576,21 @@ def test_bad_group_bytes_is_a_clear_error_and_changes_nothing(kwargs, message):
     with pytest.raises(ValueError, match=message):
         fastmezo.patch(model, **kwargs)
     assert snapshot(model) == state
+
+
+def test_launch_tables_of_the_copies_are_built_once(triton_device):
+    """The copies of a group are carved from one buffer whose address changes between forwards; the
+    Triton launcher's tables record where each copy lies relative to the first, so after the first
+    step every launch finds its table in the cache (none is built, none uploaded)."""
+    from fastmezo.kernels import axpbz as K
+    model = MLP().to(triton_device)
+    batch = tuple(t.to(triton_device) for t in mlp_batch())
+    with fastmezo.patch(model, mode="exact", backend="triton", group_bytes=0, lr=0.05) as handle:
+        handle.step(batch)
+        before = K._tables.misses
+        keep = [torch.empty(1000, device=triton_device) for _ in range(3)]  # move the allocator along
+        for _ in range(2):
+            handle.step(batch)
+            keep.append(torch.empty(777, device=triton_device))
+        assert K._tables.misses == before
+        assert handle.exact.materialized == 3 * 2 * 8        # emb 1, fc1 2, norm 2, fc2 2, the root's scale 1
