@@ -123,28 +123,47 @@ def plan_groups(model: torch.nn.Module, owned: dict, budget: int) -> dict:
     return plan
 
 
+class _Layout:
+    """Where the perturbed copies of one group lie: one buffer per dtype, each copy at a multiple of
+    64 bytes. One allocation per group rather than one per tensor, and a layout that is the same at
+    every forward: the Triton launcher's table of a group (which records where each copy lies
+    relative to the first) is then found in its cache instead of being built and uploaded again each
+    time the caching allocator hands out another address. Computed once per group (the hooks reuse it
+    while the group's stored tensors are the same objects; it holds them, so their ids stay theirs)."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors = list(tensors)
+        self.ids = tuple(map(id, tensors))
+        self.n = len(tensors)
+        self.ones, self.zeros = [1.0] * self.n, [0] * self.n
+        self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        by_dtype: dict = {}
+        for i, t in enumerate(tensors):
+            by_dtype.setdefault(t.dtype, []).append(i)
+        self.buffers = []                  # (dtype, device, elements, [(index, shape, strides, start)])
+        for dtype, idx in by_dtype.items():
+            first = tensors[idx[0]]
+            align = max(1, 64 // first.element_size())
+            views, total = [], 0
+            for i in idx:
+                t = tensors[i]
+                views.append((i, tuple(t.shape), _contiguous_strides(t.shape), total))
+                total += -(-t.numel() // align) * align
+            self.buffers.append((dtype, first.device, total, views))
+
+    def carve(self) -> list[torch.Tensor]:
+        """Uninitialized contiguous tensors shaped like the group's tensors, in their order."""
+        out: list = [None] * self.n
+        for dtype, device, total, views in self.buffers:
+            buf = torch.empty(total, dtype=dtype, device=device)
+            for i, shape, strides, start in views:
+                out[i] = buf.as_strided(shape, strides, start)
+        return out
+
+
 def _carve(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Uninitialized contiguous tensors shaped like ``tensors``, carved from one buffer per dtype, each
-    starting at a multiple of 64 bytes. One allocation per group rather than one per tensor, and a
-    layout that is the same at every forward: the Triton launcher's table of a group (which records
-    where each copy lies relative to the first) is then found in its cache instead of being built and
-    uploaded again each time the caching allocator hands out another address."""
-    by_dtype: dict = {}
-    for i, t in enumerate(tensors):
-        by_dtype.setdefault(t.dtype, []).append(i)
-    out: list = [None] * len(tensors)
-    for dtype, idx in by_dtype.items():
-        first = tensors[idx[0]]
-        align = max(1, 64 // first.element_size())
-        starts, total = [], 0
-        for i in idx:
-            starts.append(total)
-            total += -(-tensors[i].numel() // align) * align
-        buf = torch.empty(total, dtype=dtype, device=first.device)
-        for i, start in zip(idx, starts):
-            t = tensors[i]
-            out[i] = buf.as_strided(t.shape, _contiguous_strides(t.shape), start)
-    return out
+    """Copies-to-be of ``tensors`` laid out as in exact mode (see :class:`_Layout`)."""
+    return _Layout(tensors).carve()
 
 
 def _contiguous_strides(shape) -> tuple:
@@ -280,6 +299,7 @@ class ExactPerturbation:
         self._active: _Active | None = None
         self._swapped: dict[int, tuple[torch.nn.Module, list, int]] = {}   # id(hooked) -> (module, saved, bytes)
         self._depth: dict[int, int] = {}
+        self._layouts: dict[int, _Layout] = {}      # id(hooked module) -> its copies' layout
         self._checker: _ReadCheck | None = None
         self.materialized = 0
         self.live_tensors = self.live_bytes = 0
@@ -368,9 +388,11 @@ class ExactPerturbation:
             # Round to nearest: the copy is a temporary, the stored weight keeps its exact value.
             # Straight to the fused pass (one launch for the whole group): the tensors were validated
             # when the step began, and this runs once per hooked module and forward.
-            copies = _carve(stored)
-            n = len(stored)
-            F._run(stored, [1.0] * n, alphas, active.seed, keys, [0] * n, active.noise, active.backend,
+            layout = self._layouts.get(key)
+            if layout is None or layout.ids != tuple(map(id, stored)):
+                layout = self._layouts[key] = _Layout(stored)
+            copies = layout.carve()
+            F._run(stored, layout.ones, alphas, active.seed, keys, layout.zeros, active.noise, active.backend,
                    outs=copies)
         finally:
             if self._checker is not None:
@@ -380,7 +402,7 @@ class ExactPerturbation:
             # A plain dict write: nn.Module.__getattr__ returns it as owner.<pname> during the forward.
             owner._parameters[pname] = copies[i]
             saved.append((owner, pname, p))
-        nbytes = sum(c.numel() * c.element_size() for c in copies)     # the copies' own bytes, no padding
+        nbytes = layout.nbytes                 # the copies' own bytes, without the alignment padding
         self._swapped[key] = (module, saved, len(copies), nbytes)
         self.materialized += len(copies)
         self.live_tensors += len(copies)
@@ -434,4 +456,5 @@ class ExactPerturbation:
             handle.remove()
         for module in self._owned:
             _HOOKED.discard(module)
+        self._layouts.clear()                      # they hold the stored tensors
         self._handles = None

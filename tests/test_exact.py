@@ -594,3 +594,30 @@ def test_launch_tables_of_the_copies_are_built_once(triton_device):
             keep.append(torch.empty(777, device=triton_device))
         assert K._tables.misses == before
         assert handle.exact.materialized == 3 * 2 * 8        # emb 1, fc1 2, norm 2, fc2 2, the root's scale 1
+
+
+def test_copies_follow_the_tensors_of_each_perturbation():
+    """A group's copy layout is reused while it materializes the same tensors and rebuilt when the
+    perturbed set changes (here: all weights, then only the first layer's weight, then all again)."""
+    model = _blocks()
+    params = list(model.parameters())
+    theta = [p.detach().clone() for p in params]
+    provider = ExactPerturbation(model, params, group_bytes=1 << 30)
+    assert list(provider.groups) == [model]
+    seen = []
+    model[0][0].register_forward_pre_hook(lambda m, a: seen.append((m.weight.clone(), m.bias.clone())))
+    x = torch.randn(3, 16, generator=_gen(5))
+    for subset in (range(len(params)), [0], range(len(params))):
+        tensors = [params[i] for i in subset]
+        keys = [10 + i for i in subset]
+        with torch.no_grad(), provider.perturbation(7, tensors, keys, [1e-2] * len(tensors)):
+            model(x)
+        w, b = seen[-1]
+        expected_w = theta[0] + 1e-2 * reference.noise(theta[0].numel(), 7, 10).view(theta[0].shape)
+        expected_b = theta[1] + 1e-2 * reference.noise(theta[1].numel(), 7, 11) if 1 in subset else theta[1]
+        torch.testing.assert_close(w, expected_w, rtol=0, atol=1e-6)
+        torch.testing.assert_close(b, expected_b, rtol=0, atol=1e-6)
+        assert provider.live_tensors == 0
+    for p, t in zip(params, theta):
+        assert torch.equal(p, t)
+    provider.remove()
