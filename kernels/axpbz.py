@@ -67,18 +67,21 @@ def _pass_block(x_ptr, out_ptr, idx, mask, z, a, b, rseed_lo, rseed_hi, key, fir
 
 # Seeds, coefficients and table sizes are not specialized: they never cause a recompilation.
 @triton.jit(do_not_specialize=["a", "b", "seed_lo", "seed_hi", "rseed_lo", "rseed_hi", "total"])
-def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, total, a, b, seed_lo, seed_hi, rseed_lo, rseed_hi,
-                        NOISE: tl.constexpr, BLOCK: tl.constexpr, LOG2T: tl.constexpr, LOAD_X: tl.constexpr,
-                        OUT: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr):
+def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, map_ptr, total, a, b, seed_lo, seed_hi, rseed_lo,
+                        rseed_hi, NOISE: tl.constexpr, BLOCK: tl.constexpr, MAPPED: tl.constexpr,
+                        LOAD_X: tl.constexpr, OUT: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr,
+                        FAST: tl.constexpr):
     PER_CALL: tl.constexpr = 4 if NOISE == 0 else 128
     G: tl.constexpr = 8 if NOISE == 0 else 128              # block alignment: z calls and rounding calls
     pid = tl.program_id(0).to(tl.int64)
-    # The tensor of this program: the last t with starts[t] <= pid (starts is padded to 2**LOG2T
-    # entries with a value above every pid, so the search needs no bounds checks).
-    t = pid * 0
-    for k in tl.static_range(LOG2T):
-        step = 1 << (LOG2T - 1 - k)
-        t = tl.where(tl.load(starts_ptr + t + step) <= pid, t + step, t)
+    # The tensor of this program, read from a map of one int32 per program (MAPPED; one tensor: 0).
+    # A binary search over the block starts (what this kernel did before) is log2(tensors) dependent
+    # loads, ~9 on an OPT-13B parameter list: about as long as a program's whole life at H200
+    # bandwidth, so it showed as 1.17x the floor there against 1.10x on one large tensor.
+    if MAPPED:
+        t = tl.load(map_ptr + pid).to(tl.int64)
+    else:
+        t = pid * 0
     blk = pid - tl.load(starts_ptr + t)
     row = table_ptr + t * 5
     ELEM = proto_ptr.dtype.element_ty
@@ -144,9 +147,11 @@ class _TableCache:
     the same tensors every step, so the tables are built and copied to the device once. Keyed by
     content, an entry is right whenever it is found, whatever happened to the tensors in between.
 
-    Capacity: exact mode makes one small table per hooked module and forward (out = that module's
-    perturbed copy, at the same addresses step after step once the caching allocator is warm), so a
-    model's few hundred modules must all fit; 4096 entries of a few hundred bytes each.
+    An entry holds the rows, the block starts and, for several tensors, a map of one int32 per
+    program (BLOCK elements) to its tensor: 0.05% of the bytes of float16 tensors (12 MiB for an
+    OPT-13B pass). Capacity: exact mode makes one table per hooked group of modules (its copies lie
+    at fixed offsets from the first, so the same table serves every forward), so a model's few
+    hundred groups must all fit; 4096 entries.
 
     A miss builds the table on the host and uploads it with ONE non-blocking copy from pinned memory:
     a copy from pageable memory synchronizes the stream (CUDA's rule for pageable host-to-device
@@ -159,25 +164,30 @@ class _TableCache:
         self.misses = 0
 
     def get(self, rows: tuple, blocks: tuple, device: torch.device):
+        """(table, block starts, program -> tensor map or None for one tensor, programs) on ``device``."""
         key = (device, rows, blocks)
         hit = self.entries.pop(key, None)
         if hit is None:
             self.misses += 1
-            log2t = max(1, len(blocks).bit_length())       # 2**log2t > number of tensors
-            starts = [0] * (1 << log2t)
-            acc = 0
-            for i, nb in enumerate(blocks):
-                starts[i] = acc
+            starts, acc = [], 0
+            for nb in blocks:
+                starts.append(acc)
                 acc += nb
-            for i in range(len(blocks), 1 << log2t):
-                starts[i] = 1 << 62                           # above every program id
-            host = torch.tensor(list(rows) + starts, dtype=torch.int64)
+            host = torch.tensor(list(rows) + starts + list(blocks), dtype=torch.int64)
             if device.type == "cuda":
                 buf = host.pin_memory().to(device, non_blocking=True)
             else:
                 buf = host.to(device)
-            # Two views of one buffer: the table (rows of _COLS int64) and the padded block starts.
-            hit = (buf[:len(rows)], buf[len(rows):], acc, log2t)
+            # Views of one buffer: the table (rows of _COLS int64), the block starts, the block counts.
+            n_t = len(blocks)
+            table, starts_d = buf[:len(rows)], buf[len(rows):len(rows) + n_t]
+            mapping = None
+            if n_t > 1:
+                # Built on the device, no host sync (output_size given): tensor t for its blocks.
+                counts = buf[len(rows) + n_t:]
+                mapping = torch.repeat_interleave(torch.arange(n_t, dtype=torch.int32, device=device), counts,
+                                                  output_size=acc)
+            hit = (table, starts_d, mapping, acc)
             if len(self.entries) >= self.capacity:
                 self.entries.pop(next(iter(self.entries)))
         self.entries[key] = hit                               # most recently used last
@@ -230,12 +240,12 @@ def axpbz_multi_(tensors, a: float, b: float, seed: int, keys, noise: int, offse
                 raise ValueError("outputs of one launch must lie a whole number of elements apart")
             rows += (xp, delta, n, off, key & 0xFFFFFFFF)
             blocks.append(-(-(n + off % g) // block))   # ceil; triton.cdiv is a jit function, ~10 us a call
-        table, starts, total, log2t = _tables.get(tuple(rows), tuple(blocks), device)
+        table, starts, mapping, total = _tables.get(tuple(rows), tuple(blocks), device)
         _axpbz_table_kernel[(total,)](
-            proto, table, starts, total, float(a), float(b),
+            proto, table, starts, starts if mapping is None else mapping, total, float(a), float(b),
             _as_i32(seed & 0xFFFFFFFF), _as_i32((seed >> 32) & 0xFFFFFFFF),
             _as_i32(rseed & 0xFFFFFFFF), _as_i32((rseed >> 32) & 0xFFFFFFFF),
-            NOISE=noise, BLOCK=block, LOG2T=log2t, LOAD_X=load_x, OUT=use_out,
+            NOISE=noise, BLOCK=block, MAPPED=mapping is not None, LOAD_X=load_x, OUT=use_out,
             ROUND=rnd and dtype != torch.float32, ALIGNED=aligned, FAST=not _INTERPRETING,
             num_warps=num_warps, **_NO_FMA_CONTRACTION)
 
