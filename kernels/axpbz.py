@@ -68,18 +68,26 @@ def _pass_block(x_ptr, out_ptr, idx, mask, z, a, b, rseed_lo, rseed_hi, key, fir
 # Seeds, coefficients and table sizes are not specialized: they never cause a recompilation.
 @triton.jit(do_not_specialize=["a", "b", "seed_lo", "seed_hi", "rseed_lo", "rseed_hi", "total"])
 def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, map_ptr, total, a, b, seed_lo, seed_hi, rseed_lo,
-                        rseed_hi, NOISE: tl.constexpr, BLOCK: tl.constexpr, MAPPED: tl.constexpr,
-                        LOAD_X: tl.constexpr, OUT: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr,
-                        FAST: tl.constexpr):
+                        rseed_hi, NOISE: tl.constexpr, BLOCK: tl.constexpr, LOOKUP: tl.constexpr,
+                        LOG2T: tl.constexpr, LOAD_X: tl.constexpr, OUT: tl.constexpr, ROUND: tl.constexpr,
+                        ALIGNED: tl.constexpr, FAST: tl.constexpr):
     PER_CALL: tl.constexpr = 4 if NOISE == 0 else 128
     G: tl.constexpr = 8 if NOISE == 0 else 128              # block alignment: z calls and rounding calls
     pid = tl.program_id(0).to(tl.int64)
-    # The tensor of this program, read from a map of one int32 per program (MAPPED; one tensor: 0).
-    # A binary search over the block starts (what this kernel did before) is log2(tensors) dependent
-    # loads, ~9 on an OPT-13B parameter list: about as long as a program's whole life at H200
-    # bandwidth, so it showed as 1.17x the floor there against 1.10x on one large tensor.
-    if MAPPED:
+    # The tensor of this program (LOOKUP 0: the only one). LOOKUP 1, Gaussian passes: read from a map
+    # of one int32 per program, one load. LOOKUP 2, Rademacher passes: the last t with starts[t] <= pid,
+    # a binary search (starts is padded to 2**LOG2T entries with a value above every pid, so it needs
+    # no bounds checks). Measured on the H200 (OPT-13B shapes): the search's ~40 instructions a
+    # program cost the compute-bound Gaussian pass 4% (20.55 ms against 19.75 with the map), while the
+    # latency-bound Rademacher pass is 6% faster with the search (14.13 ms against 15.00), whose
+    # loads hit in cache where the map entry comes from DRAM.
+    if LOOKUP == 1:
         t = tl.load(map_ptr + pid).to(tl.int64)
+    elif LOOKUP == 2:
+        t = pid * 0
+        for k in tl.static_range(LOG2T):
+            step = 1 << (LOG2T - 1 - k)
+            t = tl.where(tl.load(starts_ptr + t + step) <= pid, t + step, t)
     else:
         t = pid * 0
     blk = pid - tl.load(starts_ptr + t)
@@ -147,9 +155,9 @@ class _TableCache:
     the same tensors every step, so the tables are built and copied to the device once. Keyed by
     content, an entry is right whenever it is found, whatever happened to the tensors in between.
 
-    An entry holds the rows, the block starts and, for several tensors, a map of one int32 per
-    program (BLOCK elements) to its tensor: 0.05% of the bytes of float16 tensors (12 MiB for an
-    OPT-13B pass). Capacity: exact mode makes one table per hooked group of modules (its copies lie
+    An entry holds the rows, the block starts and, once a Gaussian pass asked for it, a map of one
+    int32 per program (BLOCK elements) to its tensor: 0.05% of the bytes of float16 tensors (12 MiB
+    for an OPT-13B pass). Capacity: exact mode makes one table per hooked group of modules (its copies lie
     at fixed offsets from the first, so the same table serves every forward), so a model's few
     hundred groups must all fit; 4096 entries.
 
@@ -163,35 +171,39 @@ class _TableCache:
         self.entries: dict = {}
         self.misses = 0
 
-    def get(self, rows: tuple, blocks: tuple, device: torch.device):
-        """(table, block starts, program -> tensor map or None for one tensor, programs) on ``device``."""
+    def get(self, rows: tuple, blocks: tuple, device: torch.device, mapped: bool = False):
+        """(table, block starts padded to 2**log2t entries, log2t, program -> tensor map or None,
+        programs) on ``device``; the map (one int32 per program) is built on the first ``mapped``
+        request for a table of several tensors."""
         key = (device, rows, blocks)
         hit = self.entries.pop(key, None)
         if hit is None:
             self.misses += 1
-            starts, acc = [], 0
-            for nb in blocks:
-                starts.append(acc)
+            n_t = len(blocks)
+            log2t = max(1, n_t.bit_length())                # 2**log2t > number of tensors
+            starts = [0] * (1 << log2t)
+            acc = 0
+            for i, nb in enumerate(blocks):
+                starts[i] = acc
                 acc += nb
+            for i in range(n_t, 1 << log2t):
+                starts[i] = 1 << 62                           # above every program id
             host = torch.tensor(list(rows) + starts + list(blocks), dtype=torch.int64)
             if device.type == "cuda":
                 buf = host.pin_memory().to(device, non_blocking=True)
             else:
                 buf = host.to(device)
-            # Views of one buffer: the table (rows of _COLS int64), the block starts, the block counts.
-            n_t = len(blocks)
-            table, starts_d = buf[:len(rows)], buf[len(rows):len(rows) + n_t]
-            mapping = None
-            if n_t > 1:
-                # Built on the device, no host sync (output_size given): tensor t for its blocks.
-                counts = buf[len(rows) + n_t:]
-                mapping = torch.repeat_interleave(torch.arange(n_t, dtype=torch.int32, device=device), counts,
-                                                  output_size=acc)
-            hit = (table, starts_d, mapping, acc)
+            # Views of one buffer: the table (rows of _COLS int64), the padded block starts, the counts.
+            end = len(rows) + len(starts)
+            hit = [buf[:len(rows)], buf[len(rows):end], log2t, None, acc, buf[end:]]
             if len(self.entries) >= self.capacity:
                 self.entries.pop(next(iter(self.entries)))
+        if mapped and hit[3] is None and len(blocks) > 1:
+            # Built on the device, no host sync (output_size given): tensor t for each of its blocks.
+            hit[3] = torch.repeat_interleave(torch.arange(len(blocks), dtype=torch.int32, device=device), hit[5],
+                                             output_size=hit[4])
         self.entries[key] = hit                               # most recently used last
-        return hit
+        return hit[:5]
 
 
 _tables = _TableCache()
@@ -240,12 +252,13 @@ def axpbz_multi_(tensors, a: float, b: float, seed: int, keys, noise: int, offse
                 raise ValueError("outputs of one launch must lie a whole number of elements apart")
             rows += (xp, delta, n, off, key & 0xFFFFFFFF)
             blocks.append(-(-(n + off % g) // block))   # ceil; triton.cdiv is a jit function, ~10 us a call
-        table, starts, mapping, total = _tables.get(tuple(rows), tuple(blocks), device)
+        table, starts, log2t, mapping, total = _tables.get(tuple(rows), tuple(blocks), device, noise == 0)
+        lookup = 0 if len(blocks) == 1 else 1 if mapping is not None else 2
         _axpbz_table_kernel[(total,)](
             proto, table, starts, starts if mapping is None else mapping, total, float(a), float(b),
             _as_i32(seed & 0xFFFFFFFF), _as_i32((seed >> 32) & 0xFFFFFFFF),
             _as_i32(rseed & 0xFFFFFFFF), _as_i32((rseed >> 32) & 0xFFFFFFFF),
-            NOISE=noise, BLOCK=block, MAPPED=mapping is not None, LOAD_X=load_x, OUT=use_out,
+            NOISE=noise, BLOCK=block, LOOKUP=lookup, LOG2T=log2t if lookup == 2 else 0, LOAD_X=load_x, OUT=use_out,
             ROUND=rnd and dtype != torch.float32, ALIGNED=aligned, FAST=not _INTERPRETING,
             num_warps=num_warps, **_NO_FMA_CONTRACTION)
 
