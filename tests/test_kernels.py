@@ -442,9 +442,8 @@ def test_bf16_rounding_is_to_nearest(backend, device):
 
 def test_table_kernel_many_tensors_mixed_dtypes_and_alignments(triton_device):
     """One call over 37 tensors (Gaussian: the program map; Rademacher: binary search over 2**6 block
-    starts) of three dtypes, some at odd
-    storage offsets (unaligned, masked path) and some aligned, with small blocks so tensors span many
-    programs: every tensor gets a * x + b * z of its own key, and the padding around the views is
+    starts) of three dtypes, some at odd storage offsets (unaligned, masked path) and some aligned,
+    with small blocks so tensors span many programs: every tensor gets a * x + b * z of its own key, and the padding around the views is
     untouched."""
     from fastmezo.kernels.axpbz import axpbz_multi_
 
