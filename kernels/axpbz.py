@@ -253,7 +253,9 @@ def axpbz_multi_(tensors, a: float, b: float, seed: int, keys, noise: int, offse
             rows += (xp, delta, n, off, key & 0xFFFFFFFF)
             blocks.append(-(-(n + off % g) // block))   # ceil; triton.cdiv is a jit function, ~10 us a call
         table, starts, log2t, mapping, total = _tables.get(tuple(rows), tuple(blocks), device, noise == 0)
-        lookup = 0 if len(blocks) == 1 else 1 if mapping is not None else 2
+        # By the noise, not by whether the cached entry has a map (a Gaussian pass over the same
+        # tensors may have built one): Rademacher passes search, as measured faster.
+        lookup = 0 if len(blocks) == 1 else 1 if noise == 0 else 2
         _axpbz_table_kernel[(total,)](
             proto, table, starts, starts if mapping is None else mapping, total, float(a), float(b),
             _as_i32(seed & 0xFFFFFFFF), _as_i32((seed >> 32) & 0xFFFFFFFF),
