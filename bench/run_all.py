@@ -244,7 +244,7 @@ def _step_markdown(st: dict, variants: list[str], backend: str) -> list[str]:
     impls = ["reference", *variants]
     lines = ["", f"**Whole MeZO steps** on a randomly initialised OPT (two forwards + ZO passes; median ms; "
              f"fastmezo backend {backend}). fastmezo variants: in place (`inplace`) or exact mode (`exact`: W + eps z "
-             "materialized per module, stored weights written only by the update), float16/bfloat16 stores rounded "
+             "materialized per group of modules, stored weights written only by the update), float16/bfloat16 stores rounded "
              "to nearest (`rn`) or stochastically (`sr`); all on the same model instance. exact / in place = ZO "
              "overhead (step - two forwards) of exact mode over that of in place with the same rounding "
              "(target <= 1.3x); extra MiB = peak memory above a plain forward of the same batch "

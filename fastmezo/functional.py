@@ -189,7 +189,8 @@ def _check_outs(tensors, names, outs) -> None:
 def _run(tensors, a, b, seed, keys, offsets, kind, backend, load_x=True, rounding_seed=None, outs=None) -> None:
     """Run the fused pass over already validated arguments (tensors of one device).
 
-    Lean on purpose: exact mode calls it once per module and forward (hundreds of times a step)."""
+    Lean on purpose: exact mode calls it once per hooked group of modules and forward (tens to
+    hundreds of times a step)."""
     if all(t.numel() for t in tensors):
         live = None
     else:

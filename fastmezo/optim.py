@@ -328,7 +328,7 @@ class MeZO(torch.optim.Optimizer):
     # -- exact mode (fastmezo.exact) --------------------------------------------------------------
     @property
     def perturbation_mode(self) -> str:
-        """"inplace", or "exact" when a perturbation provider materializes W + eps z per module."""
+        """"inplace", or "exact" when a perturbation provider materializes W + eps z per module (group)."""
         return "inplace" if self._provider is None else "exact"
 
     def _exact_plan(self):

@@ -10,9 +10,10 @@ Only the instance is changed (one attribute, ``mezo_step``); the class and other
 Two modes:
   * ``mode="inplace"`` (default, fastest): the +eps and -2 eps passes write the perturbed weights into
     the stored parameters, the update pass restores and updates them.
-  * ``mode="exact"``: forward hooks on the modules that own trained parameters materialize W + eps z
-    right before each module runs and put the stored parameter back after it (fastmezo.exact); the
-    stored weights change only at the update, so float16/bfloat16 weights do not drift.
+  * ``mode="exact"``: forward hooks materialize W + eps z right before a module (a group of modules,
+    e.g. a decoder layer, of at most ``group_bytes``) runs and put the stored parameters back after it
+    (fastmezo.exact); the stored weights change only at the update, so float16/bfloat16 weights do
+    not drift.
 """
 from __future__ import annotations
 
@@ -120,10 +121,11 @@ def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight
     output's ``.loss``). Other keyword arguments go to :class:`fastmezo.MeZO`. Patching a patched
     model raises; remove the first patch first.
 
-    ``mode``: "inplace" (default, fastest) or "exact" (perturbed weights materialized per module, the
-    stored weights written only by the update; see fastmezo.exact). In exact mode the first step
-    checks that every trained parameter is read only inside the forward of a module that owns it and
-    raises fastmezo.exact.ExactModeError otherwise (e.g. a parent's forward reading a child's weight).
+    ``mode``: "inplace" (default, fastest) or "exact" (perturbed weights materialized per group of
+    modules, the stored weights written only by the update; see fastmezo.exact). In exact mode the
+    first step checks that every trained parameter is read only inside the forward of the hooked
+    module covering it and raises fastmezo.exact.ExactModeError otherwise (e.g. a parent's forward
+    reading a child's weight, where the parent is above the group budget).
     ``group_bytes`` (exact mode only): the most bytes of perturbed copies one hooked module
     materializes at once (fastmezo.exact.plan_groups; default: the largest trained tensor, at least
     16 MiB; 0: one hooked module per module owning a trained parameter).
