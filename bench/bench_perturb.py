@@ -118,8 +118,11 @@ def environment(device: torch.device) -> dict:
     else:
         gpu = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
         extra = {}
-    commit = _git("rev-parse", "HEAD") or os.environ.get("FASTMEZO_COMMIT") or "unknown"
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit != "unknown" else None
+    # FASTMEZO_COMMIT, when set, names the tree explicitly: a copied working tree (as on a remote GPU
+    # machine) can carry a stale .git whose HEAD is not what runs.
+    given = os.environ.get("FASTMEZO_COMMIT")
+    commit = given or _git("rev-parse", "HEAD") or "unknown"
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit != "unknown" and not given else None
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
