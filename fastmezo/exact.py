@@ -128,12 +128,14 @@ class _Layout:
     64 bytes. One allocation per group rather than one per tensor, and a layout that is the same at
     every forward: the Triton launcher's table of a group (which records where each copy lies
     relative to the first) is then found in its cache instead of being built and uploaded again each
-    time the caching allocator hands out another address. Computed once per group (the hooks reuse it
-    while the group's stored tensors are the same objects; it holds them, so their ids stay theirs)."""
+    time the caching allocator hands out another address. Computed once per group; the hooks reuse it
+    while the group's stored tensors are the same objects at the same addresses (:meth:`fits`: a
+    ``model.to(...)`` or ``.half()`` after patching keeps the Parameter objects but moves their data,
+    and the copies must follow). It holds the tensors, so their ids stay theirs."""
 
     def __init__(self, tensors: list[torch.Tensor]):
         self.tensors = list(tensors)
-        self.ids = tuple(map(id, tensors))
+        self.key = tuple((id(t), t.data_ptr()) for t in tensors)
         self.n = len(tensors)
         self.ones, self.zeros = [1.0] * self.n, [0] * self.n
         self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
@@ -150,6 +152,11 @@ class _Layout:
                 views.append((i, tuple(t.shape), _contiguous_strides(t.shape), total))
                 total += -(-t.numel() // align) * align
             self.buffers.append((dtype, first.device, total, views))
+
+    def fits(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether this layout is the one of ``tensors`` (same objects, same data)."""
+        return len(tensors) == self.n and all(id(t) == i and t.data_ptr() == ptr
+                                              for t, (i, ptr) in zip(tensors, self.key))
 
     def carve(self) -> list[torch.Tensor]:
         """Uninitialized contiguous tensors shaped like the group's tensors, in their order."""
@@ -389,7 +396,7 @@ class ExactPerturbation:
             # Straight to the fused pass (one launch for the whole group): the tensors were validated
             # when the step began, and this runs once per hooked module and forward.
             layout = self._layouts.get(key)
-            if layout is None or layout.ids != tuple(map(id, stored)):
+            if layout is None or not layout.fits(stored):
                 layout = self._layouts[key] = _Layout(stored)
             copies = layout.carve()
             F._run(stored, layout.ones, alphas, active.seed, keys, layout.zeros, active.noise, active.backend,

@@ -621,3 +621,24 @@ def test_copies_follow_the_tensors_of_each_perturbation():
     for p, t in zip(params, theta):
         assert torch.equal(p, t)
     provider.remove()
+
+
+def test_copies_follow_a_dtype_change_after_patching():
+    """model.half() after patching keeps the Parameter objects but replaces their data: the next
+    step's copies are float16 too, bit-identical to those of a provider that lays them out afresh."""
+    model, twin = MLP(), MLP()
+    loss = lambda m, b: m(*b)      # noqa: E731
+    with fastmezo.patch(model, mode="exact", lr=0.05, seed=2, loss_fn=loss) as handle, \
+            fastmezo.patch(twin, mode="exact", lr=0.05, seed=2, loss_fn=loss) as twin_handle:
+        handle.step(mlp_batch())
+        twin_handle.step(mlp_batch())
+        model.half()
+        twin.half()
+        twin_handle.exact._layouts.clear()          # the twin's layouts are made for float16 from scratch
+        seen = []
+        hook = model.fc1.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
+        assert float(handle.step(mlp_batch())) == float(twin_handle.step(mlp_batch()))
+        hook.remove()
+    assert seen == [torch.float16] * 2
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert p.dtype == torch.float16 and torch.equal(p, q)
