@@ -17,8 +17,8 @@ A program covers BLOCK consecutive elements. Blocks are aligned to the *global* 
 (offset + local index) in units of G = max(elements per Philox call, 8), so the noise and the rounding
 bits never depend on the block size or on where a shard starts. ALIGNED (offset % G == 0 and 16-byte
 aligned addresses for every tensor of the launch) lets full blocks use unmasked 16-byte vector
-accesses; only each tensor's last block is masked. FAST (fast sin/cos and log2, correctly rounded division via
-libdevice) is on for compiled kernels and off in the interpreter, which has no libdevice.
+accesses; only each tensor's last block is masked. FAST (fast sin/cos and log2, correctly rounded
+division via libdevice) is on for compiled kernels and off in the interpreter, which has no libdevice.
 """
 import os
 
@@ -77,10 +77,10 @@ def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, map_ptr, total, a, b, 
     # The tensor of this program (LOOKUP 0: the only one). LOOKUP 1, Gaussian passes: read from a map
     # of one int32 per program, one load. LOOKUP 2, Rademacher passes: the last t with starts[t] <= pid,
     # a binary search (starts is padded to 2**LOG2T entries with a value above every pid, so it needs
-    # no bounds checks). Measured on the H200 (OPT-13B shapes): the search's ~40 instructions a
-    # program cost the compute-bound Gaussian pass 4% (20.55 ms against 19.75 with the map), while the
-    # latency-bound Rademacher pass is 6% faster with the search (14.13 ms against 15.00), whose
-    # loads hit in cache where the map entry comes from DRAM.
+    # no bounds checks). Measured on the H200, OPT-13B shapes, one machine: the search's ~40
+    # instructions a program cost the compute-bound Gaussian pass 5% (20.54 ms against 19.46 with the
+    # map), while the latency-bound Rademacher pass is 6% faster with the search (14.13 ms against
+    # 15.00), whose loads hit in cache where the map entry comes from DRAM.
     if LOOKUP == 1:
         t = tl.load(map_ptr + pid).to(tl.int64)
     elif LOOKUP == 2:
@@ -157,9 +157,9 @@ class _TableCache:
 
     An entry holds the rows, the block starts and, once a Gaussian pass asked for it, a map of one
     int32 per program (BLOCK elements) to its tensor: 0.05% of the bytes of float16 tensors (12 MiB
-    for an OPT-13B pass). Capacity: exact mode makes one table per hooked group of modules (its copies lie
-    at fixed offsets from the first, so the same table serves every forward), so a model's few
-    hundred groups must all fit; 4096 entries.
+    for an OPT-13B pass). Capacity: exact mode makes one table per hooked group of modules (its
+    copies lie at fixed offsets from the first, so the same table serves every forward), so a model's
+    few hundred groups must all fit; 4096 entries.
 
     A miss builds the table on the host and uploads it with ONE non-blocking copy from pinned memory:
     a copy from pageable memory synchronizes the stream (CUDA's rule for pageable host-to-device
@@ -200,8 +200,8 @@ class _TableCache:
                 self.entries.pop(next(iter(self.entries)))
         if mapped and hit[3] is None and len(blocks) > 1:
             # Built on the device, no host sync (output_size given): tensor t for each of its blocks.
-            hit[3] = torch.repeat_interleave(torch.arange(len(blocks), dtype=torch.int32, device=device), hit[5],
-                                             output_size=hit[4])
+            hit[3] = torch.repeat_interleave(torch.arange(len(blocks), dtype=torch.int32, device=device),
+                                             hit[5], output_size=hit[4])
         self.entries[key] = hit                               # most recently used last
         return hit[:5]
 
@@ -260,7 +260,8 @@ def axpbz_multi_(tensors, a: float, b: float, seed: int, keys, noise: int, offse
             proto, table, starts, starts if mapping is None else mapping, total, float(a), float(b),
             _as_i32(seed & 0xFFFFFFFF), _as_i32((seed >> 32) & 0xFFFFFFFF),
             _as_i32(rseed & 0xFFFFFFFF), _as_i32((rseed >> 32) & 0xFFFFFFFF),
-            NOISE=noise, BLOCK=block, LOOKUP=lookup, LOG2T=log2t if lookup == 2 else 0, LOAD_X=load_x, OUT=use_out,
+            NOISE=noise, BLOCK=block, LOOKUP=lookup, LOG2T=log2t if lookup == 2 else 0, LOAD_X=load_x,
+            OUT=use_out,
             ROUND=rnd and dtype != torch.float32, ALIGNED=aligned, FAST=not _INTERPRETING,
             num_warps=num_warps, **_NO_FMA_CONTRACTION)
 
