@@ -149,7 +149,7 @@ class _Layout:
             views, total = [], 0
             for i in idx:
                 t = tensors[i]
-                views.append((i, tuple(t.shape), _contiguous_strides(t.shape), total))
+                views.append((i, tuple(t.shape), t.stride(), total))    # t is contiguous (validated)
                 total += -(-t.numel() // align) * align
             self.buffers.append((dtype, first.device, total, views))
 
@@ -166,19 +166,6 @@ class _Layout:
             for i, shape, strides, start in views:
                 out[i] = buf.as_strided(shape, strides, start)
         return out
-
-
-def _carve(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Copies-to-be of ``tensors`` laid out as in exact mode (see :class:`_Layout`)."""
-    return _Layout(tensors).carve()
-
-
-def _contiguous_strides(shape) -> tuple:
-    strides, acc = [], 1
-    for size in reversed(shape):
-        strides.append(acc)
-        acc *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 class ExactModeError(RuntimeError):
@@ -304,7 +291,8 @@ class ExactPerturbation:
                     where.append(label)
         self._check_reads = bool(check_reads)
         self._active: _Active | None = None
-        self._swapped: dict[int, tuple[torch.nn.Module, list, int]] = {}   # id(hooked) -> (module, saved, bytes)
+        # id(hooked) -> (module, [(owner, attribute, stored)], copies, bytes of the copies)
+        self._swapped: dict[int, tuple[torch.nn.Module, list, int, int]] = {}
         self._depth: dict[int, int] = {}
         self._layouts: dict[int, _Layout] = {}      # id(hooked module) -> its copies' layout
         self._checker: _ReadCheck | None = None
