@@ -1,88 +1,245 @@
-"""Drop-in backend for MeZO frontends that follow the paper's trainer (Malladi et al., 2023).
+"""Drop-in backend for existing MeZO trainers: the paper's and ZO-Bench's (docs/frontends.md).
 
-Those trainers (the paper's ``trainer.py``, ZO-Bench and their forks) keep the parameters to train in
-``self.named_parameters_to_optim`` as (name, parameter) pairs, the step's seed in
-``self.zo_random_seed``, the projected gradient in ``self.projected_grad``, eps in ``self.args.zo_eps``,
-and regenerate z with ``torch.manual_seed`` + ``torch.normal`` in two methods:
-
-  zo_perturb_parameters(random_seed=None, scaling_factor=1):  theta += scaling_factor * eps * z
-  zo_update(model):   theta -= lr * (projected_grad * z + wd * theta), wd skipped for names containing
-                      "bias", "layer_norm" or "layernorm"; then lr_scheduler.step()
-
-One call switches an existing trainer instance to fastmezo's fused in-place passes with the same
-semantics, z now from fastmezo's noise contract (seed = the trainer's zo_random_seed, tensor key = the
-parameter's position in named_parameters_to_optim):
+One call switches a trainer instance to fastmezo's fused in-place passes, with the trainer's own
+semantics and z from fastmezo's noise contract (seed = the trainer's ``zo_random_seed``, drawn with
+``np.random.randint`` as the trainer does; tensor key = the parameter's position in
+``named_parameters_to_optim``)::
 
     handle = fastmezo.integrations.use_fastmezo(trainer)
-    ...                      # trainer.train() as before
-    handle.remove()          # back to the trainer's own methods
+    trainer.train()
+    handle.remove()          # the trainer's own methods are back
 
-Only the instance is changed. ``zo_update`` reads the learning rate from the trainer's
-``_get_learning_rate()`` (as the paper's trainer does) or, failing that, ``args.learning_rate``.
+Every method of the trainer that draws z is replaced: ``zo_step`` and ``zo_perturb_parameters`` for
+both trainers, ``zo_update`` for the paper's (ZO-Bench's only steps the scheduler and is kept) and
+``zo_step_v1`` (q > 1) for ZO-Bench's; ZO-Bench's methods for modes the adapter refuses are replaced
+by methods that raise. A trainer in a mode that fastmezo cannot reproduce exactly (zo_adam, momentum,
+sparsity, module-wise, zo_conserv, forward_grad, ...) or with an unknown method that may draw z is
+refused, with the option named, before anything on it changes (:mod:`.frontend_modes`).
+
+Each replaced step is a transaction: if anything raises inside it (a forward, a pass, an interrupt),
+the passes already applied are undone by opposite passes along the same z and the error propagates,
+so the weights are back at their start up to rounding (the restore pass of in-place MeZO) and a retry
+does not accumulate.
 """
 from __future__ import annotations
 
+import contextlib
+
+import numpy as np
+import torch
+
+from .. import exact
 from .. import functional as F
+from .frontend_modes import GUARDED, PAPER, REPLACED, ZO_BENCH, check_methods, read_mode, real
 
 _NO_DECAY = ("bias", "layer_norm", "layernorm")
-_METHODS = ("zo_perturb_parameters", "zo_update")
+_REQUIRED = ("zo_step", "zo_perturb_parameters", "zo_update", "zo_forward")
 
 
-def _seed(value) -> int:
-    seed = int(value)
-    if seed < 0:
-        raise ValueError(f"zo_random_seed must be a non-negative int, got {value!r}")
-    return seed
+class _Passes:
+    """The passes of one step along z(seed) for a list of parameters, recorded so that ``undo()``
+    can walk the parameters back to where the step found them."""
+
+    def __init__(self, params, noise, backend):
+        self.params, self.noise, self.backend = params, noise, backend
+        self.offsets: dict[int, float] = {}       # seed -> net alpha applied along z(seed)
+        self.updates: list[tuple] = []            # (seed, per-tensor lr, coefficient) applied
+
+    def perturb(self, seed: int, alpha: float) -> None:
+        F.perturb_(self.params, seed, alpha, noise=self.noise, backend=self.backend)
+        self.offsets[seed] = self.offsets.get(seed, 0.0) + alpha
+
+    def update(self, seed: int, lrs, coefficient: float) -> None:
+        """theta -= lr * coefficient * z, for parameters at theta."""
+        exact.update_(self.params, seed, lrs, coefficient, noise=self.noise, backend=self.backend)
+        self.updates.append((seed, lrs, coefficient))
+
+    def restore_and_update(self, seed: int, eps: float, lrs, coefficient: float) -> None:
+        """The same update for parameters at theta - eps z, restoring them in the same pass."""
+        F.restore_and_update_(self.params, seed, eps, lrs, coefficient, noise=self.noise,
+                              backend=self.backend)
+        self.offsets[seed] = self.offsets.get(seed, 0.0) + eps
+        self.updates.append((seed, lrs, coefficient))
+
+    def undo(self) -> None:
+        for seed, lrs, coefficient in reversed(self.updates):
+            exact.update_(self.params, seed, lrs, -coefficient, noise=self.noise, backend=self.backend)
+        for seed, alpha in self.offsets.items():
+            if alpha:
+                F.perturb_(self.params, seed, -alpha, noise=self.noise, backend=self.backend)
 
 
-def _learning_rate(trainer) -> float:
-    getter = getattr(trainer, "_get_learning_rate", None)
-    return float(getter() if callable(getter) else trainer.args.learning_rate)
+@contextlib.contextmanager
+def _transaction(params, noise, backend):
+    passes = _Passes(params, noise, backend)
+    try:
+        yield passes
+    except BaseException:
+        passes.undo()
+        raise
+
+
+def _new_seed() -> int:
+    # np.random.randint(1000000000), as both trainers draw it: same seeds, same numpy RNG state.
+    return int(np.random.randint(1000000000))
 
 
 class FastMeZOFrontend:
-    """Handle of a switched trainer; ``remove()`` restores the trainer's own methods."""
+    """Handle of a switched trainer; ``remove()`` gives the trainer its own methods back."""
 
     def __init__(self, trainer, noise: str = "gaussian", backend: str | None = None):
-        for name in _METHODS + ("args",):
-            if not hasattr(trainer, name):
-                raise TypeError(f"{type(trainer).__name__} has no {name!r}: it does not follow the MeZO "
-                                "reference trainer's interface")
         if "_fastmezo_frontend" in vars(trainer):
             raise RuntimeError("this trainer already uses fastmezo; call remove() on its handle first")
-        self.trainer, self.noise, self.backend = trainer, noise, backend
-        self._saved = {name: vars(trainer)[name] for name in _METHODS if name in vars(trainer)}
-        trainer.zo_perturb_parameters = self.zo_perturb_parameters
-        trainer.zo_update = self.zo_update
+        missing = [name for name in _REQUIRED if not callable(getattr(trainer, name, None))]
+        if missing:
+            raise TypeError(f"{type(trainer).__name__} has no {', '.join(missing)}: it does not follow "
+                            "the MeZO trainers' interface (zo_step, zo_perturb_parameters, zo_update)")
+        mode = read_mode(trainer)            # refuses unsupported options before anything changes
+        check_methods(trainer, mode.frontend)
+        F.make_noise(1, 0, noise=noise, backend=backend)   # a bad noise or backend name fails here
+        self.trainer, self.frontend, self.noise, self.backend = trainer, mode.frontend, noise, backend
+        own = {PAPER: (self._paper_zo_step, self._zo_perturb_parameters, self._paper_zo_update),
+               ZO_BENCH: (self._zo_bench_zo_step, self._zo_bench_zo_step_v1, self._zo_perturb_parameters)}
+        installed = dict(zip(REPLACED[mode.frontend], own[mode.frontend]))
+        for name in GUARDED[mode.frontend]:
+            if hasattr(trainer, name):
+                installed[name] = self._guard(name)
+        self._saved = {name: vars(trainer)[name] for name in installed if name in vars(trainer)}
+        self._installed = tuple(installed)
+        for name, method in installed.items():
+            setattr(trainer, name, method)
         trainer._fastmezo_frontend = self
 
-    def zo_perturb_parameters(self, random_seed=None, scaling_factor=1):
-        """theta += scaling_factor * zo_eps * z(seed), one fused in-place pass over all parameters."""
-        t = self.trainer
-        seed = _seed(t.zo_random_seed if random_seed is None else random_seed)
-        F.perturb_(list(t.named_parameters_to_optim), seed, float(scaling_factor) * float(t.args.zo_eps),
-                   noise=self.noise, backend=self.backend)
+    # -- shared ----------------------------------------------------------------------------------
 
-    def zo_update(self, model=None):
-        """theta <- (1 - lr * wd) * theta - lr * projected_grad * z(zo_random_seed), wd skipped on bias and
-        layer norm parameters by name; then the trainer's lr scheduler steps, as in the reference."""
+    def _mode(self):
+        mode = read_mode(self.trainer)
+        if mode.frontend != self.frontend:
+            raise RuntimeError(f"args.trainer now selects {mode.frontend}, but the trainer was switched "
+                               f"as {self.frontend}; remove() and switch it again")
+        return mode
+
+    def _select_parameters(self, model):
         t = self.trainer
+        t.named_parameters_to_optim = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return list(t.named_parameters_to_optim)
+
+    def _guard(self, name):
+        def refuse(*args, **kwargs):
+            self._mode()   # names the option that selected this method, if it is one
+            raise RuntimeError(f"{name}() draws z with torch in a mode fastmezo does not reproduce; "
+                               "it cannot run while the trainer uses fastmezo")
+        return refuse
+
+    def _zo_perturb_parameters(self, random_seed=None, scaling_factor=1):
+        """theta += scaling_factor * zo_eps * z(seed), one fused in-place pass."""
+        t = self.trainer
+        mode = self._mode()
+        seed = t.zo_random_seed if random_seed is None else random_seed
+        alpha = real(scaling_factor, "scaling_factor") * mode.eps
+        F.perturb_(list(t.named_parameters_to_optim), int(seed), alpha, noise=self.noise,
+                   backend=self.backend)
+
+    # -- the paper's trainer: zo_step estimates, zo_update applies -------------------------------
+
+    def _paper_zo_step(self, model, inputs):
+        """+eps, forward, -2 eps, forward, +eps (restore); sets projected_grad; returns loss(+eps)."""
+        t, mode = self.trainer, self._mode()
+        params = self._select_parameters(model)
+        t.zo_random_seed = seed = _new_seed()
+        with _transaction(params, self.noise, self.backend) as passes:
+            passes.perturb(seed, mode.eps)
+            loss1 = t.zo_forward(model, inputs)
+            passes.perturb(seed, -2 * mode.eps)
+            loss2 = t.zo_forward(model, inputs)
+            t.projected_grad = ((loss1 - loss2) / (2 * mode.eps)).item()
+            passes.perturb(seed, mode.eps)
+        return loss1
+
+    def _paper_zo_update(self, model=None):
+        """theta <- theta - lr * (projected_grad * z + wd * theta), wd skipped on bias / layer norm
+        names, lr from _get_learning_rate(); then the lr scheduler steps."""
+        t, _ = self.trainer, self._mode()
         params = list(t.named_parameters_to_optim)
-        lr = _learning_rate(t)
-        wd = float(getattr(t.args, "weight_decay", 0.0) or 0.0)
-        g = float(t.projected_grad)
-        a = [1.0 if any(s in name for s in _NO_DECAY) else 1.0 - lr * wd for name, _ in params]
-        F.axpbz_(params, a, -lr * g, _seed(t.zo_random_seed), noise=self.noise, backend=self.backend)
-        scheduler = getattr(t, "lr_scheduler", None)
-        if scheduler is not None:
-            scheduler.step()
+        lr = real(t._get_learning_rate(), "the learning rate (_get_learning_rate())")
+        wd = real(t.args.weight_decay, "args.weight_decay")
+        decay = [0.0 if any(s in name for s in _NO_DECAY) else wd for name, _ in params]
+        exact.update_(params, int(t.zo_random_seed), lr, real(t.projected_grad, "projected_grad"),
+                      weight_decay=decay, noise=self.noise, backend=self.backend)
+        t.lr_scheduler.step()
+
+    # -- ZO-Bench: the step methods apply the update through an SGD optimizer ---------------------
+
+    def _zo_bench_zo_step(self, model, inputs):
+        if self._mode().q != 1:
+            raise ValueError(f"ZO-Bench's zo_step runs q = 1 (args.q = {self.trainer.args.q}); its "
+                             "training loop calls zo_step_v1 for q > 1")
+        return self._zo_bench_step(model, inputs)
+
+    def _zo_bench_zo_step_v1(self, model, inputs):
+        return self._zo_bench_step(model, inputs)
+
+    def _sgd_learning_rates(self, params) -> list[float]:
+        """Per parameter, the lr its trainer.optimizer.step() would use: the optimizer must be the
+        plain SGD ZO-Bench builds (a parameter it does not hold is not moved: lr 0)."""
+        opt = getattr(self.trainer, "optimizer", None)
+        if not isinstance(opt, torch.optim.SGD):
+            raise ValueError(f"trainer.optimizer is {type(opt).__name__}; ZO-Bench's step applies its "
+                             "update with it and use_fastmezo reproduces torch.optim.SGD only")
+        lr_of = {}
+        for i, group in enumerate(opt.param_groups):
+            for option, plain in (("momentum", 0), ("weight_decay", 0), ("maximize", False)):
+                if group.get(option, plain) != plain:
+                    raise ValueError(f"use_fastmezo does not support trainer.optimizer.param_groups[{i}]"
+                                     f"[{option!r}]={group[option]!r}: only plain SGD is reproduced")
+            lr = real(group["lr"], f"trainer.optimizer.param_groups[{i}]['lr']")
+            lr_of.update((id(p), lr) for p in group["params"])
+        return [lr_of.get(id(p), 0.0) for _, p in params]
+
+    def _zo_bench_step(self, model, inputs):
+        """q directions, each with its own seed: +eps, forward, then -2 eps, forward (two-sided) or
+        -eps, forward at theta (one-sided); every loss at theta +- eps z_i. Then one SGD update
+        theta -= lr * sum_i c_i z_i / q with c_i = projected_grad_i (or its sign for zo_sign_opt),
+        as the optimizer applies param.grad = sum_i c_i z_i / q. The last direction's restore is fused
+        with its update. Returns the last direction's loss(+eps)."""
+        t, mode = self.trainer, self._mode()
+        params = self._select_parameters(model)
+        lrs = self._sgd_learning_rates(params)
+        for _, p in params:
+            p.grad = None        # as ZO-Bench leaves them: its update goes through .grad and clears it
+        directions = []
+        with _transaction(params, self.noise, self.backend) as passes:
+            for i in range(mode.q):
+                t.zo_random_seed = seed = _new_seed()
+                passes.perturb(seed, mode.eps)
+                loss1 = t.zo_forward(model, inputs)
+                if mode.one_sided:
+                    passes.perturb(seed, -mode.eps)
+                    loss2 = t.zo_forward(model, inputs)
+                    t.projected_grad = ((loss1 - loss2) / mode.eps).item()
+                else:
+                    passes.perturb(seed, -2 * mode.eps)
+                    loss2 = t.zo_forward(model, inputs)
+                    t.projected_grad = ((loss1 - loss2) / (2 * mode.eps)).item()
+                    if i < mode.q - 1:
+                        passes.perturb(seed, mode.eps)
+                g = real(t.projected_grad, "projected_grad")
+                directions.append((seed, (float(np.sign(g)) if mode.sign else g) / mode.q))
+            last_seed, last_coefficient = directions.pop()
+            if mode.one_sided:
+                passes.update(last_seed, lrs, last_coefficient)
+            else:
+                passes.restore_and_update(last_seed, mode.eps, lrs, last_coefficient)
+            for seed, coefficient in directions:
+                passes.update(seed, lrs, coefficient)
+        return loss1
 
     def remove(self) -> None:
-        """Give the trainer its own zo_perturb_parameters / zo_update back. Idempotent."""
+        """Give the trainer its own methods back. Idempotent."""
         t = self.trainer
         if vars(t).get("_fastmezo_frontend") is not self:
             return
-        for name in _METHODS:
+        for name in self._installed:
             if name in self._saved:
                 setattr(t, name, self._saved[name])
             else:
@@ -91,5 +248,9 @@ class FastMeZOFrontend:
 
 
 def use_fastmezo(trainer, *, noise: str = "gaussian", backend: str | None = None) -> FastMeZOFrontend:
-    """Switch a reference-style MeZO trainer instance to fastmezo's fused kernels (see module doc)."""
+    """Switch a MeZO trainer instance (the paper's or ZO-Bench's) to fastmezo's fused passes, or
+    refuse it, unchanged, with the option it does not support named (see the module doc).
+
+    ``noise="rademacher"`` draws z from +-1 instead of the trainers' Gaussian: a different
+    algorithm, on request only."""
     return FastMeZOFrontend(trainer, noise=noise, backend=backend)
