@@ -1,7 +1,9 @@
-"""The reference way of perturbing and updating parameters, written from the MeZO algorithm as the
-paper's trainer (Malladi et al., 2023, ``zo_perturb_parameters`` and ``zo_update``) does it.
+"""The benchmark baseline: perturbing and updating parameters the way the MeZO paper's trainer does
+(Malladi et al., 2023, ``zo_perturb_parameters`` and ``zo_update``). Every benchmark measures fastmezo
+against it; its rows are labelled ``reference`` in the results (not to be confused with
+``fastmezo.reference``, the noise oracle the tests compare the kernels with).
 
-This is the baseline fastmezo is measured against, so it keeps the reference's costs on purpose:
+It keeps the paper's costs on purpose:
 z is regenerated with torch's own generator, ``torch.manual_seed(seed)`` then one
 ``torch.normal`` per parameter in parameter order, and applied out of place
 (``p.data = p.data + ...``), which allocates temporaries the size of each parameter.
@@ -12,10 +14,10 @@ parameter of one shape the same z, and would add one ``manual_seed`` call per te
 
 A MeZO step in this style is four passes over the parameters::
 
-    reference_perturb(params, s, +1, eps)   # theta + eps z       -> loss_plus
-    reference_perturb(params, s, -2, eps)   # theta - eps z       -> loss_minus
-    reference_perturb(params, s, +1, eps)   # theta (restored)
-    reference_update(params, s, lr, g, wd, names)
+    baseline_perturb(params, s, +1, eps)   # theta + eps z       -> loss_plus
+    baseline_perturb(params, s, -2, eps)   # theta - eps z       -> loss_minus
+    baseline_perturb(params, s, +1, eps)   # theta (restored)
+    baseline_update(params, s, lr, g, wd, names)
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def _normal_like(p: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_perturb(params, seed: int, scaling_factor: float, eps: float) -> None:
+def baseline_perturb(params, seed: int, scaling_factor: float, eps: float) -> None:
     """theta <- theta + scaling_factor * eps * z(seed) for every tensor in ``params``, out of place.
 
     params: tensors or nn.Parameters (each gets a new ``.data``). z is drawn in the parameter's dtype.
@@ -43,11 +45,11 @@ def reference_perturb(params, seed: int, scaling_factor: float, eps: float) -> N
 
 
 @torch.no_grad()
-def reference_update(params, seed: int, lr: float, projected_grad: float, weight_decay: float,
+def baseline_update(params, seed: int, lr: float, projected_grad: float, weight_decay: float,
                      names=None) -> None:
     """ZO-SGD update theta <- theta - lr * (projected_grad * z(seed) + wd * theta), out of place.
 
-    z is regenerated exactly as ``reference_perturb`` drew it. Weight decay is skipped for parameters
+    z is regenerated exactly as ``baseline_perturb`` drew it. Weight decay is skipped for parameters
     whose name (``names[i]``, parallel to ``params``) contains "bias", "layer_norm" or "layernorm";
     without names every parameter gets weight decay.
     """
@@ -67,8 +69,8 @@ def reference_update(params, seed: int, lr: float, projected_grad: float, weight
 
 
 @torch.no_grad()
-def reference_step(params, names, closure, seed: int, eps: float, lr: float, weight_decay: float = 0.0):
-    """One whole MeZO step the reference way, as the paper's trainer runs it (``zo_step`` then
+def baseline_step(params, names, closure, seed: int, eps: float, lr: float, weight_decay: float = 0.0):
+    """One whole MeZO step the baseline way, as the paper's trainer runs it (``zo_step`` then
     ``zo_update``): four passes over the parameters around two forward passes.
 
     ``closure()`` returns the loss (a scalar tensor or a number) at the current weights. The projected
@@ -79,11 +81,11 @@ def reference_step(params, names, closure, seed: int, eps: float, lr: float, wei
     then left perturbed.
     """
     params = list(params)
-    reference_perturb(params, seed, 1, eps)
+    baseline_perturb(params, seed, 1, eps)
     loss_plus = closure()
-    reference_perturb(params, seed, -2, eps)
+    baseline_perturb(params, seed, -2, eps)
     loss_minus = closure()
     projected_grad = float((loss_plus - loss_minus) / (2 * eps))
-    reference_perturb(params, seed, 1, eps)
-    reference_update(params, seed, lr, projected_grad, weight_decay, names)
+    baseline_perturb(params, seed, 1, eps)
+    baseline_update(params, seed, lr, projected_grad, weight_decay, names)
     return loss_plus, projected_grad

@@ -2,10 +2,10 @@
 
 A null step is +eps z, -2 eps z, +eps z with lr 0: in exact arithmetic the weights come back. In a
 low-precision dtype every in-place pass rounds the stored value, and the rounding errors of the restore
-add up (DESIGN.md section 6). Measured here, on weights ~ N(0, 0.02) with eps 1e-3, as the relative
+add up (docs/noise.md describes the rounding of each pass). Measured here, on weights ~ N(0, 0.02) with eps 1e-3, as the relative
 drift ||w_T - w_0|| / ||w_0|| after T null steps, for:
 
-  reference   the paper's way (bench/reference_mezo.py): torch.manual_seed + torch.normal in the
+  reference   the baseline, the paper's way (bench/baseline.py): torch.manual_seed + torch.normal in the
               weight's dtype + out-of-place add, round to nearest
   inplace-rn  fastmezo.MeZO, in-place, round to nearest (stochastic_rounding=False)
   inplace-sr  fastmezo.MeZO, in-place, stochastic rounding (the default)
@@ -15,8 +15,8 @@ drift ||w_T - w_0|| / ||w_0|| after T null steps, for:
 
 fastmezo's null steps are real MeZO steps (MeZO.step with lr 0 and a constant loss, so g = 0).
 
-    python bench/bench_drift.py --quick --out bench/results/cpu-...      # CPU: small tensors
-    python bench/bench_drift.py --out DIR                                 # CUDA if present: up to 1M
+    python -m bench.bench_drift --quick --out DIR      # CPU: small tensors
+    python -m bench.bench_drift --out DIR              # CUDA if present: up to 1M elements
 
 Writes drift-<stamp>-<device>.csv and .json (every checkpoint, with versions and times) and
 drift-<stamp>-<device>.png (drift against T, log-log, one panel per dtype) to --out, and prints a table.
@@ -28,23 +28,17 @@ import csv
 import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+import torch
 
-import torch  # noqa: E402
-
-import fastmezo  # noqa: E402
-from reference_mezo import reference_perturb  # noqa: E402
+import fastmezo
+from bench.baseline import baseline_perturb
+from bench.common import DTYPES, environment
 
 METHODS = ("reference", "inplace-rn", "inplace-sr", "exact")
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class Holder(torch.nn.Module):
@@ -75,7 +69,7 @@ def run_method(method, w0, steps, checkpoints, eps, seed, sync):
     if method == "reference":
         def null_step(t):
             for scale in (1, -2, 1):            # w.data is replaced, out of place, as the paper does
-                reference_perturb([w], seed + t, scale, eps)
+                baseline_perturb([w], seed + t, scale, eps)
     elif method in ("inplace-rn", "inplace-sr"):
         opt = fastmezo.MeZO([w], lr=0.0, eps=eps, seed=seed, stochastic_rounding=method == "inplace-sr")
 
@@ -104,14 +98,6 @@ def run_method(method, w0, steps, checkpoints, eps, seed, sync):
         if method == "exact":
             handle.remove()
     return rows
-
-
-def _git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
-    except Exception:
-        return None
 
 
 def plot(rows, path, title):
@@ -178,7 +164,8 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    env = environment(device)
+    device_name = env["gpu"]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     tag = f"drift-{stamp}-{'cuda' if device.type == 'cuda' else 'cpu'}"
     rows = []
@@ -195,9 +182,7 @@ def main(argv=None):
     wall = time.perf_counter() - t_start
 
     meta = dict(benchmark="bench/bench_drift.py", command=" ".join([os.path.basename(sys.executable)] + sys.argv),
-                device=str(device), device_name=device_name, torch=torch.__version__, fastmezo=fastmezo.__version__,
-                commit=_git_commit(), python=platform.python_version(), threads=torch.get_num_threads(),
-                eps=args.eps, weight_std=0.02, seed=args.seed, checkpoints=checkpoints, wall_seconds=round(wall, 1),
+                environment=env, device_name=device_name, threads=torch.get_num_threads(), eps=args.eps, weight_std=0.02, seed=args.seed, checkpoints=checkpoints, wall_seconds=round(wall, 1),
                 backend=__import__("fastmezo.backends", fromlist=["select"]).select(device), stamp=stamp)
     (out / f"{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     with open(out / f"{tag}.csv", "w", newline="") as f:

@@ -1,21 +1,20 @@
-#!/usr/bin/env python
 """Benchmark of the native CPU backend: one MeZO perturbation pass over one large tensor, fastmezo's
 C++ kernels (OpenMP + SIMD, fastmezo._C) against the torch way on the CPU.
 
-    python bench/bench_native_cpu.py [--numel 100000000] [--dtypes float32,float16,bfloat16]
-                                     [--threads N] [--reps 5] [--out DIR] [--smoke]
+    python -m bench.bench_native_cpu [--numel 100000000] [--dtypes float32,float16,bfloat16]
+                                      [--threads N] [--reps 5] [--out DIR] [--smoke]
 
 For each dtype, on a tensor of --numel random weights:
   * fastmezo perturb gaussian / rademacher: ``fastmezo.functional.perturb_([x], seed, eps,
     backend="native")``: one in-place pass, Philox noise made inside the kernel;
-  * torch way: the MeZO paper's trainer (bench/reference_mezo.py): ``torch.manual_seed(seed)``,
+  * torch way: the baseline, the MeZO paper's trainer (bench/baseline.py): ``torch.manual_seed(seed)``,
     ``z = torch.normal(...)`` in the tensor's dtype, ``x = x + eps * z`` out of place;
   * copy floor: ``y.copy_(x)``, reading and writing every byte once, the least an in-place pass can take.
 Before timing, the native kernels are checked against the torch oracle (fastmezo.reference) on a
 sample (Rademacher bit for bit, Gaussian within the contract's tolerance); the script stops if they
 disagree. Times are wall-clock medians of --reps runs after one warm-up. torch.get_num_threads() (and
 --threads) sets the threads of both sides. Results: a JSON and a CSV in --out (default
-bench/results/cpu-<date>/), and a table printed last. --smoke: 1M elements, 2 reps, a temporary dir.
+bench/results/<date>-cpu-native/), and a table printed last. --smoke: 1M elements, 2 reps, a temporary dir.
 
 Not a test: it runs minutes and needs ~2.5 GB of memory at the default size (the torch way's
 temporaries: z, eps * z and the new tensor).
@@ -23,72 +22,31 @@ temporaries: z, eps * z and the new tensor).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+import torch
 
-import torch  # noqa: E402
-
-from reference_mezo import reference_perturb  # noqa: E402
+from bench.baseline import baseline_perturb
+from bench.common import BASELINE_SEED, FASTMEZO_SEED, RESULTS, environment, write_csv, write_json
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SEED = 0x5EED_1234_ABCD_0042
-TORCH_SEED = 1234
+SEED = FASTMEZO_SEED
+TORCH_SEED = BASELINE_SEED
 EPS = 1e-3
 
 
-def _git(*args):
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict:
-    import fastmezo
+def native_environment() -> dict:
+    """The common provenance record, plus whether the native library was built with OpenMP."""
     from fastmezo.backends import native_backend
 
     native = native_backend.load()
-    commit = _git("rev-parse", "HEAD") or "unknown"
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit != "unknown" else None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_num_threads": torch.get_num_threads(),
-        "native_openmp": bool(native.WITH_OPENMP) if native is not None else None,
-        "torch": torch.__version__,
-        "fastmezo": fastmezo.__version__,
-        "noise_version": fastmezo.NOISE_VERSION,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "commit": commit,
-        "dirty": None if status is None else bool(status),
-    }
+    return {**environment(torch.device("cpu")),
+            "native_openmp": bool(native.WITH_OPENMP) if native is not None else None}
 
 
 def check_native() -> None:
@@ -155,7 +113,7 @@ def bench_dtype(name: str, numel: int, reps: int) -> list[dict]:
     holder = [x]
 
     def torch_way():
-        reference_perturb(holder, TORCH_SEED, 1.0, EPS)  # manual_seed + torch.normal + out-of-place add
+        baseline_perturb(holder, TORCH_SEED, 1.0, EPS)  # manual_seed + torch.normal + out-of-place add
 
     rows.append(row("torch way (manual_seed + normal + add)", time_s(torch_way, reps)))
     ref = rows[-1]["median_s"]
@@ -185,21 +143,16 @@ def main(argv=None) -> int:
         print(f"the native backend cannot run: {reason}", file=sys.stderr)
         return 2
     check_native()
-    env = environment()
+    env = native_environment()
     stamp = datetime.datetime.now(datetime.timezone.utc)
-    out = Path(args.out or REPO / "bench" / "results" / f"cpu-{stamp:%Y-%m-%d}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"{stamp:%Y-%m-%d}-cpu-native"
     rows = []
     for name in args.dtypes.split(","):
         rows += bench_dtype(name.strip(), args.numel, args.reps)
     base = out / f"native-cpu-{stamp:%Y%m%dT%H%M%SZ}"
-    base.with_suffix(".json").write_text(json.dumps({"environment": env, "numel": args.numel, "eps": EPS,
-                                                     "rows": rows}, indent=2) + "\n")
-    with base.with_suffix(".csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"{env['cpu']}, {env['cpu_count']} cores, torch.get_num_threads() = {env['torch_num_threads']}, "
+    write_json(base.with_suffix(".json"), {"environment": env, "numel": args.numel, "eps": EPS, "rows": rows})
+    write_csv(base.with_suffix(".csv"), list(rows[0]), rows)
+    print(f"{env['gpu']}, torch.get_num_threads() = {env['torch_num_threads']}, "
           f"torch {env['torch']}, commit {env['commit'][:10]}{' (dirty)' if env['dirty'] else ''}")
     print(f"one pass over {args.numel:,} elements, median of {args.reps} (wall clock)\n")
     print(f"{'dtype':9} {'method':42} {'ms':>9} {'ns/elem':>8} {'GB/s':>6} {'vs torch way':>12}")

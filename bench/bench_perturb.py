@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Benchmark of the MeZO parameter passes: fastmezo's fused Triton kernels against the reference way.
 
-    python bench/bench_perturb.py [--models opt-1.3b,opt-13b] [--dtypes float16,bfloat16]
-                                  [--out DIR] [--warmup N] [--reps N] [--smoke]
+    python -m bench.bench_perturb [--models opt-1.3b,opt-13b] [--dtypes float16,bfloat16]
+                                   [--out DIR] [--warmup N] [--reps N] [--smoke]
 
 For each model's parameter shapes (bench/shapes.py, random weights, no downloads) and each dtype, on
 one GPU:
@@ -15,7 +14,7 @@ one GPU:
 3. times (CUDA events, warm-up then several repetitions, median) one pass of
      fastmezo perturb_             (Gaussian and Rademacher noise)
      fastmezo restore_and_update_  (Gaussian and Rademacher noise)
-     reference perturb and update  (bench/reference_mezo.py: torch.manual_seed + torch.normal,
+     reference perturb and update  (bench/baseline.py: torch.manual_seed + torch.normal,
                                     out of place, as the MeZO paper's trainer does)
    and the peak memory each needs above the parameters (max_memory_allocated - allocated before);
 4. derives the ZO overhead of one step: fastmezo 2 perturb + 1 restore_and_update = 3 passes, the
@@ -26,8 +25,8 @@ one GPU:
 Speed-up vs reference: perturb is compared with the reference perturb pass; restore_and_update, which
 fuses two reference passes, with reference perturb + reference update; a step with a reference step.
 
-fastmezo launches one kernel per tensor for now, so small models (OPT-1.3B: 388 tensors) are bound by
-launch and Python overhead rather than memory; the us_per_tensor column shows it.
+Small models (OPT-1.3B: 388 tensors) can be bound by launch and Python overhead rather than memory;
+the us_per_tensor column shows it.
 
 --smoke: a quick self-test that runs anywhere, a GPU or not: tiny OPT-shaped tensors ("opt-tiny"),
 few repetitions, results in a temporary directory. Without CUDA it runs on the CPU through the Triton
@@ -37,35 +36,22 @@ then mean nothing, and memory is not measured.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import gc
-import json
 import math
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+import torch  # (does not import triton)
 
-import torch  # noqa: E402  (does not import triton)
-
-from reference_mezo import NO_DECAY, reference_perturb, reference_update  # noqa: E402
-from shapes import numel, opt_param_shapes  # noqa: E402
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from bench.baseline import NO_DECAY, baseline_perturb, baseline_update
+from bench.common import (BASELINE_SEED, DTYPES, FASTMEZO_SEED, META_FIELDS, RESULTS, CheckFailed,
+                          default_copy_bandwidth, environment, fmt, free_memory, main_exit, parse_dtypes, parse_models, peak_extra_bytes, run_stem,
+                          select_device, time_ms, triton_interpreted, ulp, write_csv, write_json)
+from bench.shapes import numel, opt_param_shapes
 
 # Values of the passes. They do not change the speed; they keep the weights sane over repetitions.
-SEED = 0x5EED_1234_ABCD_0042   # fastmezo seed (uint64, both words non-zero)
-TORCH_SEED = 1234              # the reference's torch.manual_seed
+SEED = FASTMEZO_SEED
+TORCH_SEED = BASELINE_SEED
 EPS = 1e-3
 LR = 1e-6
 PROJECTED_GRAD = 1.0
@@ -80,155 +66,11 @@ NORMAL_ATOL = 1e-5             # |z_triton - z_oracle| <= NORMAL_ATOL * (1 + |z|
 
 CSV_FIELDS = ["model", "dtype", "impl", "op", "noise", "passes", "ms_median", "ms_min", "ms_max", "reps",
               "floor_ms", "ratio_to_floor", "speedup_vs_reference", "us_per_tensor", "peak_extra_bytes",
-              "n_tensors", "numel", "param_bytes", "bandwidth_gbps", "derived", "device", "gpu",
-              "torch", "triton", "cuda", "commit", "date"]
-
-
-class CheckFailed(RuntimeError):
-    """The fast kernels disagree with the torch oracle: the timings would be meaningless."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Environment
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def environment(device: torch.device) -> dict:
-    """What ran: device name, library versions, git commit, date."""
-    import fastmezo
-
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception as exc:  # noqa: BLE001  (reported, not fatal: the check fails later)
-        triton_version = f"unavailable ({type(exc).__name__})"
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        gpu = props.name
-        extra = {"gpu_memory_bytes": props.total_memory,
-                 "compute_capability": f"{props.major}.{props.minor}",
-                 "multiprocessors": props.multi_processor_count}
-    else:
-        gpu = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-        extra = {}
-    # FASTMEZO_COMMIT, when set, names the tree explicitly: a copied working tree (as on a remote GPU
-    # machine) can carry a stale .git whose HEAD is not what runs.
-    given = os.environ.get("FASTMEZO_COMMIT")
-    commit = given or _git("rev-parse", "HEAD") or "unknown"
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit != "unknown" and not given else None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(device),
-        "gpu": gpu,
-        **extra,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda or "none",
-        "fastmezo": getattr(fastmezo, "__version__", "unknown"),
-        "noise_version": getattr(fastmezo, "NOISE_VERSION", "unknown"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "commit": commit,
-        "dirty": None if status is None else bool(status),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
-    }
-
-
-# ---------------------------------------------------------------------------------------------------
-# Timing
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def synced(fn, device):
-    """fn followed by a synchronize of ``device``, so wall-clock timers (pytest-benchmark) see the GPU
-    work."""
-    device = torch.device(device)
-
-    def call():
-        fn()
-        synchronize(device)
-    return call
-
-
-def time_ms(fn, device: torch.device, warmup: int, reps: int) -> list[float]:
-    """Milliseconds of each of ``reps`` calls of fn after ``warmup`` untimed calls.
-
-    On CUDA each call is bracketed by CUDA events, so a call's time is the span between its first and
-    its last GPU work, including any gaps where the GPU waited for the host (launch overhead). On the
-    CPU, wall-clock time.
-    """
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    if device.type == "cuda":
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for start, end in zip(starts, ends):
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) for start, end in zip(starts, ends)]
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def peak_extra_bytes(fn, device: torch.device) -> int | None:
-    """Peak memory one call of fn allocates above what is allocated before it (CUDA only, else None)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
-
-
-def copy_bandwidth(device: torch.device, nbytes: int, warmup: int, reps: int) -> dict:
-    """Device copy bandwidth: one tensor of nbytes copied into another, (read + written bytes) / time."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    times = time_ms(lambda: dst.copy_(src), device, warmup, reps)
-    del src, dst
-    free_memory(device)
-    ms = statistics.median(times)
-    moved = 2 * (nbytes // 4) * 4
-    return {"copy_bytes": nbytes // 4 * 4, "bytes_moved": moved, "ms_median": ms, "ms_min": min(times),
-            "reps": reps, "bandwidth_bytes_per_s": moved / (ms * 1e-3)}
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+              "n_tensors", "numel", "param_bytes", "bandwidth_gbps", "derived", *META_FIELDS]
 
 
 # ---------------------------------------------------------------------------------------------------
 # The kernel check
-
-
-def _ulp(x: torch.Tensor) -> torch.Tensor:
-    """Spacing of x's dtype at each value of x, as float32."""
-    mantissa_bits = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[x.dtype]
-    xf = x.float().abs()
-    exponent = torch.floor(torch.log2(torch.clamp(xf, min=torch.finfo(x.dtype).tiny)))
-    return torch.pow(2.0, exponent - mantissa_bits)
 
 
 def check_kernels(device: torch.device, dtypes, n: int, backend: str = "triton") -> list[dict]:
@@ -247,7 +89,7 @@ def check_kernels(device: torch.device, dtypes, n: int, backend: str = "triton")
     from fastmezo import functional as F
     from fastmezo import reference as R
 
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
+    interpreted = triton_interpreted()
     records, failures = [], []
     for noise in ("gaussian", "rademacher"):
         for offset in CHECK_OFFSETS:
@@ -276,9 +118,9 @@ def check_kernels(device: torch.device, dtypes, n: int, backend: str = "triton")
             elif noise == "rademacher":
                 # Triton's interpreter casts float32 -> bfloat16 by truncation (toward zero), the GPU
                 # rounds to nearest even: allow one unit in the last place there.
-                ok = bool((err <= _ulp(expect)).all())
+                ok = bool((err <= ulp(expect)).all())
             else:
-                tol = torch.maximum(_ulp(expect), CHECK_ALPHA * NORMAL_ATOL * (1 + ref.abs()))
+                tol = torch.maximum(ulp(expect), CHECK_ALPHA * NORMAL_ATOL * (1 + ref.abs()))
                 ok = bool((err <= tol).all())
             records.append({"what": "perturb_", "noise": noise, "offset": 0, "dtype": str(dtype).split(".")[-1],
                             "numel": n, "max_abs_diff": err.max().item(), "ok": ok})
@@ -346,8 +188,8 @@ def bench_model(model: str, shapes, dtype_name: str, device: torch.device, bandw
         ("fastmezo", "restore_and_update", "rademacher", lambda: F.restore_and_update_(
             params, SEED, EPS, LR, PROJECTED_GRAD, weight_decay=wd, noise="rademacher", backend=backend)),
         ("reference", "perturb", "gaussian", _alternating(
-            lambda s: reference_perturb(params, TORCH_SEED, s, EPS))),
-        ("reference", "update", "gaussian", lambda: reference_update(
+            lambda s: baseline_perturb(params, TORCH_SEED, s, EPS))),
+        ("reference", "update", "gaussian", lambda: baseline_update(
             params, TORCH_SEED, LR, PROJECTED_GRAD, WEIGHT_DECAY, names)),
     ]
     rows = []
@@ -404,29 +246,16 @@ def _max_peak(rows):
 
 def write_results(out_dir: Path, result: dict) -> tuple[Path, Path]:
     """Write the whole result as JSON and the rows as CSV (with run metadata on every row)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     env = result["environment"]
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    slug = "".join(c if c.isalnum() else "-" for c in env["gpu"].lower()).strip("-")
-    slug = "-".join(part for part in slug.split("-") if part)[:40]
-    base = out_dir / f"perturb-{stamp}-{slug}"
+    base = out_dir / run_stem("perturb", env)
     json_path, csv_path = base.with_suffix(".json"), base.with_suffix(".csv")
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    meta = {k: env[k] for k in ("device", "gpu", "torch", "triton", "cuda", "commit", "date")}
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in result["rows"]:
-            writer.writerow({**{k: row.get(k) for k in CSV_FIELDS}, **meta})
+    write_json(json_path, result)
+    write_csv(csv_path, CSV_FIELDS, result["rows"], {k: env[k] for k in META_FIELDS})
     return json_path, csv_path
 
 
 def _fmt_bytes(n: int) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e9 else f"{n / 1e6:.3f} MB"
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def format_table(result: dict) -> str:
@@ -445,10 +274,10 @@ def format_table(result: dict) -> str:
     body = []
     for r in result["rows"]:
         body.append([r["model"], r["dtype"], r["impl"], r["op"] + ("*" if r["derived"] else ""), r["noise"],
-                     str(r["passes"]), _fmt(r["ms_median"], ".3f"), _fmt(r["ratio_to_floor"], ".2f"),
-                     _fmt(r["speedup_vs_reference"], ".2f"),
-                     _fmt(None if r["peak_extra_bytes"] is None else r["peak_extra_bytes"] / 2**20, ".1f"),
-                     _fmt(r["us_per_tensor"], ".1f")])
+                     str(r["passes"]), fmt(r["ms_median"], ".3f", "-"), fmt(r["ratio_to_floor"], ".2f", "-"),
+                     fmt(r["speedup_vs_reference"], ".2f", "-"),
+                     fmt(None if r["peak_extra_bytes"] is None else r["peak_extra_bytes"] / 2**20, ".1f", "-"),
+                     fmt(r["us_per_tensor"], ".1f", "-")])
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     numeric = set(range(5, len(header)))
 
@@ -483,16 +312,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="tiny shapes, few repetitions, temporary output: checks that the script runs "
                              "(on the CPU through the Triton interpreter when there is no GPU)")
     args = parser.parse_args(argv)
-    args.models = [m.strip() for m in (args.models or ("opt-tiny" if args.smoke else "opt-1.3b,opt-13b")).split(",") if m.strip()]
-    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    for d in args.dtypes:
-        if d not in DTYPES:
-            parser.error(f"unknown dtype {d!r}; expected one of {', '.join(DTYPES)}")
-    for m in args.models:
-        try:
-            opt_param_shapes(m)
-        except ValueError as exc:
-            parser.error(str(exc))
+    args.models = parse_models(args.models or ("opt-tiny" if args.smoke else "opt-1.3b,opt-13b"), parser)
+    args.dtypes = parse_dtypes(args.dtypes, parser)
     if args.reps is None:
         args.reps = 1 if args.smoke else 10
     if (args.warmup is not None and args.warmup < 0) or args.reps < 1:
@@ -503,18 +324,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """Run the benchmark; returns the result dict (also written to --out)."""
     args = parse_args(argv)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    elif args.smoke:
-        device = torch.device("cpu")
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
-            if "triton" in sys.modules:
-                raise SystemExit("no CUDA device, and triton was imported before TRITON_INTERPRET=1 could "
-                                 "be set: run as TRITON_INTERPRET=1 python bench/bench_perturb.py --smoke")
-            os.environ["TRITON_INTERPRET"] = "1"
-    else:
-        raise SystemExit("no CUDA device: this benchmark needs a GPU (use --smoke to test it on the CPU)")
-
+    device = select_device(args.smoke, "bench.bench_perturb")
     if args.warmup is None:
         args.warmup = 3 if not args.smoke else (1 if device.type == "cuda" else 0)
 
@@ -529,10 +339,9 @@ def main(argv=None) -> dict:
     print(f"kernel check passed: {len(checks)} comparisons with the torch oracle on {check_numel:,} elements "
           f"(z: max |diff| {worst_z:.3g}; perturb_ in {', '.join(args.dtypes)}: within tolerance)")
 
-    copy_bytes = (32 << 20) if device.type == "cpu" else (1 << 30)
-    bandwidth = copy_bandwidth(device, copy_bytes, warmup=3, reps=5 if args.smoke else 50)
+    bandwidth = default_copy_bandwidth(device, args.smoke)
     bw = bandwidth["bandwidth_bytes_per_s"]
-    print(f"copy bandwidth: {bw / 1e9:.1f} GB/s ({copy_bytes >> 20} MiB copied, read + write)")
+    print(f"copy bandwidth: {bw / 1e9:.1f} GB/s ({bandwidth['copy_bytes'] >> 20} MiB copied, read + write)")
 
     models, rows = [], []
     for model in args.models:
@@ -556,7 +365,7 @@ def main(argv=None) -> dict:
         "rows": rows,
     }
     out_dir = Path(args.out) if args.out else (
-        Path(tempfile.mkdtemp(prefix="fastmezo-bench-smoke-")) if args.smoke else HERE / "results")
+        Path(tempfile.mkdtemp(prefix="fastmezo-bench-smoke-")) if args.smoke else RESULTS)
     json_path, csv_path = write_results(out_dir, result)
     print(f"wrote {json_path}\nwrote {csv_path}\n")
     print(format_table(result))
@@ -564,8 +373,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CheckFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    main_exit(main)

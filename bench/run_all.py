@@ -1,19 +1,18 @@
-#!/usr/bin/env python
 """All of fastmezo's benchmarks in one command, for your own GPU:
 
-    python bench/run_all.py --out bench/results/my-gpu
+    python -m bench.run_all --out bench/results/my-gpu
 
-1. the pass benchmark (bench_perturb.py): one perturbation / restore-and-update pass over OPT-shaped
+1. the pass benchmark (bench/bench_perturb.py): one perturbation / restore-and-update pass over OPT-shaped
    parameters, fastmezo against the reference way, as multiples of the one-pass memory floor;
-2. the step benchmark (bench_steps.py): whole MeZO steps with the two forward passes of a randomly
-   initialised OPT (no download), the reference step and fastmezo.MeZO in four variants (in place or
+2. the step benchmark (bench/bench_steps.py): whole MeZO steps with the two forward passes of a randomly
+   initialised OPT (no download), the baseline step and fastmezo.MeZO in four variants (in place or
    exact mode, rounding to nearest or stochastic: inplace-rn, inplace-sr, exact-rn, exact-sr; --variants
    picks), all on the same model instance, per batch configuration: step time, ZO overhead (step - two
    forwards), speed-ups, overhead over the floor, peak memory above inference, exact / in-place overhead;
 3. with --opt66b, the largest batch OPT-66B (fp16, one GPU) can take a step with, for each.
 
 Both check fastmezo's kernels against the torch oracle before timing anything (exit code 1 if they
-disagree). --out receives each benchmark's own JSON and CSV (GPU name, torch / triton / CUDA versions,
+disagree); whole steps are checked by the GPU tests (``pytest -m gpu tests``). --out receives each benchmark's own JSON and CSV (GPU name, torch / triton / CUDA versions,
 git commit on every row), plus:
 
     results.json   everything: environment, settings, both benchmarks' results, the file list
@@ -34,19 +33,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+import torch
 
-import torch  # noqa: E402
-
-import bench_perturb as BP  # noqa: E402
-import bench_steps as BS  # noqa: E402
+from bench import bench_perturb, bench_steps, opt66b
+from bench.common import RESULTS, cpu_threads, environment, main_exit, parse_dtypes, parse_models, select_device
+from bench.step_variants import VARIANTS, inplace_twin
 
 DEFAULT_MODELS = "opt-1.3b,opt-13b"
 DEFAULT_DTYPES = "float16,bfloat16"
@@ -72,19 +67,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-passes", action="store_true", help="only the step benchmark")
     parser.add_argument("--pass-reps", type=int, default=None,
                         help="timed calls per pass measurement (default 10; 5 with --quick; 1 with --smoke)")
-    BS.add_step_arguments(parser)
+    bench_steps.add_step_arguments(parser)
     args = parser.parse_args(argv)
     default_models = "opt-tiny" if args.smoke else "opt-1.3b" if args.quick else DEFAULT_MODELS
-    args.models = BS.parse_models(args.models or default_models, args.smoke, args.quick, parser)
+    args.models = parse_models(args.models or default_models, parser)
     if args.dtypes is None:
         args.dtypes = ("float32" if not torch.cuda.is_available() else "float16") if args.smoke else \
             "float16" if args.quick else DEFAULT_DTYPES
-    args.dtypes = BS.parse_dtypes(args.dtypes, args.smoke, parser)
+    args.dtypes = parse_dtypes(args.dtypes, parser)
     if args.pass_reps is None:
         args.pass_reps = 1 if args.smoke else 5 if args.quick else 10
     if args.pass_reps < 1:
         parser.error("--pass-reps must be >= 1")
-    return BS.finish_args(args, parser)
+    return bench_steps.finish_args(args, parser)
 
 
 def pass_backend(args, device: torch.device) -> str:
@@ -133,7 +128,7 @@ def _step_table(steps: dict | None):
 def _variants_present(st: dict) -> list[str]:
     """The fastmezo variants that have rows, in bench_steps.VARIANTS order."""
     seen = {v for t in st.values() for v in t}
-    return [v for v in BS.VARIANTS if v in seen]
+    return [v for v in VARIANTS if v in seen]
 
 
 #: Plot colours of the step panel.
@@ -233,14 +228,14 @@ def _mib(n) -> str:
 def _ratio_cell(t: dict, variants: list[str]) -> str:
     """'rn / sr' of exact overhead / in-place overhead, for the roundings with both variants measured."""
     cells = [_f(t.get(v, {}).get("overhead_vs_inplace"), ".2f", "x") for v in variants
-             if v.startswith("exact-") and BS.inplace_twin(v) in variants]
+             if v.startswith("exact-") and inplace_twin(v) in variants]
     return " / ".join(cells) if cells else "n/a"
 
 
 def _step_markdown(st: dict, variants: list[str], backend: str) -> list[str]:
     """The two step tables: step time per variant (compact), then overhead, x floor, speed-ups and memory."""
     exact = [v for v in variants if v.startswith("exact-")]
-    paired = [v for v in exact if BS.inplace_twin(v) in variants]
+    paired = [v for v in exact if inplace_twin(v) in variants]
     impls = ["reference", *variants]
     lines = ["", f"**Whole MeZO steps** on a randomly initialised OPT (two forwards + ZO passes; median ms; "
              f"fastmezo backend {backend}). fastmezo variants: in place (`inplace`) or exact mode (`exact`: W + eps z "
@@ -348,13 +343,13 @@ def main(argv=None) -> dict:
     """Run the benchmarks; returns {"environment", "settings", "passes", "steps", "files"} (also
     written to --out/results.json)."""
     args = parse_args(argv)
-    BS.prepare_allocator(args.opt66b)
-    device = BS.select_device(args.smoke, "bench/run_all.py")
+    opt66b.prepare_allocator(args.opt66b)
+    device = select_device(args.smoke, "bench.run_all")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out_dir = Path(args.out) if args.out else (
-        Path(tempfile.mkdtemp(prefix="fastmezo-run-all-smoke-")) if args.smoke else HERE / "results" / f"run-{stamp}")
+        Path(tempfile.mkdtemp(prefix="fastmezo-run-all-smoke-")) if args.smoke else RESULTS / f"run-{stamp}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = BS.environment(device)
+    env = environment(device)
     log = lambda *a: print(*a, flush=True)  # noqa: E731  (progress shows while a long run goes on)
     log(f"fastmezo benchmarks -> {out_dir}")
     settings = {k: v for k, v in vars(args).items() if k != "configs"}
@@ -362,21 +357,21 @@ def main(argv=None) -> dict:
     result = {"benchmark": "run_all", "environment": env, "settings": settings, "passes": None, "steps": None,
               "files": {}}
     error = None
-    with BS.cpu_threads(device, args.smoke):
+    with cpu_threads(device, args.smoke):
         try:
             if not args.skip_passes:
                 backend = pass_backend(args, device)
                 argv_p = ["--models", ",".join(args.models), "--dtypes", ",".join(args.dtypes), "--out", str(out_dir),
                           "--reps", str(args.pass_reps), "--backend", backend] + (["--smoke"] if args.smoke else [])
-                log(f"\n== pass benchmark: bench_perturb.py {' '.join(argv_p)}")
-                result["passes"] = BP.main(argv_p)
+                log(f"\n== pass benchmark: python -m bench.bench_perturb {' '.join(argv_p)}")
+                result["passes"] = bench_perturb.main(argv_p)
             if not args.skip_steps or args.opt66b:
                 step_args = argparse.Namespace(**vars(args))
                 if args.skip_steps:
                     step_args.models = []
                 log("\n== step benchmark" + (" (OPT-66B search only)" if args.skip_steps else ""))
                 bandwidth = result["passes"]["bandwidth"] if result["passes"] else None
-                result["steps"] = BS.run(step_args, device, env, out_dir, bandwidth=bandwidth, log=log)
+                result["steps"] = bench_steps.run(step_args, device, env, out_dir, bandwidth=bandwidth, log=log)
         except BaseException as exc:  # noqa: BLE001  (a failed check, an error, Ctrl-C: write what was
             error = exc                #                  measured so far, then fail with the same exception)
             result["error"] = f"{type(exc).__name__}: {exc}"
@@ -406,8 +401,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BP.CheckFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    main_exit(main)

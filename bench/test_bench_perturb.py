@@ -1,5 +1,5 @@
-"""pytest-benchmark entry points for one perturbation pass, fastmezo against the reference way, and
-quick checks of the benchmark's own pieces.
+"""pytest-benchmark entry points for one perturbation pass, fastmezo against the baseline, and quick
+checks of the benchmark's own pieces.
 
     python -m pytest bench -q                                   # here: CPU, small shapes
     python -m pytest bench -q -k "opt-1.3b" --benchmark-only    # on a GPU: OPT-1.3B shapes too
@@ -10,8 +10,6 @@ tests check that the benchmarks run. bench/bench_perturb.py is the benchmark pro
 
 There is no bench/conftest.py on purpose: tests/ imports its own conftest by name (``from conftest
 import ...``), and a second conftest module would shadow it when both folders are collected at once.
-pytest puts bench/ on sys.path (rootdir-less test modules), so shapes, reference_mezo and
-bench_perturb import as plain modules.
 """
 import csv
 import json
@@ -24,9 +22,10 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # Triton's interpreter runs the kernels on CPU tensors; set before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import bench_perturb  # noqa: E402
-from reference_mezo import reference_perturb, reference_update  # noqa: E402
-from shapes import opt_param_shapes, opt_shapes_from_sizes  # noqa: E402
+from bench import bench_perturb  # noqa: E402
+from bench.baseline import baseline_perturb, baseline_update  # noqa: E402
+from bench.common import CheckFailed, synced  # noqa: E402
+from bench.shapes import opt_param_shapes, opt_shapes_from_sizes  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -57,32 +56,32 @@ def test_perturb_pass(benchmark, size, impl):
 
     params = _params(SHAPE_SETS[size], torch.float16, DEVICE)
     if impl == "reference":
-        fn = lambda: reference_perturb(params, 0, 1.0, 1e-3)  # noqa: E731
+        fn = lambda: baseline_perturb(params, 0, 1.0, 1e-3)  # noqa: E731
     else:
         noise = impl.split("-")[1]
         backend = FAST_BACKEND if size == "small" else "triton"
         fn = lambda: F.perturb_(params, 1234, 1e-3, noise=noise, backend=backend)  # noqa: E731
     benchmark.group = f"perturb {size} float16"
     if HAS_CUDA:
-        benchmark.pedantic(bench_perturb.synced(fn, DEVICE), rounds=10, warmup_rounds=2, iterations=1)
+        benchmark.pedantic(synced(fn, DEVICE), rounds=10, warmup_rounds=2, iterations=1)
     else:
         benchmark.pedantic(fn, rounds=1, warmup_rounds=0, iterations=1)
     assert all(torch.isfinite(p).all() for p in params)
 
 
-def test_reference_perturb_restores():
+def test_baseline_perturb_restores():
     """+1, -2, +1 with one seed brings float32 parameters back (up to rounding)."""
     params = _params(SMALL[:6], torch.float32, "cpu")
     before = [p.clone() for p in params]
     for scale in (1, -2, 1):
-        reference_perturb(params, 7, scale, 1e-3)
+        baseline_perturb(params, 7, scale, 1e-3)
     for p, b in zip(params, before):
         torch.testing.assert_close(p, b, atol=1e-6, rtol=0)
-    reference_perturb(params, 7, 1, 1e-3)
+    baseline_perturb(params, 7, 1, 1e-3)
     assert not torch.equal(params[0], before[0])
 
 
-def test_reference_update_formula():
+def test_baseline_update_formula():
     """theta - lr * (g * z + wd * theta), with z drawn as the paper's trainer draws it, and no weight
     decay for bias / layer-norm parameters."""
     shapes = SMALL[:6]
@@ -90,14 +89,14 @@ def test_reference_update_formula():
     params = _params(shapes, torch.float32, "cpu")
     before = [p.clone() for p in params]
     lr, g, wd = 1e-2, 0.5, 0.1
-    reference_update(params, 3, lr, g, wd, names)
+    baseline_update(params, 3, lr, g, wd, names)
     torch.manual_seed(3)
     for name, p, b in zip(names, params, before):
         z = torch.normal(mean=0, std=1, size=b.size(), dtype=b.dtype)
         decay = 0.0 if ("bias" in name or "layer_norm" in name) else wd
         torch.testing.assert_close(p, b - lr * (g * z + decay * b))
     with pytest.raises(ValueError, match="names"):
-        reference_update(params, 3, lr, g, wd, names[:2])
+        baseline_update(params, 3, lr, g, wd, names[:2])
 
 
 def test_check_catches_wrong_noise(monkeypatch):

@@ -1,5 +1,5 @@
 """pytest-benchmark entry points for whole MeZO steps (fastmezo.MeZO in place and in exact mode against
-the reference step, and the two forwards alone), and checks of bench_steps.py's pieces.
+the baseline step, and the two forwards alone), and checks of the step benchmark's pieces.
 
     python -m pytest bench/test_bench_steps.py -q                    # CPU: tiny OPT, seconds
     python -m pytest bench/test_bench_steps.py -q --benchmark-only   # on a GPU: OPT-1.3B fp16, 4x256
@@ -7,9 +7,9 @@ the reference step, and the two forwards alone), and checks of bench_steps.py's 
 The benchmark cases run on whatever device is present: on a GPU an OPT-1.3B in float16 at batch 4 x 256
 tokens, on the CPU a tiny OPT in float32 (the times then mean nothing; they show the cases run). The
 other tests check behaviour, not speed: the rows' keys and arithmetic (the four fastmezo variants, their
-exact / in-place ratios), the model-step checks catching a wrong optimizer or a broken exact mode, exact
-mode removed from the model (and verified) after its rows, the OPT-66B batch search's out-of-memory
-handling, and the CLI end to end.
+exact / in-place ratios), exact mode removed from the model (and verified) after its rows, the OPT-66B
+batch search's out-of-memory handling, and the CLI end to end. Whole steps against the torch oracle:
+tests/test_gpu_steps.py.
 """
 import contextlib
 import csv
@@ -24,9 +24,13 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # Triton's interpreter on CPU tensors; must be set before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import bench_steps as BS  # noqa: E402
-from reference_mezo import reference_step  # noqa: E402
-from shapes import numel, opt_param_shapes  # noqa: E402
+from bench import bench_steps as BS  # noqa: E402
+from bench import models as M  # noqa: E402
+from bench import opt66b  # noqa: E402
+from bench import step_variants as SV  # noqa: E402
+from bench.baseline import baseline_step  # noqa: E402
+from bench.common import DTYPES, META_FIELDS, free_memory, synced  # noqa: E402
+from bench.shapes import numel, opt_param_shapes  # noqa: E402
 from fastmezo.exact import MIN_GROUP_BYTES  # noqa: E402
 
 DEVICE = torch.device("cuda", torch.cuda.current_device()) if HAS_CUDA else torch.device("cpu")
@@ -49,18 +53,18 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def backend():
-    return BS.resolve_backend(DEVICE, None)
+    return SV.resolve_backend(DEVICE, None)
 
 
 @pytest.fixture(scope="module")
 def bench_setup(backend):
     """The benchmark model, its batch and both steppers (built once for the three cases)."""
-    model = BS.build_model(BENCH_MODEL, BENCH_DTYPE, DEVICE, log=lambda *a: None)
-    ids = BS.make_batch(model.config.vocab_size, *BENCH_BATCH, DEVICE)
-    closure = BS.make_closure(model, ids)
-    yield model, closure, BS.make_optimizer(model, backend), BS.ReferenceStepper(model)
+    model = M.build_model(BENCH_MODEL, BENCH_DTYPE, DEVICE, log=lambda *a: None)
+    ids = M.make_batch(model.config.vocab_size, *BENCH_BATCH, DEVICE)
+    closure = M.make_closure(model, ids)
+    yield model, closure, SV.make_optimizer(model, backend), SV.BaselineStepper(model)
     del model, closure
-    BS.BP.free_memory(DEVICE)
+    free_memory(DEVICE)
 
 
 @pytest.mark.parametrize("impl", ["forward", "reference", "fastmezo", "fastmezo-exact"])
@@ -76,12 +80,12 @@ def test_step(benchmark, bench_setup, backend, impl):
 
     with contextlib.ExitStack() as stack:
         if impl == "fastmezo-exact":
-            opt, _ = stack.enter_context(BS.fastmezo_variant(model, "exact-sr", backend))
+            opt, _ = stack.enter_context(SV.fastmezo_variant(model, "exact-sr", backend))
             opt.step(closure)  # the read check of exact mode's first forward: not timed
         fn = {"forward": forwards, "reference": lambda: ref.step(closure)}.get(impl, lambda: opt.step(closure))
         benchmark.group = f"step {BENCH_MODEL} {str(BENCH_DTYPE).split('.')[-1]} {BENCH_BATCH[0]}x{BENCH_BATCH[1]}"
         if HAS_CUDA:
-            benchmark.pedantic(BS.BP.synced(fn, DEVICE), rounds=5, warmup_rounds=2, iterations=1)
+            benchmark.pedantic(synced(fn, DEVICE), rounds=5, warmup_rounds=2, iterations=1)
         else:
             benchmark.pedantic(fn, rounds=1, warmup_rounds=0, iterations=1)
     if impl.startswith("fastmezo"):
@@ -94,8 +98,8 @@ def test_step(benchmark, bench_setup, backend, impl):
 def test_build_model_tiny():
     """The model is built on the device in the dtype, tied, with the shapes.py parameter count and
     OPT's initialisation (N(0, 0.02) matrices, zero biases, unit layer norms)."""
-    dtype = BS.DTYPES[TINY_DTYPE]
-    model = BS.build_model("opt-tiny", dtype, DEVICE, log=lambda *a: None)
+    dtype = DTYPES[TINY_DTYPE]
+    model = M.build_model("opt-tiny", dtype, DEVICE, log=lambda *a: None)
     params = dict(model.named_parameters())
     assert all(p.device.type == DEVICE.type and p.dtype == dtype for p in params.values())
     assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
@@ -108,9 +112,9 @@ def test_build_model_tiny():
     assert not model.training
 
 
-def test_reference_step_is_the_algorithm():
-    """reference_step = perturb +eps, loss, -2 eps, loss, g = (l+ - l-) / 2eps, restore, update, with z
-    drawn as reference_perturb draws it (so the update moves along -lr g z)."""
+def test_baseline_step_is_the_algorithm():
+    """baseline_step = perturb +eps, loss, -2 eps, loss, g = (l+ - l-) / 2eps, restore, update, with z
+    drawn as baseline_perturb draws it (so the update moves along -lr g z)."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
     names = ["w", "b.bias"]
@@ -122,7 +126,7 @@ def test_reference_step_is_the_algorithm():
         seen.append([p.clone() for p in params])
         return sum((p.double() ** 2).sum() for p in params)
 
-    loss_plus, grad = reference_step(params, names, closure, seed, eps, lr, wd)
+    loss_plus, grad = baseline_step(params, names, closure, seed, eps, lr, wd)
     torch.manual_seed(seed)
     z = [torch.normal(mean=0, std=1, size=p.size()) for p in start]
     torch.testing.assert_close(seen[0][0], start[0] + eps * z[0])
@@ -136,28 +140,22 @@ def test_reference_step_is_the_algorithm():
 
 
 def test_bench_model_rows(backend):
-    """bench_model on a tiny OPT with all four variants: the model-step checks (in place and exact, both
-    roundings) pass, and the rows are complete and consistent: per configuration forward, reference,
+    """bench_model on a tiny OPT with all four variants: the rows are complete and consistent: per configuration forward, reference,
     inplace-rn, inplace-sr, exact-rn, exact-sr; positive times, overhead = step - two forwards, speed-ups
     = reference / variant, x floor = overhead / floor, exact / in-place ratios of the same rounding;
     peak memory is measured on a GPU and n/a (None) on the CPU; exact mode's live copies peak at its
     group (here the whole model) and its rows say the restore was verified."""
     bandwidth = 50e9
-    summary, rows, checks = BS.bench_model("opt-tiny", TINY_DTYPE, DEVICE, [(2, 16), (1, 8)], bandwidth,
-                                           warmup=0, reps=2, backend=backend, log=lambda *a: None)
+    summary, rows = BS.bench_model("opt-tiny", TINY_DTYPE, DEVICE, [(2, 16), (1, 8)], bandwidth,
+                                   warmup=0, reps=2, backend=backend, log=lambda *a: None)
     assert "skipped" not in summary and summary["floor_ms"] == pytest.approx(2 * summary["param_bytes"] / bandwidth * 1e3)
-    assert summary["variants"] == list(BS.VARIANTS)
-    assert checks and all(c["ok"] for c in checks)
-    assert {(c["what"], c["mode"], c["rounding"]) for c in checks} == {
-        ("MeZO.step", "inplace", "nearest"), ("MeZO.step", "inplace", "stochastic"),
-        ("MeZO.step", "exact", "nearest"), ("MeZO.step", "exact", "stochastic"),
-        ("MeZO.step losses", "exact", "nearest"), ("MeZO.step losses", "exact", "stochastic")}
+    assert summary["variants"] == list(SV.VARIANTS)
     order = ["forward", "reference", "inplace-rn", "inplace-sr", "exact-rn", "exact-sr"]
     assert len(rows) == 12 and [r["variant"] for r in rows] == order * 2
     embedding = summary["largest_tensor_bytes"]
-    assert embedding == BS.opt_config("opt-tiny").vocab_size * 64 * BS.DTYPES[TINY_DTYPE].itemsize
+    assert embedding == M.opt_config("opt-tiny").vocab_size * 64 * DTYPES[TINY_DTYPE].itemsize
     for r in rows:
-        assert set(BS.STEP_FIELDS) - set(r) <= set(BS.META_FIELDS)
+        assert set(BS.STEP_FIELDS) - set(r) <= set(META_FIELDS)
         assert r["ms_median"] > 0 and r["ms_min"] <= r["ms_median"] <= r["ms_max"] and r["reps"] == 2
     for i in (0, 6):
         t = {r["variant"]: r for r in rows[i:i + 6]}
@@ -203,96 +201,54 @@ def test_bench_model_rows(backend):
 
 
 def test_bench_model_variant_subset(backend):
-    """--variants picks the rows (and the checks): an exact variant without its in-place twin has no
-    ratio; --rounding's variant sets are the two of one rounding."""
-    summary, rows, checks = BS.bench_model("opt-tiny", TINY_DTYPE, DEVICE, [(1, 8)], 50e9, warmup=0, reps=1,
-                                           backend=backend, log=lambda *a: None, variants=["exact-sr"])
+    """--variants picks the rows: an exact variant without its in-place twin has no ratio; --rounding's
+    variant sets are the two of one rounding."""
+    summary, rows = BS.bench_model("opt-tiny", TINY_DTYPE, DEVICE, [(1, 8)], 50e9, warmup=0, reps=1,
+                                   backend=backend, log=lambda *a: None, variants=["exact-sr"])
     assert [r["variant"] for r in rows] == ["forward", "reference", "exact-sr"]
     assert rows[2]["overhead_vs_inplace"] is None and rows[2]["step_vs_inplace"] is None
-    assert {(c["mode"], c["rounding"]) for c in checks} == {("exact", "stochastic")}
-    assert BS.variants_of_rounding("nearest") == ["inplace-rn", "exact-rn"]
-    assert BS.variants_of_rounding(None) == list(BS.VARIANTS)
+    assert SV.variants_of_rounding("nearest") == ["inplace-rn", "exact-rn"]
+    assert SV.variants_of_rounding(None) == list(SV.VARIANTS)
 
 
 def test_exact_variant_is_removed_and_verified(backend):
     """fastmezo_variant patches exact mode for its block only: inside, hooks are on the model and steps
     run; on exit the hooks are gone, every module holds its stored parameter again and mezo_step is
     gone. verify_restored notices a hook left behind and a parameter swapped for a copy."""
-    model = BS.build_model("opt-tiny", BS.DTYPES[TINY_DTYPE], DEVICE, log=lambda *a: None)
-    closure = BS.make_closure(model, BS.make_batch(model.config.vocab_size, 1, 8, DEVICE))
-    before = BS.model_hooks_state(model)
+    model = M.build_model("opt-tiny", DTYPES[TINY_DTYPE], DEVICE, log=lambda *a: None)
+    closure = M.make_closure(model, M.make_batch(model.config.vocab_size, 1, 8, DEVICE))
+    before = SV.model_hooks_state(model)
     params = {n: p for n, p in model.named_parameters()}
     assert sum(len(h[1]) + len(h[2]) for h in before["hooks"]) == 0
-    with BS.fastmezo_variant(model, "exact-sr", backend) as (opt, exact):
+    with SV.fastmezo_variant(model, "exact-sr", backend) as (opt, exact):
         assert exact.active and opt.perturbation_mode == "exact" and opt.stochastic_rounding
         assert "mezo_step" in model.__dict__
-        hooked = BS.model_hooks_state(model)
+        hooked = SV.model_hooks_state(model)
         assert sum(len(h[1]) + len(h[2]) for h in hooked["hooks"]) > 0
         with pytest.raises(RuntimeError, match="hooks differ"):
-            BS.verify_restored(model, before)
+            SV.verify_restored(model, before)
         opt.step(closure)
         opt.step(closure)
         assert opt.step_count == 2 and exact.live_tensors == 0 and exact.materialized > 0
     assert not exact.active
-    record = BS.verify_restored(model, before, exact=exact)
+    record = SV.verify_restored(model, before, exact=exact)
     assert record == {"params_checked": len(before["params"]), "hooks": 0}
     assert all(p is params[n] for n, p in model.named_parameters()) and "mezo_step" not in model.__dict__
     # The in-place variant keeps one optimizer per variant (its step count goes on across configurations).
     optimizers = {}
-    with BS.fastmezo_variant(model, "inplace-rn", backend, optimizers) as (opt, exact):
+    with SV.fastmezo_variant(model, "inplace-rn", backend, optimizers) as (opt, exact):
         assert exact is None and not opt.stochastic_rounding and optimizers == {"inplace-rn": opt}
 
     handle = model.lm_head.register_forward_hook(lambda *a: None)
     with pytest.raises(RuntimeError, match="hooks differ"):
-        BS.verify_restored(model, before)
+        SV.verify_restored(model, before)
     handle.remove()
     stored = model.model.decoder.layers[0].fc1._parameters["weight"]
     model.model.decoder.layers[0].fc1._parameters["weight"] = stored.detach().clone()
     with pytest.raises(RuntimeError, match="not the stored tensors"):
-        BS.verify_restored(model, before)
+        SV.verify_restored(model, before)
     model.model.decoder.layers[0].fc1._parameters["weight"] = stored
-    BS.verify_restored(model, before)
-
-
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_exact_check_passes_and_catches_broken_exact_mode(monkeypatch, backend, rounding):
-    """check_exact_step accepts fastmezo's exact mode (both roundings) and refuses to time one whose
-    forwards are not perturbed, or whose update does not move the weights as the oracle says."""
-    import fastmezo.exact
-    import fastmezo.optim
-
-    dtype = BS.DTYPES[TINY_DTYPE]
-    records = BS.check_exact_step(dtype, DEVICE, backend, rounding)
-    assert [r["what"] for r in records] == ["MeZO.step losses", "MeZO.step"] and all(r["ok"] for r in records)
-    assert records[1]["changed"] > 0 and records[0]["loss_plus"] != records[0]["loss_minus"]
-    with monkeypatch.context() as m:  # the forwards see the stored weights: the losses disagree
-        real_run = fastmezo.exact.F._run
-
-        def unperturbed_copies(tensors, *args, outs=None, **kwargs):
-            if outs is None:                      # the update pass runs as usual
-                return real_run(tensors, *args, **kwargs)
-            for t, o in zip(tensors, outs):       # exact mode's copies: not perturbed
-                o.copy_(t)
-
-        m.setattr(fastmezo.exact.F, "_run", unperturbed_copies)
-        with pytest.raises(BS.CheckFailed, match="loss at theta"):
-            BS.check_exact_step(dtype, DEVICE, backend, rounding)
-    with monkeypatch.context() as m:  # no update pass
-        m.setattr(fastmezo.optim.MeZO, "_pass", lambda *a, **k: None)
-        with pytest.raises(BS.CheckFailed, match="update of|changed none"):
-            BS.check_exact_step(dtype, DEVICE, backend, rounding)
-
-
-def test_model_step_check_catches_a_wrong_optimizer(monkeypatch, backend):
-    """The benchmark refuses to time a MeZO whose passes do not do what the oracle says (here: none)."""
-    import fastmezo.optim
-
-    model = BS.build_model("opt-tiny", BS.DTYPES[TINY_DTYPE], DEVICE, log=lambda *a: None)
-    named = BS.trainable(model)
-    assert all(r["ok"] for r in BS.check_model_step(named, DEVICE, backend))
-    monkeypatch.setattr(fastmezo.optim.F, "_run", lambda *a, **k: None)
-    with pytest.raises(BS.CheckFailed, match="disagrees"):
-        BS.check_model_step(named, DEVICE, backend)
+    SV.verify_restored(model, before)
 
 
 def _fake_oom(limit, current):
@@ -308,17 +264,17 @@ def _fake_oom(limit, current):
 def test_opt66b_search_handles_out_of_memory(monkeypatch, backend):
     """The batch search records out-of-memory per implementation, keeps going for the others, stops at
     the first batch where even a plain forward does not fit, and lets other errors through."""
-    model = BS.build_model("opt-tiny", BS.DTYPES[TINY_DTYPE], DEVICE, log=lambda *a: None)
+    model = M.build_model("opt-tiny", DTYPES[TINY_DTYPE], DEVICE, log=lambda *a: None)
     current = {"batch": 0}
-    real_make_batch = BS.make_batch
+    real_make_batch = M.make_batch
 
     def make_batch(vocab, batch, tokens, device, seed=0):
         current["batch"] = batch
         return real_make_batch(vocab, batch, tokens, device, seed)
 
-    monkeypatch.setattr(BS, "make_batch", make_batch)
+    monkeypatch.setattr(opt66b, "make_batch", make_batch)
     steppers = {"fastmezo": _fake_oom(2, current), "reference": _fake_oom(1, current)}
-    rows, largest = BS.search_max_batch(model, DEVICE, 8, [1, 2, 4, 8, 16], backend, log=lambda *a: None,
+    rows, largest = opt66b.search_max_batch(model, DEVICE, 8, [1, 2, 4, 8, 16], backend, log=lambda *a: None,
                                         steppers=steppers)
     assert largest == {"fastmezo": 2, "reference": 1}
     status = {(r["impl"], r["batch"]): r["status"] for r in rows}
@@ -329,7 +285,7 @@ def test_opt66b_search_handles_out_of_memory(monkeypatch, backend):
     assert "fake" in next(r["error"] for r in rows if r["status"] == "oom")
 
     # A forward that does not fit ends the search for everyone.
-    real_closure = BS.make_closure
+    real_closure = M.make_closure
 
     def make_closure(m, ids):
         inner = real_closure(m, ids)
@@ -340,8 +296,8 @@ def test_opt66b_search_handles_out_of_memory(monkeypatch, backend):
             return inner()
         return closure
 
-    monkeypatch.setattr(BS, "make_closure", make_closure)
-    rows, largest = BS.search_max_batch(model, DEVICE, 8, [1, 2, 4], backend, log=lambda *a: None,
+    monkeypatch.setattr(opt66b, "make_closure", make_closure)
+    rows, largest = opt66b.search_max_batch(model, DEVICE, 8, [1, 2, 4], backend, log=lambda *a: None,
                                         steppers={"fastmezo": torch.no_grad()(lambda c: float(c()))})
     assert largest == {"fastmezo": 1}
     assert [(r["impl"], r["batch"], r["status"]) for r in rows][-1] == ("fastmezo", 2, "forward oom")
@@ -349,21 +305,20 @@ def test_opt66b_search_handles_out_of_memory(monkeypatch, backend):
     def broken(closure):
         raise ValueError("not an out-of-memory error")
     with pytest.raises(ValueError):
-        BS.search_max_batch(model, DEVICE, 8, [1], backend, log=lambda *a: None, steppers={"x": broken})
+        opt66b.search_max_batch(model, DEVICE, 8, [1], backend, log=lambda *a: None, steppers={"x": broken})
 
 
 def test_opt66b_path_on_a_tiny_model(backend):
-    """bench_opt66b end to end with a tiny model in place of OPT-66B: built, checked, searched."""
-    out = BS.bench_opt66b(DEVICE, TINY_DTYPE, tokens=8, max_batch=2, backend=backend, log=lambda *a: None,
+    """bench_opt66b end to end with a tiny model in place of OPT-66B: built and searched."""
+    out = opt66b.bench_opt66b(DEVICE, TINY_DTYPE, tokens=8, max_batch=2, backend=backend, log=lambda *a: None,
                           name="opt-tiny")
     assert out["largest"] == {"fastmezo": 2, "reference": 2}
-    assert out["checks"] and all(c["ok"] for c in out["checks"])
     assert {r["impl"] for r in out["rows"]} == {"forward", "fastmezo", "reference"}
     assert all(r["model"] == "opt-tiny" and r["status"] == "ok" for r in out["rows"])
 
 
 def test_cli_smoke(tmp_path):
-    """bench_steps.py --smoke end to end (one batch configuration): JSON and CSV with the environment on
+    """bench_steps --smoke end to end (one batch configuration): JSON and CSV with the environment on
     every row, the kernel checks, and the table's memory columns: MiB on CUDA, n/a where the CPU has no
     memory statistics. (Other columns may read n/a on a GPU too: a tiny model's overhead can be <= 0.)"""
     result = BS.main(["--smoke", "--configs", "1x8", "--reps", "1", "--warmup", "0", "--out", str(tmp_path)])
@@ -375,9 +330,8 @@ def test_cli_smoke(tmp_path):
     assert data["checks"] and all(c["ok"] for c in data["checks"])
     rows = list(csv.DictReader(csv_path.open()))
     assert [r["impl"] for r in rows] == ["forward", "reference"] + ["fastmezo"] * 4 == [r["impl"] for r in result["rows"]]
-    assert [r["variant"] for r in rows] == ["forward", "reference", *BS.VARIANTS]
-    assert data["settings"]["variants"] == list(BS.VARIANTS)
-    assert {c["mode"] for c in data["checks"] if c["what"].startswith("MeZO.step")} == {"inplace", "exact"}
+    assert [r["variant"] for r in rows] == ["forward", "reference", *SV.VARIANTS]
+    assert data["settings"]["variants"] == list(SV.VARIANTS)
     assert all(r["gpu"] == env["gpu"] and r["commit"] == env["commit"] and float(r["ms_median"]) > 0 for r in rows)
     table = BS.format_table(result)
     assert "exact-sr" in table and "exact/inplace" in table
@@ -400,7 +354,7 @@ def test_parse_args():
 def test_parse_variants_and_rounding_shortcut():
     assert BS.parse_args([]).variants == ["inplace-rn", "inplace-sr", "exact-rn", "exact-sr"]
     assert BS.parse_args(["--variants", "exact-sr,inplace-sr"]).variants == ["inplace-sr", "exact-sr"]
-    assert BS.parse_args(["--variants", "all"]).variants == list(BS.VARIANTS)
+    assert BS.parse_args(["--variants", "all"]).variants == list(SV.VARIANTS)
     args = BS.parse_args(["--rounding", "nearest"])
     assert args.variants == ["inplace-rn", "exact-rn"] and args.rounding == "nearest"
     assert BS.parse_args(["--rounding", "stochastic", "--variants", "exact-sr"]).variants == ["exact-sr"]

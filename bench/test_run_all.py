@@ -11,7 +11,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # Triton's interpreter on CPU tensors; must be set before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import run_all  # noqa: E402
+from bench import run_all  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,7 @@ import torch
 if not torch.cuda.is_available():  # in case transformers imports triton: interpreter without a GPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from shapes import EXPECTED_TOTALS, OPT_CONFIGS, numel, opt_config_kwargs, opt_param_shapes  # noqa: E402
+from bench.shapes import EXPECTED_TOTALS, OPT_CONFIGS, numel, opt_config_kwargs, opt_param_shapes  # noqa: E402
 
 # (model, tensors, approximate size) as the brief and the published model cards state them.
 SIZES = [("opt-125m", 196, 125e6), ("opt-1.3b", 388, 1.3e9), ("opt-13b", 644, 12.9e9), ("opt-66b", 1028, 66e9)]
