@@ -10,8 +10,8 @@ Arithmetic is float32; the result is rounded once to the storage dtype, to neare
 One launch covers a whole *table* of tensors of one dtype: per tensor (x address, out address, numel,
 global offset, key) in an int64 table on the device, and the first block of each tensor in a sorted
 ``starts`` table; a program finds its tensor by binary search. A model's ~400 tensors take one launch
-instead of 400 (a Triton launch costs ~20-35 us of host time, more than a 1.3B-parameter pass takes
-per tensor on an H200).
+instead of 400: the host time of a launch exceeds the device time of a pass over a typical tensor of a
+1B-parameter model (docs/perf.md).
 
 A program covers BLOCK consecutive elements. Blocks are aligned to the *global* element index
 (offset + local index) in units of G = max(elements per Philox call, 8), so the noise and the rounding
@@ -77,10 +77,9 @@ def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, map_ptr, total, a, b, 
     # The tensor of this program (LOOKUP 0: the only one). LOOKUP 1, Gaussian passes: read from a map
     # of one int32 per program, one load. LOOKUP 2, Rademacher passes: the last t with starts[t] <= pid,
     # a binary search (starts is padded to 2**LOG2T entries with a value above every pid, so it needs
-    # no bounds checks). Measured on the H200, OPT-13B shapes, one machine: the search's ~40
-    # instructions a program cost the compute-bound Gaussian pass 5% (20.54 ms against 19.46 with the
-    # map), while the latency-bound Rademacher pass is 6% faster with the search (14.13 ms against
-    # 15.00), whose loads hit in cache where the map entry comes from DRAM.
+    # no bounds checks). The search's extra instructions slow the compute-bound Gaussian pass, while
+    # the latency-bound Rademacher pass is faster with the search, whose loads hit in cache where the
+    # map entry comes from DRAM (docs/perf.md).
     if LOOKUP == 1:
         t = tl.load(map_ptr + pid).to(tl.int64)
     elif LOOKUP == 2:
@@ -141,8 +140,8 @@ def _as_i32(word: int) -> int:
 # a * x + b * z is computed as written (two roundings), not contracted into an FMA: the oracle, the
 # native kernels and every code path of this kernel (aligned or not) then produce the same float32 y,
 # so stochastic rounding stores bit-identical values and a shard equals the whole tensor. Contracted,
-# the aligned and masked paths fused differently and ~2% of fp16 elements near a cancellation rounded
-# the other way (measured on the H200). Library calls (log, sin, cos) keep their own FMAs.
+# the aligned and masked paths fuse differently and elements near a cancellation round the other way
+# (docs/perf.md). Library calls (log, sin, cos) keep their own FMAs.
 _NO_FMA_CONTRACTION = {} if _INTERPRETING else {"enable_fp_fusion": False}
 
 
@@ -163,8 +162,7 @@ class _TableCache:
 
     A miss builds the table on the host and uploads it with ONE non-blocking copy from pinned memory:
     a copy from pageable memory synchronizes the stream (CUDA's rule for pageable host-to-device
-    copies), and a sync per module forward made exact mode host-bound on the H200 (OPT-13B, batch 1:
-    322 ms of overhead per step against 69 ms in place)."""
+    copies), and a sync per module forward makes exact mode host-bound (docs/perf.md)."""
 
     def __init__(self, capacity: int = 4096):
         self.capacity = capacity
@@ -251,10 +249,10 @@ def axpbz_multi_(tensors, a: float, b: float, seed: int, keys, noise: int, offse
             if rest:  # pragma: no cover  (tensors of one dtype sit at multiples of its size)
                 raise ValueError("outputs of one launch must lie a whole number of elements apart")
             rows += (xp, delta, n, off, key & 0xFFFFFFFF)
-            blocks.append(-(-(n + off % g) // block))   # ceil; triton.cdiv is a jit function, ~10 us a call
+            blocks.append(-(-(n + off % g) // block))   # ceil; triton.cdiv is a jit function, slow to call from the host
         table, starts, log2t, mapping, total = _tables.get(tuple(rows), tuple(blocks), device, noise == 0)
         # By the noise, not by whether the cached entry has a map (a Gaussian pass over the same
-        # tensors may have built one): Rademacher passes search, as measured faster.
+        # tensors may have built one): Rademacher passes search, the faster lookup for them.
         lookup = 0 if len(blocks) == 1 else 1 if noise == 0 else 2
         _axpbz_table_kernel[(total,)](
             proto, table, starts, starts if mapping is None else mapping, total, float(a), float(b),

@@ -4,8 +4,8 @@ Our own Philox4x32-10 rather than ``tl.randn``: tl.randn's counter layout change
 releases, it uses one of the four output words per call, and its int32 offsets overflow past 2**31
 elements. Here one Philox call feeds 4 normals (two Box-Muller pairs) or 128 Rademacher signs, and
 counters are 64-bit. Blocks are built as 1-D vectors per Philox output word and interleaved into
-element order: a [calls, 4] tile with broadcast words made Triton recompute each call per element
-(measured on the H200: 66x the memory floor against 1.4x for this form).
+element order: a [calls, 4] tile with broadcast words makes Triton recompute each call per element,
+many times slower (docs/perf.md).
 """
 import triton
 import triton.language as tl
@@ -86,7 +86,7 @@ def box_muller(x_a, x_b, FAST: tl.constexpr):
 
     FAST (CUDA only) uses the hardware sin/cos approximations (absolute error about 2**-21 on
     (-pi, pi), so |dz| < 4e-6) and the hardware log2 away from u_a = 1 (_minus_2_log): Box-Muller is
-    compute-bound at H200 bandwidth and the accurate versions cost 2x."""
+    compute-bound at HBM bandwidth, where the accurate versions are markedly slower (docs/perf.md)."""
     u_a = uniform_from_bits(x_a)
     u_b = uniform_from_bits(x_b)
     r = tl.sqrt(_minus_2_log(u_a, FAST))
@@ -156,8 +156,8 @@ def round_stochastic(y, r, DTYPE: tl.constexpr):
         q = (t - floor(t)) 2**16 exactly, and q + r is the oracle's float32 sum (q has a fraction).
     The result is built as a float32 that float16 holds exactly, so the final conversion is exact.
     y beyond the largest finite value saturates to it; non-finite y round to nearest.
-    (An earlier float16 version built lo/hi from the nearest float16's bits with 16-bit integer
-    arithmetic; compiled for the masked kernel on the H200 it lost ~6% of the round-ups.)"""
+    Integers of 32 bits throughout: a form with 16-bit integer arithmetic miscompiled in the masked
+    kernel (docs/perf.md)."""
     ybits = y.to(tl.uint32, bitcast=True)
     mag = ybits & 0x7FFFFFFF
     sign = ybits & 0x80000000
