@@ -9,7 +9,7 @@ embedding has ``max_position_embeddings + 2`` rows (OPT's offset of 2).
 The sizes are those of the published facebook/opt-* configurations. ``"opt-tiny"`` is not a real
 model: a scaled-down OPT (hidden 64, 2 layers, small vocabulary) for smoke runs on a CPU.
 
-Run ``python bench/shapes.py`` to print the tensor and parameter counts; the counts are also checked
+Run ``python -m bench.shapes`` to print the tensor and parameter counts; the counts are also checked
 against the published totals when this module is imported (``_check_totals``).
 """
 from __future__ import annotations
