@@ -6,9 +6,11 @@ own code and z replaced by fastmezo's z through the plain-torch oracle (zo_train
 switched to fastmezo's passes; seeds, projected gradients, losses and weights must agree for every
 supported mode. Every unsupported mode is refused with the option named and the trainer untouched.
 
-Tolerances, from measured differences (fp32, eps 1e-2, 3 steps): weights differ by at most 1.2e-7
-(native backend's z against the float64 oracle, docs/noise.md, and forwards at weights a few ulp
-apart), projected gradients by at most 2.4e-5; asserted at 1e-6 and 1e-4 relative + 5e-5.
+Tolerances, from the largest differences measured over 5 seeds of every supported mode (fp32, eps
+1e-2, lr 0.03, 3 steps; the native backend's z differs from the float64 oracle's by ~1e-5 per unit
+of |z|, docs/noise.md, and forwards at weights a few ulp apart differ by rounding): weights 2.9e-6
+apart, projected gradients 2.4e-5 relative to max(1, |g|); asserted at 1e-5 and 1e-4. A step that
+fails is walked back by opposite passes: weights within 1e-6 of their start (a few float32 ulp).
 """
 import re
 
@@ -25,7 +27,8 @@ pytestmark = [pytest.mark.usefixtures("single_thread"),
               # the trainers step their scheduler without the HF optimizer stepping, as the real ones do
               pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")]
 
-WEIGHT_ATOL = 1e-6
+WEIGHT_ATOL = 1e-5
+RESTORE_ATOL = 1e-6
 
 SUPPORTED = {
     "paper, wd 0.1, linear lr": (Z.PaperTrainer, dict(weight_decay=0.1, lr_scheduler_type="linear")),
@@ -40,7 +43,7 @@ SUPPORTED = {
 
 def _trainer(kind, **options):
     make_args = Z.paper_args if kind is Z.PaperTrainer else Z.zo_bench_args
-    return kind(Z.TinyRegressor(), make_args(**{"zo_eps": 1e-2, **options}))
+    return kind(Z.TinyRegressor(), make_args(**{"zo_eps": 1e-2, "learning_rate": 0.03, **options}))
 
 
 def _weights(trainer):
@@ -81,11 +84,35 @@ def test_switched_trainer_runs_the_trainers_algorithm_along_fastmezos_z(mode):
     assert torch.equal(torch.get_rng_state(), torch_rng)       # torch's generator never drew z
     assert [s for s, _ in switched.history] == [s for s, _ in original.history]
     for (_, g_got), (_, g_want) in zip(switched.history, original.history):
-        assert g_got == pytest.approx(g_want, rel=1e-4, abs=5e-5)
+        assert g_got == pytest.approx(g_want, rel=1e-4, abs=1e-4)
     assert got == pytest.approx(want, rel=1e-5)
     _assert_weights(switched, _weights(original))
     moved = {n for n, p in switched.model.named_parameters() if not torch.equal(p, start[n])}
     assert moved == {n for n, p in switched.model.named_parameters() if p.requires_grad}
+
+
+def test_zo_bench_update_uses_each_parameters_optimizer_group():
+    """The update goes through trainer.optimizer: each parameter moves with its group's lr, and a
+    parameter the optimizer does not hold is perturbed and restored but not updated."""
+    (batch,) = Z.regression_batches(1)
+    original, switched = _trainer(Z.ZOBenchTrainer), _trainer(Z.ZOBenchTrainer)
+    for trainer in (original, switched):
+        m = trainer.model
+        trainer.optimizer = torch.optim.SGD([{"params": [m.fc1.weight], "lr": 0.2},
+                                             {"params": [m.fc2.weight, m.fc2.bias], "lr": 0.05}])
+        trainer.sparse_grad_rng, trainer.sparse_grad_random_seed = torch.Generator(), 0
+        trainer.gradient_sparsity = None
+    start = _weights(switched)
+    np.random.seed(4)
+    with Z.fastmezo_z():
+        original.zo_step(original.model, batch)
+    use_fastmezo(switched)
+    np.random.seed(4)
+    switched.zo_step(switched.model, batch)
+    _assert_weights(switched, _weights(original))
+    for name in ("fc1.bias", "layer_norm.bias"):
+        torch.testing.assert_close(switched.model.get_parameter(name), start[name], rtol=0, atol=RESTORE_ATOL)
+    assert not torch.equal(switched.model.fc1.weight, start["fc1.weight"])
 
 
 def test_zo_bench_q_directions_are_averaged_into_one_update():
@@ -112,7 +139,7 @@ def test_zo_bench_q_directions_are_averaged_into_one_update():
     eps = trainer.args.zo_eps
     for k, (seed, sign) in enumerate([(seeds[0], 1), (seeds[0], -1), (seeds[1], 1), (seeds[1], -1)]):
         for w, t, zi in zip(forwards[k], theta, z[seed]):
-            torch.testing.assert_close(w, t + sign * eps * zi, rtol=0, atol=WEIGHT_ATOL)
+            torch.testing.assert_close(w, t + sign * eps * zi, rtol=0, atol=RESTORE_ATOL)
     g = []
     for seed in seeds:
         lp = _loss_at(trainer.model, params, [t + eps * zi for t, zi in zip(theta, z[seed])], batch)
@@ -293,7 +320,7 @@ def test_a_step_whose_forward_raises_leaves_the_weights_where_they_started(mode,
         _failing_forward(trainer, fail_at, error=KeyboardInterrupt if fail_at == 2 else RuntimeError)
         with pytest.raises((RuntimeError, KeyboardInterrupt)):
             trainer.train(Z.regression_batches(1))
-        _assert_weights(trainer, start)
+        _assert_weights(trainer, start, atol=RESTORE_ATOL)
         del trainer.zo_forward
 
 
@@ -315,7 +342,7 @@ def test_a_step_whose_update_pass_raises_is_undone(monkeypatch):
     monkeypatch.setattr(exact, "update_", update_)
     with pytest.raises(RuntimeError, match="backend failed"):
         trainer.train(Z.regression_batches(1))
-    _assert_weights(trainer, start)
+    _assert_weights(trainer, start, atol=RESTORE_ATOL)
 
 
 def test_remove_gives_the_trainer_its_own_methods_back():
