@@ -111,7 +111,8 @@ def test_zo_bench_update_uses_each_parameters_optimizer_group():
     switched.zo_step(switched.model, batch)
     _assert_weights(switched, _weights(original))
     for name in ("fc1.bias", "layer_norm.bias"):
-        torch.testing.assert_close(switched.model.get_parameter(name), start[name], rtol=0, atol=RESTORE_ATOL)
+        torch.testing.assert_close(switched.model.get_parameter(name), start[name], rtol=0,
+                                   atol=RESTORE_ATOL)
     assert not torch.equal(switched.model.fc1.weight, start["fc1.weight"])
 
 
@@ -208,7 +209,8 @@ def _assert_untouched(trainer, state):
 
 @pytest.mark.parametrize("kind, options, named", UNSUPPORTED,
                          ids=[f"{k.__name__}-{n}" for k, _, n in UNSUPPORTED])
-def test_unsupported_modes_are_refused_with_the_option_named_and_the_trainer_untouched(kind, options, named):
+def test_unsupported_modes_are_refused_naming_the_option_and_leave_the_trainer_untouched(
+        kind, options, named):
     trainer = _trainer(kind, **options)
     state = _state(trainer)
     with pytest.raises((ValueError, TypeError), match=re.escape(named)):
@@ -382,3 +384,28 @@ def test_switched_zo_bench_trainer_trains_a_tiny_opt():
     trainer.train([batch] * 200)
     end = trainer.zo_forward(model, batch).item()
     assert end < start - 0.15, (start, end)
+
+
+def test_a_non_finite_loss_is_refused_with_the_weights_restored():
+    trainer = _trainer(Z.ZOBenchTrainer)
+    use_fastmezo(trainer)
+    start = _weights(trainer)
+    forward = trainer.zo_forward
+    trainer.zo_forward = lambda model, inputs: forward(model, inputs) * float("nan")
+    with pytest.raises(ValueError, match="projected_grad must be finite"):
+        trainer.train(Z.regression_batches(1))
+    _assert_weights(trainer, start, atol=RESTORE_ATOL)
+
+
+def test_perturbation_seeds_must_be_ints():
+    trainer = _trainer(Z.PaperTrainer)
+    use_fastmezo(trainer)
+    trainer.named_parameters_to_optim = list(trainer.model.named_parameters())
+    before = _weights(trainer)
+    with pytest.raises(TypeError, match="random_seed must be a non-negative int, got '5'"):
+        trainer.zo_perturb_parameters(random_seed="5")
+    _assert_weights(trainer, before, atol=0)
+    trainer.zo_perturb_parameters(random_seed=np.int64(5), scaling_factor=1)    # numpy's ints are ints
+    z = R.noise(trainer.model.fc1.weight.numel(), 5, 0).view_as(before["fc1.weight"])
+    torch.testing.assert_close(trainer.model.fc1.weight.detach(), before["fc1.weight"] + 1e-2 * z,
+                               rtol=0, atol=RESTORE_ATOL)

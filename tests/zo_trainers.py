@@ -127,7 +127,8 @@ class PaperTrainer(MiniHFTrainer):
                              dtype=param.data.dtype)
             decay = 0.0 if ("bias" in name or "layer_norm" in name or "layernorm" in name) \
                 else self.args.weight_decay
-            param.data = param.data - self._get_learning_rate() * (self.projected_grad * z + decay * param.data)
+            step = self._get_learning_rate() * (self.projected_grad * z + decay * param.data)
+            param.data = param.data - step
         self.lr_scheduler.step()
 
 
@@ -288,13 +289,13 @@ class ZOBenchTrainer(MiniHFTrainer):
         self.zo_random_seed = np.random.randint(1000000000)
         grads, losses = {}, []
         for module_name, module in model.named_children():
-            self.named_parameters_to_optim = [(f"{module_name}.{n}", p) for n, p in module.named_parameters()
-                                              if p.requires_grad]
+            self.named_parameters_to_optim = [(f"{module_name}.{n}", p)
+                                              for n, p in module.named_parameters() if p.requires_grad]
             losses.append(self._estimate(model, inputs))
             grads[module_name] = self.projected_grad
         for module_name, module in model.named_children():
-            self.named_parameters_to_optim = [(f"{module_name}.{n}", p) for n, p in module.named_parameters()
-                                              if p.requires_grad]
+            self.named_parameters_to_optim = [(f"{module_name}.{n}", p)
+                                              for n, p in module.named_parameters() if p.requires_grad]
             self.projected_grad = grads[module_name]
             torch.manual_seed(self.zo_random_seed)
             self.sparse_grad_rng.manual_seed(self.sparse_grad_random_seed)
@@ -355,7 +356,8 @@ class TinyRegressor(torch.nn.Module):
 
 def regression_batches(n, seed=3):
     g = torch.Generator().manual_seed(seed)
-    return [dict(x=torch.randn(16, 6, generator=g), labels=torch.randn(16, 2, generator=g)) for _ in range(n)]
+    return [dict(x=torch.randn(16, 6, generator=g), labels=torch.randn(16, 2, generator=g))
+            for _ in range(n)]
 
 
 @contextlib.contextmanager

@@ -76,6 +76,13 @@ def real(value, what: str, *, positive: bool = False) -> float:
     return value
 
 
+def seed_of(value, what: str = "zo_random_seed") -> int:
+    """A step's seed as the trainers draw it (np.random.randint: an int, numpy's included)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise TypeError(f"{what} must be a non-negative int, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
 def _field(args, name: str, frontend: str):
     if not hasattr(args, name):
         raise TypeError(f"the trainer's args have no {name!r}, which {frontend} reads")

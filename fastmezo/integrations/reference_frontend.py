@@ -30,7 +30,7 @@ import torch
 
 from .. import exact
 from .. import functional as F
-from .frontend_modes import GUARDED, PAPER, REPLACED, ZO_BENCH, check_methods, read_mode, real
+from .frontend_modes import GUARDED, PAPER, REPLACED, ZO_BENCH, check_methods, read_mode, real, seed_of
 
 _NO_DECAY = ("bias", "layer_norm", "layernorm")
 _REQUIRED = ("zo_step", "zo_perturb_parameters", "zo_update", "zo_forward")
@@ -135,9 +135,12 @@ class FastMeZOFrontend:
         """theta += scaling_factor * zo_eps * z(seed), one fused in-place pass."""
         t = self.trainer
         mode = self._mode()
-        seed = t.zo_random_seed if random_seed is None else random_seed
+        if random_seed is None:
+            step_seed = seed_of(t.zo_random_seed)
+        else:
+            step_seed = seed_of(random_seed, "random_seed")
         alpha = real(scaling_factor, "scaling_factor") * mode.eps
-        F.perturb_(list(t.named_parameters_to_optim), int(seed), alpha, noise=self.noise,
+        F.perturb_(list(t.named_parameters_to_optim), step_seed, alpha, noise=self.noise,
                    backend=self.backend)
 
     # -- the paper's trainer: zo_step estimates, zo_update applies -------------------------------
@@ -146,25 +149,26 @@ class FastMeZOFrontend:
         """+eps, forward, -2 eps, forward, +eps (restore); sets projected_grad; returns loss(+eps)."""
         t, mode = self.trainer, self._mode()
         params = self._select_parameters(model)
-        t.zo_random_seed = seed = _new_seed()
+        t.zo_random_seed = step_seed = _new_seed()
         with _transaction(params, self.noise, self.backend) as passes:
-            passes.perturb(seed, mode.eps)
+            passes.perturb(step_seed, mode.eps)
             loss1 = t.zo_forward(model, inputs)
-            passes.perturb(seed, -2 * mode.eps)
+            passes.perturb(step_seed, -2 * mode.eps)
             loss2 = t.zo_forward(model, inputs)
             t.projected_grad = ((loss1 - loss2) / (2 * mode.eps)).item()
-            passes.perturb(seed, mode.eps)
+            passes.perturb(step_seed, mode.eps)
         return loss1
 
     def _paper_zo_update(self, model=None):
         """theta <- theta - lr * (projected_grad * z + wd * theta), wd skipped on bias / layer norm
         names, lr from _get_learning_rate(); then the lr scheduler steps."""
-        t, _ = self.trainer, self._mode()
+        t = self.trainer
+        self._mode()
         params = list(t.named_parameters_to_optim)
         lr = real(t._get_learning_rate(), "the learning rate (_get_learning_rate())")
         wd = real(t.args.weight_decay, "args.weight_decay")
         decay = [0.0 if any(s in name for s in _NO_DECAY) else wd for name, _ in params]
-        exact.update_(params, int(t.zo_random_seed), lr, real(t.projected_grad, "projected_grad"),
+        exact.update_(params, seed_of(t.zo_random_seed), lr, real(t.projected_grad, "projected_grad"),
                       weight_decay=decay, noise=self.noise, backend=self.backend)
         t.lr_scheduler.step()
 
@@ -210,28 +214,28 @@ class FastMeZOFrontend:
         directions = []
         with _transaction(params, self.noise, self.backend) as passes:
             for i in range(mode.q):
-                t.zo_random_seed = seed = _new_seed()
-                passes.perturb(seed, mode.eps)
+                t.zo_random_seed = step_seed = _new_seed()
+                passes.perturb(step_seed, mode.eps)
                 loss1 = t.zo_forward(model, inputs)
                 if mode.one_sided:
-                    passes.perturb(seed, -mode.eps)
+                    passes.perturb(step_seed, -mode.eps)
                     loss2 = t.zo_forward(model, inputs)
                     t.projected_grad = ((loss1 - loss2) / mode.eps).item()
                 else:
-                    passes.perturb(seed, -2 * mode.eps)
+                    passes.perturb(step_seed, -2 * mode.eps)
                     loss2 = t.zo_forward(model, inputs)
                     t.projected_grad = ((loss1 - loss2) / (2 * mode.eps)).item()
                     if i < mode.q - 1:
-                        passes.perturb(seed, mode.eps)
+                        passes.perturb(step_seed, mode.eps)
                 g = real(t.projected_grad, "projected_grad")
-                directions.append((seed, (float(np.sign(g)) if mode.sign else g) / mode.q))
+                directions.append((step_seed, (float(np.sign(g)) if mode.sign else g) / mode.q))
             last_seed, last_coefficient = directions.pop()
             if mode.one_sided:
                 passes.update(last_seed, lrs, last_coefficient)
             else:
                 passes.restore_and_update(last_seed, mode.eps, lrs, last_coefficient)
-            for seed, coefficient in directions:
-                passes.update(seed, lrs, coefficient)
+            for step_seed, coefficient in directions:
+                passes.update(step_seed, lrs, coefficient)
         return loss1
 
     def remove(self) -> None:
