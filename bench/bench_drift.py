@@ -36,7 +36,7 @@ import torch
 
 import fastmezo
 from bench.baseline import baseline_perturb
-from bench.common import DTYPES, environment
+from bench.common import DTYPES, environment, fastmezo_backend
 
 METHODS = ("reference", "inplace-rn", "inplace-sr", "exact")
 
@@ -183,7 +183,7 @@ def main(argv=None):
 
     meta = dict(benchmark="bench/bench_drift.py", command=" ".join([os.path.basename(sys.executable)] + sys.argv),
                 environment=env, device_name=device_name, threads=torch.get_num_threads(), eps=args.eps, weight_std=0.02, seed=args.seed, checkpoints=checkpoints, wall_seconds=round(wall, 1),
-                backend=__import__("fastmezo.backends", fromlist=["select"]).select(device), stamp=stamp)
+                backend=fastmezo_backend(device), stamp=stamp)
     (out / f"{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     with open(out / f"{tag}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from bench.baseline import baseline_perturb
-from bench.common import BASELINE_SEED, FASTMEZO_SEED, RESULTS, environment, write_csv, write_json
+from bench.common import BASELINE_SEED, FASTMEZO_SEED, RESULTS, environment, fastmezo_backend, write_csv, write_json
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SEED = FASTMEZO_SEED
@@ -42,11 +42,12 @@ EPS = 1e-3
 
 def native_environment() -> dict:
     """The common provenance record, plus whether the native library was built with OpenMP."""
-    from fastmezo.backends import native_backend
-
-    native = native_backend.load()
-    return {**environment(torch.device("cpu")),
-            "native_openmp": bool(native.WITH_OPENMP) if native is not None else None}
+    try:
+        from fastmezo import _C
+        openmp = bool(getattr(_C, "WITH_OPENMP", None)) if hasattr(_C, "WITH_OPENMP") else None
+    except ImportError:
+        openmp = None
+    return {**environment(torch.device("cpu")), "native_openmp": openmp}
 
 
 def check_native() -> None:
@@ -136,11 +137,10 @@ def main(argv=None) -> int:
         args.out = args.out or tempfile.mkdtemp(prefix="fastmezo-bench-cpu-")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from fastmezo.backends import native_backend
-
-    reason = native_backend.unavailable_reason(torch.device("cpu"))
-    if reason is not None:
-        print(f"the native backend cannot run: {reason}", file=sys.stderr)
+    try:
+        fastmezo_backend(torch.device("cpu"), "native")
+    except Exception as exc:  # noqa: BLE001  (fastmezo's reason is the message)
+        print(f"the native backend cannot run: {exc}", file=sys.stderr)
         return 2
     check_native()
     env = native_environment()

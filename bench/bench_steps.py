@@ -52,12 +52,13 @@ import torch  # (does not import triton)
 
 from bench import bench_perturb, opt66b
 from bench.common import (DTYPES, META_FIELDS, RESULTS, align, cpu_threads, default_copy_bandwidth, environment,
+                          fastmezo_backend,
                           fmt, fmt_mib, free_memory, main_exit, parse_dtypes, parse_models, run_stem,
                           select_device, time_ms, write_csv, write_json)
 from bench.models import ModelTooLarge, build_model, largest_tensor_bytes, make_batch, make_closure, param_bytes_of
 from bench.shapes import numel, opt_param_shapes
 from bench.step_variants import (EPS, FASTMEZO_SEED, BASELINE_SEED, LR, VARIANTS, WEIGHT_DECAY, BaselineStepper,
-                                 fastmezo_variant, inplace_twin, parse_variants, resolve_backend, rounding_of,
+                                 fastmezo_variant, inplace_twin, parse_variants, rounding_of,
                                  variant_mode, variant_rounding, variants_of_rounding)
 
 #: batch x tokens of the step benchmark, and the --quick / --smoke subsets.
@@ -108,7 +109,7 @@ def bench_config(model, ref, batch: int, tokens: int, device: torch.device, floo
     untimed step (the read check of exact mode's first forward), then the timed ones, then the patch is
     removed and verify_restored checks the model before anything else runs on it."""
     if backend is None:
-        backend = resolve_backend(device, None)
+        backend = fastmezo_backend(device)
     optimizers = {} if optimizers is None else optimizers
     largest_tensor_bytes = max(p.numel() * p.element_size() for p in model.parameters())
     ids = make_batch(model.config.vocab_size, batch, tokens, device)
@@ -333,8 +334,9 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
                         help="untimed steps per measurement (default 2; 1 with --smoke)")
     parser.add_argument("--step-reps", "--reps", dest="step_reps", type=int, default=None,
                         help="timed steps per measurement, median reported (default 5; 3 with --quick, 2 with --smoke)")
-    parser.add_argument("--backend", default=None, choices=("triton", "native", "reference"),
-                        help="fastmezo backend (default: automatic, triton on CUDA; the choice is recorded)")
+    parser.add_argument("--backend", default=None,
+                        help="fastmezo backend: triton, native or the torch oracle (default: automatic, triton on "
+                             "CUDA; the choice is recorded; fastmezo says why a named one cannot run)")
     parser.add_argument("--variants", default=None,
                         help="fastmezo variants timed next to the reference, comma-separated: inplace-rn, "
                              "inplace-sr, exact-rn, exact-sr (in place or exact mode; float16/bfloat16 stores "
@@ -422,7 +424,7 @@ def run(args, device: torch.device, env: dict, out_dir: Path, bandwidth: dict | 
 
 
 def _run(args, device, env, out_dir, bandwidth, log) -> dict:
-    backend = resolve_backend(device, args.backend)
+    backend = fastmezo_backend(device, args.backend)
     log(f"fastmezo step benchmark on {env['gpu']} ({device}); torch {env['torch']}, triton {env['triton']}, "
         f"cuda {env['cuda']}, transformers {env['transformers']}, commit {env['commit'][:12]}; fastmezo backend {backend}")
 

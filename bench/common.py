@@ -132,6 +132,23 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def fastmezo_backend(device: torch.device, backend: str | None = None) -> str:
+    """The name of the fastmezo backend that runs tensors on ``device``: the automatic choice, or
+    ``backend`` if it can run there (fastmezo raises, with the reason, if it cannot)."""
+    from fastmezo import backends
+
+    chosen = backends.select(device, backend)
+    return getattr(chosen, "NAME", chosen)
+
+
+def backend_runs(name: str, device: torch.device) -> bool:
+    try:
+        fastmezo_backend(device, name)
+    except Exception:  # noqa: BLE001  (unavailable, or unknown to this fastmezo: either way, not usable)
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def cpu_threads(device: torch.device, smoke: bool):
     """One intra-op thread for smoke runs on the CPU, restored afterwards: on tiny tensors threads only

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from bench import bench_perturb, bench_steps, opt66b
-from bench.common import RESULTS, cpu_threads, environment, main_exit, parse_dtypes, parse_models, select_device
+from bench.common import RESULTS, backend_runs, cpu_threads, environment, main_exit, parse_dtypes, parse_models, select_device
 from bench.step_variants import VARIANTS, inplace_twin
 
 DEFAULT_MODELS = "opt-1.3b,opt-13b"
@@ -88,9 +88,7 @@ def pass_backend(args, device: torch.device) -> str:
     if args.backend in ("triton", "native"):
         return args.backend
     if device.type == "cpu":
-        from fastmezo import backends
-
-        return "native" if backends.unavailable_reason("native", device) is None else "triton"
+        return "native" if backend_runs("native", device) else "triton"
     return "triton"
 
 

@@ -82,13 +82,6 @@ def rounding_of(opt) -> str:
     return "stochastic" if getattr(opt, "stochastic_rounding", False) else "nearest"
 
 
-def resolve_backend(device: torch.device, backend: str | None) -> str:
-    """The fastmezo backend MeZO will run on ``device`` (automatic choice unless one is named)."""
-    from fastmezo import backends
-
-    return backends.select(device, backend)
-
-
 def make_optimizer(model: torch.nn.Module, backend: str, rounding: str | None = None, seed: int = FASTMEZO_SEED):
     """fastmezo.MeZO over the model's trainable parameters, weight decay skipped on bias and norm
     parameters as in the baseline; rounding None keeps MeZO's default."""

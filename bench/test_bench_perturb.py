@@ -105,7 +105,7 @@ def test_check_catches_wrong_noise(monkeypatch):
 
     monkeypatch.setattr(F, "make_noise", lambda n, *a, **k: torch.zeros(n, device=k.get("device")))
     monkeypatch.setattr(F, "perturb_", lambda *a, **k: None)
-    with pytest.raises(bench_perturb.CheckFailed, match="disagree"):
+    with pytest.raises(CheckFailed, match="disagree"):
         bench_perturb.check_kernels(torch.device(DEVICE), [torch.float32], 1024)
 
 
@@ -117,7 +117,8 @@ def test_smoke_run(tmp_path):
     data = json.loads(json_path.read_text())
     assert data["environment"]["commit"] and data["environment"]["torch"] == torch.__version__
     assert all(c["ok"] for c in data["checks"])
-    rows = list(csv.DictReader(csv_path.open()))
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
     ops = {(r["impl"], r["op"], r["noise"]) for r in rows}
     assert ("fastmezo", "perturb", "gaussian") in ops and ("reference", "update", "gaussian") in ops
     assert ("fastmezo", "step", "rademacher") in ops and len(rows) == len(result["rows"]) == 9

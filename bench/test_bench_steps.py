@@ -29,7 +29,7 @@ from bench import models as M  # noqa: E402
 from bench import opt66b  # noqa: E402
 from bench import step_variants as SV  # noqa: E402
 from bench.baseline import baseline_step  # noqa: E402
-from bench.common import DTYPES, META_FIELDS, free_memory, synced  # noqa: E402
+from bench.common import DTYPES, META_FIELDS, fastmezo_backend, free_memory, synced  # noqa: E402
 from bench.shapes import numel, opt_param_shapes  # noqa: E402
 from fastmezo.exact import MIN_GROUP_BYTES  # noqa: E402
 
@@ -53,7 +53,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def backend():
-    return SV.resolve_backend(DEVICE, None)
+    return fastmezo_backend(DEVICE)
 
 
 @pytest.fixture(scope="module")
