@@ -393,6 +393,18 @@ def test_name_keys_match_the_library_on_random_names():
 # z
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("offset", [1 << 62, -1])
+def test_offsets_outside_the_range_are_rejected(offset):
+    """Section 2: offsets lie in [0, 2**62); others raise before anything is written."""
+    backend, device = PAIRS[0]
+    with pytest.raises(ValueError, match="2\\*\\*62"):
+        F.make_noise(4, 1, 0, offset=offset, device=device, backend=backend)
+    x = torch.zeros(4)
+    with pytest.raises(ValueError, match="2\\*\\*62"):
+        F.perturb_([x], 1, 0.5, offsets=[offset], backend=backend)
+    assert torch.equal(x, torch.zeros(4))
+
+
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 def test_rademacher_noise_bit_for_bit(backend, device):
     rng = np.random.default_rng(3)
