@@ -18,7 +18,6 @@ What must match, on random seeds, keys, offsets (up to the largest accepted, 2**
 Sizes are small: the Triton interpreter runs each program (65536 elements) in Python.
 """
 import math
-import re
 import zlib
 from pathlib import Path
 
@@ -38,6 +37,11 @@ PAIR_IDS = [f"{b}-{d}" for b, d in PAIRS]
 MASK32 = 0xFFFFFFFF
 MAX_OFFSET = (1 << 62) - 1
 TOLERANCE = 1e-5   # section 3: |z - z_ref| <= TOLERANCE * (1 + |z_ref|)
+
+# The edge cases overflow on purpose (y beyond the largest finite value, inf - inf): numpy and the
+# Triton interpreter warn about what the contract defines.
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 
 def _interpreted_triton(backend, device):
@@ -240,11 +244,6 @@ def _bits_of(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16)
 
 
-def _tensor_from_bits(bits: np.ndarray, dtype, device) -> torch.Tensor:
-    signed = bits.view(np.int32) if dtype == torch.float32 else bits.view(np.int16)
-    return torch.from_numpy(signed.copy()).view(dtype).to(device)
-
-
 def _assert_bits_equal(got_bits, want_bits, dtype, what):
     """Equal bits, where NaN counts as NaN whatever its payload (the contract leaves NaN bits open)."""
     got_v, want_v = values_of(got_bits, dtype), values_of(want_bits, dtype)
@@ -278,7 +277,7 @@ def _cases(backend, device, rng, count):
         offset = int(rng.choice([int(rng.integers(0, 1 << 12)), int(rng.integers(0, 1 << 62))]))
         cases.append((int(rng.integers(0, 2**63)) * 2 + int(rng.integers(0, 2)), int(rng.integers(0, 2**32)),
                       offset, int(rng.integers(1, 600))))
-    return cases[:3] if _interpreted_triton(backend, device) else cases
+    return cases[:4] if _interpreted_triton(backend, device) else cases
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,7 +307,8 @@ def test_fixed_values_of_the_document():
     _in_doc(f"derive_seed(0, 0) | {derive_seed(0, 0):#018x}")
     _in_doc(f"{derive_seed(42, 1, 0):#018x}, {derive_seed(42, 1, 1):#018x}")
     _in_doc(f"| {key_from_name('model.decoder.layers.0.fc1.weight'):#010x} |")
-    assert key_from_name("module.model.decoder.layers.0.fc1.weight") == key_from_name("model.decoder.layers.0.fc1.weight")
+    name = "model.decoder.layers.0.fc1.weight"
+    assert key_from_name("module." + name) == key_from_name(name)
     _in_doc(", ".join(f"{rounding_seed(seed, p):#018x}" for p in range(3)))
     _in_doc(" ".join(f"{w:08x}" for w in philox_once((0, 0, key, 2), (seed & MASK32, seed >> 32))))
     _in_doc(" ".join(f"{r:04x}" for r in rounding_draws(8, seed, key)))
