@@ -1,10 +1,10 @@
 """Exact mode: the perturbed weights W + alpha * z are materialized per module (or per group of
 modules), right before the module uses them, so the STORED weights change only at the update
-(DESIGN.md section 5).
+(docs/design.md, strategies of a step).
 
 In-place MeZO writes theta + eps z, then theta - eps z, then theta back into the stored weights; in
 float16/bfloat16 each of those writes rounds, and the rounding errors of the restore pile up step after
-step (DESIGN.md section 6: 17% relative drift of bf16 weights after 2000 null steps). Exact mode never
+step (docs/perf.md has the drift measured over null steps). Exact mode never
 writes a perturbed value into a stored weight: a forward pre-hook computes the perturbed copies
 (:func:`fastmezo.functional.perturbed`, one read of W, one write of the copy, rounded to nearest: it
 is a temporary) and swaps them in; a forward hook swaps the stored parameters back and the copies are
@@ -12,12 +12,12 @@ freed. One step is then two forwards and ONE update pass
 
     theta <- (1 - lr * wd) * theta - lr * g * z
 
-(:func:`update_`), so a step with lr = 0 leaves the weights bit-identical.
+(:func:`fastmezo.functional.update_`), so a step with lr = 0 leaves the weights bit-identical.
 
 Groups (:func:`plan_groups`): the hooks sit on the largest modules whose trained parameters take at
 most ``group_bytes`` (default: the largest trained tensor, at least :data:`MIN_GROUP_BYTES`), e.g. one
-decoder layer of OPT-1.3B, whose copies are then made in one launch, before the layer runs. Per
-forward that is 28 hooked modules on OPT-1.3B instead of 196 Linear / LayerNorm / Embedding modules:
+decoder layer of an OPT model, whose copies are then made in one launch, before the layer runs: a
+hook per decoder layer instead of one per Linear / LayerNorm / Embedding module:
 exact mode's cost on a model of many small modules was host time, a Python hook and a kernel launch
 per module. ``group_bytes=0`` hooks every module that owns a trained parameter, for its own ones.
 
@@ -37,13 +37,15 @@ reads a parameter outside the forward of the hooked module covering it (a parent
 after patching runs under a checker that raises :class:`ExactModeError` naming the parameter if a
 stored trained parameter (or a view of it) reaches any torch function during a forward.
 
-The interface with :class:`fastmezo.MeZO` (``MeZO(..., perturbation=provider)``) is two methods:
+The interface with the step engine (fastmezo.engine.Exact; ``MeZO(..., perturbation=provider)``) is
+two methods:
 
     provider.covered(tensors) -> list of the indices of tensors it cannot materialize
-    provider.perturbation(seed, tensors, keys, alphas, *, noise, backend) -> context manager
+    provider.perturbation(plan, seed, alpha_of_group) -> context manager
 
-Inside the context every forward sees tensor i as tensors[i] + alphas[i] * z(seed, keys[i]); outside,
-the model is the plain model (evaluation between steps sees the stored weights).
+Inside the context every forward sees tensor i of the plan (fastmezo.plan.Plan) as
+tensor_i + alpha_of_group[g_i] * z(seed, key_i) with the plan's noise and backends; outside, the model
+is the plain model (evaluation between steps sees the stored weights).
 """
 from __future__ import annotations
 
@@ -54,10 +56,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from . import functional as F
-from .noise import parse_noise
+from . import ops
+from .functional import update_  # noqa: F401  (kept importable here while callers move to fastmezo.functional)
 
-__all__ = ["ExactPerturbation", "ExactModeError", "update_", "plan_groups", "MIN_GROUP_BYTES"]
+__all__ = ["ExactPerturbation", "ExactModeError", "plan_groups", "MIN_GROUP_BYTES"]
 
 # Modules hooked by a live ExactPerturbation: a second exact patch over any of them is refused (the
 # two would swap each other's tensors). Weak, so a dropped model is not kept alive by fastmezo.
@@ -173,35 +175,11 @@ class ExactModeError(RuntimeError):
     or a module is already patched)."""
 
 
-def update_(tensors, seed: int, lr, projected_grad: float, *, weight_decay=0.0, keys=None,
-            noise="gaussian", offsets=None, rounding_seed: int | None = None,
-            backend: str | None = None) -> None:
-    """Exact mode's update, one pass over tensors that are at theta (never perturbed):
-
-        theta <- (1 - lr * wd) * theta - lr * projected_grad * z(seed)
-
-    (:func:`fastmezo.functional.restore_and_update_` is the in-place mode's version, for tensors at
-    theta - eps z.) lr and weight_decay are numbers or one per tensor; ``rounding_seed`` turns on
-    stochastic rounding of float16/bfloat16 results (fastmezo.MeZO uses ``rounding_seed(seed, 2)``).
-    """
-    tensors, names = F._split_named(tensors)
-    n = len(tensors)
-    lr_v = F._per_tensor(lr, n, "lr")
-    wd_v = F._per_tensor(weight_decay, n, "weight_decay")
-    (g,) = F._per_tensor(projected_grad, 1, "projected_grad")
-    a = [1.0 - lr_i * wd_i for lr_i, wd_i in zip(lr_v, wd_v)]
-    b = [-lr_i * g for lr_i in lr_v]
-    named = list(zip(names, tensors)) if all(names) else tensors
-    F.axpbz_(named, a, b, seed, keys=keys, noise=noise, offsets=offsets, rounding_seed=rounding_seed,
-             backend=backend)
-
-
 class _Active:
     """The perturbation of the forwards running now: per stored tensor (by id), its key and alpha."""
 
-    def __init__(self, seed, entries, noise, backend, check):
-        self.seed, self.entries, self.noise, self.backend = seed, entries, noise, backend
-        self.check = check
+    def __init__(self, plan, seed, entries):
+        self.plan, self.seed, self.entries = plan, seed, entries
 
 
 class _ReadCheck(TorchFunctionMode):
@@ -317,21 +295,21 @@ class ExactPerturbation:
         return [i for i, t in enumerate(tensors) if id(t) not in self.names]
 
     @contextlib.contextmanager
-    def perturbation(self, seed: int, tensors, keys, alphas, *, noise="gaussian", backend=None):
-        """Forwards inside the context see tensors[i] + alphas[i] * z(seed, keys[i]) (rounded to
-        nearest); the stored tensors are only read. Arguments are validated by the caller (MeZO)."""
+    def perturbation(self, plan, seed: int, alpha_of_group):
+        """Forwards inside the context see tensor i of ``plan`` (a fastmezo.plan.Plan, validated) as
+        tensor_i + alpha_of_group[g_i] * z(seed, key_i), with the plan's noise, rounded to nearest; the
+        stored tensors are only read."""
         if not self.active:
             raise RuntimeError("this exact-mode perturbation was removed; patch the model again")
         if self._active is not None:
             raise RuntimeError("exact-mode perturbations do not nest: a forward is already perturbed")
-        noise = parse_noise(noise)
-        entries = {id(t): (k, float(a)) for t, k, a in zip(tensors, keys, alphas) if t.numel()}
-        check = self._check_reads
-        self._active = _Active(seed, entries, noise, backend, check)
+        entries = {id(t): (k, float(alpha_of_group[g])) for t, k, g in zip(plan.tensors, plan.keys, plan.groups)
+                   if t.numel()}
+        self._active = _Active(plan, seed, entries)
         checker = None
-        if check:
+        if self._check_reads:
             storages = {(t.device, t.untyped_storage().data_ptr()): self.names.get(id(t), f"tensor {i}")
-                        for i, t in enumerate(tensors) if t.numel()}
+                        for i, t in enumerate(plan.tensors) if t.numel()}
             checker = self._checker = _ReadCheck(self, storages)
         try:
             if checker is not None:
@@ -387,8 +365,9 @@ class ExactPerturbation:
             if layout is None or not layout.fits(stored):
                 layout = self._layouts[key] = _Layout(stored)
             copies = layout.carve()
-            F._run(stored, layout.ones, alphas, active.seed, keys, layout.zeros, active.noise, active.backend,
-                   outs=copies)
+            plan = active.plan
+            ops.run(plan.backend_of(stored[0].device), stored, copies, layout.ones, alphas, active.seed, keys,
+                    layout.zeros, plan.noise)
         finally:
             if self._checker is not None:
                 self._checker.paused -= 1

@@ -14,41 +14,13 @@ import warnings
 
 import torch
 
-from . import backends
-from . import functional as F
-from .noise import NOISE_VERSION, check_seed, derive_seed, key_from_name, parse_noise, rounding_seed
+from . import backends, engine
+from .engine import NO_DECAY
+from .noise import NOISE_VERSION, check_seed, derive_seed, parse_noise
+from .checks import nonnegative, positive
+from .plan import Plan
 
-_NO_DECAY_SUBSTRINGS = ("bias", "layer_norm", "layernorm")
-
-
-def _loss_value(loss, which: str) -> float:
-    """The closure's loss as a Python float; a clear error for anything that is not one number."""
-    if isinstance(loss, torch.Tensor):
-        if loss.numel() != 1:
-            raise ValueError(f"the closure must return a scalar loss, but at {which} it returned a tensor "
-                             f"of shape {tuple(loss.shape)} (reduce it, e.g. with .mean())")
-        if loss.dtype == torch.bool or loss.is_complex():
-            raise TypeError(f"the closure returned a {loss.dtype} tensor at {which}; expected a number")
-        return float(loss.detach().item())
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-        return float(loss)
-    raise TypeError(f"the closure must return the loss as a number or a scalar tensor, but at {which} "
-                    f"it returned {type(loss).__name__}")
-
-
-def _positive(value, what: str) -> float:
-    v = float(value)
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{what} must be a finite number > 0, got {value}")
-    return v
-
-
-def _finite(value, what: str) -> float:
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{what} must be finite, got {value}")
-    return v
-
+KEY_MODES = ("auto", "name", "index")
 
 class MeZO(torch.optim.Optimizer):
     """Memory-efficient zeroth-order SGD with fused, in-place passes and in-kernel Philox noise.
@@ -56,15 +28,18 @@ class MeZO(torch.optim.Optimizer):
     Args:
         params: tensors, (name, tensor) pairs, or param-group dicts (see :func:`param_groups`).
             Groups carry ``lr``, ``eps`` and ``weight_decay``.
-        lr: learning rate (paper, OPT-13B full-parameter: 1e-6 or 1e-7).
+        lr: learning rate, >= 0 (paper, OPT-13B full-parameter: 1e-6 or 1e-7).
         eps: perturbation scale (paper: 1e-3 full-parameter, 1e-2 LoRA, 1e-1 prefix).
-        weight_decay: decoupled-from-nothing L2 term as in the reference: theta -= lr * wd * theta.
+        weight_decay: L2 term as in the reference, >= 0: theta -= lr * wd * theta.
         seed: base seed (uint64). Step t perturbs along z(derive_seed(seed, t)): a run is reproducible
             from its base seed, and torch's global RNG is never touched.
         noise: "gaussian" (the paper's) or "rademacher".
-        keys: "index" (tensor i of the optimizer gets noise key i) or "name" (a CRC-32 of the
-            parameter's name without wrapper prefixes; needs named parameters, stable across
-            re-ordering and wrappers).
+        keys: how each tensor's noise key is made. "auto" (default): from the parameter's name when
+            every tensor has one (named parameters or :func:`param_groups`), else from its position.
+            "name": a CRC-32 of the name without wrapper prefixes (DDP's ``module.``, PEFT's
+            ``base_model.model.``, torch.compile's ``_orig_mod.``), so z does not change when the model
+            is wrapped, re-ordered or sharded: the reason names are the default. "index": tensor i of
+            the optimizer gets key i (the only identity unnamed tensors have).
         on_nonfinite: what a NaN or inf loss does. "skip" (default): the parameters are restored, the
             step is skipped with a RuntimeWarning and counted in ``skipped_steps``. "raise": the
             parameters are restored and FloatingPointError is raised. The step index advances either
@@ -74,7 +49,7 @@ class MeZO(torch.optim.Optimizer):
             far below one ulp (lr 1e-6 on a bf16 weight) still moves the weight by the right amount on
             average instead of being dropped by round-to-nearest. float32 parameters are unaffected.
             False rounds to nearest, like the reference implementation.
-        backend: force a backend ("triton", "native", "reference"); default: automatic per device.
+        backend: force a backend ("triton", "native", "oracle"); default: automatic per device.
         perturbation: "inplace" (default): the +eps and -2 eps passes write the perturbed values into
             the stored weights and the update pass restores them. Or a perturbation provider (exact
             mode, :class:`fastmezo.exact.ExactPerturbation`, installed by
@@ -90,18 +65,17 @@ class MeZO(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
-                 seed: int = 0, noise: str = "gaussian", keys: str = "index", on_nonfinite: str = "skip",
+                 seed: int = 0, noise: str = "gaussian", keys: str = "auto", on_nonfinite: str = "skip",
                  stochastic_rounding: bool = True, backend: str | None = None,
                  perturbation="inplace"):
-        _finite(lr, "lr")
-        _positive(eps, "eps")
-        _finite(weight_decay, "weight_decay")
-        if keys not in ("index", "name"):
-            raise ValueError(f"keys must be 'index' or 'name', got {keys!r}")
+        nonnegative(lr, "lr")
+        positive(eps, "eps")
+        nonnegative(weight_decay, "weight_decay")
+        if keys not in KEY_MODES:
+            raise ValueError(f"keys must be one of {', '.join(map(repr, KEY_MODES))}, got {keys!r}")
         if on_nonfinite not in ("skip", "raise"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
-        if backend is not None:
-            backends.requested_backend(backend)
+        backends.requested(backend)     # the name is checked now; the backend itself at the first step
         self.seed = check_seed(seed)
         self.noise = parse_noise(noise)
         self.keys = keys
@@ -110,114 +84,73 @@ class MeZO(torch.optim.Optimizer):
             raise TypeError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
         self.stochastic_rounding = stochastic_rounding
         self.backend = backend
-        self._provider = _perturbation_provider(perturbation)
+        self._strategy = _strategy(perturbation)
+        self._cached_plan = None
         self.step_count = 0
         self.skipped_steps = 0
         self.loss_plus = self.loss_minus = self.projected_grad = self.last_seed = None
         self.projected_grads: list[float] = []
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
 
-    # -- bookkeeping ------------------------------------------------------------------------------
-    def _tensors(self):
-        """Per-tensor (tensor, name, key, group index), validated; raises before anything changes."""
-        tensors, names, group_of = [], [], []
+    # -- the plan of the parameter set ------------------------------------------------------------
+    def _hypers(self):
+        """Each group's lr, eps and weight_decay, validated as real numbers before any weight moves."""
+        return [engine.group_hyper(group, gi) for gi, group in enumerate(self.param_groups)]
+
+    def _plan(self) -> Plan:
+        """The validated plan of the optimizer's tensors, built once and rebuilt only when the tensors
+        changed (another parameter set, a ``.to()``/``.half()`` that moved their data)."""
+        tensors, names, groups = [], [], []
         for gi, group in enumerate(self.param_groups):
-            _positive(group["eps"], f"eps of param group {gi}")
-            _finite(group["lr"], f"lr of param group {gi}")
-            _finite(group["weight_decay"], f"weight_decay of param group {gi}")
             group_names = group.get("param_names") or [None] * len(group["params"])
-            for p, name in zip(group["params"], group_names):
-                tensors.append(p)
-                names.append(name)
-                group_of.append(gi)
-        if self.keys == "name":
-            if any(n is None for n in names):
+            tensors += group["params"]
+            names += group_names
+            groups += [gi] * len(group["params"])
+        plan = self._cached_plan
+        if plan is None or plan.groups != groups or plan.names != names or not plan.is_current(tensors):
+            named = all(n is not None for n in names)
+            if self.keys == "name" and not named:
                 raise ValueError("MeZO(keys='name') needs named parameters: pass model.named_parameters() "
                                  "or param groups built by fastmezo.param_groups")
-            keys = [key_from_name(n) for n in names]
-            if len(set(keys)) != len(keys):
-                raise ValueError("two parameter names hash to the same noise key; use keys='index'")
-        else:
-            keys = list(range(len(tensors)))
-        F._check_tensors(tensors, names, one_device=False)
-        by_device: dict[torch.device, list[int]] = {}
-        for i, t in enumerate(tensors):
-            if t.numel():
-                by_device.setdefault(t.device, []).append(i)
-        # Choose every device's backend before any pass, so that a device no backend can run fails
-        # the step before another device's weights have moved.
-        backend_of = {device: backends.select(device, self.backend) for device in by_device}
-        return tensors, keys, group_of, by_device, backend_of
+            keys = "name" if self.keys == "name" or (self.keys == "auto" and named) else "index"
+            plan = Plan(tensors, names, keys=keys, groups=groups, noise=self.noise, backend=self.backend,
+                        one_device=False)
+            self._strategy.check(plan)
+            self._cached_plan = plan
+        return plan
 
-    def _skip_nonfinite(self, loss_plus: float, loss_minus: float, weights: str, stacklevel: int) -> None:
-        """Bookkeeping of a step skipped for a non-finite loss difference (the parameters are already
-        back at theta): NaN projected gradients, the counters, then FloatingPointError with
-        on_nonfinite="raise", else a RuntimeWarning. ``weights`` says what happened to the parameters."""
-        self.projected_grad, self.projected_grads = float("nan"), [float("nan")] * len(self.param_groups)
+    def _record(self, result: engine.StepResult, seed: int, stacklevel: int):
+        """Bookkeeping after a step: the losses and projected gradients, the counters, and a skipped
+        step's warning (or FloatingPointError with on_nonfinite="raise")."""
+        self.loss_plus, self.loss_minus, self.last_seed = result.loss_plus, result.loss_minus, seed
+        self.projected_grads = list(result.grads)
+        self.projected_grad = self.projected_grads[0] if self.projected_grads else None
         self.step_count += 1
+        if result.skipped is None:
+            return
         self.skipped_steps += 1
-        message = (f"MeZO step {self.step_count - 1}: non-finite loss (l_plus={loss_plus}, "
-                   f"l_minus={loss_minus}); parameters {weights}, no update")
+        weights = "unchanged (exact mode)" if self._strategy.name == "exact" else "restored"
+        message = (f"MeZO step {self.step_count - 1}: {result.skipped} (l_plus={result.loss_plus}, "
+                   f"l_minus={result.loss_minus}); parameters {weights}, no update")
         if self.on_nonfinite == "raise":
             raise FloatingPointError(message)
         warnings.warn(message + " (skipped)", RuntimeWarning, stacklevel=stacklevel)
-
-    # Pass indices of a step, for the rounding bits: +eps, -2 eps, then restore (+ update).
-    _PLUS, _MINUS, _RESTORE = 0, 1, 2
-
-    def _pass(self, plan, seed: int, a_of_group, b_of_group, pass_index: int) -> None:
-        tensors, keys, group_of, by_device, backend_of = plan
-        round_seed = rounding_seed(seed, pass_index) if self.stochastic_rounding else None
-        for device, idx in by_device.items():
-            F._run([tensors[i] for i in idx], [a_of_group[group_of[i]] for i in idx],
-                   [b_of_group[group_of[i]] for i in idx], seed, [keys[i] for i in idx],
-                   [0] * len(idx), self.noise, backend_of[device], rounding_seed=round_seed)
 
     # -- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure):
         """Run one MeZO step. ``closure()`` computes and returns the loss (a number or scalar tensor)
         at the current weights; it is called twice, under torch.no_grad. Returns the first loss
-        (at theta + eps * z), like the reference implementation."""
+        (at theta + eps * z), like the reference implementation. A step is a transaction: if anything
+        raises, the parameters are back where the step found them."""
         if closure is None or not callable(closure):
             raise ValueError("MeZO.step needs a closure that runs a forward pass and returns the loss")
-        if self._provider is not None:
-            return self._step_exact(closure)
-        plan = self._tensors()
-        groups = self.param_groups
-        eps = [g["eps"] for g in groups]
-        ones = [1.0] * len(groups)
+        hypers = self._hypers()
+        plan = self._plan()
         seed = derive_seed(self.seed, self.step_count)
-
-        self._pass(plan, seed, ones, eps, self._PLUS)
-        try:
-            loss_plus_obj = closure()
-            loss_plus = _loss_value(loss_plus_obj, "theta + eps*z")
-        except BaseException:
-            self._pass(plan, seed, ones, [-e for e in eps], self._RESTORE)
-            raise
-        self._pass(plan, seed, ones, [-2.0 * e for e in eps], self._MINUS)
-        try:
-            loss_minus = _loss_value(closure(), "theta - eps*z")
-        except BaseException:
-            self._pass(plan, seed, ones, eps, self._RESTORE)
-            raise
-
-        self.loss_plus, self.loss_minus, self.last_seed = loss_plus, loss_minus, seed
-        diff = loss_plus - loss_minus
-        if not math.isfinite(diff):
-            self._pass(plan, seed, ones, eps, self._RESTORE)  # restore only
-            self._skip_nonfinite(loss_plus, loss_minus, "restored", stacklevel=3)
-            return loss_plus_obj
-
-        grads = [diff / (2.0 * e) for e in eps]
-        a = [1.0 - g["lr"] * g["weight_decay"] for g in groups]
-        b = [a_i * e - g["lr"] * gr for a_i, e, g, gr in zip(a, eps, groups, grads)]
-        self._pass(plan, seed, a, b, self._RESTORE)
-        self.projected_grads = grads
-        self.projected_grad = grads[0] if grads else None
-        self.step_count += 1
-        return loss_plus_obj
+        result = engine.run_step(self._strategy, plan, seed, hypers, closure, rounding=self.stochastic_rounding)
+        self._record(result, seed, stacklevel=4)
+        return result.loss_plus_obj
 
     # -- gradient accumulation --------------------------------------------------------------------
     # The micro-batch estimates of the pending step, between accumulate() and step_accumulated():
@@ -246,7 +179,7 @@ class MeZO(torch.optim.Optimizer):
     @torch.no_grad()
     def accumulate(self, closure):
         """Add one micro-batch's estimate to the pending step (gradient accumulation). The weights
-        are back at theta when it returns, also when the closure raises.
+        are back at theta when it returns, also when anything raises.
 
         Perturbs by +eps*z and calls ``closure()``, by -2 eps*z and calls it again, then restores
         (+eps*z). All micro-batches of a step use one z, the pending step's (seed
@@ -256,38 +189,42 @@ class MeZO(torch.optim.Optimizer):
         g_i = sum_j (l_plus_j - l_minus_j) / (2 eps_i).
 
         Three passes per micro-batch and one for the update (``step`` fuses the restore into the
-        update: three in all for a single batch). The pending estimates are not in
-        :meth:`state_dict`: save after ``step_accumulated``. Returns (l_plus, l_minus) of this
-        micro-batch as floats. A non-finite loss: with ``on_nonfinite="raise"`` FloatingPointError
-        is raised here (weights restored, the step counted as skipped, its estimates dropped); with
-        "skip", ``step_accumulated`` skips the update with a RuntimeWarning.
+        update: three in all for a single batch); micro-batch j rounds with the bits of passes 3j,
+        3j + 1, 3j + 2. The pending estimates are not in :meth:`state_dict`: save after
+        ``step_accumulated``. Returns (l_plus, l_minus) of this micro-batch as floats. A non-finite
+        loss: with ``on_nonfinite="raise"`` FloatingPointError is raised here (weights restored, the
+        step counted as skipped, its estimates dropped); with "skip", ``step_accumulated`` skips the
+        update with a RuntimeWarning.
         """
         if closure is None or not callable(closure):
             raise ValueError("MeZO.accumulate needs a closure that runs a forward pass and returns the loss")
-        if self._provider is not None:
-            return self._accumulate_exact(closure)
-        plan = self._tensors()  # validates before any weight moves
+        hypers = self._hypers()
+        plan = self._plan()  # validates before any weight moves
         window = self._pending_window(create=True)
-        eps = [g["eps"] for g in self.param_groups]
-        ones = [1.0] * len(eps)
-        seed = window["seed"]
-        # Rounding bits (float16/bfloat16 stochastic rounding): a fresh pass index for every pass of
-        # the step, micro-batch after micro-batch.
-        first = 3 * window["count"]
-        self._pass(plan, seed, ones, eps, first)
-        try:
-            loss_plus = _loss_value(closure(), "theta + eps*z")
-        except BaseException:
-            self._pass(plan, seed, ones, [-e for e in eps], first + 2)
-            raise
-        self._pass(plan, seed, ones, [-2.0 * e for e in eps], first + 1)
-        try:
-            loss_minus = _loss_value(closure(), "theta - eps*z")
-        finally:
-            self._pass(plan, seed, ones, eps, first + 2)
+        result = engine.run_step(self._strategy, plan, window["seed"], hypers, closure,
+                                 rounding=self.stochastic_rounding, first=3 * window["count"], update=False)
+        self._add_to_window(window, hypers, result.loss_plus, result.loss_minus)
+        return result.loss_plus, result.loss_minus
 
-        self._add_to_window(window, eps, loss_plus, loss_minus, "restored")
-        return loss_plus, loss_minus
+    def _add_to_window(self, window, hypers, loss_plus: float, loss_minus: float) -> None:
+        """Add one micro-batch's losses to the pending window; a non-finite difference marks the
+        window (or, with on_nonfinite="raise", drops it and raises)."""
+        window["count"] += 1
+        window["loss_plus"] += loss_plus
+        window["loss_minus"] += loss_minus
+        grads = engine.projected_grads(loss_plus, loss_minus, hypers)
+        if all(math.isfinite(g) for g in grads):
+            window["grads"] = [s + g for s, g in zip(window["grads"], grads)]
+            return
+        window["nonfinite"] = True
+        if self.on_nonfinite == "raise":
+            self._window = None
+            self.step_count += 1
+            self.skipped_steps += 1
+            weights = "unchanged" if self._strategy.name == "exact" else "restored"
+            raise FloatingPointError(
+                f"MeZO step {self.step_count - 1}: non-finite loss in micro-batch {window['count'] - 1} "
+                f"(l_plus={loss_plus}, l_minus={loss_minus}); parameters {weights}, step skipped")
 
     @torch.no_grad()
     def step_accumulated(self):
@@ -304,100 +241,24 @@ class MeZO(torch.optim.Optimizer):
         if window is None or window["count"] == 0:
             raise ValueError("MeZO.step_accumulated: no micro-batch estimates are pending; call "
                              "accumulate(closure) for each micro-batch first")
-        plan = self._tensors()
-        groups = self.param_groups
+        hypers = self._hypers()
+        plan = self._plan()
         grads = list(window["grads"])
-        if window["nonfinite"]:
-            grads = [float("nan")] * len(groups)
-        else:
-            a = [1.0 - g["lr"] * g["weight_decay"] for g in groups]
-            b = [-g["lr"] * gr for g, gr in zip(groups, grads)]
-            self._pass(plan, window["seed"], a, b, 3 * window["count"])
+        skipped = "non-finite loss in a micro-batch" if window["nonfinite"] else None
+        if skipped is None:
+            skipped = engine.apply_update(plan, window["seed"], hypers, grads, pass_index=3 * window["count"],
+                                          rounding=self.stochastic_rounding)
+        if skipped is not None:
+            grads = [float("nan")] * len(hypers)
         self._window = None
-        self.loss_plus, self.loss_minus, self.last_seed = window["loss_plus"], window["loss_minus"], window["seed"]
-        self.projected_grads = grads
-        self.projected_grad = grads[0] if grads else None
-        self.step_count += 1
-        if window["nonfinite"]:
-            self.skipped_steps += 1
-            warnings.warn(f"MeZO step {self.step_count - 1}: non-finite loss in a micro-batch "
-                          f"(summed l_plus={self.loss_plus}, l_minus={self.loss_minus}); parameters "
-                          "restored, no update (skipped)", RuntimeWarning, stacklevel=2)
+        self._record(engine.StepResult(None, window["loss_plus"], window["loss_minus"], grads, skipped),
+                     window["seed"], stacklevel=4)
         return self.loss_plus
 
-    # -- exact mode (fastmezo.exact) --------------------------------------------------------------
     @property
     def perturbation_mode(self) -> str:
         """"inplace", or "exact" when a perturbation provider materializes W + eps z per module (group)."""
-        return "inplace" if self._provider is None else "exact"
-
-    def _exact_plan(self):
-        plan = self._tensors()
-        missing = self._provider.covered(plan[0])
-        if missing:
-            raise ValueError(f"exact mode: tensor {missing[0]} of the optimizer is not a parameter of the "
-                             "patched model, so no module would perturb it; give MeZO the model's parameters")
-        return plan
-
-    def _exact_losses(self, plan, seed, closure):
-        """(loss_plus object, loss_plus, loss_minus): two forwards at W + eps z and W - eps z, with
-        the stored weights only read (an exception leaves them as they were)."""
-        tensors, keys, group_of = plan[0], plan[1], plan[2]
-        eps = [self.param_groups[gi]["eps"] for gi in group_of]
-        with self._provider.perturbation(seed, tensors, keys, eps, noise=self.noise, backend=self.backend):
-            loss_plus_obj = closure()
-            loss_plus = _loss_value(loss_plus_obj, "theta + eps*z")
-        with self._provider.perturbation(seed, tensors, keys, [-e for e in eps], noise=self.noise,
-                                         backend=self.backend):
-            loss_minus = _loss_value(closure(), "theta - eps*z")
-        return loss_plus_obj, loss_plus, loss_minus
-
-    def _step_exact(self, closure):
-        plan = self._exact_plan()
-        groups = self.param_groups
-        seed = derive_seed(self.seed, self.step_count)
-        loss_plus_obj, loss_plus, loss_minus = self._exact_losses(plan, seed, closure)
-        self.loss_plus, self.loss_minus, self.last_seed = loss_plus, loss_minus, seed
-        diff = loss_plus - loss_minus
-        if not math.isfinite(diff):
-            self._skip_nonfinite(loss_plus, loss_minus, "unchanged (exact mode)", stacklevel=4)
-            return loss_plus_obj
-        grads = [diff / (2.0 * g["eps"]) for g in groups]
-        a = [1.0 - g["lr"] * g["weight_decay"] for g in groups]
-        b = [-g["lr"] * gr for g, gr in zip(groups, grads)]
-        self._pass(plan, seed, a, b, self._RESTORE)   # the only pass that writes the weights
-        self.projected_grads = grads
-        self.projected_grad = grads[0] if grads else None
-        self.step_count += 1
-        return loss_plus_obj
-
-    def _add_to_window(self, window, eps, loss_plus: float, loss_minus: float, weights: str) -> None:
-        """Add one micro-batch's losses to the pending accumulation window; a non-finite difference
-        marks the window (or, with on_nonfinite="raise", drops it and raises). ``weights`` says what
-        happened to the parameters, for the message."""
-        window["count"] += 1
-        window["loss_plus"] += loss_plus
-        window["loss_minus"] += loss_minus
-        diff = loss_plus - loss_minus
-        if math.isfinite(diff):
-            window["grads"] = [s + diff / (2.0 * e) for s, e in zip(window["grads"], eps)]
-            return
-        window["nonfinite"] = True
-        if self.on_nonfinite == "raise":
-            self._window = None
-            self.step_count += 1
-            self.skipped_steps += 1
-            raise FloatingPointError(
-                f"MeZO step {self.step_count - 1}: non-finite loss in micro-batch {window['count'] - 1} "
-                f"(l_plus={loss_plus}, l_minus={loss_minus}); parameters {weights}, step skipped")
-
-    def _accumulate_exact(self, closure):
-        plan = self._exact_plan()
-        window = self._pending_window(create=True)
-        eps = [g["eps"] for g in self.param_groups]
-        _, loss_plus, loss_minus = self._exact_losses(plan, window["seed"], closure)
-        self._add_to_window(window, eps, loss_plus, loss_minus, "unchanged")
-        return loss_plus, loss_minus
+        return self._strategy.name
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self):
@@ -422,8 +283,8 @@ class MeZO(torch.optim.Optimizer):
         seed = check_seed(mezo["seed"])
         noise = parse_noise(mezo["noise"])
         keys = mezo.get("keys", self.keys)
-        if keys not in ("index", "name"):
-            raise ValueError(f"state dict has keys={keys!r}; expected 'index' or 'name'")
+        if keys not in KEY_MODES:
+            raise ValueError(f"state dict has keys={keys!r}; expected one of {', '.join(map(repr, KEY_MODES))}")
         step_count, skipped = int(mezo["step_count"]), int(mezo.get("skipped_steps", 0))
         if step_count < 0 or skipped < 0:
             raise ValueError(f"state dict has a negative step count ({step_count}, {skipped} skipped)")
@@ -434,13 +295,15 @@ class MeZO(torch.optim.Optimizer):
         self.seed, self.noise, self.keys = seed, noise, keys
         self.stochastic_rounding = rounding
         self.step_count, self.skipped_steps = step_count, skipped
+        self._cached_plan = None
 
 
-def _perturbation_provider(perturbation):
-    """None for in-place mode, else the exact-mode provider (checked for the two methods MeZO calls)."""
+def _strategy(perturbation):
+    """The step engine's strategy: in place, or exact mode with its provider (checked for the two
+    methods the engine calls)."""
     if isinstance(perturbation, str):
         if perturbation == "inplace":
-            return None
+            return engine.InPlace()
         if perturbation == "exact":
             raise ValueError("MeZO(perturbation='exact') needs the model, whose modules materialize W + eps*z: "
                              "use fastmezo.patch(model, mode='exact'), or pass "
@@ -449,11 +312,11 @@ def _perturbation_provider(perturbation):
     if not (callable(getattr(perturbation, "perturbation", None)) and callable(getattr(perturbation, "covered", None))):
         raise TypeError(f"perturbation must be 'inplace' or a provider with perturbation() and covered() "
                         f"(fastmezo.exact.ExactPerturbation), got {type(perturbation).__name__}")
-    return perturbation
+    return engine.Exact(perturbation)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float = 0.0,
-                 no_decay=_NO_DECAY_SUBSTRINGS, **group_options):
+                 no_decay=NO_DECAY, **group_options):
     """Param groups for :class:`MeZO` over the trainable (requires_grad) parameters of ``model``,
     with weight decay skipped on bias and normalization parameters.
 

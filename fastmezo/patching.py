@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .engine import NO_DECAY
 from .exact import ExactPerturbation
 from .optim import MeZO, param_groups
 
@@ -111,7 +112,7 @@ class MeZOPatch:
 
 def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
           seed: int = 0, noise: str = "gaussian", loss_fn=None, eval_mode: bool = True,
-          keys: str = "name", no_decay=("bias", "layer_norm", "layernorm"), mode: str = "inplace",
+          keys: str = "auto", no_decay=NO_DECAY, mode: str = "inplace",
           group_bytes: int | None = None, **optimizer_options) -> MeZOPatch:
     """Bind MeZO to the trainable (requires_grad) parameters of ``model``; returns a :class:`MeZOPatch`.
 

@@ -25,7 +25,7 @@ TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 def _native_devices():
     """Devices the native library (fastmezo._C) runs here: none where it is not built."""
-    from fastmezo.backends import native_backend
+    from fastmezo.backends import native as native_backend
 
     devices = ["cpu"] if native_backend.unavailable_reason(torch.device("cpu")) is None else []
     if HAS_CUDA and native_backend.unavailable_reason(torch.device("cuda")) is None:
@@ -61,11 +61,11 @@ def triton_device():
 
 def backend_devices():
     """(backend, device) pairs that can run in this session."""
-    pairs = [("reference", "cpu")]
+    pairs = [("oracle", "cpu")]
     if HAS_TRITON:
         pairs.append(("triton", TRITON_DEVICE))
     if HAS_CUDA:
-        pairs.append(("reference", "cuda"))
+        pairs.append(("oracle", "cuda"))
     pairs.extend(("native", device) for device in NATIVE_DEVICES)
     return pairs
 

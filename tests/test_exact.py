@@ -15,7 +15,9 @@ from torch.func import functional_call
 
 import fastmezo
 from fastmezo import reference
-from fastmezo.exact import ExactModeError, ExactPerturbation, update_
+from fastmezo.exact import ExactModeError, ExactPerturbation
+from fastmezo.functional import update_
+from fastmezo.plan import Plan
 from fastmezo.noise import derive_seed, key_from_name, rounding_seed
 
 transformers = pytest.importorskip("transformers")
@@ -148,7 +150,7 @@ def test_update_helper_matches_the_formula():
     reference backend (bit-exact oracle arithmetic)."""
     w = torch.randn(1000, generator=_gen(5))
     w0 = w.clone()
-    update_([w], seed=9, lr=0.1, projected_grad=2.5, weight_decay=0.01, keys=[3], backend="reference")
+    update_([w], seed=9, lr=0.1, projected_grad=2.5, weight_decay=0.01, keys=[3], backend="oracle")
     z = reference.noise(1000, 9, 3)
     expected = reference.axpbz_reference(w0, 1 - 0.1 * 0.01, -0.1 * 2.5, z)
     assert torch.equal(w, expected)
@@ -610,7 +612,8 @@ def test_copies_follow_the_tensors_of_each_perturbation():
     for subset in (range(len(params)), [0], range(len(params))):
         tensors = [params[i] for i in subset]
         keys = [10 + i for i in subset]
-        with torch.no_grad(), provider.perturbation(7, tensors, keys, [1e-2] * len(tensors)):
+        plan = Plan(tensors, keys=keys, backend="oracle")
+        with torch.no_grad(), provider.perturbation(plan, 7, [1e-2]):
             model(x)
         w, b = seen[-1]
         expected_w = theta[0] + 1e-2 * reference.noise(theta[0].numel(), 7, 10).view(theta[0].shape)

@@ -156,13 +156,13 @@ LR, EPS = 1e-3, 1e-2
 
 # NORMAL_ATOL of conftest: a fast backend's z differs from the float64 oracle by at most this much
 # per unit of |z| (docs/noise.md); the reference backend's z *is* the oracle's.
-_Z_ATOL = {"reference": 0.0, "native": 1e-5}
+_Z_ATOL = {"oracle": 0.0, "native": 1e-5}
 
 
-@pytest.mark.parametrize("backend", ["reference"] + (["native"] if HAS_NATIVE else []))
+@pytest.mark.parametrize("backend", ["oracle"] + (["native"] if HAS_NATIVE else []))
 def test_mezo_step_on_f1_is_the_hand_written_update(warm_state, backend):
     """For each step: the closure runs under no_grad at theta + eps z and then theta - eps z (z from
-    fastmezo.reference.noise, key i for the i-th tensor); the recorded losses are -F1 of the batch at
+    fastmezo.reference.noise, each tensor's key from its name); the recorded losses are -F1 of the batch at
     those weights (recomputed on a fresh model); g = (l+ - l-) / (2 eps); and the new weights are
     theta - lr g z. Steps repeat until one has g != 0 (F1 is piecewise constant, so some steps have
     l+ == l- and must leave the weights where they were)."""
@@ -187,7 +187,7 @@ def test_mezo_step_on_f1_is_the_hand_written_update(warm_state, backend):
         seen.clear()
         opt.step(closure)
         assert [enabled for enabled, _ in seen] == [False, False]
-        zs = [reference.noise(p.numel(), opt.last_seed, i).view_as(p) for i, p in enumerate(params)]
+        zs = [reference.noise(p.numel(), opt.last_seed, fastmezo.key_from_name(n)).view_as(p) for n, p in named]
         assert opt.last_seed == fastmezo.derive_seed(3, t)
 
         # The weights the closure saw: theta0 + eps z, then (theta0 + eps z) - 2 eps z, in float32

@@ -22,7 +22,7 @@ import fastmezo
 from fastmezo import backends
 from fastmezo import functional as F
 from fastmezo import reference as R
-from fastmezo.backends import native_backend
+from fastmezo.backends import native as native_backend
 
 from conftest import HAS_CUDA, HAS_NATIVE, NATIVE_DEVICES, NORMAL_ATOL, ulp
 
@@ -49,7 +49,7 @@ def _rand(shape, dtype, seed):
 
 def _native(tensors, a, b, seed, keys, offsets, noise, load_x=True):
     """The native operator, called directly (what the backend calls)."""
-    native_backend.axpbz_(tensors, a, b, seed, keys, offsets, noise, load_x=load_x)
+    native_backend.run(tensors, None, a, b, seed, keys, offsets, noise, load_x)
 
 
 def _oracle(x, a, b, seed, key, offset, noise, load_x=True):
@@ -225,12 +225,12 @@ def test_mezo_trajectory_native_vs_reference(noise):
     projected gradients to float32 noise, weights within 1e-5 after 20 steps (Rademacher: identical)."""
     X, Y = torch.randn(32, 8, generator=_gen(1)), torch.randn(32, 4, generator=_gen(2))
     runs = {}
-    for backend in ("native", "reference"):
+    for backend in ("native", "oracle"):
         params = _mlp()
         opt = fastmezo.MeZO(params, lr=0.05, eps=1e-2, weight_decay=0.01, seed=99, noise=noise, backend=backend)
         grads = [float(opt.step(lambda: _loss(params, X, Y))) and opt.projected_grad for _ in range(20)]
         runs[backend] = (params, grads)
-    (p_nat, g_nat), (p_ref, g_ref) = runs["native"], runs["reference"]
+    (p_nat, g_nat), (p_ref, g_ref) = runs["native"], runs["oracle"]
     if noise == "rademacher":
         assert g_nat == g_ref
         assert all(torch.equal(a, b) for a, b in zip(p_nat, p_ref))
@@ -252,11 +252,11 @@ def test_opcheck_native_op():
             for round_seed in (None, -7):
                 args = ([t.clone() for t in tensors], [1.0, 0.5, 2.0], [0.1, -0.2, 0.3], -5, [0, 1, 2**32 - 1],
                         [0, 3, 2**33], noise, load_x, round_seed)
-                torch.library.opcheck(torch.ops.fastmezo_native.axpbz_.default, args)
+                torch.library.opcheck(torch.ops.fastmezo.scale_add_noise_.default, args)
         for round_seed in (None, 2**63 - 1):
             args = ([t.clone() for t in tensors], [torch.full_like(t, float("nan")) for t in tensors], [1.0, 0.5, 2.0],
                     [0.1, -0.2, 0.3], -5, [0, 1, 2**32 - 1], [0, 3, 2**33], noise, round_seed)
-            torch.library.opcheck(torch.ops.fastmezo_native.axpbz_out.default, args)
+            torch.library.opcheck(torch.ops.fastmezo.scale_add_noise_out.default, args)
 
 
 def test_native_ops_directly_round_stochastically_and_out_of_place():
@@ -267,14 +267,14 @@ def test_native_ops_directly_round_stochastically_and_out_of_place():
     empty = torch.empty(0, dtype=torch.float16)
     rs = 0x8000000000000005
     got = x.clone()
-    torch.ops.fastmezo_native.axpbz_([got, empty], [0.999, 1.0], [-0.01, 1.0], -3, [4, 5], [17, 0], 1, True,
+    torch.ops.fastmezo.scale_add_noise_([got, empty], [0.999, 1.0], [-0.01, 1.0], -3, [4, 5], [17, 0], 1, True,
                                      rs - 2**64)
     z = R.noise(1000, 2**64 - 3, 4, "rademacher", 17)
     r = R.rounding_bits_at(torch.arange(17, 1017), rs, 4)
     assert torch.equal(got, R.axpbz_reference(x, 0.999, -0.01, z, r))
     out = torch.full_like(x, float("nan"))
     before = x.clone()
-    torch.ops.fastmezo_native.axpbz_out([x, empty], [out, torch.empty_like(empty)], [0.999, 1.0], [-0.01, 1.0], -3,
+    torch.ops.fastmezo.scale_add_noise_out([x, empty], [out, torch.empty_like(empty)], [0.999, 1.0], [-0.01, 1.0], -3,
                                         [4, 5], [17, 0], 1, rs - 2**64)
     assert torch.equal(out, got) and torch.equal(x, before)
 
@@ -299,18 +299,24 @@ _BAD_CALLS = {
 }
 
 
+@pytest.mark.parametrize("backend", ["native", "oracle"])
 @pytest.mark.parametrize("word", list(_BAD_CALLS))
-def test_op_rejects_bad_arguments(word):
+def test_op_rejects_bad_arguments(word, backend):
+    """The operators' CPU kernel refuses each bad call with a message naming the problem and leaves the
+    tensor untouched, whichever backend is registered (the native library checks in C++, the Python
+    kernels with fastmezo.checks)."""
     import subprocess
     import sys
-    code = ("import torch, fastmezo.backends.native_backend as nb\n"
-            "nb.load()\n"
-            "op = torch.ops.fastmezo_native.axpbz_\n"
-            "out = torch.ops.fastmezo_native.axpbz_out\n"
+    code = ("import os, torch\n"
+            f"os.environ['FASTMEZO_BACKEND'] = {backend!r}\n"
+            "from fastmezo import ops\n"
+            "assert ops.install(torch.device('cpu')).NAME == os.environ['FASTMEZO_BACKEND']\n"
+            "op = torch.ops.fastmezo.scale_add_noise_\n"
+            "out = torch.ops.fastmezo.scale_add_noise_out\n"
             "x = torch.zeros(4)\n"
             "try:\n"
             f"    {_BAD_CALLS[word]}\n"
-            "except RuntimeError as exc:\n"
+            "except (RuntimeError, ValueError, TypeError) as exc:\n"
             f"    assert {word!r} in str(exc), str(exc)\n"
             "    assert torch.equal(x, torch.zeros(4))\n"
             "    print('raised')\n")
@@ -320,12 +326,11 @@ def test_op_rejects_bad_arguments(word):
 
 def test_registry_picks_native_for_cpu(monkeypatch):
     monkeypatch.delenv("FASTMEZO_BACKEND", raising=False)
-    assert backends.unavailable_reason("native", torch.device("cpu")) is None
-    assert backends.select(torch.device("cpu")) == "native"
-    assert backends.get("native") is native_backend
-    monkeypatch.setenv("FASTMEZO_BACKEND", "reference")
-    assert backends.select(torch.device("cpu")) == "reference"
-    reason = backends.unavailable_reason("native", torch.device("meta"))
+    assert backends.native.unavailable_reason(torch.device("cpu")) is None
+    assert backends.select(torch.device("cpu")) is backends.native
+    monkeypatch.setenv("FASTMEZO_BACKEND", "oracle")
+    assert backends.select(torch.device("cpu")) is backends.oracle
+    reason = backends.native.unavailable_reason(torch.device("meta"))
     assert reason is not None and "not meta" in reason
 
 
@@ -333,7 +338,7 @@ def test_registry_picks_native_for_cpu(monkeypatch):
 def test_cuda_reason_without_cuda_kernels():
     if native_backend.load().WITH_CUDA:
         pytest.skip("this build has CUDA kernels")
-    assert backends.unavailable_reason("native", torch.device("cuda")) == (
+    assert backends.native.unavailable_reason(torch.device("cuda")) == (
         "fastmezo was built without CUDA kernels (nvcc was not found, or torch had no CUDA, at build time)")
 
 
@@ -353,9 +358,9 @@ def test_broken_library_is_reported_and_skipped(monkeypatch):
     monkeypatch.delattr(fastmezo, "_C")
     monkeypatch.setattr(sys, "meta_path", [Broken()] + sys.meta_path)
     monkeypatch.delenv("FASTMEZO_BACKEND", raising=False)
-    reason = backends.unavailable_reason("native", torch.device("cpu"))
+    reason = backends.native.unavailable_reason(torch.device("cpu"))
     assert reason.startswith("fastmezo._C failed to load: ImportError") and "undefined symbol" in reason
-    assert backends.select(torch.device("cpu")) == "reference"
+    assert backends.select(torch.device("cpu")) is backends.oracle
     x = torch.zeros(8)
     F.perturb_(x, 1, 1.0)  # automatic: the reference runs
     assert torch.equal(x, R.noise(8, 1, 0))
@@ -366,7 +371,7 @@ def test_broken_library_is_reported_and_skipped(monkeypatch):
 def test_import_fastmezo_does_not_load_the_native_library():
     code = ("import sys, fastmezo, torch; from fastmezo import backends; "
             "assert 'fastmezo._C' not in sys.modules, 'loaded at import'; "
-            "assert backends.select(torch.device('cpu')) == 'native'; "
+            "assert backends.select(torch.device('cpu')) is backends.native; "
             "assert 'fastmezo._C' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -483,7 +488,7 @@ def test_cuda_opcheck():
     for noise in (0, 1):
         args = ([t.clone() for t in tensors], [1.0, 0.5, 2.0], [0.1, -0.2, 0.3], -5, [0, 1, 2**32 - 1],
                 [0, 3, 2**33], noise, True)
-        torch.library.opcheck(torch.ops.fastmezo_native.axpbz_.default, args)
+        torch.library.opcheck(torch.ops.fastmezo.scale_add_noise_.default, args)
 
 
 @cuda_only
@@ -514,8 +519,8 @@ def test_cuda_stochastic_rounding_and_out_of_place_match_cpu(dtype):
 @cuda_only
 def test_cuda_rejects_mixed_devices():
     with pytest.raises(RuntimeError, match="is on"):
-        torch.ops.fastmezo_native.axpbz_([torch.zeros(4, device="cuda"), torch.zeros(4)], [1.0, 1.0], [1.0, 1.0],
+        torch.ops.fastmezo.scale_add_noise_([torch.zeros(4, device="cuda"), torch.zeros(4)], [1.0, 1.0], [1.0, 1.0],
                                          0, [0, 1], [0, 0], 0, True)
     with pytest.raises(RuntimeError, match="is on"):
-        torch.ops.fastmezo_native.axpbz_out([torch.zeros(4)], [torch.zeros(4, device="cuda")], [1.0], [1.0], 0, [0],
+        torch.ops.fastmezo.scale_add_noise_out([torch.zeros(4)], [torch.zeros(4, device="cuda")], [1.0], [1.0], 0, [0],
                                             [0], 0)

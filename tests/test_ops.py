@@ -1,52 +1,134 @@
-"""The torch.library operator behind every pass: schema with mutation annotation, fake (meta)
-implementation, and torch.library.opcheck (schema, autograd registration, fake tensors, AOT dispatch)
-on each backend that runs here."""
+"""The op contract (fastmezo.ops): two torch.library operators with mutation annotations and fake
+implementations, the oracle as the default kernel, the chosen backend registered per device type; eager
+calls skip the dispatcher, anything tracing goes through it, and both give the same bits."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import fastmezo  # noqa: F401  (registers the ops)
-from conftest import backend_devices
-
-
-def test_schema_declares_the_mutation():
-    schema = str(torch.ops.fastmezo.axpbz_.default._schema)
-    assert "Tensor(a0!)[] tensors" in schema or "Tensor(a!)[] tensors" in schema, schema
+from fastmezo import backends, functional as F, ops, reference
 
 
-@pytest.mark.parametrize("backend,device", backend_devices())
-def test_opcheck(backend, device):
+def test_schemas_declare_the_mutation():
+    in_place = str(torch.ops.fastmezo.scale_add_noise_.default._schema)
+    out = str(torch.ops.fastmezo.scale_add_noise_out.default._schema)
+    assert "Tensor(a!)[] tensors" in in_place, in_place
+    assert "Tensor[] tensors, Tensor(a!)[] outs" in out, out
+
+
+def _args(device):
     gen = torch.Generator().manual_seed(0)
     tensors = [torch.randn(10, generator=gen).to(device), torch.randn(3, 4, generator=gen).to(device).half()]
-    args = (tensors, [1.0, 0.5], [0.1, -0.2], 5, [0, 1], [0, 3], 0, True, backend)
-    torch.library.opcheck(torch.ops.fastmezo.axpbz_.default, args)
+    return tensors, [1.0, 0.5], [0.1, -0.2], 5, [0, 1], [0, 3], 0
+
+
+def test_opcheck_in_place_and_out_of_place():
+    """Schema, fake tensors and AOT dispatch of both ops on the CPU kernel installed here."""
+    ops.install(torch.device("cpu"))
+    tensors, a, b, seed, keys, offsets, noise = _args("cpu")
+    torch.library.opcheck(torch.ops.fastmezo.scale_add_noise_.default,
+                          (tensors, a, b, seed, keys, offsets, noise, True, -7))
+    outs = [torch.empty_like(t) for t in tensors]
+    torch.library.opcheck(torch.ops.fastmezo.scale_add_noise_out.default,
+                          (tensors, outs, a, b, seed, keys, offsets, noise, None))
 
 
 def test_fake_impl_changes_nothing_and_runs_on_meta():
-    """Meta tensors go through the fake implementation (shape propagation only)."""
     t = [torch.empty(7, device="meta")]
-    assert torch.ops.fastmezo.axpbz_(t, [1.0], [1.0], 1, [0], [0], 0, True, "auto") is None
+    assert torch.ops.fastmezo.scale_add_noise_(t, [1.0], [1.0], 1, [0], [0], 0, True) is None
 
 
-def test_run_restores_grad_mode_also_when_the_pass_raises(monkeypatch):
-    """functional._run switches autograd off around the pass (a mutation of a leaf that requires grad
-    is an autograd error otherwise) and back on afterwards, also when the pass raises; empty tensors
-    are skipped without touching the others' arguments."""
-    from fastmezo import _ops, functional as F
+def test_install_registers_the_chosen_backend_once(monkeypatch):
+    chosen = ops.install(torch.device("cpu"))
+    assert chosen is backends.select(torch.device("cpu"))
+    monkeypatch.setenv(backends.ENV_VAR, "oracle")          # too late for this process: installed once
+    assert ops.install(torch.device("cpu")) is chosen
 
-    calls = []
-    monkeypatch.setattr(_ops, "call_axpbz_", lambda *args: calls.append((torch.is_grad_enabled(), args)))
-    x, empty, y = torch.ones(3), torch.ones(0), torch.ones(2)
+
+class _Seen(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rounding", [None, 2**63 + 5])
+def test_dispatcher_path_gives_the_eager_bits(rounding):
+    """Under a dispatch mode the pass goes through the operator (which the mode sees) and writes the
+    same values as the eager path that skips the dispatcher, in place and out of place."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1000, generator=gen).to(torch.bfloat16)
+    eager, traced = x.clone(), x.clone()
+    F.perturb_(eager, 2**64 - 3, 0.25, rounding_seed=rounding)
+    mode = _Seen()
+    with mode:
+        F.perturb_(traced, 2**64 - 3, 0.25, rounding_seed=rounding)
+    assert "fastmezo.scale_add_noise_.default" in mode.ops
+    assert torch.equal(traced, eager) and not torch.equal(traced, x)
+    mode = _Seen()
+    with mode:
+        out = F.perturbed(x, 2**64 - 3, 0.25)
+    assert "fastmezo.scale_add_noise_out.default" in mode.ops
+    assert torch.equal(out, F.perturbed(x, 2**64 - 3, 0.25))
+
+
+def test_torch_compile_runs_the_pass():
+    """A compiled function that perturbs a tensor writes what eager does (the mutation is functionalized
+    and written back, not dropped)."""
+    def step(w):
+        F.perturb_(w, 11, 0.5, keys=[4])
+        return w * 2
+
+    w = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    expected = w.clone()
+    F.perturb_(expected, 11, 0.5, keys=[4])
+    got = torch.compile(step, backend="aot_eager", fullgraph=False)(w.clone())
+    torch.testing.assert_close(got, expected * 2, rtol=0, atol=0)
+
+
+def test_eager_pass_bumps_version_counters():
+    """In-place writes must be visible to autograd's saved-tensor checks, as any in-place op's are."""
+    x, y = torch.zeros(5), torch.zeros(5)
+    out = torch.empty(5)
+    v = (x._version, out._version)
+    F.perturb_(x, 1, 1.0)
+    F.perturbed(y, 1, 1.0, out=out)
+    assert x._version > v[0] and out._version > v[1]
+    w = torch.ones(3, requires_grad=True)
+    saved = w * 1.0
+    h = saved.exp()           # exp saves its output: a later in-place change must be detected
+    F.perturb_(h.detach(), 2, 1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        h.sum().backward()
+
+
+def test_grad_mode_comes_back_also_when_the_pass_raises(monkeypatch):
+    """A pass runs with autograd off (it mutates leaves that require grad) and switches it back on,
+    also when the backend raises."""
+    seen = []
+    backend = backends.select(torch.device("cpu"))
+    monkeypatch.setattr(backend, "run", lambda *args: seen.append(torch.is_grad_enabled()))
+    x = torch.ones(3, requires_grad=True)
     assert torch.is_grad_enabled()
-    F._run([x, empty, y], [1.0, 2.0, 3.0], [4.0, 5.0, 6.0], 7, [0, 1, 2], [0, 0, 9], 0, None)
-    (grad_inside, args), = calls
-    assert grad_inside is False and torch.is_grad_enabled()
-    tensors, a, b, _, keys, offsets = args[:6]
-    assert [t is x or t is y for t in tensors] == [True, True] and a == [1.0, 3.0] and b == [4.0, 6.0]
-    assert keys == [0, 2] and offsets == [0, 9]
+    F.perturb_(x, 7, 1.0)
+    assert seen == [False] and torch.is_grad_enabled()
 
     def boom(*args):
         raise RuntimeError("kernel failed")
-    monkeypatch.setattr(_ops, "call_axpbz_", boom)
+    monkeypatch.setattr(backend, "run", boom)
     with pytest.raises(RuntimeError, match="kernel failed"):
-        F._run([x], [1.0], [1.0], 7, [0], [0], 0, None)
+        F.perturb_(x, 7, 1.0)
     assert torch.is_grad_enabled()
+
+
+def test_the_default_kernel_is_the_oracle():
+    """The CompositeExplicitAutograd kernel (what a device type without a registered backend runs)
+    computes the oracle's pass, seed bits taken from the schema's int64 included."""
+    x = torch.randn(50, generator=torch.Generator().manual_seed(9))
+    want = x.clone()
+    reference.axpbz_(want, 0.5, 0.25, 2**64 - 21, 3, 0, 7)
+    got = x.clone()
+    ops._oracle_in_place([got], [0.5], [0.25], -21, [3], [7], 0)
+    assert torch.equal(got, want) and not torch.equal(got, x)

@@ -136,7 +136,7 @@ def _check_against_oracle(backend, device, steps):
 
 
 def test_matches_plain_torch_mezo_reference_backend():
-    _check_against_oracle("reference", "cpu", steps=6)
+    _check_against_oracle("oracle", "cpu", steps=6)
 
 
 def test_matches_plain_torch_mezo_triton_backend(triton_device):
@@ -160,7 +160,7 @@ def test_half_precision_step_matches_oracle(backend, device, dtype):
     docs list bfloat16 as unsupported), so each of the three passes can land 1 ulp off.
     Losses and projected gradients are compared loosely: a 1-ulp change of a perturbed weight moves
     the float32 loss by ~1e-4, and g by that over 2 eps."""
-    if backend == "reference":
+    if backend == "oracle":
         k = 0
     else:
         k = 3 if (device == "cpu" and dtype == torch.bfloat16) else 1
@@ -541,8 +541,8 @@ def test_weight_decay_update_matches_formula():
     g = opt.projected_grad
     assert g == pytest.approx((opt.loss_plus - opt.loss_minus) / (2 * eps), rel=1e-12)
     assert abs(g) > 1e-3
-    for key, (name, p, group_wd) in enumerate(named):
-        z = _z(p, derive_seed(seed, 0), key)
+    for name, p, group_wd in named:
+        z = _z(p, derive_seed(seed, 0), fastmezo.key_from_name(name))   # named groups: keys from names
         p0 = before[name]
         expected = (1 - lr * group_wd) * p0 - lr * g * z
         # float32: a handful of roundings of values of size |p| + eps |z| (the data are O(1)).

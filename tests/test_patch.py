@@ -97,7 +97,8 @@ def test_hf_step_equals_mezo_on_a_copy(arch):
     batch = make_batch()
     handle = fastmezo.patch(model, lr=1e-2, eps=1e-3, weight_decay=0.1, seed=5)
     opt = fastmezo.MeZO(fastmezo.param_groups(twin, weight_decay=0.1, lr=1e-2, eps=1e-3), seed=5, keys="name")
-    assert handle.optimizer.keys == "name"
+    assert handle.optimizer.keys == "auto" and handle.optimizer._plan().keys == [  # named: keys from names
+        fastmezo.key_from_name(n) for g in handle.optimizer.param_groups for n in g["param_names"]]
     for step in range(2):
         run = handle.step if step == 0 else model.mezo_step   # the bound attribute is the same step
         loss = run(batch)

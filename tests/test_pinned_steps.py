@@ -138,7 +138,7 @@ CASES = {
     "exact-fp32-native": lambda tmp: _record_patch("exact", torch.float32, None),
     "inplace-bf16-native": lambda tmp: _record_patch("inplace", torch.bfloat16, None),
     "exact-bf16-native": lambda tmp: _record_patch("exact", torch.bfloat16, None),
-    "inplace-fp32-reference": lambda tmp: _record_patch("inplace", torch.float32, "reference"),
+    "inplace-fp32-oracle": lambda tmp: _record_patch("inplace", torch.float32, "oracle"),
     "inplace-bf16-triton": lambda tmp: _record_patch("inplace", torch.bfloat16, "triton"),
     "exact-fp32-triton": lambda tmp: _record_patch("exact", torch.float32, "triton"),
     "accumulate-bf16": lambda tmp: _record_accumulate(torch.bfloat16),

@@ -1,6 +1,6 @@
-// Torch -> torch-free translation of the arguments of fastmezo_native::axpbz_ and ::axpbz_out, shared by
-// the CPU and the CUDA registrations. The Python layer (fastmezo.functional) validates everything first
-// with friendly messages; these checks are the ops' own contract for direct callers. Every failed check
+// Torch -> torch-free translation of the arguments of fastmezo::scale_add_noise_ and ::scale_add_noise_out,
+// shared by the CPU and the CUDA kernels. The Python layer (fastmezo.plan) validates everything first with
+// friendly messages; these checks are the kernels' own contract for direct callers. Every failed check
 // is a TORCH_CHECK (c10::Error -> Python RuntimeError) whose message starts with the op's name and names
 // the argument and the problem.
 #pragma once
@@ -70,7 +70,7 @@ inline Span span_of(const at::Tensor& t, bool written, size_t index, const char*
   return Span{begin, begin + static_cast<uintptr_t>(t.numel()) * t.element_size(), written, index, what};
 }
 
-// The arguments of axpbz_ (outs == nullptr: tensors are updated in place) or axpbz_out (outs: written,
+// The arguments of scale_add_noise_ (outs == nullptr: tensors are updated in place) or scale_add_noise_out (outs: written,
 // tensors only read). Every tensor must be contiguous, of `device_type`, all on one device; outs must
 // match their tensor's shape and dtype.
 inline Call collect(const char* op, at::TensorList tensors, const at::TensorList* outs, at::ArrayRef<double> a,

@@ -1,31 +1,43 @@
-// torch.library registration of the native backend: the schemas of fastmezo_native::axpbz_ and ::axpbz_out
-// and their CPU kernels (the CUDA kernel registers in ops_cuda.cpp when the library is built with CUDA). The fake
-// (meta) implementation is registered from Python (fastmezo/backends/native_backend.py).
-//
-// This file is also the Python extension module fastmezo._C: importing it runs the static registrations
-// below. It defines no Python functions (everything goes through torch.ops.fastmezo_native), only a few
-// constants describing the build, so the module needs no pybind11.
-#include <Python.h>
+// The Python extension module fastmezo._C: the native kernels of the fastmezo operators (fastmezo/ops.py defines
+// their schemas) and two ways in to them:
+//   scale_add_noise(tensors, outs, a, b, seed, keys, offsets, noise, load_x, round_seed)
+//       a direct call (outs None: in place; seed and round_seed as uint64), for eager passes;
+//   register_kernels(device_type)
+//       registers the CPU or CUDA kernels as that device type's kernels of fastmezo::scale_add_noise_ and
+//       ::scale_add_noise_out, when fastmezo chooses the native backend for it (fastmezo/backends).
+// Importing the module registers nothing: which backend serves a device is fastmezo's choice, made once.
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include "bindings/args.h"
+#include "bindings/kernels.h"
 #include "fastmezo/axpbz.h"
 
 #ifndef FASTMEZO_WITH_CUDA
 #define FASTMEZO_WITH_CUDA 0
 #endif
 
-// What fastmezo/backends/native_backend.py expects of this library: 2 = axpbz_ takes round_seed and
-// axpbz_out exists. A library built from older sources (an editable install does not rebuild by itself)
-// is reported as unavailable with the reason instead of failing on the first call.
-#define FASTMEZO_API_VERSION 2
+// What fastmezo/backends/native.py expects of this module: 3 = scale_add_noise and register_kernels. A library
+// built from older sources (an editable install does not rebuild by itself) is reported as unavailable with the
+// reason instead of failing on the first call.
+#define FASTMEZO_API_VERSION 3
 
+namespace fastmezo {
+namespace bindings {
 namespace {
-// The compiler and C++ ABI this module was built with, for diagnostics (scripts/diagnose_native_exceptions.py):
-// compared with torch's (torch.__config__.show(), torch._C._GLIBCXX_USE_CXX11_ABI).
+
+constexpr const char* kInPlace = "fastmezo::scale_add_noise_";
+constexpr const char* kOutOfPlace = "fastmezo::scale_add_noise_out";
+
+// The compiler and C++ ABI this module was built with, for diagnostics: compared with torch's
+// (torch.__config__.show(), torch._C._GLIBCXX_USE_CXX11_ABI).
 #if defined(__clang__)
 constexpr const char* kCompiler = "clang " __clang_version__;
 #elif defined(__GNUC__)
@@ -38,78 +50,111 @@ constexpr int kCxx11Abi = _GLIBCXX_USE_CXX11_ABI;
 #else
 constexpr int kCxx11Abi = -1;  // not libstdc++
 #endif
-}  // namespace
 
-namespace {
-
-constexpr const char* kInPlace = "fastmezo_native::axpbz_";
-constexpr const char* kOutOfPlace = "fastmezo_native::axpbz_out";
-
-void run_cpu(const fastmezo::bindings::Call& call, uint64_t seed, bool load_x) {
+void run_cpu(const Call& call, uint64_t seed, bool load_x) {
   if (call.tensors.empty()) return;
   // torch.set_num_threads applies to our OpenMP threads too (whichever OpenMP runtime is loaded).
   fastmezo::cpu::axpbz(call.tensors.data(), static_cast<int64_t>(call.tensors.size()), seed, call.noise, load_x,
                        at::get_num_threads(), call.rounding);
 }
 
-void axpbz_cpu(at::TensorList tensors, at::ArrayRef<double> a, at::ArrayRef<double> b, int64_t seed,
-               at::IntArrayRef keys, at::IntArrayRef offsets, int64_t noise, bool load_x,
-               std::optional<int64_t> round_seed) {
-  const auto call = fastmezo::bindings::collect(kInPlace, tensors, nullptr, a, b, keys, offsets, noise, round_seed,
-                                                c10::DeviceType::CPU);
-  run_cpu(call, static_cast<uint64_t>(seed), load_x);
+int64_t schema_int(uint64_t bits) { return static_cast<int64_t>(bits); }
+
+// The direct call: the kernel of the tensors' device.
+void scale_add_noise(const std::vector<at::Tensor>& tensors, const std::optional<std::vector<at::Tensor>>& outs,
+                     const std::vector<double>& a, const std::vector<double>& b, uint64_t seed,
+                     const std::vector<int64_t>& keys, const std::vector<int64_t>& offsets, int64_t noise,
+                     bool load_x, std::optional<uint64_t> round_seed) {
+  if (tensors.empty()) return;
+  std::optional<int64_t> round_arg;
+  if (round_seed.has_value()) round_arg = schema_int(*round_seed);
+  const bool cuda = tensors[0].device().is_cuda();
+#if FASTMEZO_WITH_CUDA
+  if (cuda) {
+    if (outs.has_value()) {
+      scale_add_noise_out_cuda(tensors, *outs, a, b, schema_int(seed), keys, offsets, noise, round_arg);
+    } else {
+      scale_add_noise_cuda(tensors, a, b, schema_int(seed), keys, offsets, noise, load_x, round_arg);
+    }
+    return;
+  }
+#else
+  TORCH_CHECK(!cuda, "fastmezo._C was built without CUDA kernels");
+#endif
+  if (outs.has_value()) {
+    scale_add_noise_out_cpu(tensors, *outs, a, b, schema_int(seed), keys, offsets, noise, round_arg);
+  } else {
+    scale_add_noise_cpu(tensors, a, b, schema_int(seed), keys, offsets, noise, load_x, round_arg);
+  }
 }
 
-void axpbz_out_cpu(at::TensorList tensors, at::TensorList outs, at::ArrayRef<double> a, at::ArrayRef<double> b,
-                   int64_t seed, at::IntArrayRef keys, at::IntArrayRef offsets, int64_t noise,
-                   std::optional<int64_t> round_seed) {
-  const auto call = fastmezo::bindings::collect(kOutOfPlace, tensors, &outs, a, b, keys, offsets, noise, round_seed,
-                                                c10::DeviceType::CPU);
-  run_cpu(call, static_cast<uint64_t>(seed), /*load_x=*/true);
+// Registrations live as long as the process: never destroyed, so nothing depends on the order in which the
+// dispatcher and this module are torn down at exit.
+std::mutex registration_mutex;
+std::vector<std::string>* registered = new std::vector<std::string>();
+
+void register_kernels(const std::string& device_type) {
+  std::lock_guard<std::mutex> guard(registration_mutex);
+  for (const auto& done : *registered) {
+    if (done == device_type) return;
+  }
+  torch::Library* lib = nullptr;
+  if (device_type == "cpu") {
+    lib = new torch::Library(torch::Library::IMPL, "fastmezo", c10::DispatchKey::CPU, __FILE__, __LINE__);
+    lib->impl("scale_add_noise_", &scale_add_noise_cpu);
+    lib->impl("scale_add_noise_out", &scale_add_noise_out_cpu);
+#if FASTMEZO_WITH_CUDA
+  } else if (device_type == "cuda") {
+    lib = new torch::Library(torch::Library::IMPL, "fastmezo", c10::DispatchKey::CUDA, __FILE__, __LINE__);
+    lib->impl("scale_add_noise_", &scale_add_noise_cuda);
+    lib->impl("scale_add_noise_out", &scale_add_noise_out_cuda);
+#endif
+  } else {
+    TORCH_CHECK(false, "fastmezo._C has no kernels for device type ", device_type);
+  }
+  registered->push_back(device_type);
 }
 
 }  // namespace
 
-// Seeds are uint64 in the noise contract; the schema's int is int64, so callers pass the seed's
-// two's-complement value (the bits are what matters); the same for round_seed, the pass's stochastic-
-// rounding seed (None: round to nearest). keys are uint32 values, offsets global indices.
-//   axpbz_:    tensors[i] <- a[i] * tensors[i] + b[i] * z   (load_x = False: b[i] * z), in place;
-//   axpbz_out: outs[i] <- a[i] * tensors[i] + b[i] * z, tensors only read (exact mode's perturbed copies).
-TORCH_LIBRARY(fastmezo_native, m) {
-  m.def("axpbz_(Tensor(a!)[] tensors, float[] a, float[] b, int seed, int[] keys, int[] offsets, int noise, "
-        "bool load_x, int? round_seed=None) -> ()");
-  m.def("axpbz_out(Tensor[] tensors, Tensor(a!)[] outs, float[] a, float[] b, int seed, int[] keys, int[] offsets, "
-        "int noise, int? round_seed=None) -> ()");
+void scale_add_noise_cpu(at::TensorList tensors, at::ArrayRef<double> a, at::ArrayRef<double> b, int64_t seed,
+                         at::IntArrayRef keys, at::IntArrayRef offsets, int64_t noise, bool load_x,
+                         std::optional<int64_t> round_seed) {
+  const auto call = collect(kInPlace, tensors, nullptr, a, b, keys, offsets, noise, round_seed, c10::DeviceType::CPU);
+  run_cpu(call, static_cast<uint64_t>(seed), load_x);
 }
 
-TORCH_LIBRARY_IMPL(fastmezo_native, CPU, m) {
-  m.impl("axpbz_", &axpbz_cpu);
-  m.impl("axpbz_out", &axpbz_out_cpu);
+void scale_add_noise_out_cpu(at::TensorList tensors, at::TensorList outs, at::ArrayRef<double> a,
+                             at::ArrayRef<double> b, int64_t seed, at::IntArrayRef keys, at::IntArrayRef offsets,
+                             int64_t noise, std::optional<int64_t> round_seed) {
+  const auto call = collect(kOutOfPlace, tensors, &outs, a, b, keys, offsets, noise, round_seed,
+                            c10::DeviceType::CPU);
+  run_cpu(call, static_cast<uint64_t>(seed), /*load_x=*/true);
 }
 
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT,
-      "_C",
-      "fastmezo's native library: registers the torch.ops.fastmezo_native operators (C++ CPU kernels, and "
-      "CUDA kernels if WITH_CUDA).",
-      -1,       // no per-module state
-      nullptr,  // no methods: everything is in torch.ops.fastmezo_native
-      nullptr,
-      nullptr,
-      nullptr,
-      nullptr,
-  };
-  PyObject* module = PyModule_Create(&module_def);
-  if (module == nullptr) return nullptr;
-  if (PyModule_AddIntConstant(module, "WITH_CUDA", FASTMEZO_WITH_CUDA) < 0 ||
-      PyModule_AddIntConstant(module, "WITH_OPENMP", fastmezo::cpu::has_openmp() ? 1 : 0) < 0 ||
-      PyModule_AddIntConstant(module, "NOISE_VERSION", fastmezo::kNoiseVersion) < 0 ||
-      PyModule_AddIntConstant(module, "API_VERSION", FASTMEZO_API_VERSION) < 0 ||
-      PyModule_AddStringConstant(module, "COMPILER", kCompiler) < 0 ||
-      PyModule_AddIntConstant(module, "GLIBCXX_USE_CXX11_ABI", kCxx11Abi) < 0) {
-    Py_DECREF(module);
-    return nullptr;
-  }
-  return module;
+}  // namespace bindings
+}  // namespace fastmezo
+
+PYBIND11_MODULE(_C, m) {
+  namespace py = pybind11;
+  m.doc() = "fastmezo's native library: CPU (OpenMP) and, if WITH_CUDA, CUDA kernels of the fastmezo operators.";
+  // A failed check raises RuntimeError with a message that starts with the operator's name (no C++
+  // backtrace: the message is for the user).
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+  });
+  m.def("scale_add_noise", &fastmezo::bindings::scale_add_noise, py::arg("tensors"), py::arg("outs"), py::arg("a"),
+        py::arg("b"), py::arg("seed"), py::arg("keys"), py::arg("offsets"), py::arg("noise"), py::arg("load_x"),
+        py::arg("round_seed"), py::call_guard<py::gil_scoped_release>());
+  m.def("register_kernels", &fastmezo::bindings::register_kernels, py::arg("device_type"));
+  m.attr("WITH_CUDA") = FASTMEZO_WITH_CUDA;
+  m.attr("WITH_OPENMP") = fastmezo::cpu::has_openmp() ? 1 : 0;
+  m.attr("NOISE_VERSION") = fastmezo::kNoiseVersion;
+  m.attr("API_VERSION") = FASTMEZO_API_VERSION;
+  m.attr("COMPILER") = fastmezo::bindings::kCompiler;
+  m.attr("GLIBCXX_USE_CXX11_ABI") = fastmezo::bindings::kCxx11Abi;
 }

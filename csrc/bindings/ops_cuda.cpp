@@ -1,21 +1,23 @@
-// CUDA registration of fastmezo_native::axpbz_ and ::axpbz_out (built only when setup.py finds nvcc and torch has CUDA):
-// the thin torch-facing launcher. It picks the tensors' device and torch's current stream and calls the
-// torch-free kernels of csrc/cuda/axpbz_cuda.cu, which enqueue asynchronously like any torch op.
+// The CUDA kernels of the fastmezo operators (built only when setup.py finds nvcc and torch has CUDA): the thin
+// torch-facing launcher. It picks the tensors' device and torch's current stream and calls the torch-free kernels
+// of csrc/cuda/axpbz_cuda.cu, which enqueue asynchronously like any torch op. Registered by ops.cpp.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "bindings/args.h"
+#include "bindings/kernels.h"
 #include "fastmezo/axpbz.h"
 
+namespace fastmezo {
+namespace bindings {
 namespace {
 
-constexpr const char* kInPlace = "fastmezo_native::axpbz_";
-constexpr const char* kOutOfPlace = "fastmezo_native::axpbz_out";
+constexpr const char* kInPlace = "fastmezo::scale_add_noise_";
+constexpr const char* kOutOfPlace = "fastmezo::scale_add_noise_out";
 
-void run_cuda(const fastmezo::bindings::Call& call, const at::Tensor& first, uint64_t seed, bool load_x) {
+void run_cuda(const Call& call, const at::Tensor& first, uint64_t seed, bool load_x) {
   if (call.tensors.empty()) return;
   const c10::cuda::CUDAGuard guard(first.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(first.device().index()).stream();
@@ -24,27 +26,24 @@ void run_cuda(const fastmezo::bindings::Call& call, const at::Tensor& first, uin
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
 }
 
-void axpbz_cuda(at::TensorList tensors, at::ArrayRef<double> a, at::ArrayRef<double> b, int64_t seed,
-                at::IntArrayRef keys, at::IntArrayRef offsets, int64_t noise, bool load_x,
-                std::optional<int64_t> round_seed) {
-  const auto call = fastmezo::bindings::collect(kInPlace, tensors, nullptr, a, b, keys, offsets, noise, round_seed,
-                                                c10::DeviceType::CUDA);
+}  // namespace
+
+void scale_add_noise_cuda(at::TensorList tensors, at::ArrayRef<double> a, at::ArrayRef<double> b, int64_t seed,
+                          at::IntArrayRef keys, at::IntArrayRef offsets, int64_t noise, bool load_x,
+                          std::optional<int64_t> round_seed) {
+  const auto call = collect(kInPlace, tensors, nullptr, a, b, keys, offsets, noise, round_seed, c10::DeviceType::CUDA);
   if (call.tensors.empty()) return;
   run_cuda(call, tensors[0], static_cast<uint64_t>(seed), load_x);
 }
 
-void axpbz_out_cuda(at::TensorList tensors, at::TensorList outs, at::ArrayRef<double> a, at::ArrayRef<double> b,
-                    int64_t seed, at::IntArrayRef keys, at::IntArrayRef offsets, int64_t noise,
-                    std::optional<int64_t> round_seed) {
-  const auto call = fastmezo::bindings::collect(kOutOfPlace, tensors, &outs, a, b, keys, offsets, noise, round_seed,
-                                                c10::DeviceType::CUDA);
+void scale_add_noise_out_cuda(at::TensorList tensors, at::TensorList outs, at::ArrayRef<double> a,
+                              at::ArrayRef<double> b, int64_t seed, at::IntArrayRef keys, at::IntArrayRef offsets,
+                              int64_t noise, std::optional<int64_t> round_seed) {
+  const auto call = collect(kOutOfPlace, tensors, &outs, a, b, keys, offsets, noise, round_seed,
+                            c10::DeviceType::CUDA);
   if (call.tensors.empty()) return;
   run_cuda(call, tensors[0], static_cast<uint64_t>(seed), /*load_x=*/true);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastmezo_native, CUDA, m) {
-  m.impl("axpbz_", &axpbz_cuda);
-  m.impl("axpbz_out", &axpbz_out_cuda);
-}
+}  // namespace bindings
+}  // namespace fastmezo

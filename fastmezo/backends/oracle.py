@@ -1,8 +1,16 @@
-"""Reference backend: the plain-torch noise oracle (fastmezo.reference), chunked, any device."""
+"""The torch oracle as a backend: fastmezo.reference's plain-torch pass, chunked, any device."""
+from __future__ import annotations
+
 from .. import reference
 
+NAME = "oracle"
 
-def axpbz_(tensors, a, b, seed, keys, offsets, noise, load_x=True, round_seed=None, outs=None):
-    outs = outs if outs is not None else [None] * len(tensors)
+
+def unavailable_reason(device) -> None:
+    return None
+
+
+def run(tensors, outs, a, b, seed, keys, offsets, noise, load_x=True, round_seed=None) -> None:
+    outs = [None] * len(tensors) if outs is None else outs
     for x, out, a_i, b_i, key, offset in zip(tensors, outs, a, b, keys, offsets):
         reference.axpbz_(x, a_i, b_i, seed, key, noise, offset, load_x=load_x, round_seed=round_seed, out=out)

@@ -1,18 +1,60 @@
-"""Triton backend: the fused table kernel of fastmezo.kernels, one launch per (dtype, a, b) group."""
-from ..kernels.axpbz import axpbz_multi_
+"""Triton backend: the fused table kernel of fastmezo.kernels, one launch per (dtype, a, b) group.
+
+triton is imported on the first question about this backend, never when fastmezo is imported.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+NAME = "triton"
+_launch = None              # fastmezo.kernels.axpbz.axpbz_multi_ once triton imported
+_import_error = None
+# The interpreter runs programs on the host with shared module state: one pass at a time.
+_interpreter_lock = threading.Lock()
 
 
-def axpbz_(tensors, a, b, seed, keys, offsets, noise, load_x=True, round_seed=None, outs=None):
+def interpreter_on() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's interpreter (the values triton itself accepts)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def unavailable_reason(device) -> str | None:
+    global _launch, _import_error
+    if device.type == "cpu":
+        if not interpreter_on():
+            return ("Triton runs CPU tensors only through its interpreter: set TRITON_INTERPRET=1 in the "
+                    "environment before triton is imported")
+    elif device.type != "cuda":
+        return f"the Triton backend supports CUDA tensors, not {device.type}"
+    if _launch is None and _import_error is None:
+        try:
+            from ..kernels.axpbz import axpbz_multi_
+            _launch = axpbz_multi_
+        except Exception as exc:  # noqa: BLE001  (ImportError, or a broken triton install)
+            _import_error = f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    return _import_error
+
+
+def run(tensors, outs, a, b, seed, keys, offsets, noise, load_x=True, round_seed=None) -> None:
+    if tensors[0].device.type == "cpu":
+        with _interpreter_lock:
+            _run(tensors, outs, a, b, seed, keys, offsets, noise, load_x, round_seed)
+    else:
+        _run(tensors, outs, a, b, seed, keys, offsets, noise, load_x, round_seed)
+
+
+def _run(tensors, outs, a, b, seed, keys, offsets, noise, load_x, round_seed) -> None:
+    if _launch is None:
+        unavailable_reason(tensors[0].device)
     # The optimizer's passes have one (a, b) per param group: one launch per distinct pair.
-    if len(set(a)) == 1 and len(set(b)) == 1:          # the common case (exact mode's groups): no grouping
-        axpbz_multi_(tensors, a[0], b[0], seed, keys, noise, offsets, outs=outs, round_seed=round_seed,
-                     load_x=load_x)
+    if len(set(a)) == 1 and len(set(b)) == 1:
+        _launch(tensors, a[0], b[0], seed, keys, noise, offsets, outs=outs, round_seed=round_seed, load_x=load_x)
         return
     outs = list(tensors) if outs is None else list(outs)
     groups: dict = {}
     for i, coef in enumerate(zip(a, b)):
         groups.setdefault(coef, []).append(i)
     for (a_i, b_i), idx in groups.items():
-        axpbz_multi_([tensors[i] for i in idx], a_i, b_i, seed, [keys[i] for i in idx], noise,
-                     [offsets[i] for i in idx], outs=[outs[i] for i in idx], round_seed=round_seed,
-                     load_x=load_x)
+        _launch([tensors[i] for i in idx], a_i, b_i, seed, [keys[i] for i in idx], noise,
+                [offsets[i] for i in idx], outs=[outs[i] for i in idx], round_seed=round_seed, load_x=load_x)

@@ -70,7 +70,7 @@ class TrainerMeZO(MeZO):
 
 def mezo_optimizer_cls_and_kwargs(model: torch.nn.Module, args=None, *, lr: float | None = None,
                                   eps: float = 1e-3, weight_decay: float | None = None,
-                                  seed: int | None = None, keys: str = "name", **options):
+                                  seed: int | None = None, keys: str = "auto", **options):
     """``(TrainerMeZO, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``, over the trainable
     (requires_grad) parameters of ``model``.
 

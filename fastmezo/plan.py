@@ -1,0 +1,96 @@
+"""A validated plan of a parameter set: every check a pass needs, made once, and the passes themselves.
+
+A :class:`Plan` holds tensors (with names for messages), their noise keys and offsets, and which backend
+runs each device's tensors. Building it checks everything a pass relies on: dtypes, contiguity, one
+memory range per tensor (two tensors sharing memory would be perturbed twice), keys, offsets, and that a
+backend can run each device. :meth:`Plan.is_current` re-checks cheaply (same tensor objects at the same
+addresses, same dtypes and shapes) so the optimizer rebuilds only when the parameters changed. Passes
+(:meth:`Plan.run`) take their coefficients through :func:`coefficient`, which refuses values that are not
+real numbers and coefficients that would make a finite weight non-finite, before any tensor is touched.
+
+This module is where those rules live; the functional API, the step engine, exact mode and the
+integrations all build plans.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backends, ops
+from .checks import check_tensors, coefficient, label, resolve_keys, resolve_offsets
+from .noise import parse_noise
+
+
+class Plan:
+    """A validated parameter set, ready for passes.
+
+    ``Plan(tensors, names, keys=..., offsets=..., groups=..., noise=..., backend=...)``: ``groups[i]`` is
+    the coefficient group of tensor i (the optimizer's param group; default 0 for all), so a pass takes
+    one (a, b) per group. ``one_device``: refuse tensors of several devices (the functional API's rule);
+    the optimizer's plans run each device's tensors in its own call. Empty tensors are kept (their
+    keys stay theirs) but never sent to a backend.
+    """
+
+    def __init__(self, tensors, names=None, *, keys=None, offsets=None, groups=None, noise="gaussian",
+                 backend=None, one_device: bool = True):
+        tensors = list(tensors)
+        n = len(tensors)
+        names = [None] * n if names is None else list(names)
+        check_tensors(tensors, [label(i, name) for i, name in enumerate(names)], one_device)
+        self.tensors, self.names = tensors, names
+        self.keys = resolve_keys(keys, n, names)
+        self.offsets = resolve_offsets(offsets, n)
+        self.groups = [0] * n if groups is None else list(groups)
+        self.noise = int(parse_noise(noise))
+        chosen = backends.requested(backend)
+        self._by_device: dict = {}
+        for i, t in enumerate(tensors):
+            if t.numel():
+                self._by_device.setdefault(t.device, []).append(i)
+        # Every device's backend before any pass: a device no backend can run fails the plan, not a
+        # step halfway through.
+        self.devices = []       # (device, backend module, tensor indices, their keys, their offsets)
+        for device, idx in self._by_device.items():
+            self.devices.append((device, backends.select(device, chosen), idx, [self.keys[i] for i in idx],
+                                 [self.offsets[i] for i in idx]))
+        self._fingerprint = self._fingerprint_of(tensors)
+
+    @staticmethod
+    def _fingerprint_of(tensors):
+        return [(id(t), t.data_ptr(), t.dtype, t.shape) for t in tensors]
+
+    def is_current(self, tensors) -> bool:
+        """Whether ``tensors`` are still the plan's: the same objects, data at the same addresses, same
+        dtypes and shapes (what a ``.to()``, ``.half()`` or a replaced ``.data`` changes)."""
+        return len(tensors) == len(self.tensors) and self._fingerprint_of(tensors) == self._fingerprint
+
+    def check_coefficients(self, a_of_group, b_of_group, what: str) -> None:
+        """:func:`coefficient` for every (group, dtype) the plan has."""
+        seen = set()
+        for _, _, idx, _, _ in self.devices:
+            for i in idx:
+                pair = (self.groups[i], self.tensors[i].dtype)
+                if pair not in seen:
+                    seen.add(pair)
+                    coefficient(a_of_group[pair[0]], b_of_group[pair[0]], pair[1], what)
+
+    def run(self, seed: int, a_of_group, b_of_group, *, round_seed=None, load_x: bool = True, outs=None,
+            devices=None) -> list:
+        """One pass: tensor i <- a[g] * tensor i + b[g] * z(seed, key i), g its group (``outs``: written to
+        outs[i] instead). Coefficients must have passed :meth:`check_coefficients`. Devices in order;
+        returns the devices done, so a caller can undo exactly what ran if a later device fails
+        (``devices``: run only these)."""
+        done = []
+        for device, backend, idx, keys, offsets in self.devices:
+            if devices is not None and device not in devices:
+                continue
+            ops.run(backend, [self.tensors[i] for i in idx], None if outs is None else [outs[i] for i in idx],
+                    [a_of_group[self.groups[i]] for i in idx], [b_of_group[self.groups[i]] for i in idx],
+                    seed, keys, offsets, self.noise, load_x, round_seed)
+            done.append(device)
+        return done
+
+    def backend_of(self, device):
+        for d, backend, *_ in self.devices:
+            if d == device:
+                return backend
+        return backends.select(device)
