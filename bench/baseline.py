@@ -1,7 +1,7 @@
 """The benchmark baseline: perturbing and updating parameters the way the MeZO paper's trainer does
 (Malladi et al., 2023, ``zo_perturb_parameters`` and ``zo_update``). Every benchmark measures fastmezo
 against it; its rows are labelled ``reference`` in the results (not to be confused with
-``fastmezo.reference``, the noise oracle the tests compare the kernels with).
+``fastmezo.oracle``, the noise oracle the tests compare the kernels with).
 
 It keeps the paper's costs on purpose:
 z is regenerated with torch's own generator, ``torch.manual_seed(seed)`` then one

@@ -10,7 +10,7 @@ For each dtype, on a tensor of --numel random weights:
   * torch way: the baseline, the MeZO paper's trainer (bench/baseline.py): ``torch.manual_seed(seed)``,
     ``z = torch.normal(...)`` in the tensor's dtype, ``x = x + eps * z`` out of place;
   * copy floor: ``y.copy_(x)``, reading and writing every byte once, the least an in-place pass can take.
-Before timing, the native kernels are checked against the torch oracle (fastmezo.reference) on a
+Before timing, the native kernels are checked against the torch oracle (fastmezo.oracle) on a
 sample (Rademacher bit for bit, Gaussian within the contract's tolerance); the script stops if they
 disagree. Times are wall-clock medians of --reps runs after one warm-up. torch.get_num_threads() (and
 --threads) sets the threads of both sides. Results: a JSON and a CSV in --out (default
@@ -53,7 +53,7 @@ def native_environment() -> dict:
 def check_native() -> None:
     """The kernels against the oracle on a sample (unaligned offset beyond 2**32), all dtypes."""
     from fastmezo import functional as F
-    from fastmezo import reference as R
+    from fastmezo import oracle as R
 
     n, offset = 100_003, (1 << 32) + 5
     for dtype in DTYPES.values():

@@ -10,7 +10,7 @@ one GPU:
    computes the one-pass floor = 2 * parameter bytes / bandwidth: the time to read and write every
    parameter byte once, which is the least any in-place pass over the parameters can take;
 2. before timing anything, checks that the Triton kernels agree with the torch oracle
-   (fastmezo.reference) on a sample, and aborts if they do not;
+   (fastmezo.oracle) on a sample, and aborts if they do not;
 3. times (CUDA events, warm-up then several repetitions, median) one pass of
      fastmezo perturb_             (Gaussian and Rademacher noise)
      fastmezo restore_and_update_  (Gaussian and Rademacher noise)
@@ -74,12 +74,12 @@ CSV_FIELDS = ["model", "dtype", "impl", "op", "noise", "passes", "ms_median", "m
 
 
 def check_kernels(device: torch.device, dtypes, n: int, backend: str = "triton") -> list[dict]:
-    """Compare the fast kernels of ``backend`` with the torch oracle (fastmezo.reference) before timing them.
+    """Compare the fast kernels of ``backend`` with the torch oracle (fastmezo.oracle) before timing them.
 
-    * z itself: ``make_noise(..., backend=backend)`` against ``fastmezo.reference.noise`` at two
+    * z itself: ``make_noise(..., backend=backend)`` against ``fastmezo.oracle.noise`` at two
       offsets: Rademacher must match exactly, Gaussian within NORMAL_ATOL * (1 + |z|).
     * the perturb pass in every dtype: ``perturb_`` on a parameter-like tensor against
-      ``axpbz_reference(x, 1, alpha, z_oracle)``: Rademacher exact, Gaussian within one unit in the
+      ``pass_with_z(x, 1, alpha, z_oracle)``: Rademacher exact, Gaussian within one unit in the
       last place of the dtype (or the Gaussian tolerance times alpha, if larger). Exception: under
       the Triton interpreter (CPU), bfloat16 Rademacher results may be one unit off, because the
       interpreter (triton 3.9) casts float32 to bfloat16 by truncation where the GPU rounds to nearest.
@@ -87,7 +87,7 @@ def check_kernels(device: torch.device, dtypes, n: int, backend: str = "triton")
     Returns one record per comparison; raises CheckFailed, with every failure listed, if any fails.
     """
     from fastmezo import functional as F
-    from fastmezo import reference as R
+    from fastmezo import oracle as R
 
     interpreted = triton_interpreted()
     records, failures = [], []
@@ -111,7 +111,7 @@ def check_kernels(device: torch.device, dtypes, n: int, backend: str = "triton")
             x = (torch.randn(n, generator=gen, device=device) * 0.02).to(dtype)
             y = x.clone()
             F.perturb_([y], SEED, CHECK_ALPHA, keys=[CHECK_KEY], noise=noise, backend=backend)
-            expect = R.axpbz_reference(x, 1.0, CHECK_ALPHA, ref)
+            expect = R.pass_with_z(x, 1.0, CHECK_ALPHA, ref)
             err = (y.float() - expect.float()).abs()
             if noise == "rademacher" and not (interpreted and dtype == torch.bfloat16):
                 ok = torch.equal(y, expect)

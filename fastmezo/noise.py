@@ -4,7 +4,7 @@ Everything every backend must agree on lives here: the Philox4x32-10 constants, 
 the stream ids, how per-step seeds are derived from a base seed, and how tensor keys are made from
 parameter names. The pure-Python Philox below works on Python ints; it is used for seed derivation
 (a handful of calls per step) and as the known-answer oracle in tests. The tensor version of the same
-generator is in :mod:`fastmezo.reference`.
+generator is in :mod:`fastmezo.oracle`.
 """
 from __future__ import annotations
 

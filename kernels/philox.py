@@ -143,7 +143,7 @@ def rounding_draws(first_call, CALLS: tl.constexpr, seed_lo, seed_hi, key, FAST:
 @triton.jit
 def round_stochastic(y, r, DTYPE: tl.constexpr):
     """float32 y -> DTYPE (float16 or bfloat16) rounded stochastically by the 16-bit draws r (uint32),
-    bit-identical to fastmezo.reference.round_stochastic (docs/noise.md section 8): lo = y toward zero,
+    bit-identical to fastmezo.oracle.round_stochastic (docs/noise.md section 8): lo = y toward zero,
     hi = the next value away from zero, q = 2**16 |y - lo| / |hi - lo|, hi if q + r >= 2**16.
 
     On float32 bit patterns, with integer operations where the result is exact (an exact division

@@ -1,7 +1,7 @@
 """Exact mode (fastmezo.patch(model, mode="exact"), fastmezo.exact): the forwards see W + eps z
 materialized per module, the stored weights change only at the update.
 
-References are written by hand: z from fastmezo.reference (the float64 oracle of the noise contract),
+References are written by hand: z from fastmezo.oracle (the float64 oracle of the noise contract),
 perturbed forwards through torch.func.functional_call, the update theta <- (1 - lr wd) theta - lr g z.
 Tolerances: the default CPU backend computes normals in float32 (docs/noise.md: within
 1e-5 * (1 + |z|) of the oracle), so hand-computed float32 losses agree to ~1e-6 relative and the
@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 import fastmezo
-from fastmezo import reference
+from fastmezo import oracle
 from fastmezo.exact import ExactModeError, ExactPerturbation
 from fastmezo.functional import update_
 from fastmezo.plan import Plan
@@ -84,7 +84,7 @@ def snapshot(model):
 
 def z_of(name, p, seed):
     """z of parameter ``name`` for direction seed ``seed`` (name keys, as fastmezo.patch uses)."""
-    return reference.noise(p.numel(), seed, key_from_name(name)).view(p.shape)
+    return oracle.noise(p.numel(), seed, key_from_name(name)).view(p.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,8 +151,8 @@ def test_update_helper_matches_the_formula():
     w = torch.randn(1000, generator=_gen(5))
     w0 = w.clone()
     update_([w], seed=9, lr=0.1, projected_grad=2.5, weight_decay=0.01, keys=[3], backend="oracle")
-    z = reference.noise(1000, 9, 3)
-    expected = reference.axpbz_reference(w0, 1 - 0.1 * 0.01, -0.1 * 2.5, z)
+    z = oracle.noise(1000, 9, 3)
+    expected = oracle.pass_with_z(w0, 1 - 0.1 * 0.01, -0.1 * 2.5, z)
     assert torch.equal(w, expected)
 
 
@@ -168,8 +168,8 @@ def test_update_uses_stochastic_rounding_of_pass_2():
     s = opt.last_seed
     for n, p in model.named_parameters():
         zz = z_of(n, p, s)
-        r = reference.rounding_bits_at(torch.arange(p.numel()), rounding_seed(s, 2), key_from_name(n))
-        expected = reference.axpbz_reference(theta[n], 1.0, -1e-3 * opt.projected_grad, zz, r)
+        r = oracle.rounding_bits_at(torch.arange(p.numel()), rounding_seed(s, 2), key_from_name(n))
+        expected = oracle.pass_with_z(theta[n], 1.0, -1e-3 * opt.projected_grad, zz, r)
         # Rounding bits are bit-exact across backends; z may differ in the last float32 bits, which
         # can move a result by one bf16 ulp at most.
         diff = (p.detach().float() - expected.float()).abs()
@@ -616,8 +616,8 @@ def test_copies_follow_the_tensors_of_each_perturbation():
         with torch.no_grad(), provider.perturbation(plan, 7, [1e-2]):
             model(x)
         w, b = seen[-1]
-        expected_w = theta[0] + 1e-2 * reference.noise(theta[0].numel(), 7, 10).view(theta[0].shape)
-        expected_b = theta[1] + 1e-2 * reference.noise(theta[1].numel(), 7, 11) if 1 in subset else theta[1]
+        expected_w = theta[0] + 1e-2 * oracle.noise(theta[0].numel(), 7, 10).view(theta[0].shape)
+        expected_b = theta[1] + 1e-2 * oracle.noise(theta[1].numel(), 7, 11) if 1 in subset else theta[1]
         torch.testing.assert_close(w, expected_w, rtol=0, atol=1e-6)
         torch.testing.assert_close(b, expected_b, rtol=0, atol=1e-6)
         assert provider.live_tensors == 0

@@ -3,7 +3,7 @@
 What is checked: the SQuAD token F1 against hand-computed values; the synthetic QA task's construction;
 the hand-written greedy decoder against transformers' own ``generate``; one MeZO step on the -F1
 objective against the hand-written MeZO update implied by its two recorded losses (weights seen by the
-closure, the losses, g and the new weights, recomputed from fastmezo.reference's z); and a short run of
+closure, the losses, g and the new weights, recomputed from fastmezo.oracle's z); and a short run of
 the example end to end, with the objective always evaluated without autograd.
 
 The example is a script, not part of the package: it is loaded from its file path.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fastmezo
-from fastmezo import reference
+from fastmezo import oracle
 
 from conftest import HAS_NATIVE, ulp
 
@@ -162,7 +162,7 @@ _Z_ATOL = {"oracle": 0.0, "native": 1e-5}
 @pytest.mark.parametrize("backend", ["oracle"] + (["native"] if HAS_NATIVE else []))
 def test_mezo_step_on_f1_is_the_hand_written_update(warm_state, backend):
     """For each step: the closure runs under no_grad at theta + eps z and then theta - eps z (z from
-    fastmezo.reference.noise, each tensor's key from its name); the recorded losses are -F1 of the batch at
+    fastmezo.oracle.noise, each tensor's key from its name); the recorded losses are -F1 of the batch at
     those weights (recomputed on a fresh model); g = (l+ - l-) / (2 eps); and the new weights are
     theta - lr g z. Steps repeat until one has g != 0 (F1 is piecewise constant, so some steps have
     l+ == l- and must leave the weights where they were)."""
@@ -187,7 +187,7 @@ def test_mezo_step_on_f1_is_the_hand_written_update(warm_state, backend):
         seen.clear()
         opt.step(closure)
         assert [enabled for enabled, _ in seen] == [False, False]
-        zs = [reference.noise(p.numel(), opt.last_seed, fastmezo.key_from_name(n)).view_as(p) for n, p in named]
+        zs = [oracle.noise(p.numel(), opt.last_seed, fastmezo.key_from_name(n)).view_as(p) for n, p in named]
         assert opt.last_seed == fastmezo.derive_seed(3, t)
 
         # The weights the closure saw: theta0 + eps z, then (theta0 + eps z) - 2 eps z, in float32

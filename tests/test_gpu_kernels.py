@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastmezo import functional as F
-from fastmezo import reference as R
+from fastmezo import oracle as R
 
 from conftest import HAS_CUDA, NATIVE_DEVICES
 

@@ -1,4 +1,4 @@
-"""Whole MeZO steps on a CUDA device against the torch oracle (fastmezo.reference): what the step
+"""Whole MeZO steps on a CUDA device against the torch oracle (fastmezo.oracle): what the step
 benchmark (bench/bench_steps.py) times must first compute the right thing there. Skipped without CUDA
 (the CPU paths are covered by test_optim.py, test_exact.py and test_pinned_steps.py).
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fastmezo
-from fastmezo import reference as R
+from fastmezo import oracle as R
 from fastmezo.noise import rounding_seed
 
 from conftest import HAS_CUDA, NORMAL_ATOL, ulp
@@ -38,9 +38,9 @@ def _expected(x, z, passes, seed, key, stochastic):
     index = torch.arange(x.numel(), dtype=torch.int64, device=x.device) if stochastic else None
     for pass_index, (a, b) in passes:
         if index is None:
-            x = R.axpbz_reference(x, a, b, z)
+            x = R.pass_with_z(x, a, b, z)
         else:
-            x = R.axpbz_reference(x, a, b, z, R.rounding_bits_at(index, rounding_seed(seed, pass_index), key))
+            x = R.pass_with_z(x, a, b, z, R.rounding_bits_at(index, rounding_seed(seed, pass_index), key))
     return x
 
 
@@ -129,7 +129,7 @@ def test_exact_step_matches_the_oracle(dtype, rounding):
             x, got = start[name], after[name]
             z = R.noise(x.numel(), seed, key, "gaussian", device=DEVICE).reshape(x.shape)
             for sign in (1, -1):
-                perturbed[sign][name] = R.axpbz_reference(x, 1.0, sign * eps, z)
+                perturbed[sign][name] = R.pass_with_z(x, 1.0, sign * eps, z)
             expect = _expected(x, z, [(UPDATE_PASS, (a, b))], seed, key, stochastic)
             err = (got.float() - expect.float()).abs()
             assert bool((err <= _tolerance(expect, x, z, abs(b), 4 * abs(b))).all()), \

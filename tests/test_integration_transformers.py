@@ -1,7 +1,7 @@
 """MeZO in the Hugging Face Trainer (fastmezo.integrations.transformers) against a hand-written MeZO,
 and MeZO.accumulate / step_accumulated (gradient accumulation) against a plain-torch oracle.
 
-The oracle takes z from fastmezo.reference.noise (the plain-torch noise oracle), perturbs and updates
+The oracle takes z from fastmezo.oracle.noise (the plain-torch noise oracle), perturbs and updates
 the weights with plain torch ops, and computes the causal-LM loss from the logits itself; it shares no
 code with the integration. Models are tiny OPTs built from a config (random weights, dropout on, so
 that a forward in train mode would not match the oracle's eval-mode forwards).
@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import OPTConfig, OPTForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 
 import fastmezo  # noqa: E402
-from fastmezo import derive_seed, reference  # noqa: E402
-from fastmezo.integrations.transformers import (MeZOTrainer, TrainerMeZO,  # noqa: E402
+from fastmezo import derive_seed, oracle  # noqa: E402
+from fastmezo.integrations.transformers import (MeZOTrainer, MeZOTrainerOptimizer,  # noqa: E402
                                                 mezo_optimizer_cls_and_kwargs)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -102,7 +102,7 @@ def _oracle(model, windows, *, lrs, eps, wd, seed, key_of, loss_fn=_window_loss)
     trajectory, grads, losses = [], [], []
     with torch.no_grad():
         for t, (window, lr) in enumerate(zip(windows, lrs)):
-            zs = [reference.noise(p.numel(), derive_seed(seed, t), key_of(n)).view_as(p) for n, p in params]
+            zs = [oracle.noise(p.numel(), derive_seed(seed, t), key_of(n)).view_as(p) for n, p in params]
             g, mean_loss = 0.0, 0.0
             for batch in window:
                 for (_, p), z in zip(params, zs):
@@ -345,7 +345,7 @@ def test_exception_in_forward_restores_weights(tmp_path):
         _train(trainer)
     seed = derive_seed(7, 0)
     for name, w0 in before.items():
-        z = reference.noise(w0.numel(), seed, _crc_key(name)).view_as(w0)
+        z = oracle.noise(w0.numel(), seed, _crc_key(name)).view_as(w0)
         # At the failing forward the weights were at theta - eps z (the perturbation really happened) ...
         torch.testing.assert_close(trainer.at_failure[name], w0 - EPS * z, rtol=1e-5, atol=1e-6)
         # ... and now they are restored.
@@ -368,7 +368,7 @@ def test_model_without_trainable_parameters_is_rejected(tmp_path):
         mezo_optimizer_cls_and_kwargs(model, args)
     with pytest.raises(ValueError, match="no trainable parameters"):
         MeZOTrainer(model=model, args=args, train_dataset=_dataset(2, seed=1),
-                    optimizer_cls_and_kwargs=(TrainerMeZO, dict(lr=0.1)))
+                    optimizer_cls_and_kwargs=(MeZOTrainerOptimizer, dict(lr=0.1)))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
@@ -378,9 +378,9 @@ def test_wrong_or_missing_optimizer_is_rejected(tmp_path):
     data = _dataset(2, seed=1)
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs=mezo_optimizer_cls_and_kwargs"):
         MeZOTrainer(model=model, args=args, train_dataset=data)
-    with pytest.raises(TypeError, match="TrainerMeZO"):
+    with pytest.raises(TypeError, match="MeZOTrainerOptimizer"):
         MeZOTrainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=(torch.optim.SGD, {}))
-    with pytest.raises(TypeError, match="without a closure.*TrainerMeZO"):
+    with pytest.raises(TypeError, match="without a closure.*MeZOTrainerOptimizer"):
         MeZOTrainer(model=model, args=args, train_dataset=data,
                     optimizers=(fastmezo.MeZO(model.parameters(), lr=0.1), None))
     with pytest.raises(ValueError, match="lr="):
@@ -390,11 +390,11 @@ def test_wrong_or_missing_optimizer_is_rejected(tmp_path):
 
 
 def test_optimizers_tuple_and_step_without_estimates(tmp_path):
-    """optimizers=(TrainerMeZO(...), None) trains too (keys by index here); step() with nothing
+    """optimizers=(MeZOTrainerOptimizer(...), None) trains too (keys by index here); step() with nothing
     accumulated is a clear error that changes nothing."""
     model = _tiny_opt()
     before = _trainable(model)
-    opt = TrainerMeZO(model.parameters(), lr=0.05, eps=EPS, seed=3)
+    opt = MeZOTrainerOptimizer(model.parameters(), lr=0.05, eps=EPS, seed=3)
     with pytest.raises(ValueError, match="no micro-batch estimates"):
         opt.step()
     assert all(torch.equal(p, before[n]) for n, p in _trainable(model).items())
@@ -434,7 +434,7 @@ def test_accumulate_matches_oracle_over_micro_batches():
     results = [opt.accumulate(lambda b=b: _mlp_loss(params, b) / k) for b in batches]
     assert opt.pending_micro_batches == 3 and opt.step_count == 0
 
-    zs = [reference.noise(p.numel(), derive_seed(seed, 0), i).view_as(p) for i, p in enumerate(ref)]
+    zs = [oracle.noise(p.numel(), derive_seed(seed, 0), i).view_as(p) for i, p in enumerate(ref)]
     g = 0.0
     for b, (lp_got, lm_got) in zip(batches, results):
         lp = float(_mlp_loss([p + eps * z for p, z in zip(ref, zs)], b)) / k

@@ -1,6 +1,6 @@
 """The fused passes of fastmezo.functional (perturb_, restore_and_update_, axpbz_, make_noise) on every
 backend that runs here, against plain torch that takes z explicitly from the oracle
-(fastmezo.reference.noise).
+(fastmezo.oracle.noise).
 
 Tolerances (every comparison below uses `_assert_pass_close`; the bound is elementwise):
   * the pass computes a * x + b * z in float32 and rounds once to x's dtype. Against the exact value
@@ -24,7 +24,7 @@ import torch
 from conftest import HAS_CUDA, NORMAL_ATOL, TRITON_DEVICE, backend_devices, ulp
 
 from fastmezo import functional as F
-from fastmezo import reference as R
+from fastmezo import oracle as R
 from fastmezo.noise import Noise, key_from_name
 
 BACKENDS = backend_devices()
@@ -474,7 +474,7 @@ def test_table_kernel_many_tensors_mixed_dtypes_and_alignments(triton_device):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_table_kernel_stochastic_rounding_many_blocks_and_shards(triton_device, dtype):
-    """Stochastic rounding over many programs (block 256) stores exactly axpbz_reference(x, a, b, z, r)
+    """Stochastic rounding over many programs (block 256) stores exactly pass_with_z(x, a, b, z, r)
     with the kernel's own z and the oracle's draws r, and shards at unaligned offsets reproduce the
     whole tensor bit for bit."""
     from fastmezo.kernels.axpbz import axpbz_multi_
@@ -485,7 +485,7 @@ def test_table_kernel_stochastic_rounding_many_blocks_and_shards(triton_device, 
         z = torch.empty(n, device=triton_device)
         axpbz_multi_([z], 0.0, 1.0, 77, [9], noise, [0], load_x=False, block=256)
         r = R.rounding_bits_at(torch.arange(n, device=triton_device), rseed, 9)
-        want = R.axpbz_reference(x, 1.0, 5e-3, z, r)
+        want = R.pass_with_z(x, 1.0, 5e-3, z, r)
         whole = x.clone()
         axpbz_multi_([whole], 1.0, 5e-3, 77, [9], noise, [0], round_seed=rseed, block=256)
         assert torch.equal(whole.view(torch.int16), want.view(torch.int16)), noise

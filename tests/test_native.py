@@ -1,5 +1,5 @@
 """The native backend (fastmezo._C: C++/OpenMP CPU kernels, csrc/) against the plain-torch oracle
-(fastmezo.reference), plus its operator, its loading and its thread-count independence.
+(fastmezo.oracle), plus its operator, its loading and its thread-count independence.
 
 What must hold (docs/noise.md):
   * Rademacher passes: bit-identical to the oracle's plain-torch result (a * x.float() + b * z).to(dtype)
@@ -21,7 +21,7 @@ import torch
 import fastmezo
 from fastmezo import backends
 from fastmezo import functional as F
-from fastmezo import reference as R
+from fastmezo import oracle as R
 from fastmezo.backends import native as native_backend
 
 from conftest import HAS_CUDA, HAS_NATIVE, NATIVE_DEVICES, NORMAL_ATOL, ulp
@@ -271,7 +271,7 @@ def test_native_ops_directly_round_stochastically_and_out_of_place():
                                      rs - 2**64)
     z = R.noise(1000, 2**64 - 3, 4, "rademacher", 17)
     r = R.rounding_bits_at(torch.arange(17, 1017), rs, 4)
-    assert torch.equal(got, R.axpbz_reference(x, 0.999, -0.01, z, r))
+    assert torch.equal(got, R.pass_with_z(x, 0.999, -0.01, z, r))
     out = torch.full_like(x, float("nan"))
     before = x.clone()
     torch.ops.fastmezo.scale_add_noise_out([x, empty], [out, torch.empty_like(empty)], [0.999, 1.0], [-0.01, 1.0], -3,
@@ -506,7 +506,7 @@ def test_cuda_stochastic_rounding_and_out_of_place_match_cpu(dtype):
             _native_sr([cpu])
             z = R.noise(n, SEED, 9, "rademacher", offset)
             r = R.rounding_bits_at(torch.arange(offset, offset + n), rs, 9)
-            assert torch.equal(cpu, R.axpbz_reference(x, 0.999, -0.3, z, r)), (n, offset)
+            assert torch.equal(cpu, R.pass_with_z(x, 0.999, -0.3, z, r)), (n, offset)
             dev = x.cuda()
             _native_sr([dev])
             out = torch.full_like(x, float("nan")).cuda()

@@ -4,7 +4,7 @@ the two distributions, seed derivation and name keys.
 What is checked, and against what:
   * the three Philox implementations (pure Python, torch tensor, Triton device function) against the
     Random123 known-answer vectors, and against each other on random counters and keys;
-  * the torch oracle (fastmezo.reference) against the contract spelled out in plain Python;
+  * the torch oracle (fastmezo.oracle) against the contract spelled out in plain Python;
   * the Triton kernels against the oracle: Rademacher signs (a pure function of the Philox bits)
     bit for bit, Gaussian normals within NORMAL_ATOL * (1 + |z|) (docs/noise.md);
   * 64-bit element indices, shards and block sizes;
@@ -28,7 +28,7 @@ from conftest import HAS_CUDA, HAS_TRITON, NORMAL_ATOL, backend_devices, ulp
 
 from fastmezo import functional as F
 from fastmezo import noise as N
-from fastmezo import reference as R
+from fastmezo import oracle as R
 from fastmezo.noise import derive_seed, key_from_name
 
 if HAS_TRITON:
@@ -130,7 +130,7 @@ def test_python_philox_known_answers(counter, key, expected):
 
 @pytest.mark.parametrize("counter,key,expected", KNOWN_ANSWERS, ids=KAT_IDS)
 def test_tensor_philox_known_answers(counter, key, expected):
-    """fastmezo.reference.philox4x32 (int64 tensors holding uint32) reproduces the same vectors exactly,
+    """fastmezo.oracle.philox4x32 (int64 tensors holding uint32) reproduces the same vectors exactly,
     also when the counter words are broadcast over a batch."""
     words = R.philox4x32(torch.tensor([counter[0]] * 2), *counter[1:], *key)  # ints broadcast
     for w, e in zip(words, expected):
@@ -180,7 +180,7 @@ def test_triton_philox_agrees_with_python_on_random_inputs(triton_device):
 
 
 def test_triton_uniform_matches_oracle_bit_for_bit(triton_device):
-    """kernels.philox.uniform_from_bits equals reference.uniform_from_bits exactly (both are exact
+    """kernels.philox.uniform_from_bits equals oracle.uniform_from_bits exactly (both are exact
     float32 arithmetic), at the extreme words 0 and 2**32-1 and on random words; u is in (0, 1) with
     u(0) = 2**-24 and u(2**32-1) = 1 - 2**-24, so ln(u) is always finite."""
     bits = torch.cat([torch.tensor([0, 1, 511, 512, MASK32 - 511, MASK32]), _random_words((5000,), seed=5)])
@@ -286,7 +286,7 @@ def _contract_z(index: int, seed: int, key: int, kind: N.Noise) -> float:
 
 @pytest.mark.parametrize("kind", list(N.Noise), ids=lambda k: k.name.lower())
 def test_oracle_matches_contract_in_plain_python(kind):
-    """reference.noise_at equals the contract computed element by element with Python ints: counter =
+    """oracle.noise_at equals the contract computed element by element with Python ints: counter =
     (lo32(i // P), hi32(i // P), key, stream), key = (seed lo, seed hi), Box-Muller on word pairs
     (x0, x1), (x2, x3) or bit l % 32 of word l // 32. Indices include every lane of a call and 64-bit
     ones (up to 2**62); seed and key use the high bit of every word. Rademacher must be exact; normals

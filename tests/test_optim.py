@@ -1,7 +1,7 @@
 """fastmezo.MeZO against a plain-torch MeZO, and the optimizer's contract: convergence, resume,
 RNG isolation, non-finite losses, closure errors, weight decay, name keys, state dicts.
 
-The oracle below takes z explicitly (from fastmezo.reference.noise, the plain-torch noise oracle) and
+The oracle below takes z explicitly (from fastmezo.oracle.noise, the plain-torch noise oracle) and
 applies the paper's update formula step by step, so it shares no code with the fused passes.
 """
 import copy
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import fastmezo
-from fastmezo import derive_seed, key_from_name, reference
+from fastmezo import derive_seed, key_from_name, oracle
 
 from conftest import HAS_CUDA, backend_devices, ulp
 
@@ -56,7 +56,7 @@ def _mlp_loss(params, X, Y):
 
 def _z(p, seed, key, noise="gaussian"):
     """The direction of tensor ``key`` at per-step seed ``seed``, from the plain-torch oracle."""
-    return reference.noise(p.numel(), seed, key, noise, device=p.device).view_as(p)
+    return oracle.noise(p.numel(), seed, key, noise, device=p.device).view_as(p)
 
 
 def _oracle_step(params, cfg, zs, loss_fn):

@@ -84,10 +84,10 @@ def _record_patch(mode: str, dtype, backend: str | None):
 
 
 def _record_accumulate(dtype):
-    from fastmezo.integrations.transformers import TrainerMeZO
+    from fastmezo.integrations.transformers import MeZOTrainerOptimizer
 
     model = _model(dtype)
-    opt = TrainerMeZO(fastmezo.param_groups(model, 0.1), lr=5e-3, eps=1e-2, seed=7, keys="name")
+    opt = MeZOTrainerOptimizer(fastmezo.param_groups(model, 0.1), lr=5e-3, eps=1e-2, seed=7, keys="name")
     batches = _batches(2 * STEPS)
     steps = []
     for t in range(STEPS):

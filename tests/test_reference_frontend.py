@@ -20,7 +20,7 @@ import torch
 
 import zo_trainers as Z
 from fastmezo import exact
-from fastmezo import reference as R
+from fastmezo import oracle as R
 from fastmezo.integrations import use_fastmezo
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),

@@ -1,12 +1,12 @@
 """Stochastic rounding (docs/noise.md section 8) and the out-of-place pass, on every backend that runs here
 (conftest.backend_devices(): reference, triton (compiled on a GPU, interpreted on the CPU), native CPU /
-CUDA), against the torch oracle fastmezo.reference.
+CUDA), against the torch oracle fastmezo.oracle.
 
 What must hold, and how it is checked:
   * The 16-bit draws of a backend are the oracle's (rounding_bits_at), bit for bit: recovered from the
     backend's own stored results by a binary search (16 passes; each pass stores, per element, whether
     r >= T for a threshold T set through the element's own b).
-  * Stored values: bit-identical to reference.axpbz_reference(x, a, b, z_backend, r), with z_backend the
+  * Stored values: bit-identical to oracle.pass_with_z(x, a, b, z_backend, r), with z_backend the
     backend's own z (make_noise), so the contract's last-bit freedom of Gaussian z does not matter. The
     float32 y must then be the oracle's too, except where a backend fuses a * x + b * z into an FMA
     (compiled Triton, docs/noise.md section 3): there results may differ by one ulp of the dtype, on at
@@ -29,7 +29,7 @@ import torch
 
 import fastmezo
 from fastmezo import functional as F
-from fastmezo import reference as R
+from fastmezo import oracle as R
 from fastmezo.noise import derive_seed, rounding_seed
 
 from conftest import backend_devices, ulp
@@ -153,14 +153,14 @@ def _sizes(backend, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
 def test_stored_values_bit_identical_to_oracle(backend, device, dtype, noise):
-    """In place: stored == axpbz_reference(x, a, b, z_backend, r_oracle), odd sizes and offsets (unaligned,
+    """In place: stored == pass_with_z(x, a, b, z_backend, r_oracle), odd sizes and offsets (unaligned,
     past 2^32); values of mixed magnitudes (the update moves some by less than an ulp, some by more)."""
     for n in _sizes(backend, device):
         for offset, key, a, b in [(0, 0, 1.0, 1e-3), (5, 9, 0.9993, -0.37), (2**32 - 3, 0xFFFFFFFF, -1.5, 2.5)]:
             x = _rand(n, dtype, seed=n + key, device=device)
             z = F.make_noise(n, SEED, key, noise=noise, offset=offset, device=device, backend=backend)
             r = R.rounding_bits_at(_index(offset, n, device), ROUND_SEED, key)
-            want = R.axpbz_reference(x, a, b, z, r)
+            want = R.pass_with_z(x, a, b, z, r)
             got = x.clone()
             F.scale_and_add_noise_([got], a, b, SEED, keys=[key], noise=noise, offsets=[offset], rounding_seed=ROUND_SEED,
                      backend=backend)
@@ -179,7 +179,7 @@ def test_special_values_round_like_the_oracle(backend, device):
     for dtype in DTYPES:
         xd = x32.to(dtype).to(device)
         for a in (1.0, 1e-3, 7.7):
-            want = R.axpbz_reference(xd, a, 1e-30, z, r)
+            want = R.pass_with_z(xd, a, 1e-30, z, r)
             got = xd.clone()
             F.scale_and_add_noise_([got], a, 1e-30, SEED, keys=[4], noise="rademacher", rounding_seed=ROUND_SEED, backend=backend)
             got_c, want_c = got.cpu(), want.cpu()
@@ -310,7 +310,7 @@ def _loss(params, X, Y):
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 def test_mezo_stochastic_rounding_follows_the_oracle_step(backend, device):
     """Two steps of MeZO(stochastic_rounding=True, Gaussian) on bf16 params against the step computed by
-    hand: pass k of step t stores axpbz_reference(theta, a, b, z_backend, r_k) with
+    hand: pass k of step t stores pass_with_z(theta, a, b, z_backend, r_k) with
     r_k = rounding_bits_at(index, rounding_seed(derive_seed(S, t), k), key) for k = 0 (+eps), 1 (-2 eps),
     2 (restore + update). Bit for bit on the reference and native backends; within 1 bf16 ulp elsewhere."""
     small = _interpreted(backend, device)
@@ -329,7 +329,7 @@ def test_mezo_stochastic_rounding_follows_the_oracle_step(backend, device):
             rs = rounding_seed(seed, k)
             for i, (p, z) in enumerate(zip(mine, zs)):
                 r = R.rounding_bits_at(_index(0, p.numel(), device), rs, i).view(p.shape)
-                p.copy_(R.axpbz_reference(p, a, b, z, r))
+                p.copy_(R.pass_with_z(p, a, b, z, r))
 
         pass_(1.0, eps, 0)
         l_plus = float(_loss(mine, X, Y))

@@ -15,7 +15,7 @@ structure and behaviour of the real ones (docs/frontends.md tables them):
 
 Both lean on ``MiniHFTrainer``, the few parts of transformers.Trainer they use. ``fastmezo_z()`` is the
 plain-torch oracle of the switched semantics: while it is active, torch.manual_seed + torch.normal
-(as the trainers call them) return fastmezo's z from fastmezo.reference, key = draw index since the
+(as the trainers call them) return fastmezo's z from fastmezo.oracle, key = draw index since the
 last manual_seed, which is the parameter's position in named_parameters_to_optim.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from fastmezo import reference as R
+from fastmezo import oracle as R
 
 
 def paper_args(**overrides):

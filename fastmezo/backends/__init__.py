@@ -4,7 +4,7 @@ Implementations (modules of this package, each with ``NAME``, ``unavailable_reas
 ``run(tensors, outs, a, b, seed, keys, offsets, noise, load_x, round_seed)``), fastest first:
   triton   Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1, for tests)
   native   C++ (OpenMP) and CUDA kernels of the library fastmezo._C (csrc/), loaded lazily
-  oracle   plain torch (fastmezo.reference), any device: slow, the definition the others must match
+  oracle   plain torch (fastmezo.oracle), any device: slow, the definition the others must match
 
 The automatic order is per device type: CUDA tensors go to triton, then native, then the oracle; CPU
 tensors to native, then the oracle (Triton runs CPU tensors only through its interpreter, and only when

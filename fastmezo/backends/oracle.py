@@ -1,7 +1,7 @@
-"""The torch oracle as a backend: fastmezo.reference's plain-torch pass, chunked, any device."""
+"""The torch oracle as a backend: fastmezo.oracle's plain-torch pass, chunked, any device."""
 from __future__ import annotations
 
-from .. import reference
+from .. import oracle
 
 NAME = "oracle"
 
@@ -13,4 +13,4 @@ def unavailable_reason(device) -> None:
 def run(tensors, outs, a, b, seed, keys, offsets, noise, load_x=True, round_seed=None) -> None:
     outs = [None] * len(tensors) if outs is None else outs
     for x, out, a_i, b_i, key, offset in zip(tensors, outs, a, b, keys, offsets):
-        reference.axpbz_(x, a_i, b_i, seed, key, noise, offset, load_x=load_x, round_seed=round_seed, out=out)
+        oracle.scale_add_noise_(x, a_i, b_i, seed, key, noise, offset, load_x=load_x, round_seed=round_seed, out=out)

@@ -6,7 +6,7 @@ __all__ = ["FastMeZOFrontend", "use_fastmezo"]
 
 # The Hugging Face Trainer integration imports transformers, so it loads only on first use:
 # ``from fastmezo.integrations.transformers import MeZOTrainer`` (or ``fastmezo.integrations.MeZOTrainer``).
-_TRANSFORMERS_NAMES = ("MeZOTrainer", "MeZOTrainerMixin", "TrainerMeZO", "mezo_optimizer_cls_and_kwargs")
+_TRANSFORMERS_NAMES = ("MeZOTrainer", "MeZOTrainerMixin", "MeZOTrainerOptimizer", "mezo_optimizer_cls_and_kwargs")
 
 
 def __getattr__(name):

@@ -13,7 +13,7 @@ through the Trainer's own mechanisms: the optimizer (``optimizer_cls_and_kwargs=
 How a step runs. The Trainer calls ``training_step`` once per micro-batch, then
 ``optimizer.step()``, then the scheduler. ``training_step`` runs both forwards of one micro-batch
 under the step's direction z (+eps, -2 eps, restore: :meth:`fastmezo.MeZO.accumulate`), so the
-weights are perturbed only inside it; ``optimizer.step()`` (:class:`TrainerMeZO`) applies one update
+weights are perturbed only inside it; ``optimizer.step()`` (:class:`MeZOTrainerOptimizer`) applies one update
 with g = sum over the micro-batches of (l_plus - l_minus) / (2 eps), each loss scaled as the Trainer
 scales the loss it would back-propagate (1 / gradient_accumulation_steps, or normalised by
 ``num_items_in_batch``), so g estimates the gradient of the accumulated batch's loss. One seed per
@@ -39,10 +39,10 @@ from transformers import Trainer
 
 from ..optim import MeZO, param_groups
 
-__all__ = ["TrainerMeZO", "MeZOTrainerMixin", "MeZOTrainer", "mezo_optimizer_cls_and_kwargs"]
+__all__ = ["MeZOTrainerOptimizer", "MeZOTrainerMixin", "MeZOTrainer", "mezo_optimizer_cls_and_kwargs"]
 
 
-class TrainerMeZO(MeZO):
+class MeZOTrainerOptimizer(MeZO):
     """:class:`fastmezo.MeZO` that a training loop steps without a closure, as the Trainer does.
 
     ``step()`` applies the micro-batch estimates that ``accumulate(closure)`` added since the last
@@ -60,7 +60,7 @@ class TrainerMeZO(MeZO):
         if closure is not None:
             return super().step(closure)
         if self.pending_micro_batches == 0:
-            raise ValueError("TrainerMeZO.step() found no micro-batch estimates: the training loop must "
+            raise ValueError("MeZOTrainerOptimizer.step() found no micro-batch estimates: the training loop must "
                              "call accumulate(closure) for each micro-batch (MeZOTrainer.training_step does; "
                              "a plain transformers.Trainer calls backward instead)")
         loss = self.step_accumulated()
@@ -71,7 +71,7 @@ class TrainerMeZO(MeZO):
 def mezo_optimizer_cls_and_kwargs(model: torch.nn.Module, args=None, *, lr: float | None = None,
                                   eps: float = 1e-3, weight_decay: float | None = None,
                                   seed: int | None = None, keys: str = "auto", **options):
-    """``(TrainerMeZO, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``, over the trainable
+    """``(MeZOTrainerOptimizer, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``, over the trainable
     (requires_grad) parameters of ``model``.
 
     lr, weight_decay and seed default to ``args.learning_rate``, ``args.weight_decay`` and
@@ -96,8 +96,8 @@ def mezo_optimizer_cls_and_kwargs(model: torch.nn.Module, args=None, *, lr: floa
         seed = getattr(args, "seed", 0) if args is not None else 0
     groups = param_groups(model, weight_decay)  # raises if nothing is trainable
     kwargs = dict(lr=lr, eps=eps, seed=seed, keys=keys, **options)
-    TrainerMeZO(groups, **kwargs)  # validates every argument now; the Trainer builds its own later
-    return TrainerMeZO, dict(params=groups, **kwargs)
+    MeZOTrainerOptimizer(groups, **kwargs)  # validates every argument now; the Trainer builds its own later
+    return MeZOTrainerOptimizer, dict(params=groups, **kwargs)
 
 
 def _mean_over_ranks(loss: torch.Tensor) -> torch.Tensor:
@@ -121,9 +121,9 @@ def _unwrap(optimizer):
 class MeZOTrainerMixin:
     """Mixin that trains a ``transformers.Trainer`` subclass with MeZO: put it first,
     ``class MySFT(MeZOTrainerMixin, SFTTrainer)``. Overrides ``training_step`` (and ``log``, to add
-    the projected gradient). The optimizer must be a :class:`TrainerMeZO`, given through
+    the projected gradient). The optimizer must be a :class:`MeZOTrainerOptimizer`, given through
     ``optimizer_cls_and_kwargs=mezo_optimizer_cls_and_kwargs(model, args)`` or
-    ``optimizers=(TrainerMeZO(...), scheduler_or_None)``.
+    ``optimizers=(MeZOTrainerOptimizer(...), scheduler_or_None)``.
 
     ``mezo_eval_mode`` (class attribute, default True): both forwards of a micro-batch run in eval
     mode (dropout off, as in the paper), so that l_plus and l_minus differ only by the perturbation;
@@ -139,29 +139,29 @@ class MeZOTrainerMixin:
             raise ValueError(f"{type(self).__name__}: the model has no trainable parameters (none has "
                              "requires_grad=True); MeZO would have nothing to train")
         if self.optimizer is not None:
-            self._mezo_optimizer()  # raises if it is not a TrainerMeZO
+            self._mezo_optimizer()  # raises if it is not a MeZOTrainerOptimizer
             return
         cls_and_kwargs = getattr(self, "optimizer_cls_and_kwargs", None)
         if cls_and_kwargs is not None:
             cls = cls_and_kwargs[0]
-            if not (isinstance(cls, type) and issubclass(cls, TrainerMeZO)):
-                raise TypeError(f"{type(self).__name__} trains with fastmezo's TrainerMeZO, but "
+            if not (isinstance(cls, type) and issubclass(cls, MeZOTrainerOptimizer)):
+                raise TypeError(f"{type(self).__name__} trains with fastmezo's MeZOTrainerOptimizer, but "
                                 f"optimizer_cls_and_kwargs names {getattr(cls, '__name__', cls)!r}; use "
                                 "mezo_optimizer_cls_and_kwargs(model, args)")
         elif type(self).create_optimizer is Trainer.create_optimizer:
             raise ValueError(f"{type(self).__name__} needs the MeZO optimizer: pass optimizer_cls_and_kwargs="
                              "mezo_optimizer_cls_and_kwargs(model, args, eps=...) or "
-                             "optimizers=(TrainerMeZO(...), None)")
+                             "optimizers=(MeZOTrainerOptimizer(...), None)")
 
-    def _mezo_optimizer(self) -> TrainerMeZO:
-        """The TrainerMeZO under the Trainer's optimizer; a clear error if there is none."""
+    def _mezo_optimizer(self) -> MeZOTrainerOptimizer:
+        """The MeZOTrainerOptimizer under the Trainer's optimizer; a clear error if there is none."""
         optimizer = _unwrap(self.optimizer)
-        if isinstance(optimizer, TrainerMeZO):
+        if isinstance(optimizer, MeZOTrainerOptimizer):
             return optimizer
         if isinstance(optimizer, MeZO):
             raise TypeError("the Trainer steps its optimizer without a closure, which fastmezo.MeZO.step "
-                            "needs: use fastmezo.integrations.transformers.TrainerMeZO (same arguments)")
-        raise TypeError(f"{type(self).__name__} needs a fastmezo TrainerMeZO optimizer, got "
+                            "needs: use fastmezo.integrations.transformers.MeZOTrainerOptimizer (same arguments)")
+        raise TypeError(f"{type(self).__name__} needs a fastmezo MeZOTrainerOptimizer optimizer, got "
                         f"{type(optimizer).__name__}")
 
     def _mezo_loss_scale(self, num_items_in_batch) -> float:
@@ -213,7 +213,7 @@ class MeZOTrainerMixin:
         """Add the projected gradient to the training logs; drop the (meaningless) gradient norm."""
         if "loss" in logs:
             optimizer = _unwrap(self.optimizer)
-            if isinstance(optimizer, TrainerMeZO) and optimizer.unlogged_projected_grads:
+            if isinstance(optimizer, MeZOTrainerOptimizer) and optimizer.unlogged_projected_grads:
                 grads = optimizer.unlogged_projected_grads
                 logs["projected_grad"] = grads[-1]
                 logs["projected_grad_abs_mean"] = sum(abs(g) for g in grads) / len(grads)

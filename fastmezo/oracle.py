@@ -15,7 +15,7 @@ import torch
 from .noise import (ELEMENTS_PER_CALL, MASK32, PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0,
                     PHILOX_W1, ROUNDING_ELEMENTS_PER_CALL, STREAM_STOCHASTIC_ROUNDING, Noise, parse_noise)
 
-# Elements processed per chunk by the reference backend: bounds its temporaries (a few float64
+# Elements processed per chunk by the oracle backend: bounds its temporaries (a few float64
 # vectors of this length) whatever the size of the parameter.
 CHUNK = 1 << 20
 
@@ -113,8 +113,9 @@ def round_stochastic(y: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> to
     """float32 y -> dtype with stochastic rounding by the 16-bit draws r (docs/noise.md section 8).
 
     lo = y rounded toward zero in dtype, hi = the next dtype value away from zero; with
-    q = 2**16 * |y - lo| / |hi - lo| (exact in float32), the result is hi when r + q >= 2**16, else lo.
-    So P(hi) = ceil(q) / 2**16, which is |y - lo| / ulp up to 2**-16 ulp: unbiased. For bfloat16 this
+    q = 2**16 * |y - lo| / |hi - lo| (exact in float32), the result is hi when r + q >= 2**16 (a float32
+    sum), else lo. So P(hi) = floor(q + 2**-9) / 2**16: q / 2**16 exactly wherever q is an integer
+    (always for bfloat16, for float16 when |y| >= 2**-17), within 2**-16 ulp elsewhere: unbiased. For bfloat16 this
     is exactly "add r to the low 16 bits of y and truncate". Non-finite y and y beyond the largest
     finite value (whose hi is inf) round to nearest / saturate to lo; float32 is returned unchanged.
     """
@@ -136,7 +137,7 @@ def round_stochastic(y: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> to
     return torch.where(up, hi, lo)
 
 
-def axpbz_reference(x: torch.Tensor, a: float, b: float, z: torch.Tensor, r: torch.Tensor | None = None,
+def pass_with_z(x: torch.Tensor, a: float, b: float, z: torch.Tensor, r: torch.Tensor | None = None,
                     dtype: torch.dtype | None = None) -> torch.Tensor:
     """The plain-torch definition of every fused pass, with z given explicitly: a * x + b * z computed
     in float32 and rounded once to ``dtype`` (default x's dtype), to nearest, or stochastically with the
@@ -148,7 +149,7 @@ def axpbz_reference(x: torch.Tensor, a: float, b: float, z: torch.Tensor, r: tor
     return round_stochastic(y, r.reshape(x.shape), dtype)
 
 
-def axpbz_(x: torch.Tensor, a: float, b: float, seed: int, key: int, noise_kind=Noise.GAUSSIAN,
+def scale_add_noise_(x: torch.Tensor, a: float, b: float, seed: int, key: int, noise_kind=Noise.GAUSSIAN,
            offset: int = 0, load_x: bool = True, round_seed: int | None = None,
            out: torch.Tensor | None = None) -> None:
     """out <- a * x + b * z(seed, key) (b * z with load_x=False), chunk by chunk so temporaries stay
@@ -164,4 +165,4 @@ def axpbz_(x: torch.Tensor, a: float, b: float, seed: int, key: int, noise_kind=
             index = torch.arange(offset + start, offset + stop, dtype=torch.int64, device=x.device)
             r = rounding_bits_at(index, round_seed, key)
         src = flat[start:stop] if load_x else torch.zeros_like(z)
-        dst[start:stop] = axpbz_reference(src, a if load_x else 0.0, b, z, r, dst.dtype)
+        dst[start:stop] = pass_with_z(src, a if load_x else 0.0, b, z, r, dst.dtype)
