@@ -194,14 +194,18 @@ def projected_grads(loss_plus: float, loss_minus: float, hypers) -> list:
 
 
 def run_step(strategy, plan: Plan, seed: int, hypers, closure, *, rounding: bool, first: int = 0,
-             update: bool = True) -> StepResult:
+             update: bool = True, reduce_losses=None) -> StepResult:
     """One step's forwards, then (``update``) the update pass, or the restore alone when the update is
     refused. ``update=False`` (gradient accumulation): the weights are restored after the forwards and
-    the estimate returned for :func:`apply_update`."""
+    the estimate returned for :func:`apply_update`. ``reduce_losses(l+, l-) -> (l+, l-)`` combines the
+    losses of several processes (data parallel: every rank then applies the same update); it runs
+    after the forwards, inside the transaction."""
     eps = [h.eps for h in hypers]
     plan.check_coefficients([1.0] * len(eps), [-2.0 * e for e in eps], "the perturbation (-2 eps)")
     loss_plus_obj, loss_plus, loss_minus, offsets = strategy.forwards(plan, seed, eps, closure, first, rounding)
     try:
+        if reduce_losses is not None:
+            loss_plus, loss_minus = reduce_losses(loss_plus, loss_minus)
         grads = projected_grads(loss_plus, loss_minus, hypers)
         skipped = None if all(math.isfinite(g) for g in grads) else "non-finite loss"
         if update and skipped is None:

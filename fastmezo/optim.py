@@ -86,6 +86,9 @@ class MeZO(torch.optim.Optimizer):
         self.backend = backend
         self._strategy = _strategy(perturbation)
         self._cached_plan = None
+        #: None, or ``f(l_plus, l_minus) -> (l_plus, l_minus)`` combining the losses of several
+        #: processes before the projected gradient is formed (set by fastmezo's distributed support).
+        self.reduce_losses = None
         self.step_count = 0
         self.skipped_steps = 0
         self.loss_plus = self.loss_minus = self.projected_grad = self.last_seed = None
@@ -148,7 +151,8 @@ class MeZO(torch.optim.Optimizer):
         hypers = self._hypers()
         plan = self._plan()
         seed = derive_seed(self.seed, self.step_count)
-        result = engine.run_step(self._strategy, plan, seed, hypers, closure, rounding=self.stochastic_rounding)
+        result = engine.run_step(self._strategy, plan, seed, hypers, closure, rounding=self.stochastic_rounding,
+                                 reduce_losses=self.reduce_losses)
         self._record(result, seed, stacklevel=4)
         return result.loss_plus_obj
 
@@ -202,7 +206,8 @@ class MeZO(torch.optim.Optimizer):
         plan = self._plan()  # validates before any weight moves
         window = self._pending_window(create=True)
         result = engine.run_step(self._strategy, plan, window["seed"], hypers, closure,
-                                 rounding=self.stochastic_rounding, first=3 * window["count"], update=False)
+                                 rounding=self.stochastic_rounding, first=3 * window["count"], update=False,
+                                 reduce_losses=self.reduce_losses)
         self._add_to_window(window, hypers, result.loss_plus, result.loss_minus)
         return result.loss_plus, result.loss_minus
 
