@@ -113,12 +113,10 @@ class _Offsets:
         b = [e if step == 1 else -e if step == -1 else step * e for e in eps]
         todo = [d for d, s in self.at.items() if s == frm]
         rs = rounding_seed(seed, pass_index) if rounding else None
-        self._run(seed, [1.0] * len(eps), b, rs, todo, to)
-
-    def _run(self, seed, a, b, rs, todo, to) -> None:
+        # Plan.run records each device as it finishes: after a failure, exactly those have moved.
         done = []
         try:
-            done = self.plan.run(seed, a, b, round_seed=rs, devices=todo)
+            self.plan.run(seed, [1.0] * len(eps), b, round_seed=rs, devices=todo, done=done)
         finally:
             for d in done:
                 self.at[d] = to
@@ -233,7 +231,7 @@ def _apply(plan: Plan, seed, a, b, pass_index, rounding, offsets, eps) -> None:
     rs = rounding_seed(seed, pass_index) if rounding else None
     done = []
     try:
-        done = plan.run(seed, a, b, round_seed=rs)
+        plan.run(seed, a, b, round_seed=rs, done=done)
     except BaseException:
         undo = [d for d, *_ in plan.devices if d in done]
         if undo:

@@ -74,20 +74,19 @@ class Plan:
                     coefficient(a_of_group[pair[0]], b_of_group[pair[0]], pair[1], what)
 
     def run(self, seed: int, a_of_group, b_of_group, *, round_seed=None, load_x: bool = True, outs=None,
-            devices=None) -> list:
+            devices=None, done=None) -> None:
         """One pass: tensor i <- a[g] * tensor i + b[g] * z(seed, key i), g its group (``outs``: written to
-        outs[i] instead). Coefficients must have passed :meth:`check_coefficients`. Devices in order;
-        returns the devices done, so a caller can undo exactly what ran if a later device fails
-        (``devices``: run only these)."""
-        done = []
+        outs[i] instead). Coefficients must have passed :meth:`check_coefficients`. Device by device
+        (``devices``: only these); each finished device is appended to ``done``, so that after a failure
+        the caller can undo exactly what ran."""
         for device, backend, idx, keys, offsets in self.devices:
             if devices is not None and device not in devices:
                 continue
             ops.run(backend, [self.tensors[i] for i in idx], None if outs is None else [outs[i] for i in idx],
                     [a_of_group[self.groups[i]] for i in idx], [b_of_group[self.groups[i]] for i in idx],
                     seed, keys, offsets, self.noise, load_x, round_seed)
-            done.append(device)
-        return done
+            if done is not None:
+                done.append(device)
 
     def backend_of(self, device):
         for d, backend, *_ in self.devices:

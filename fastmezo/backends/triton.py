@@ -4,6 +4,7 @@ triton is imported on the first question about this backend, never when fastmezo
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -37,24 +38,18 @@ def unavailable_reason(device) -> str | None:
 
 
 def run(tensors, outs, a, b, seed, keys, offsets, noise, load_x=True, round_seed=None) -> None:
-    if tensors[0].device.type == "cpu":
-        with _interpreter_lock:
-            _run(tensors, outs, a, b, seed, keys, offsets, noise, load_x, round_seed)
-    else:
-        _run(tensors, outs, a, b, seed, keys, offsets, noise, load_x, round_seed)
-
-
-def _run(tensors, outs, a, b, seed, keys, offsets, noise, load_x, round_seed) -> None:
     if _launch is None:
         unavailable_reason(tensors[0].device)
-    # The optimizer's passes have one (a, b) per param group: one launch per distinct pair.
-    if len(set(a)) == 1 and len(set(b)) == 1:
-        _launch(tensors, a[0], b[0], seed, keys, noise, offsets, outs=outs, round_seed=round_seed, load_x=load_x)
-        return
-    outs = list(tensors) if outs is None else list(outs)
-    groups: dict = {}
-    for i, coef in enumerate(zip(a, b)):
-        groups.setdefault(coef, []).append(i)
-    for (a_i, b_i), idx in groups.items():
-        _launch([tensors[i] for i in idx], a_i, b_i, seed, [keys[i] for i in idx], noise,
-                [offsets[i] for i in idx], outs=[outs[i] for i in idx], round_seed=round_seed, load_x=load_x)
+    lock = _interpreter_lock if tensors[0].device.type == "cpu" else contextlib.nullcontext()
+    with lock:
+        # The optimizer's passes have one (a, b) per param group: one launch per distinct pair.
+        if len(set(a)) == 1 and len(set(b)) == 1:
+            _launch(tensors, a[0], b[0], seed, keys, noise, offsets, outs=outs, round_seed=round_seed, load_x=load_x)
+            return
+        outs = list(tensors) if outs is None else list(outs)
+        groups: dict = {}
+        for i, coef in enumerate(zip(a, b)):
+            groups.setdefault(coef, []).append(i)
+        for (a_i, b_i), idx in groups.items():
+            _launch([tensors[i] for i in idx], a_i, b_i, seed, [keys[i] for i in idx], noise,
+                    [offsets[i] for i in idx], outs=[outs[i] for i in idx], round_seed=round_seed, load_x=load_x)
