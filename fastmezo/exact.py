@@ -57,7 +57,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from . import ops
-from .functional import update_  # noqa: F401  (kept importable here while callers move to fastmezo.functional)
 
 __all__ = ["ExactPerturbation", "ExactModeError", "plan_groups", "MIN_GROUP_BYTES"]
 

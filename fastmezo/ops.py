@@ -22,7 +22,7 @@ operators, which is what those need.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import zo_trainers as Z
-from fastmezo import exact
+from fastmezo import functional as _functional
 from fastmezo import oracle as R
 from fastmezo.integrations import use_fastmezo
 
@@ -332,7 +332,7 @@ def test_a_step_whose_update_pass_raises_is_undone(monkeypatch):
     trainer = _trainer(Z.ZOBenchTrainer, q=2)
     use_fastmezo(trainer)
     start = _weights(trainer)
-    real_update = exact.update_
+    real_update = _functional.update_
     calls = {"n": 0}
 
     def update_(*args, **kwargs):
@@ -341,7 +341,7 @@ def test_a_step_whose_update_pass_raises_is_undone(monkeypatch):
             raise RuntimeError("backend failed")
         return real_update(*args, **kwargs)
 
-    monkeypatch.setattr(exact, "update_", update_)
+    monkeypatch.setattr(_functional, "update_", update_)
     with pytest.raises(RuntimeError, match="backend failed"):
         trainer.train(Z.regression_batches(1))
     _assert_weights(trainer, start, atol=RESTORE_ATOL)

@@ -18,12 +18,11 @@ YAML config is refused before anything is perturbed.
 from __future__ import annotations
 
 import inspect
-import math
 import numbers
 import re
 from dataclasses import dataclass
 
-import torch
+from .. import checks
 
 PAPER = "the paper's trainer (princeton-nlp/MeZO)"
 ZO_BENCH = "ZO-Bench's trainer"
@@ -64,16 +63,8 @@ class Mode:
 
 
 def real(value, what: str, *, positive: bool = False) -> float:
-    """``value`` as a finite float; strings, bools and other non-numbers are refused by name."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a real number, got {value!r} ({type(value).__name__}); "
-                        "a value read from a YAML/JSON config may need float() first")
-    value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{what} must be finite{' and > 0' if positive else ''}, got {value}")
-    return value
+    """``value`` as a finite float (fastmezo.checks' rules: strings and bools refused by name)."""
+    return checks.positive(value, what) if positive else checks.real(value, what)
 
 
 def seed_of(value, what: str = "zo_random_seed") -> int:

@@ -28,11 +28,10 @@ import contextlib
 import numpy as np
 import torch
 
-from .. import exact
 from .. import functional as F
+from ..engine import NO_DECAY
 from .frontend_modes import GUARDED, PAPER, REPLACED, ZO_BENCH, check_methods, read_mode, real, seed_of
 
-_NO_DECAY = ("bias", "layer_norm", "layernorm")
 _REQUIRED = ("zo_step", "zo_perturb_parameters", "zo_update", "zo_forward")
 
 
@@ -51,7 +50,7 @@ class _Passes:
 
     def update(self, seed: int, lrs, coefficient: float) -> None:
         """theta -= lr * coefficient * z, for parameters at theta."""
-        exact.update_(self.params, seed, lrs, coefficient, noise=self.noise, backend=self.backend)
+        F.update_(self.params, seed, lrs, coefficient, noise=self.noise, backend=self.backend)
         self.updates.append((seed, lrs, coefficient))
 
     def restore_and_update(self, seed: int, eps: float, lrs, coefficient: float) -> None:
@@ -63,7 +62,7 @@ class _Passes:
 
     def undo(self) -> None:
         for seed, lrs, coefficient in reversed(self.updates):
-            exact.update_(self.params, seed, lrs, -coefficient, noise=self.noise, backend=self.backend)
+            F.update_(self.params, seed, lrs, -coefficient, noise=self.noise, backend=self.backend)
         for seed, alpha in self.offsets.items():
             if alpha:
                 F.perturb_(self.params, seed, -alpha, noise=self.noise, backend=self.backend)
@@ -167,8 +166,8 @@ class FastMeZOFrontend:
         params = list(t.named_parameters_to_optim)
         lr = real(t._get_learning_rate(), "the learning rate (_get_learning_rate())")
         wd = real(t.args.weight_decay, "args.weight_decay")
-        decay = [0.0 if any(s in name for s in _NO_DECAY) else wd for name, _ in params]
-        exact.update_(params, seed_of(t.zo_random_seed), lr, real(t.projected_grad, "projected_grad"),
+        decay = [0.0 if any(s in name for s in NO_DECAY) else wd for name, _ in params]
+        F.update_(params, seed_of(t.zo_random_seed), lr, real(t.projected_grad, "projected_grad"),
                       weight_decay=decay, noise=self.noise, backend=self.backend)
         t.lr_scheduler.step()
 
