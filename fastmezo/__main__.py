@@ -4,6 +4,7 @@ Commands:
   finetune   the MeZO paper's comparison (zero-shot, linear probing, MeZO full / LoRA / prefix /
              non-differentiable, backprop + Adam) fine-tuning all-MiniLM-L6-v2 on VADER word
              polarity (``fastmezo finetune --quick`` runs the grid in a few minutes on a small CPU)
+  replay     BASE TRAJECTORY OUT: fine-tuned weights (safetensors) from base weights and a trajectory
 
 SIGINT and SIGTERM stop a command within seconds with one line on stderr and the exit status 130 /
 143 (128 + the signal's number); the handlers are installed before the command's imports
@@ -28,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                               description=finetune.DESCRIPTION, formatter_class=finetune.HelpFormatter)
     finetune.build_parser(sub)
     sub.set_defaults(func=finetune.run)
+    from . import replayer
+    replayer.add_command(commands)
     return parser
 
 

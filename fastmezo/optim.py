@@ -67,7 +67,7 @@ class MeZO(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
                  seed: int = 0, noise: str = "gaussian", keys: str = "auto", on_nonfinite: str = "skip",
                  stochastic_rounding: bool = True, backend: str | None = None,
-                 perturbation="inplace"):
+                 perturbation="inplace", trajectory=None):
         nonnegative(lr, "lr")
         positive(eps, "eps")
         nonnegative(weight_decay, "weight_decay")
@@ -94,6 +94,26 @@ class MeZO(torch.optim.Optimizer):
         self.loss_plus = self.loss_minus = self.projected_grad = self.last_seed = None
         self.projected_grads: list[float] = []
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        #: None, or the fastmezo.trajectory.Trajectory recording every step (``trajectory=True``: a new
+        #: one whose base weights are the parameters as given now; a path: the same, appended to that
+        #: file step by step; a Trajectory: continued, e.g. after fastmezo.replay for a resume).
+        self.trajectory = None
+        if trajectory is not None and trajectory is not False:
+            import os
+
+            from .trajectory import Trajectory
+            if not isinstance(trajectory, Trajectory):
+                if not (trajectory is True or isinstance(trajectory, (str, os.PathLike))):
+                    raise TypeError(f"trajectory must be True, a file path or a fastmezo.trajectory.Trajectory, "
+                                    f"got {type(trajectory).__name__}")
+                path = None if trajectory is True else trajectory
+                named = [(n, p) for g in self.param_groups
+                         for n, p in zip(g.get("param_names") or [None] * len(g["params"]), g["params"])]
+                trajectory = Trajectory.start(named, self._strategy.name, path=path)
+            elif trajectory.header["strategy"] != self._strategy.name:
+                raise ValueError(f"the trajectory was recorded in {trajectory.header['strategy']} mode, this "
+                                 f"optimizer runs in {self._strategy.name} mode")
+            self.trajectory = trajectory
 
     # -- the plan of the parameter set ------------------------------------------------------------
     def _hypers(self):
@@ -122,10 +142,22 @@ class MeZO(torch.optim.Optimizer):
             self._cached_plan = plan
         return plan
 
-    def _record(self, result: engine.StepResult, seed: int, stacklevel: int):
-        """Bookkeeping after a step: the losses and projected gradients, the counters, and a skipped
-        step's warning (or FloatingPointError with on_nonfinite="raise")."""
+    def _record(self, result: engine.StepResult, seed: int, stacklevel: int, update_pass: int | None = None):
+        """Bookkeeping after a step: the losses and projected gradients, the trajectory's record, the
+        counters, and a skipped step's warning (or FloatingPointError with on_nonfinite="raise").
+        ``update_pass``: the pass index of the update (a plain step's is engine.RESTORE; an accumulated
+        step's 3 * micro-batches, given here or through ``trajectory.pending_update_pass``)."""
         self.loss_plus, self.loss_minus, self.last_seed = result.loss_plus, result.loss_minus, seed
+        if self.trajectory is not None:
+            traj = self.trajectory
+            if result.loss_plus_obj is not None:      # MeZO.step (step_accumulated records no object)
+                update_pass = engine.RESTORE
+            elif update_pass is None:
+                update_pass = traj.pending_update_pass
+            traj.pending_update_pass = None
+            traj.record(self._cached_plan, self.step_count, seed, result.grads, self._hypers(),
+                        noise=self.noise.name.lower(), rounding=self.stochastic_rounding,
+                        update_pass=update_pass, skipped=result.skipped)
         self.projected_grads = list(result.grads)
         self.projected_grad = self.projected_grads[0] if self.projected_grads else None
         self.step_count += 1
