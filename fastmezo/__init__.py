@@ -14,8 +14,10 @@ from .backends import BackendUnavailable
 from .noise import NOISE_VERSION, derive_seed, key_from_name
 from .optim import MeZO, param_groups
 from .patching import MeZOPatch, patch
+from .replayer import replay
+from .trajectory import Trajectory
 
 __version__ = "0.1.0"
 
 __all__ = ["MeZO", "MeZOPatch", "patch", "param_groups", "functional", "exact", "integrations", "noise", "derive_seed",
-           "key_from_name", "NOISE_VERSION", "BackendUnavailable", "__version__"]
+           "key_from_name", "NOISE_VERSION", "BackendUnavailable", "replay", "Trajectory", "__version__"]

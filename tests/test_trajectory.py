@@ -1,0 +1,191 @@
+"""Trajectories and replay: the trained weights rebuilt bit for bit from the base weights and the
+recorded steps (fastmezo.trajectory, fastmezo.replayer), and clear errors for other base weights.
+
+Training and replay run on the same backend (CPU: the native library, else the oracle), so the
+comparison is exact equality in every dtype: no tolerance."""
+import copy
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+import fastmezo
+from fastmezo import __main__ as cli
+from fastmezo.replayer import step_passes
+from fastmezo.trajectory import Trajectory
+
+
+def _model(dtype):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.LayerNorm(12),
+                               torch.nn.Linear(12, 1)).to(dtype)
+
+
+def _data(dtype):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(24, 6, generator=g).to(dtype), torch.randn(24, 1, generator=g).to(dtype)
+
+
+def _train(mode, dtype, steps, snapshot_at=None, **options):
+    """A patched model trained ``steps`` steps with a decaying lr, weight decay on the Linear weights
+    and three non-finite losses (skipped steps); returns (base copy, model, handle, snapshot)."""
+    model = _model(dtype)
+    base = copy.deepcopy(model)
+    x, y = _data(dtype)
+    handle = fastmezo.patch(model, lr=3e-3, eps=1e-2, weight_decay=0.05, mode=mode, trajectory=True, **options)
+    sched = torch.optim.lr_scheduler.StepLR(handle.optimizer, step_size=50, gamma=0.5)
+    snapshot = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)      # the skipped steps' warnings
+        for t in range(steps):
+            bad = t in (7, 61, 130)
+            handle.step(lambda: float("nan") if bad else ((model(x) - y) ** 2).float().mean())
+            sched.step()
+            if t + 1 == snapshot_at:
+                snapshot = copy.deepcopy(model)
+    return base, model, handle, snapshot
+
+
+def _equal(m1, m2):
+    return all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+@pytest.mark.parametrize("mode", ["inplace", "exact"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replay_of_200_steps_is_bit_identical(mode, dtype):
+    """fp32 and bf16 (stochastic rounding on), in place and exact: replay gives the trained weights
+    bit for bit, and ``steps=`` the weights after that many steps."""
+    base, model, handle, snapshot = _train(mode, dtype, 200, snapshot_at=120)
+    traj = handle.optimizer.trajectory
+    assert len(traj.records) == 200 and handle.optimizer.skipped_steps == 3
+    assert [r["skipped"] is not None for r in traj.records].count(True) == 3
+    assert traj.records[0]["lr"] != traj.records[-1]["lr"]          # the schedule is recorded
+    assert not _equal(base, model)                                   # training moved the weights
+    partial = copy.deepcopy(base)
+    assert fastmezo.replay(partial, traj, steps=120) == 120
+    assert _equal(partial, snapshot)
+    assert fastmezo.replay(base, traj) == 200
+    assert _equal(base, model)
+
+
+def test_inplace_replay_needs_the_perturb_passes():
+    """In place, the +eps / -2 eps passes round too: replaying only the updates does not give the
+    trained weights (which is why replay re-runs every pass; exact mode has only the updates)."""
+    base, model, handle, _ = _train("inplace", torch.float32, 20)
+    traj = handle.optimizer.trajectory
+    updates_only = Trajectory(dict(traj.header, strategy="exact"), traj.records)
+    fastmezo.replay(base, updates_only)
+    assert not _equal(base, model)
+    assert max((a - b).abs().max().item() for a, b in zip(base.parameters(), model.parameters())) < 1e-5
+
+
+def test_the_file_is_small_and_reads_back_exactly(tmp_path):
+    """trajectory=path writes the header and one JSON line per step as the run goes; the file reads
+    back to the same records (floats bit for bit) and replays to the trained weights."""
+    path = tmp_path / "run.jsonl"
+    model = _model(torch.float32)
+    base = copy.deepcopy(model)
+    x, y = _data(torch.float32)
+    opt = fastmezo.MeZO(fastmezo.param_groups(model, 0.01), lr=1e-2, eps=1e-3, trajectory=str(path))
+    for _ in range(50):
+        opt.step(lambda: ((model(x) - y) ** 2).mean())
+    lines = path.read_text().splitlines()
+    assert len(lines) == 51 and json.loads(lines[0])["base"]["sha256"] == opt.trajectory.header["base"]["sha256"]
+    assert path.stat().st_size < 50 * 400 + 2000                      # a few hundred bytes a step
+    loaded = Trajectory.load(path)
+    assert loaded.records == opt.trajectory.records
+    fastmezo.replay(base, path)
+    assert _equal(base, model)
+
+
+def _accumulated_run(dtype, count_known: bool):
+    model = _model(dtype)
+    base = copy.deepcopy(model)
+    x, y = _data(dtype)
+    opt = fastmezo.MeZO(fastmezo.param_groups(model), lr=1e-2, eps=1e-2, trajectory=True)
+    for t in range(12):
+        for j in range(1 + t % 3):                                    # 1, 2, 3 micro-batches
+            rows = slice(8 * j, 8 * j + 8)
+            opt.accumulate(lambda: ((model(x[rows]) - y[rows]) ** 2).float().mean())
+        if count_known:
+            opt.trajectory.pending_update_pass = 3 * opt.pending_micro_batches
+        opt.step_accumulated()
+    return base, model, opt
+
+
+def test_accumulated_steps_replay_with_their_micro_batch_passes():
+    """An accumulated step of k micro-batches made 3k perturb/restore passes and updated with pass 3k;
+    replay re-runs them all (bf16, stochastic rounding: every pass's bits matter)."""
+    base, model, opt = _accumulated_run(torch.bfloat16, count_known=True)
+    assert [r["update_pass"] for r in opt.trajectory.records[:3]] == [3, 6, 9]
+    assert len(step_passes("inplace", opt.trajectory.records[2])) == 10
+    assert not _equal(base, model)
+    fastmezo.replay(base, opt.trajectory)
+    assert _equal(base, model)
+
+
+def test_an_accumulated_step_without_its_count_is_refused_before_any_pass():
+    base, _, opt = _accumulated_run(torch.float32, count_known=False)
+    before = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="micro-batch count was not recorded"):
+        fastmezo.replay(base, opt.trajectory)
+    assert _equal(base, before)
+
+
+@pytest.fixture
+def recorded():
+    base, model, handle, _ = _train("exact", torch.float32, 5)
+    return base, handle.optimizer.trajectory
+
+
+@pytest.mark.parametrize("change, message", [
+    ("value", "sha256 differs"),
+    ("name", "no parameter '0.weight'"),
+    ("shape", r"float32 \[12, 7\], the trajectory was recorded on float32 \[12, 6\]"),
+    ("dtype", r"is float64 \[12, 6\]"),
+    ("version", "noise contract v0"),
+])
+def test_other_base_weights_are_refused_before_anything_changes(recorded, change, message):
+    base, traj = recorded
+    params = dict(base.named_parameters())
+    if change == "value":
+        with torch.no_grad():
+            params["3.bias"].add_(1e-6)
+    elif change == "name":
+        params["first.weight"] = params.pop("0.weight")
+    elif change == "shape":
+        params["0.weight"] = torch.nn.Parameter(torch.randn(12, 7))
+    elif change == "dtype":
+        params["0.weight"] = torch.nn.Parameter(params["0.weight"].double())
+    else:
+        traj = Trajectory(dict(traj.header, noise_version=0), traj.records)
+    before = {k: v.detach().clone() for k, v in params.items()}
+    with pytest.raises(ValueError, match=message):
+        fastmezo.replay(params, traj)
+    assert all(torch.equal(before[k], v) for k, v in params.items())
+
+
+def test_a_model_changed_after_the_trajectory_started_is_refused_at_the_first_step():
+    model = _model(torch.float32)
+    x, y = _data(torch.float32)
+    opt = fastmezo.MeZO(model.named_parameters(), lr=1e-3, trajectory=True)
+    model.bfloat16()
+    with pytest.raises(RuntimeError, match="the model changed after the trajectory started"):
+        opt.step(lambda: ((model(x.bfloat16()) - y.bfloat16()) ** 2).float().mean())
+
+
+def test_command_line_writes_the_trained_weights(tmp_path):
+    """python -m fastmezo replay BASE TRAJECTORY OUT with a safetensors file as BASE."""
+    from safetensors.torch import load_file, save_file
+
+    base, model, handle, _ = _train("inplace", torch.bfloat16, 30)
+    save_file({k: v.detach().contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    handle.optimizer.trajectory.save(tmp_path / "run.jsonl")
+    assert cli.main(["replay", str(tmp_path / "base.safetensors"), str(tmp_path / "run.jsonl"),
+                     str(tmp_path / "out")]) == 0
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(out) == set(model.state_dict())
+    assert all(torch.equal(out[k], v) for k, v in model.state_dict().items())
+    assert not math.isclose(out["0.weight"].float().sum().item(), base.state_dict()["0.weight"].float().sum().item())
