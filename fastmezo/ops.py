@@ -114,11 +114,36 @@ def install(device: torch.device):
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+def tracing() -> bool:
+    """Whether something may be tracing the calls now (torch.compile, a dispatch mode)."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
+def plain(tensors) -> bool:
+    """Whether every tensor is a plain tensor or parameter (no subclass that must see the call)."""
+    return all(type(t) in _PLAIN_TYPES for t in tensors)
+
+
 def _plain(tensors) -> bool:
     """True when a call may skip the dispatcher: eager, nothing tracing, plain tensors."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    return all(type(t) in _PLAIN_TYPES for t in tensors)
+    return not tracing() and plain(tensors)
+
+
+def launch(prepared, written, a_of_group, b_of_group, seed: int, load_x: bool = True,
+           round_seed: Optional[int] = None) -> None:
+    """In-place passes through prepared launches (a backend's ``prepare``): ``prepared`` is a list of
+    (coefficient group, launch); ``written`` all the tensors they write. Only for eager calls on plain
+    tensors (the caller checks :func:`tracing` and :func:`plain`); as :func:`run` otherwise."""
+    grad = torch.is_grad_enabled()
+    if grad:
+        torch.set_grad_enabled(False)
+    try:
+        for group, prepared_launch in prepared:
+            prepared_launch(a_of_group[group], b_of_group[group], seed, round_seed, load_x)
+        torch.autograd.graph.increment_version(written)
+    finally:
+        if grad:
+            torch.set_grad_enabled(True)
 
 
 def run(backend, tensors, outs, a, b, seed: int, keys, offsets, noise: int, load_x: bool = True,

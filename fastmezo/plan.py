@@ -53,6 +53,9 @@ class Plan:
             self.devices.append((device, backends.select(device, chosen), idx, [self.keys[i] for i in idx],
                                  [self.offsets[i] for i in idx]))
         self._fingerprint = self._fingerprint_of(tensors)
+        self._launches: dict = {}           # device index -> prepared launches (see _prepared)
+        self._device_tensors: dict = {}
+        self._group_dtypes = None           # the (coefficient group, dtype) pairs, for the checks
 
     @staticmethod
     def _fingerprint_of(tensors):
@@ -65,13 +68,11 @@ class Plan:
 
     def check_coefficients(self, a_of_group, b_of_group, what: str) -> None:
         """:func:`coefficient` for every (group, dtype) the plan has."""
-        seen = set()
-        for _, _, idx, _, _ in self.devices:
-            for i in idx:
-                pair = (self.groups[i], self.tensors[i].dtype)
-                if pair not in seen:
-                    seen.add(pair)
-                    coefficient(a_of_group[pair[0]], b_of_group[pair[0]], pair[1], what)
+        if self._group_dtypes is None:
+            self._group_dtypes = {(self.groups[i], self.tensors[i].dtype) for _, _, idx, _, _ in self.devices
+                                  for i in idx}
+        for group, dtype in self._group_dtypes:
+            coefficient(a_of_group[group], b_of_group[group], dtype, what)
 
     def run(self, seed: int, a_of_group, b_of_group, *, round_seed=None, load_x: bool = True, outs=None,
             devices=None, done=None) -> None:
@@ -79,14 +80,36 @@ class Plan:
         outs[i] instead). Coefficients must have passed :meth:`check_coefficients`. Device by device
         (``devices``: only these); each finished device is appended to ``done``, so that after a failure
         the caller can undo exactly what ran."""
-        for device, backend, idx, keys, offsets in self.devices:
+        for k, (device, backend, idx, keys, offsets) in enumerate(self.devices):
             if devices is not None and device not in devices:
                 continue
-            ops.run(backend, [self.tensors[i] for i in idx], None if outs is None else [outs[i] for i in idx],
-                    [a_of_group[self.groups[i]] for i in idx], [b_of_group[self.groups[i]] for i in idx],
-                    seed, keys, offsets, self.noise, load_x, round_seed)
+            prepared = self._prepared(k) if outs is None else None
+            if prepared is not None and not ops.tracing():
+                ops.launch(prepared, self._device_tensors[k], a_of_group, b_of_group, seed, load_x, round_seed)
+            else:
+                ops.run(backend, [self.tensors[i] for i in idx], None if outs is None else [outs[i] for i in idx],
+                        [a_of_group[self.groups[i]] for i in idx], [b_of_group[self.groups[i]] for i in idx],
+                        seed, keys, offsets, self.noise, load_x, round_seed)
             if done is not None:
                 done.append(device)
+
+    def _prepared(self, k: int):
+        """Device k's prepared in-place launches, one per coefficient group (built on first use), or
+        None where its backend prepares nothing or a tensor is a subclass that must see each call."""
+        if k in self._launches:
+            return self._launches[k]
+        _, backend, idx, keys, offsets = self.devices[k]
+        tensors = [self.tensors[i] for i in idx]
+        prepared = None
+        if getattr(backend, "prepare", None) is not None and ops.plain(tensors):
+            by_group: dict = {}
+            for j, i in enumerate(idx):
+                by_group.setdefault(self.groups[i], []).append(j)
+            prepared = [(g, backend.prepare([tensors[j] for j in js], [keys[j] for j in js],
+                                            [offsets[j] for j in js], self.noise)) for g, js in by_group.items()]
+        self._device_tensors[k] = tensors
+        self._launches[k] = prepared
+        return prepared
 
     def backend_of(self, device):
         for d, backend, *_ in self.devices:

@@ -207,61 +207,79 @@ class _TableCache:
 _tables = _TableCache()
 
 
+class Launches:
+    """The launches of one pass over a fixed set of tensors, prepared once: the tensors grouped by
+    dtype and alignment, each group's table on the device. A training loop passes the same tensors
+    every step, so a prepared set makes each pass a few kernel launches with no per-tensor host work.
+    Valid while the tensors stay where they were (the caller re-prepares when they move)."""
+
+    def __init__(self, tensors, keys, noise: int, offsets=None, outs=None, block: int | None = None):
+        n_t = len(tensors)
+        offsets = [0] * n_t if offsets is None else list(offsets)
+        outs = list(tensors) if outs is None else list(outs)
+        self.out = any(o is not x for o, x in zip(outs, tensors))
+        self.noise = noise
+        g = _alignment(noise)
+        groups: dict = {}
+        # One walk over the tensors reads each one's numel and addresses once (host time per tensor
+        # counts: exact mode prepares per group of modules and forward).
+        for x, o, key, off in zip(tensors, outs, keys, offsets):
+            n = x.numel()
+            if n == 0:
+                continue
+            xp, op = x.data_ptr(), o.data_ptr()
+            aligned = off % g == 0 and xp % 16 == 0 and op % 16 == 0
+            groups.setdefault((x.dtype, aligned), []).append((o, xp, op, n, key, off))
+        self.launches = []
+        if not groups:
+            return
+        device = tensors[0].device
+        if block is None:
+            block = INTERPRETER_BLOCK if device.type == "cpu" else DEFAULT_BLOCK
+        self.block = max(block, g)
+        for (dtype, aligned), members in groups.items():
+            rows, blocks = [], []
+            proto = members[0][0]                              # the first output: offsets count from it
+            base, esize = members[0][2], proto.element_size()
+            for o, xp, op, n, key, off in members:
+                delta, rest = divmod(op - base, esize)
+                if rest:  # pragma: no cover  (tensors of one dtype sit at multiples of its size)
+                    raise ValueError("outputs of one launch must lie a whole number of elements apart")
+                rows += (xp, delta, n, off, key & 0xFFFFFFFF)
+                blocks.append(-(-(n + off % g) // self.block))   # ceil; triton.cdiv is a jit function
+            table, starts, log2t, mapping, total = _tables.get(tuple(rows), tuple(blocks), device, noise == 0)
+            # By the noise, not by whether the cached entry has a map (a Gaussian pass over the same
+            # tensors may have built one): Rademacher passes search, which suits them better.
+            lookup = 0 if len(blocks) == 1 else 1 if noise == 0 else 2
+            self.launches.append((proto, table, starts, starts if mapping is None else mapping, total, lookup,
+                                  log2t if lookup == 2 else 0, dtype != torch.float32, aligned))
+
+    def __call__(self, a: float, b: float, seed: int, round_seed: int | None = None, load_x: bool = True,
+                 num_warps: int = 4) -> None:
+        """out_i <- a * x_i + b * z(seed, key_i) for every prepared tensor (round_seed: stochastic rounding
+        of float16/bfloat16 results)."""
+        rseed = 0 if round_seed is None else round_seed
+        for proto, table, starts, mapping, total, lookup, log2t, low_precision, aligned in self.launches:
+            _axpbz_table_kernel[(total,)](
+                proto, table, starts, mapping, total, float(a), float(b),
+                _as_i32(seed & 0xFFFFFFFF), _as_i32((seed >> 32) & 0xFFFFFFFF),
+                _as_i32(rseed & 0xFFFFFFFF), _as_i32((rseed >> 32) & 0xFFFFFFFF),
+                NOISE=self.noise, BLOCK=self.block, LOOKUP=lookup, LOG2T=log2t, LOAD_X=load_x, OUT=self.out,
+                ROUND=round_seed is not None and low_precision, ALIGNED=aligned, FAST=not _INTERPRETING,
+                num_warps=num_warps, **_NO_FMA_CONTRACTION)
+
+
 def axpbz_multi_(tensors, a: float, b: float, seed: int, keys, noise: int, offsets=None, *, outs=None,
                  round_seed: int | None = None, load_x: bool = True, block: int | None = None,
                  num_warps: int = 4) -> None:
     """One pass over several contiguous tensors of one device: out_i <- a * x_i + b * z(seed, key_i).
 
-    Coefficients a and b are shared (the optimizer's passes have one (a, b) per param group; the
-    backend groups tensors accordingly). outs (default: in place), offsets (global index of each
-    tensor's first element; default 0), round_seed (stochastic rounding of float16/bfloat16 results;
-    default round to nearest). Tensors are grouped by dtype and alignment, one launch per group.
+    Coefficients a and b are shared (the optimizer's passes have one (a, b) per param group). outs
+    (default: in place), offsets (global index of each tensor's first element; default 0), round_seed
+    (stochastic rounding of float16/bfloat16 results; default round to nearest). Tensors are grouped by
+    dtype and alignment, one launch per group; the tables come from a cache keyed by their content.
     """
-    n_t = len(tensors)
-    offsets = [0] * n_t if offsets is None else list(offsets)
-    outs = list(tensors) if outs is None else list(outs)
-    use_out = any(o is not x for o, x in zip(outs, tensors))
-    g = _alignment(noise)
-    groups: dict = {}
-    # One walk over the tensors reads each one's numel and addresses once (host time per tensor
-    # counts: exact mode launches per group of modules and forward, the optimizer over ~400 tensors).
-    for x, o, key, off in zip(tensors, outs, keys, offsets):
-        n = x.numel()
-        if n == 0:
-            continue
-        xp, op = x.data_ptr(), o.data_ptr()
-        aligned = off % g == 0 and xp % 16 == 0 and op % 16 == 0
-        groups.setdefault((x.dtype, aligned), []).append((o, xp, op, n, key, off))
-    if not groups:
-        return
-    device = tensors[0].device
-    if block is None:
-        block = INTERPRETER_BLOCK if device.type == "cpu" else DEFAULT_BLOCK
-    block = max(block, g)
-    rnd = round_seed is not None
-    rseed = round_seed if rnd else 0
-    for (dtype, aligned), members in groups.items():
-        rows, blocks = [], []
-        proto = members[0][0]                              # the first output: offsets count from it
-        base, esize = members[0][2], proto.element_size()
-        for o, xp, op, n, key, off in members:
-            delta, rest = divmod(op - base, esize)
-            if rest:  # pragma: no cover  (tensors of one dtype sit at multiples of its size)
-                raise ValueError("outputs of one launch must lie a whole number of elements apart")
-            rows += (xp, delta, n, off, key & 0xFFFFFFFF)
-            blocks.append(-(-(n + off % g) // block))   # ceil; triton.cdiv is a jit function, slow to call from the host
-        table, starts, log2t, mapping, total = _tables.get(tuple(rows), tuple(blocks), device, noise == 0)
-        # By the noise, not by whether the cached entry has a map (a Gaussian pass over the same
-        # tensors may have built one): Rademacher passes search, the faster lookup for them.
-        lookup = 0 if len(blocks) == 1 else 1 if noise == 0 else 2
-        _axpbz_table_kernel[(total,)](
-            proto, table, starts, starts if mapping is None else mapping, total, float(a), float(b),
-            _as_i32(seed & 0xFFFFFFFF), _as_i32((seed >> 32) & 0xFFFFFFFF),
-            _as_i32(rseed & 0xFFFFFFFF), _as_i32((rseed >> 32) & 0xFFFFFFFF),
-            NOISE=noise, BLOCK=block, LOOKUP=lookup, LOG2T=log2t if lookup == 2 else 0, LOAD_X=load_x,
-            OUT=use_out,
-            ROUND=rnd and dtype != torch.float32, ALIGNED=aligned, FAST=not _INTERPRETING,
-            num_warps=num_warps, **_NO_FMA_CONTRACTION)
+    Launches(tensors, keys, noise, offsets, outs, block)(a, b, seed, round_seed, load_x, num_warps)
 
 
 def axpbz_(x, a: float, b: float, seed: int, key: int, noise: int, offset: int = 0,

@@ -10,6 +10,7 @@ import threading
 
 NAME = "triton"
 _launch = None              # fastmezo.kernels.axpbz.axpbz_multi_ once triton imported
+_Launches = None            # fastmezo.kernels.axpbz.Launches, likewise
 _import_error = None
 # The interpreter runs programs on the host with shared module state: one pass at a time.
 _interpreter_lock = threading.Lock()
@@ -21,7 +22,7 @@ def interpreter_on() -> bool:
 
 
 def unavailable_reason(device) -> str | None:
-    global _launch, _import_error
+    global _launch, _Launches, _import_error
     if device.type == "cpu":
         if not interpreter_on():
             return ("Triton runs CPU tensors only through its interpreter: set TRITON_INTERPRET=1 in the "
@@ -30,8 +31,8 @@ def unavailable_reason(device) -> str | None:
         return f"the Triton backend supports CUDA tensors, not {device.type}"
     if _launch is None and _import_error is None:
         try:
-            from ..kernels.axpbz import axpbz_multi_
-            _launch = axpbz_multi_
+            from ..kernels.axpbz import Launches, axpbz_multi_
+            _launch, _Launches = axpbz_multi_, Launches
         except Exception as exc:  # noqa: BLE001  (ImportError, or a broken triton install)
             _import_error = f"triton cannot be imported ({type(exc).__name__}: {exc})"
     return _import_error
@@ -53,3 +54,19 @@ def run(tensors, outs, a, b, seed, keys, offsets, noise, load_x=True, round_seed
         for (a_i, b_i), idx in groups.items():
             _launch([tensors[i] for i in idx], a_i, b_i, seed, [keys[i] for i in idx], noise,
                     [offsets[i] for i in idx], outs=[outs[i] for i in idx], round_seed=round_seed, load_x=load_x)
+
+
+def prepare(tensors, keys, offsets, noise):
+    """The launches of in-place passes over ``tensors`` with one (a, b), prepared once (their tables
+    uploaded): ``prepared(a, b, seed, round_seed, load_x)`` is then a pass with no per-tensor host work.
+    Valid while the tensors stay where they are."""
+    if _Launches is None:
+        unavailable_reason(tensors[0].device)
+    launches = _Launches(tensors, keys, noise, offsets)
+    if tensors[0].device.type != "cpu":
+        return launches
+
+    def interpreted(*args, **kwargs):
+        with _interpreter_lock:
+            launches(*args, **kwargs)
+    return interpreted
