@@ -9,8 +9,9 @@ or ``handle = fastmezo.patch(model); model.mezo_step(batch)``. The fused passes 
 :mod:`fastmezo.functional`; the noise contract in :mod:`fastmezo.noise` and docs/noise.md.
 Importing fastmezo never imports triton or a native library: backends load on first use.
 """
-from . import exact, functional, integrations, noise
+from . import distributed, exact, functional, integrations, noise
 from .backends import BackendUnavailable
+from .distributed import data_parallel
 from .noise import NOISE_VERSION, derive_seed, key_from_name
 from .optim import MeZO, param_groups
 from .patching import MeZOPatch, patch
@@ -19,5 +20,6 @@ from .trajectory import Trajectory
 
 __version__ = "0.1.0"
 
-__all__ = ["MeZO", "MeZOPatch", "patch", "param_groups", "functional", "exact", "integrations", "noise", "derive_seed",
+__all__ = ["MeZO", "MeZOPatch", "patch", "param_groups", "functional", "exact", "integrations", "noise", "distributed",
+           "data_parallel", "derive_seed",
            "key_from_name", "NOISE_VERSION", "BackendUnavailable", "replay", "Trajectory", "__version__"]

@@ -28,6 +28,10 @@ class Plan:
     one (a, b) per group. ``one_device``: refuse tensors of several devices (the functional API's rule);
     the optimizer's plans run each device's tensors in its own call. Empty tensors are kept (their
     keys stay theirs) but never sent to a backend.
+
+    DTensor parameters (FSDP2's ``fully_shard``, ``distribute_tensor``): the plan holds each rank's
+    local shard, with the offset the contract asks for, the global flat index of the shard's first
+    element (:func:`local_shard`), so every rank draws the z of the unsharded tensor for its elements.
     """
 
     def __init__(self, tensors, names=None, *, keys=None, offsets=None, groups=None, noise="gaussian",
@@ -35,6 +39,7 @@ class Plan:
         tensors = list(tensors)
         n = len(tensors)
         names = [None] * n if names is None else list(names)
+        tensors, offsets = _local_shards(tensors, names, offsets)
         check_tensors(tensors, [label(i, name) for i, name in enumerate(names)], one_device)
         self.tensors, self.names = tensors, names
         self.keys = resolve_keys(keys, n, names)
@@ -59,7 +64,8 @@ class Plan:
 
     @staticmethod
     def _fingerprint_of(tensors):
-        return [(id(t), t.data_ptr(), t.dtype, t.shape) for t in tensors]
+        # A DTensor has no storage of its own: its local shard is what a pass writes.
+        return [(id(t), t.data_ptr(), t.dtype, t.shape) for t in map(_local, tensors)]
 
     def is_current(self, tensors) -> bool:
         """Whether ``tensors`` are still the plan's: the same objects, data at the same addresses, same
@@ -116,3 +122,69 @@ class Plan:
             if d == device:
                 return backend
         return backends.select(device)
+
+
+def _is_dtensor(t) -> bool:
+    # Imported lazily: torch.distributed is not built on every platform, and plain plans never need it.
+    if not hasattr(t, "placements"):
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def _local(t):
+    if _is_dtensor(t):
+        with torch.no_grad():       # under no_grad to_local() is the shard itself, not an autograd view
+            return t.to_local()
+    return t
+
+
+def local_shard(t, what: str):
+    """(local shard, offset) of a DTensor: the shard this rank holds and the global flat (row-major)
+    index of its first element. The contract indexes z by that global index (docs/noise.md section 2),
+    so the shard's element j must be element offset + j of the full tensor: the shard has to be one
+    contiguous range of the flattened tensor (Shard(0) and Replicate placements are; Shard(d > 0) of a
+    tensor with more than one row is not, and is refused)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for p in t.placements:
+        if type(p) not in (Shard, Replicate):
+            raise ValueError(f"{what} is a DTensor with placement {p}; fastmezo perturbs DTensors sharded with "
+                             "Shard or Replicate placements (a Partial tensor's shard is not its value)")
+    local = _local(t)
+    shape, start = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    if tuple(shape) != tuple(local.shape):
+        raise ValueError(f"{what}: the local shard has shape {tuple(local.shape)} but its placements give "
+                         f"{tuple(shape)}; fastmezo cannot tell which global elements it holds")
+    if local.numel() == 0:
+        return local, 0
+    split = [d for d in range(len(shape)) if shape[d] != t.shape[d]]
+    if split and any(shape[d] != 1 for d in range(split[-1])):
+        raise ValueError(f"{what} is sharded as {t.placements} (local shape {tuple(shape)} of {tuple(t.shape)}): "
+                         "its shard is not one contiguous range of the flattened tensor, so z could not follow "
+                         "the global element index; shard parameters along dimension 0 (FSDP2 does)")
+    offset, stride = 0, 1
+    for d in reversed(range(len(shape))):
+        offset += start[d] * stride
+        stride *= t.shape[d]
+    return local, offset
+
+
+def _local_shards(tensors, names, offsets):
+    """DTensors replaced by their local shards, with the shards' offsets. Offsets given by the caller
+    for a DTensor are refused: its placements define them."""
+    if not any(_is_dtensor(t) for t in tensors):
+        return tensors, offsets
+    if offsets is not None:
+        raise ValueError("offsets cannot be given for DTensor parameters: each shard's offset comes from "
+                         "its placements")
+    locals_, offsets = [], []
+    for i, t in enumerate(tensors):
+        if _is_dtensor(t):
+            t, offset = local_shard(t, label(i, names[i]))
+        else:
+            offset = 0
+        locals_.append(t)
+        offsets.append(offset)
+    return locals_, offsets
