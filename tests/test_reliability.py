@@ -100,6 +100,7 @@ def _assert_at(model, start, exact):
 def _mezo(backend, mode):
     model = Net()
     handle = fastmezo.patch(model, lr=LR, eps=EPS, seed=5, backend=backend, mode=mode)
+    model.with_closure = handle.step            # the call of this kind that takes a closure
     return model, [lambda: handle.step(lambda: model())], [3]
 
 
@@ -107,6 +108,7 @@ def _accumulated(backend, cls):
     model = Net()
     opt = cls(fastmezo.param_groups(model, lr=LR, eps=EPS), seed=5, backend=backend)
     update = opt.step_accumulated if cls is fastmezo.MeZO else opt.step    # the Trainer calls step()
+    model.with_closure = opt.accumulate
     calls = [lambda: opt.accumulate(lambda: model() / 2), lambda: opt.accumulate(lambda: model() / 2 + 0.01),
              update]
     return model, calls, [3, 3, 1]
@@ -258,3 +260,24 @@ def test_two_devices_undo_only_what_ran(fail_at, monkeypatch):
     monkeypatch.undo()
     step()
     assert opt.step_count == 1 and all(not torch.equal(p, s) for p, s in zip(model.parameters(), start))
+
+
+
+# -- closures: losses that are not numbers, at either forward, for each optimizer step kind ---------
+@pytest.mark.parametrize("kind", STEP_KINDS)
+@pytest.mark.parametrize("loss", ["1.0", None, torch.ones(2), torch.tensor(1 + 1j)], ids=["str", "None", "2", "c"])
+@pytest.mark.parametrize("at", [1, 2])
+def test_a_loss_that_is_not_a_number_leaves_the_weights(kind, loss, at):
+    make, exact = STEP_KINDS[kind]
+    model, _, _ = make("oracle")
+    start = _weights(model)
+    seen = []
+
+    def closure():
+        seen.append(1)
+        return loss if len(seen) == at else model()
+
+    with pytest.raises((TypeError, ValueError), match="closure"):
+        model.with_closure(closure)
+    assert len(seen) == at
+    _assert_at(model, start, exact)

@@ -165,6 +165,9 @@ PERTURB_CASES = [
     (dict(alpha=math.inf), ValueError, r"alpha must be finite"),
     (dict(alpha=[1e-2, 1e-2]), ValueError, r"got 2 values of alpha for 3 tensors"),
     (dict(alpha="big"), TypeError, r"alpha must be a real number, got str"),
+    (dict(alpha="1e-3"), TypeError, r"alpha must be a real number, got str '1e-3'"),
+    (dict(alpha=True), TypeError, r"alpha must be a real number, got bool"),
+    (dict(alpha=None), TypeError, r"alpha must be a real number, got NoneType"),
 ]
 
 RESTORE_CASES = [
@@ -177,6 +180,11 @@ RESTORE_CASES = [
     (dict(projected_grad=math.inf), ValueError, r"projected_grad must be finite"),
     (dict(projected_grad=torch.ones(2)), TypeError, r"projected_grad must be a real number, got a torch.float32 tensor of shape \(2,\)"),
     (dict(weight_decay=math.nan), ValueError, r"weight_decay must be finite"),
+    (dict(lr="1e-3"), TypeError, r"lr must be a real number, got str '1e-3'"),
+    (dict(lr=-1e-3), ValueError, r"lr must be >= 0"),
+    (dict(eps="1e-3"), TypeError, r"eps must be a real number, got str"),
+    (dict(projected_grad=None), TypeError, r"projected_grad must be a real number, got NoneType"),
+    (dict(weight_decay=False), TypeError, r"weight_decay must be a real number, got bool"),
 ]
 
 
@@ -300,6 +308,48 @@ CONSTRUCTOR_CASES = [
     (dict(on_nonfinite="ignore"), r"on_nonfinite must be 'skip' or 'raise', got 'ignore'"),
     (dict(backend="fast"), r"unknown fastmezo backend 'fast'"),
 ]
+
+
+# Options as a YAML config gives them ("1e-3"), bools, None, a negative lr: refused before any pass.
+TYPED_OPTION_CASES = [
+    (dict(lr="1e-3"), TypeError, r"lr( of param group \\d)? must be a real number, got str '1e-3'"),
+    (dict(eps="1e-3"), TypeError, r"eps( of param group \\d)? must be a real number, got str '1e-3'"),
+    (dict(weight_decay="0.1"), TypeError, r"weight_decay( of param group \\d)? must be a real number, got str '0\.1'"),
+    (dict(lr=True), TypeError, r"lr( of param group \\d)? must be a real number, got bool"),
+    (dict(eps=None), TypeError, r"eps( of param group \\d)? must be a real number, got NoneType"),
+    (dict(lr=None), TypeError, r"lr( of param group \\d)? must be a real number, got NoneType"),
+    (dict(lr=-1e-3), ValueError, r"lr( of param group \\d)? must be >= 0, got -0\.001"),
+    (dict(weight_decay=-0.1), ValueError, r"weight_decay( of param group \\d)? must be >= 0"),
+    (dict(eps=5e-324), ValueError, r"eps( of param group \\d)? must be a finite number > 0, got 5e-324 \(at least 1\.18e-38"),
+]
+
+
+@pytest.mark.parametrize("case", TYPED_OPTION_CASES, ids=_case_id)
+@pytest.mark.parametrize("entry", ["MeZO", "patch", "param group"])
+def test_options_that_are_not_real_numbers_are_refused_before_any_pass(case, entry):
+    kwargs, exc, match = case
+    goods = _goods()
+    clones = _clone_all(goods)
+    calls = []
+    with pytest.raises(exc, match=match):
+        if entry == "MeZO":
+            fastmezo.MeZO(goods, **kwargs)
+        elif entry == "patch":
+            # patch puts weight_decay into its param groups: refused there at the first step, before
+            # the first pass (a forward that runs would append to calls)
+            model = torch.nn.Linear(2, 2)
+            before = _clone_all(list(model.parameters()))
+            try:
+                fastmezo.patch(model, **kwargs).step(lambda: calls.append(1) or model.weight.sum())
+            finally:
+                _assert_untouched(list(model.parameters()), before)
+        else:
+            opt = fastmezo.MeZO([dict(params=goods[:1]), dict(params=goods[1:])], lr=1e-2, eps=1e-2)
+            (key, value), = kwargs.items()
+            opt.param_groups[1][key] = value
+            opt.step(lambda: calls.append(1) or 1.0)
+    assert calls == []
+    _assert_untouched(goods, clones)
 
 
 @pytest.mark.parametrize("case", CONSTRUCTOR_CASES, ids=_case_id)
