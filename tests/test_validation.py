@@ -312,15 +312,15 @@ CONSTRUCTOR_CASES = [
 
 # Options as a YAML config gives them ("1e-3"), bools, None, a negative lr: refused before any pass.
 TYPED_OPTION_CASES = [
-    (dict(lr="1e-3"), TypeError, r"lr( of param group \\d)? must be a real number, got str '1e-3'"),
-    (dict(eps="1e-3"), TypeError, r"eps( of param group \\d)? must be a real number, got str '1e-3'"),
-    (dict(weight_decay="0.1"), TypeError, r"weight_decay( of param group \\d)? must be a real number, got str '0\.1'"),
-    (dict(lr=True), TypeError, r"lr( of param group \\d)? must be a real number, got bool"),
-    (dict(eps=None), TypeError, r"eps( of param group \\d)? must be a real number, got NoneType"),
-    (dict(lr=None), TypeError, r"lr( of param group \\d)? must be a real number, got NoneType"),
-    (dict(lr=-1e-3), ValueError, r"lr( of param group \\d)? must be >= 0, got -0\.001"),
-    (dict(weight_decay=-0.1), ValueError, r"weight_decay( of param group \\d)? must be >= 0"),
-    (dict(eps=5e-324), ValueError, r"eps( of param group \\d)? must be a finite number > 0, got 5e-324 \(at least 1\.18e-38"),
+    (dict(lr="1e-3"), TypeError, r"lr( of param group \d)? must be a real number, got str '1e-3'"),
+    (dict(eps="1e-3"), TypeError, r"eps( of param group \d)? must be a real number, got str '1e-3'"),
+    (dict(weight_decay="0.1"), TypeError, r"weight_decay( of param group \d)? must be a real number, got str '0\.1'"),
+    (dict(lr=True), TypeError, r"lr( of param group \d)? must be a real number, got bool"),
+    (dict(eps=None), TypeError, r"eps( of param group \d)? must be a real number, got NoneType"),
+    (dict(lr=None), TypeError, r"lr( of param group \d)? must be a real number, got NoneType"),
+    (dict(lr=-1e-3), ValueError, r"lr( of param group \d)? must be >= 0, got -0\.001"),
+    (dict(weight_decay=-0.1), ValueError, r"weight_decay( of param group \d)? must be >= 0"),
+    (dict(eps=5e-324), ValueError, r"eps( of param group \d)? must be a finite number > 0, got 5e-324 \(at least 1\.18e-38"),
 ]
 
 
