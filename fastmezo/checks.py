@@ -59,10 +59,17 @@ def nonnegative(value, what: str) -> float:
 
 def per_tensor(value, n: int, what: str) -> list[float]:
     """One real number per tensor, from a number or a sequence of n numbers."""
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
-    if len(values) != n:
-        raise ValueError(f"got {len(values)} values of {what} for {n} tensors")
-    return [real(v, what) for v in values]
+    if not isinstance(value, (list, tuple)):
+        return [real(value, what)] * n
+    if len(value) != n:
+        raise ValueError(f"got {len(value)} values of {what} for {n} tensors")
+    # Each distinct value checked once (keyed with its type, so that True is not taken for 1).
+    checked = {}
+    for v in value:
+        k = (type(v), v)
+        if k not in checked:
+            checked[k] = real(v, what)
+    return [checked[(type(v), v)] for v in value]
 
 
 def coefficient(a: float, b: float, dtype: torch.dtype, what: str) -> None:

@@ -1,0 +1,128 @@
+"""Passes and the ZO overhead of a step as the user sees them: public API, default options, host time in.
+
+Each timed call starts with the GPU idle (synchronized before), is bracketed by CUDA events and ends
+with a synchronize: the span covers the Python before the first kernel starts. Beside it, the kernel
+time of the same call measured with the calls queued back to back (the GPU kept busy, so host time
+hides behind the queue). The reference (bench/baseline.py: torch.manual_seed + torch.normal per tensor,
+out of place) is timed the same way in the same run. The floor is one read and one write of every
+parameter at the measured copy bandwidth.
+
+    python -m bench.bench_user_view --models opt-1.3b,opt-13b --out bench/results/<date>-h200-user-view
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+
+import fastmezo
+from fastmezo import functional as F
+
+from .baseline import baseline_perturb, baseline_update
+from .common import default_copy_bandwidth, environment, free_memory, main_exit, split_list, write_json
+from .shapes import opt_param_shapes
+
+SEED, EPS, LR, G = 1234, 1e-3, 1e-6, 0.5
+
+
+def user_view_ms(fn, reps: int) -> float:
+    """Median of per-call spans, each call starting on an idle GPU."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def queued_ms(fn, reps: int) -> float:
+    """Mean time per call with the calls queued back to back: the GPU's own time when the host keeps up."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(50_000_000)          # a head start for the queue: the host enqueues while this runs
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _params(model: str, dtype, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    return [(name, torch.nn.Parameter(torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+                                      .mul_(0.02).to(dtype))) for name, shape in opt_param_shapes(model)]
+
+
+def bench_model(model: str, dtype, device, bandwidth: float, reps: int) -> list[dict]:
+    named = _params(model, dtype, device)
+    params = [p for _, p in named]
+    nbytes = sum(p.numel() * p.element_size() for p in params)
+    floor_ms = 2 * nbytes / bandwidth * 1e3
+    opt = fastmezo.MeZO(named, lr=LR, eps=EPS)                       # defaults: stochastic rounding on
+    opt_rn = fastmezo.MeZO(named, lr=LR, eps=EPS, stochastic_rounding=False)
+    sign = [1.0]
+
+    def alternate(fn):
+        def call():                        # +alpha, then -alpha: the weights stay where they were
+            sign[0] = -sign[0]
+            fn(sign[0])
+        return call
+
+    cases = [
+        ("perturb_ gaussian (round to nearest)", alternate(lambda s: F.perturb_(named, SEED, s * EPS))),
+        ("perturb_ gaussian (stochastic rounding)",
+         alternate(lambda s: F.perturb_(named, SEED, s * EPS, rounding_seed=SEED + 1))),
+        ("perturb_ rademacher", alternate(lambda s: F.perturb_(named, SEED, s * EPS, noise="rademacher"))),
+        ("restore_and_update_", lambda: F.restore_and_update_(named, SEED, EPS, LR, G)),
+        ("MeZO.step overhead (default: stochastic rounding)", lambda: opt.step(lambda: 1.0)),
+        ("MeZO.step overhead (round to nearest)", lambda: opt_rn.step(lambda: 1.0)),
+        ("reference perturb", alternate(lambda s: baseline_perturb(params, SEED, s, EPS))),
+        ("reference update", lambda: baseline_update(params, SEED, LR, G, 0.0)),
+    ]
+    rows = []
+    for what, fn in cases:
+        user = user_view_ms(fn, reps)
+        kernel = queued_ms(fn, reps)
+        passes = 3 if what.startswith("MeZO.step") else 1
+        rows.append(dict(model=model, dtype=str(dtype).split(".")[-1], tensors=len(params), what=what,
+                         user_ms=user, queued_ms=kernel, host_ms=user - kernel, passes=passes,
+                         floor_ms=floor_ms * passes, x_floor=user / (floor_ms * passes)))
+        print(f"{model:9s} {what:50s} user {user:8.2f} ms  queued {kernel:8.2f} ms  "
+              f"x floor {user / (floor_ms * passes):5.2f}", flush=True)
+    return rows
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="opt-1.3b,opt-13b", help="comma-separated OPT shapes")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--reps", type=int, default=20, help="timed calls per case")
+    parser.add_argument("--out", type=Path, help="folder for results.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    device = torch.device("cuda")
+    bandwidth = default_copy_bandwidth(device, smoke=False)["bandwidth_bytes_per_s"]
+    rows = []
+    for model in split_list(args.models):
+        rows += bench_model(model, getattr(torch, args.dtype), device, bandwidth, args.reps)
+        free_memory(device)
+    result = dict(environment=environment(device), copy_bandwidth_bytes_per_s=bandwidth, rows=rows)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "results.json", result)
+    return result
+
+
+if __name__ == "__main__":
+    main_exit(main)
