@@ -10,8 +10,6 @@ The direction z of a tensor is a pure function of (seed, key, element index): se
 """
 from __future__ import annotations
 
-import collections
-
 import torch
 
 from .engine import check_decay, update_coefficients
@@ -39,34 +37,10 @@ def _pass(tensors, a, b, seed, *, keys, noise, offsets, backend, rounding_seed=N
         pairs: dict = {}
         groups = tuple(pairs.setdefault(pair, len(pairs)) for pair in zip(a, b))
         a_of_group, b_of_group = [p[0] for p in pairs], [p[1] for p in pairs]
-    plan = _plan(tensors, names, keys, offsets, groups, noise, backend)
+    plan = Plan(tensors, names, keys=keys, offsets=offsets, groups=list(groups), noise=noise, backend=backend,
+                one_device=True)
     plan.check_coefficients(a_of_group, b_of_group, what)
     plan.run(seed, a_of_group, b_of_group, round_seed=rounding_seed, load_x=load_x, outs=outs)
-
-
-# Plans of recent calls: frontends pass the same tensors every step, and a plan that is still current
-# (same tensor objects at the same addresses; Plan.is_current) needs no new validation or launch tables.
-_PLANS: "collections.OrderedDict" = collections.OrderedDict()
-_PLANS_KEPT = 8
-
-
-def _plan(tensors, names, keys, offsets, groups, noise, backend) -> Plan:
-    if isinstance(keys, list):
-        keys = tuple(keys)
-    key = (tuple(map(id, tensors)), tuple(names), keys, None if offsets is None else tuple(offsets), groups,
-           noise, backend)
-    try:
-        plan = _PLANS.pop(key, None)
-    except TypeError:                   # unhashable keys or offsets: validated by Plan below
-        key, plan = None, None
-    if plan is None or not plan.is_current(tensors):
-        plan = Plan(tensors, names, keys=keys if not isinstance(keys, tuple) else list(keys), offsets=offsets,
-                    groups=list(groups), noise=noise, backend=backend, one_device=True)
-    if key is not None:
-        _PLANS[key] = plan
-        while len(_PLANS) > _PLANS_KEPT:
-            _PLANS.popitem(last=False)
-    return plan
 
 
 def scale_and_add_noise_(tensors, a, b, seed: int, *, keys=None, noise="gaussian", offsets=None,
