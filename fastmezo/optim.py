@@ -106,10 +106,7 @@ class MeZO(torch.optim.Optimizer):
                 if not (trajectory is True or isinstance(trajectory, (str, os.PathLike))):
                     raise TypeError(f"trajectory must be True, a file path or a fastmezo.trajectory.Trajectory, "
                                     f"got {type(trajectory).__name__}")
-                path = None if trajectory is True else trajectory
-                named = [(n, p) for g in self.param_groups
-                         for n, p in zip(g.get("param_names") or [None] * len(g["params"]), g["params"])]
-                trajectory = Trajectory.start(named, self._strategy.name, path=path)
+                trajectory = Trajectory.of_optimizer(self, path=None if trajectory is True else trajectory)
             elif trajectory.header["strategy"] != self._strategy.name:
                 raise ValueError(f"the trajectory was recorded in {trajectory.header['strategy']} mode, this "
                                  f"optimizer runs in {self._strategy.name} mode")

@@ -126,7 +126,7 @@ def replay(model_or_named_params, trajectory, steps: int | None = None, *, backe
 def _check_gaps(records, strategy) -> None:
     """Step indices missing from the records: steps that counted but were not recorded (a micro-batch
     raised with on_nonfinite="raise"). Exact mode: they changed nothing. In place their passes rounded."""
-    expected = 0
+    expected = records[0]["step"] if records else 0     # a trajectory may start at a resumed step
     for r in records:
         if r["step"] != expected and strategy == "inplace":
             warnings.warn(f"trajectory steps {expected}..{r['step'] - 1} are not recorded; their in-place passes "

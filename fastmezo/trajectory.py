@@ -99,6 +99,13 @@ class Trajectory:
                                                    tensors=describe(names, tensors)))
         return cls(header, path=path)
 
+    @classmethod
+    def of_optimizer(cls, optimizer, path=None) -> "Trajectory":
+        """A new trajectory of a fastmezo.MeZO whose parameters, as they are now, are the base weights."""
+        named = [(n, p) for g in optimizer.param_groups
+                 for n, p in zip(g.get("param_names") or [None] * len(g["params"]), g["params"])]
+        return cls.start(named, optimizer.perturbation_mode, path=path)
+
     def save(self, path) -> None:
         """Write header and records to ``path`` (atomically: a crash leaves the old file)."""
         path = os.fspath(path)

@@ -189,3 +189,52 @@ def test_command_line_writes_the_trained_weights(tmp_path):
     assert set(out) == set(model.state_dict())
     assert all(torch.equal(out[k], v) for k, v in model.state_dict().items())
     assert not math.isclose(out["0.weight"].float().sum().item(), base.state_dict()["0.weight"].float().sum().item())
+
+
+# -- MeZOTrainer(save_trajectory_only=True) ---------------------------------------------------------
+
+def _tiny_opt():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+        max_position_embeddings=16, word_embed_proj_dim=16))
+
+
+def _trainer(tmp_path, name, resume=None, **options):
+    """A MeZOTrainer on a tiny OPT built from a config (the same base weights every time): 6 steps of 2
+    micro-batches, a checkpoint every 3 steps; returns the trained model."""
+    transformers = pytest.importorskip("transformers")
+    from fastmezo.integrations.transformers import MeZOTrainer, mezo_optimizer_cls_and_kwargs
+
+    with torch.random.fork_rng():
+        model = _tiny_opt()
+        ids = torch.randint(4, 64, (24, 8), generator=torch.Generator().manual_seed(3))
+        data = [dict(input_ids=r, attention_mask=torch.ones_like(r), labels=r.clone()) for r in ids]
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / name), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            max_steps=6, learning_rate=1e-3, weight_decay=0.1, lr_scheduler_type="linear", seed=5,
+            save_strategy="steps", save_steps=3, report_to="none", use_cpu=True, disable_tqdm=True,
+            dataloader_num_workers=0, logging_steps=3)
+        trainer = MeZOTrainer(model=model, args=args, train_dataset=data,
+                              optimizer_cls_and_kwargs=mezo_optimizer_cls_and_kwargs(model, args, eps=1e-2),
+                              **options)
+        trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_trainer_resume_from_a_trajectory_checkpoint_equals_resume_from_full_weights(tmp_path):
+    full = _trainer(tmp_path, "full")
+    traj = _trainer(tmp_path, "traj", save_trajectory_only=True)
+    ckpt = tmp_path / "traj" / "checkpoint-3"
+    assert not list(ckpt.glob("*.safetensors")) and (ckpt / "mezo_trajectory.jsonl").is_file()
+    assert len(Trajectory.load(ckpt / "mezo_trajectory.jsonl").records) == 3
+    assert _equal(traj.model, full.model)                 # recording changes nothing of the run
+    with torch.random.fork_rng():
+        assert not _equal(full.model, _tiny_opt())         # and the run moved the weights
+    from_full = _trainer(tmp_path, "from_full", resume=str(tmp_path / "full" / "checkpoint-3"))
+    from_traj = _trainer(tmp_path, "from_traj", resume=str(ckpt), save_trajectory_only=True)
+    assert _equal(from_traj.model, from_full.model) and _equal(from_full.model, full.model)
+    final = Trajectory.load(tmp_path / "from_traj" / "checkpoint-6" / "mezo_trajectory.jsonl")
+    assert final.records == Trajectory.load(tmp_path / "traj" / "checkpoint-6" / "mezo_trajectory.jsonl").records
+    assert [r["update_pass"] for r in final.records] == [6] * 6

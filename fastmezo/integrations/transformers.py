@@ -25,6 +25,12 @@ Trainer's own loss); ``projected_grad`` is the latest step's projected gradient 
 and ``projected_grad_abs_mean`` the mean of |g| over the steps since the previous log. The
 Trainer's ``grad_norm`` is dropped from the logs: there are no gradients to measure.
 
+Trajectory-only checkpoints: ``MeZOTrainer(..., save_trajectory_only=True)`` saves, at every checkpoint
+(and ``save_model``), the run's trajectory (``mezo_trajectory.jsonl``: the base weights' sha256 and a
+few numbers per step, fastmezo.trajectory) instead of the weights. ``train(resume_from_checkpoint=...)``
+on a model holding the base weights replays it (fastmezo.replay: the same weights bit for bit) and
+continues; ``python -m fastmezo replay BASE CHECKPOINT/mezo_trajectory.jsonl OUT`` writes the weights.
+
 Cost: three memory passes per micro-batch plus one for the update (``MeZO.step`` fuses the
 restore into the update, three in all; here the restore stays inside ``training_step`` so that no
 one ever sees perturbed weights).
@@ -33,11 +39,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 
 import torch
 from transformers import Trainer
 
 from ..optim import MeZO, param_groups
+from ..replayer import replay
+from ..trajectory import Trajectory
+
+#: The file of a trajectory-only checkpoint (MeZOTrainer(save_trajectory_only=True)).
+TRAJECTORY_FILE = "mezo_trajectory.jsonl"
 
 __all__ = ["MeZOTrainerOptimizer", "MeZOTrainerMixin", "MeZOTrainer", "mezo_optimizer_cls_and_kwargs"]
 
@@ -63,6 +75,8 @@ class MeZOTrainerOptimizer(MeZO):
             raise ValueError("MeZOTrainerOptimizer.step() found no micro-batch estimates: the training loop must "
                              "call accumulate(closure) for each micro-batch (MeZOTrainer.training_step does; "
                              "a plain transformers.Trainer calls backward instead)")
+        if self.trajectory is not None:   # the micro-batches' passes, which in-place replay re-runs
+            self.trajectory.pending_update_pass = 3 * self.pending_micro_batches
         loss = self.step_accumulated()
         self.unlogged_projected_grads.append(self.projected_grad)
         return loss
@@ -132,8 +146,17 @@ class MeZOTrainerMixin:
 
     mezo_eval_mode = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, save_trajectory_only: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        if not isinstance(save_trajectory_only, bool):
+            raise TypeError(f"save_trajectory_only must be True or False, got {save_trajectory_only!r}")
+        if save_trajectory_only and self.args.load_best_model_at_end:
+            raise ValueError("save_trajectory_only=True saves no weights, so load_best_model_at_end cannot load "
+                             "them; replay the best checkpoint's trajectory instead (fastmezo.replay)")
+        #: Checkpoints hold the run's trajectory (TRAJECTORY_FILE) instead of the weights; resuming
+        #: replays it onto the model, which must hold the base weights (see :meth:`_load_from_checkpoint`).
+        self.save_trajectory_only = save_trajectory_only
+        self._mezo_resumed_trajectory = None
         model = getattr(self, "model", None)
         if model is not None and not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"{type(self).__name__}: the model has no trainable parameters (none has "
@@ -186,6 +209,8 @@ class MeZOTrainerMixin:
         if not any(p.numel() for group in optimizer.param_groups for p in group["params"]):
             raise ValueError("the MeZO optimizer has no parameters to train (does any parameter of the "
                              "model have requires_grad=True?)")
+        if self.save_trajectory_only and (optimizer.trajectory is None or self._mezo_resumed_trajectory):
+            self._mezo_record_trajectory(optimizer)
         prepare_cp = getattr(self, "_prepare_context_parallel_inputs", None)  # transformers 5
         cp_context, inputs = prepare_cp(model, inputs) if prepare_cp else (contextlib.nullcontext, inputs)
         scale = self._mezo_loss_scale(num_items_in_batch)
@@ -208,6 +233,48 @@ class MeZOTrainerMixin:
                 for module, training in modes:
                     module.training = training
         return torch.tensor((loss_plus + loss_minus) / 2.0, dtype=torch.float32, device=self.args.device)
+
+    # -- trajectory-only checkpoints ------------------------------------------------------------
+    def _mezo_record_trajectory(self, mezo: MeZOTrainerOptimizer) -> None:
+        """Before the first micro-batch (weights not yet trained): with ``save_trajectory_only`` the
+        optimizer records a trajectory from the weights it starts from, or continues the resumed one."""
+        resumed, self._mezo_resumed_trajectory = self._mezo_resumed_trajectory, None
+        if resumed is not None:
+            if resumed.header["strategy"] != mezo.perturbation_mode:
+                raise ValueError(f"the checkpoint's trajectory was recorded in {resumed.header['strategy']} "
+                                 f"mode, this optimizer runs in {mezo.perturbation_mode} mode")
+            mezo.trajectory = resumed
+        elif mezo.trajectory is None:
+            mezo.trajectory = Trajectory.of_optimizer(mezo)
+
+    def _save(self, output_dir=None, state_dict=None):
+        """Model checkpoints: the weights (the Trainer's way) or, with ``save_trajectory_only``, the
+        trajectory file (and the training arguments) only."""
+        if not self.save_trajectory_only:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        optimizer = _unwrap(self.optimizer)
+        if getattr(optimizer, "trajectory", None) is None:
+            raise ValueError("save_trajectory_only: there is no trajectory to save yet (the optimizer records it "
+                             "from the first training step)")
+        os.makedirs(output_dir, exist_ok=True)
+        optimizer.trajectory.save(os.path.join(output_dir, TRAJECTORY_FILE))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """A trajectory-only checkpoint: the trajectory is replayed onto the model, which must hold the
+        base weights (checked by their sha256); training then continues recording it. Other checkpoints
+        load the Trainer's way."""
+        path = os.path.join(resume_from_checkpoint, TRAJECTORY_FILE)
+        if not os.path.isfile(path):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        trajectory = Trajectory.load(path)
+        replay(model if model is not None else self.model, trajectory)
+        self._mezo_resumed_trajectory = trajectory
+        return None
 
     def log(self, logs, *args, **kwargs):
         """Add the projected gradient to the training logs; drop the (meaningless) gradient norm."""
