@@ -20,6 +20,7 @@ from torch import nn
 import fastmezo
 import zo_trainers as Z
 from fastmezo import backends
+from fastmezo import functional as F
 from fastmezo.integrations import use_fastmezo
 
 from conftest import HAS_TRITON, TRITON_DEVICE, ulp
@@ -100,7 +101,7 @@ def _assert_at(model, start, exact):
 def _mezo(backend, mode):
     model = Net()
     handle = fastmezo.patch(model, lr=LR, eps=EPS, seed=5, backend=backend, mode=mode)
-    model.with_closure = handle.step            # the call of this kind that takes a closure
+    model.with_closure, model.optimizer = handle.step, handle.optimizer   # the call that takes a closure
     return model, [lambda: handle.step(lambda: model())], [3]
 
 
@@ -108,7 +109,7 @@ def _accumulated(backend, cls):
     model = Net()
     opt = cls(fastmezo.param_groups(model, lr=LR, eps=EPS), seed=5, backend=backend)
     update = opt.step_accumulated if cls is fastmezo.MeZO else opt.step    # the Trainer calls step()
-    model.with_closure = opt.accumulate
+    model.with_closure, model.optimizer = opt.accumulate, opt
     calls = [lambda: opt.accumulate(lambda: model() / 2), lambda: opt.accumulate(lambda: model() / 2 + 0.01),
              update]
     return model, calls, [3, 3, 1]
@@ -281,3 +282,155 @@ def test_a_loss_that_is_not_a_number_leaves_the_weights(kind, loss, at):
         model.with_closure(closure)
     assert len(seen) == at
     _assert_at(model, start, exact)
+
+
+# -- overflow: refused before anything changes --------------------------------------------------------
+@pytest.mark.parametrize("kind", STEP_KINDS)
+def test_losses_that_would_overflow_the_update_skip_the_step(kind):
+    """l+ = 3e38, l- = -3e38: g = 3e40 / eps, lr * g far beyond float32. The optimizer skips the
+    step like a non-finite loss: counted, a warning, weights restored."""
+    make, exact = STEP_KINDS[kind]
+    model, calls, _ = make("oracle")
+    for group in model.optimizer.param_groups:
+        group["lr"] = 1.0
+    start = _weights(model)
+    losses = iter([3e38, -3e38] * 2)
+    with pytest.warns(RuntimeWarning, match="update refused.*would overflow"):
+        model.with_closure(lambda: next(losses))
+        if len(calls) > 1:                       # accumulate: one micro-batch, then the update
+            calls[-1]()
+    assert model.optimizer.skipped_steps == 1 and model.optimizer.step_count == 1
+    _assert_at(model, start, exact)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda x: F.perturb_([x], 1, 1e39), OverflowError, "would overflow torch.float32"),
+    (lambda x: F.restore_and_update_([x], 1, 1e-3, 1e-3, 1e300), OverflowError, "would overflow"),
+    (lambda x: F.perturb_([x.half()], 1, 1e4), OverflowError, "would overflow torch.float16"),
+    (lambda x: fastmezo.MeZO([x], eps=5e-324), ValueError, "eps must be a finite number > 0"),
+    (lambda x: fastmezo.MeZO([x.half()], eps=1e4).step(lambda: 1.0), OverflowError, "float16"),
+])
+def test_overflowing_coefficients_are_refused_before_anything_changes(call, error, match):
+    x = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    clone = x.clone()
+    with pytest.raises(error, match=match):
+        call(x)
+    assert torch.equal(x, clone)
+
+
+def test_float32_weights_take_a_large_b_that_float16_weights_refuse():
+    x = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    F.perturb_([x], 1, 1e4)
+    assert torch.isfinite(x).all() and x.abs().max() > 1e3
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "checks.coefficient allows |b| max|z| up to half the dtype's largest value and so assumes every "
+    "weight is within the other half: a float16 weight of 6e4 plus an allowed 5000 z is inf"))
+def test_a_pass_never_makes_a_finite_weight_inf():
+    x = torch.full((256,), 6e4, dtype=torch.float16)
+    try:
+        F.perturb_([x], 1, 5000.0)
+    except OverflowError:
+        return
+    assert torch.isfinite(x).all()
+
+
+def test_paper_adapter_refuses_an_update_that_would_overflow():
+    trainer = Z.PaperTrainer(Z.TinyRegressor(), Z.paper_args(zo_eps=EPS, learning_rate=1.0))
+    use_fastmezo(trainer, backend="oracle")
+    start = _weights(trainer.model)
+    losses = iter([torch.tensor(3e36), torch.tensor(-3e36)])   # g = 3e38: finite in float32
+    trainer.zo_forward = lambda model, inputs: next(losses)
+    with pytest.raises(OverflowError, match="would overflow"):
+        trainer.train(Z.regression_batches(1))
+    _assert_at(trainer.model, start, exact=False)
+
+
+# -- aliasing: two storages over one buffer, refused everywhere ------------------------------------------
+def _aliases(kind):
+    buffer = np.random.default_rng(0).standard_normal(16).astype(np.float32)
+    a = torch.from_numpy(buffer[:10])
+    b = torch.from_numpy(buffer[6:]) if kind == "overlapping" else torch.from_numpy(buffer[:10])
+    assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr() or kind == "identical"
+    return buffer, a, b
+
+
+BACKENDS = ["oracle", "native", "triton"]
+
+
+def _available(backend):
+    reason = backends.by_name(backend).unavailable_reason(torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("kind", ["overlapping", "identical"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("entry", ["perturb_", "perturbed", "MeZO", "operator kernel"])
+def test_memory_aliasing_is_refused_by_every_backend(kind, backend, entry):
+    _available(backend)
+    buffer, a, b = _aliases(kind)
+    before = buffer.copy()
+    with pytest.raises((ValueError, RuntimeError), match="overlaps|overlap|alias"):
+        if entry == "perturb_":
+            F.perturb_([a, b], 1, 1e-2, backend=backend)
+        elif entry == "perturbed":
+            F.perturbed([a], 1, 1e-2, out=[b], backend=backend)
+        elif entry == "MeZO":
+            fastmezo.MeZO([a, b], lr=0.1, eps=1e-2, backend=backend).step(lambda: a.sum() + b.sum())
+        else:       # the kernel the backend registers for the operator (as fastmezo.ops.install does)
+            _operator_kernel(backend)([a, b], [1.0, 1.0], [1e-2, 1e-2], 1, [0, 1], [0, 0], 0)
+    assert np.array_equal(buffer, before)
+
+
+def _operator_kernel(backend):
+    from fastmezo import ops
+    if backend == "native":
+        return lambda *args: torch.ops.fastmezo.scale_add_noise_(*args)    # CPU kernel: native (installed)
+    return ops._python_kernels(backends.by_name(backend))[0]
+
+
+def test_operator_on_aliasing_tensors_through_the_dispatcher():
+    from fastmezo import ops
+    ops.install(torch.device("cpu"))
+    buffer, a, b = _aliases("overlapping")
+    before = buffer.copy()
+    with pytest.raises((ValueError, RuntimeError), match="overlap"):
+        torch.ops.fastmezo.scale_add_noise_([a, b], [1.0, 1.0], [1e-2, 1e-2], 1, [0, 1], [0, 0], 0)
+    assert np.array_equal(buffer, before)
+
+
+# -- threads: two optimizers stepped at once on the Triton interpreter ----------------------------------
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_two_threads_stepping_two_optimizers_end_right():
+    def make(seed):
+        model = Net().to(TRITON_DEVICE)
+        return model, fastmezo.MeZO(model.parameters(), lr=LR, eps=EPS, seed=seed, backend="triton")
+
+    expected = []
+    for seed in (1, 2):
+        model, opt = make(seed)
+        for _ in range(2):
+            opt.step(model)
+        expected.append(_weights(model))
+    runs = [make(1), make(2), make(3)]
+    start_failing = _weights(runs[2][0])
+    errors = []
+
+    def train(model, opt, fail):
+        try:
+            for _ in range(2):
+                opt.step((lambda: (_ for _ in ()).throw(Injected("closure failed"))) if fail else model)
+        except Injected as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=train, args=(m, o, i == 2)) for i, (m, o) in enumerate(runs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 1
+    for (model, _), want in zip(runs, expected):
+        assert all(torch.equal(p, w) for p, w in zip(model.parameters(), want))
+    _assert_at(runs[2][0], start_failing, exact=False)
