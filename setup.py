@@ -11,7 +11,7 @@ CMakeLists.txt) is built with torch.utils.cpp_extension when torch can be import
     warns and leaves the pure-Python package, unless FASTMEZO_REQUIRE_NATIVE=1.
   * C++ runtime consistency (exceptions thrown by torch travel through our frames back into torch, so our
     code must agree with torch's C++ ABI and unwind with the runtime the process loads; see
-    scripts/diagnose_native_exceptions.py): -D_GLIBCXX_USE_CXX11_ABI is set to torch's value for the C++
+    `git show aa441ff:scripts/diagnose_native_exceptions.py`): -D_GLIBCXX_USE_CXX11_ABI is set to torch's value for the C++
     and the nvcc host compiles (recent torch no longer adds it, and a GCC configured for the old ABI
     would silently build old-ABI code); nvcc's host compiler is the C++ compiler (-ccbin, unless CC is
     set), so one GCC builds every object; the compilers used are printed. FASTMEZO_STATIC_LIBSTDCXX=1
@@ -128,7 +128,7 @@ def _native_build():
                 # Link the C++ runtime torch runs with, by path, ahead of the driver's own: some GCC
                 # installs (the H200 machine's /opt/gcc) link libstdc++ statically by default, and a
                 # private copy of the exception runtime inside _C crashes the process when a c10::Error
-                # is thrown through it (diagnosed there: scripts/diagnose_native_exceptions.py). Given
+                # is thrown through it (diagnosed there with a script kept in git history: aa441ff:scripts/diagnose_native_exceptions.py). Given
                 # first, the shared library resolves every runtime symbol, so no archive member is used.
                 link += ["-Wl,--no-as-needed", runtime, "-Wl,--as-needed"]
     compiler = cpp_extension.get_cxx_compiler()

@@ -31,7 +31,7 @@ how many steps had l+ != l-). Larger lr (1e-3 and up) made dev F1 fall in trial 
 
     python examples/generation_f1.py --steps 1000 --seed 0 --out curve.json
 
-Measured on a 2-core CPU (bench/results/cpu-2026-11-29-generation-f1/, ``--threads 1``): dev F1
+Measured on a 2-core CPU (bench/results/2026-11-29-cpu-generation-f1/, ``--threads 1``): dev F1
 0.298 -> 0.385 (seed 0) and 0.205 -> 0.246 (seed 1) in 1000 MeZO steps, about 77 s of CPU each, after
 11 s of warm-up. Dev F1 moves by 0.02-0.03 between checkpoints, so treat one seed's gain with care.
 

@@ -5,7 +5,7 @@ about 7,500 tokens, each rated by 10 people on a -4 (extremely negative) .. +4 (
 positive) scale. Each line is ``token <TAB> mean <TAB> std <TAB> [10 ratings]``. Where the package
 is not installed (a GPU machine without network, say), the same file can be given by path:
 ``path=`` / ``--lexicon FILE``, or the environment variable ``FASTMEZO_VADER_LEXICON`` (a copy of
-the file, e.g. the one ``scripts/pack_device_assets.py`` writes); the task is then identical.
+the file, e.g. a copy of vaderSentiment's vader_lexicon.txt); the task is then identical.
 
 Construction (deterministic; no download):
   1. Parse every line into (token, mean rating, standard deviation of the ratings).
