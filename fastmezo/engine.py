@@ -100,26 +100,27 @@ class StepResult:
 
 
 class _Offsets:
-    """Where each device's weights stand, in units of +eps*z, for in-place passes: every pass moves the
-    devices it finished, so an undo moves back exactly those that moved."""
+    """Where each part of the weights (a device's coefficient group, :meth:`Plan.units`) stands, in
+    units of +eps*z, for in-place passes: a pass records the parts it finished, so an undo moves back
+    exactly those that moved."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        self.at = {device: 0 for device, *_ in plan.devices}
+        self.at = {unit: 0 for unit in plan.units()}
 
     def move(self, seed, eps, frm: int, to: int, pass_index: int, rounding: bool) -> None:
         """Move the devices at ``frm`` to ``to`` (b = (to - frm) * eps, written as the reference does)."""
         step = to - frm
         b = [e if step == 1 else -e if step == -1 else step * e for e in eps]
-        todo = [d for d, s in self.at.items() if s == frm]
+        todo = {unit for unit, s in self.at.items() if s == frm}
         rs = rounding_seed(seed, pass_index) if rounding else None
-        # Plan.run records each device as it finishes: after a failure, exactly those have moved.
+        # Plan.run records each part as it finishes: after a failure, exactly those have moved.
         done = []
         try:
-            self.plan.run(seed, [1.0] * len(eps), b, round_seed=rs, devices=todo, done=done)
+            self.plan.run(seed, [1.0] * len(eps), b, round_seed=rs, units=todo, done=done)
         finally:
-            for d in done:
-                self.at[d] = to
+            for unit in done:
+                self.at[unit] = to
 
     def restore(self, seed, eps, pass_index: int, rounding: bool) -> None:
         """Every device back to theta (one pass per distinct offset)."""
@@ -226,20 +227,18 @@ def run_step(strategy, plan: Plan, seed: int, hypers, closure, *, rounding: bool
 
 
 def _apply(plan: Plan, seed, a, b, pass_index, rounding, offsets, eps) -> None:
-    """The update pass, device by device. If a device fails, those already updated are moved back by
-    the inverse pass (x - b z) / a and the others restored, then the error propagates."""
+    """The update pass, part by part. If a part fails, those already updated are moved back by the
+    inverse pass (x - b z) / a to where the update found them, then (in place) every part is restored
+    to theta, and the error propagates."""
     rs = rounding_seed(seed, pass_index) if rounding else None
     done = []
     try:
         plan.run(seed, a, b, round_seed=rs, done=done)
     except BaseException:
-        undo = [d for d, *_ in plan.devices if d in done]
-        if undo:
-            plan.run(seed, [1.0 / a_i for a_i in a], [-b_i / a_i for a_i, b_i in zip(a, b)], round_seed=rs,
-                     devices=undo)
+        if done:                        # a = 1 - lr * wd is never 0 here: group_hyper keeps lr * wd <= 2, != 1
+            plan.run(seed, [1.0 / a_i if a_i else 1.0 for a_i in a],
+                     [-b_i / a_i if a_i else 0.0 for a_i, b_i in zip(a, b)], round_seed=rs, units=set(done))
         if offsets is not None:
-            for d in undo:
-                offsets.at[d] = 0
             offsets.restore(seed, eps, pass_index, rounding)
         raise
 

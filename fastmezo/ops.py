@@ -129,17 +129,16 @@ def _plain(tensors) -> bool:
     return not tracing() and plain(tensors)
 
 
-def launch(prepared, written, a_of_group, b_of_group, seed: int, load_x: bool = True,
+def launch(prepared, written, a: float, b: float, seed: int, load_x: bool = True,
            round_seed: Optional[int] = None) -> None:
-    """In-place passes through prepared launches (a backend's ``prepare``): ``prepared`` is a list of
-    (coefficient group, launch); ``written`` all the tensors they write. Only for eager calls on plain
-    tensors (the caller checks :func:`tracing` and :func:`plain`); as :func:`run` otherwise."""
+    """An in-place pass through a prepared launch (a backend's ``prepare``) that writes ``written``.
+    Only for eager calls on plain tensors (the caller checks :func:`tracing` and :func:`plain`); autograd
+    and version counters as in :func:`run`."""
     grad = torch.is_grad_enabled()
     if grad:
         torch.set_grad_enabled(False)
     try:
-        for group, prepared_launch in prepared:
-            prepared_launch(a_of_group[group], b_of_group[group], seed, round_seed, load_x)
+        prepared(a, b, seed, round_seed, load_x)
         torch.autograd.graph.increment_version(written)
     finally:
         if grad:

@@ -59,7 +59,6 @@ class Plan:
                                  [self.offsets[i] for i in idx]))
         self._fingerprint = self._fingerprint_of(tensors)
         self._launches: dict = {}           # device index -> prepared launches (see _prepared)
-        self._device_tensors: dict = {}
         self._group_dtypes = None           # the (coefficient group, dtype) pairs, for the checks
 
     @staticmethod
@@ -80,40 +79,53 @@ class Plan:
         for group, dtype in self._group_dtypes:
             coefficient(a_of_group[group], b_of_group[group], dtype, what)
 
+    def units(self) -> list:
+        """The (device, coefficient group) pairs of the plan: the parts a pass finishes one by one."""
+        return [(device, g) for device, _, idx, _, _ in self.devices for g in dict.fromkeys(self.groups[i] for i in idx)]
+
     def run(self, seed: int, a_of_group, b_of_group, *, round_seed=None, load_x: bool = True, outs=None,
-            devices=None, done=None) -> None:
+            units=None, done=None) -> None:
         """One pass: tensor i <- a[g] * tensor i + b[g] * z(seed, key i), g its group (``outs``: written to
-        outs[i] instead). Coefficients must have passed :meth:`check_coefficients`. Device by device
-        (``devices``: only these); each finished device is appended to ``done``, so that after a failure
-        the caller can undo exactly what ran."""
+        outs[i] instead). Coefficients must have passed :meth:`check_coefficients`. Part by part
+        (``units``: only these (device, group) pairs, see :meth:`units`); each finished part is appended
+        to ``done``, so that after a failure the caller can undo exactly what ran."""
         for k, (device, backend, idx, keys, offsets) in enumerate(self.devices):
-            if devices is not None and device not in devices:
-                continue
             prepared = self._prepared(k) if outs is None else None
             if prepared is not None and not ops.tracing():
-                ops.launch(prepared, self._device_tensors[k], a_of_group, b_of_group, seed, load_x, round_seed)
-            else:
-                ops.run(backend, [self.tensors[i] for i in idx], None if outs is None else [outs[i] for i in idx],
-                        [a_of_group[self.groups[i]] for i in idx], [b_of_group[self.groups[i]] for i in idx],
-                        seed, keys, offsets, self.noise, load_x, round_seed)
+                for g, launch, written in prepared:
+                    if units is None or (device, g) in units:
+                        ops.launch(launch, written, a_of_group[g], b_of_group[g], seed, load_x, round_seed)
+                        if done is not None:
+                            done.append((device, g))
+                continue
+            if units is not None:
+                idx = [i for i in idx if (device, self.groups[i]) in units]
+                if not idx:
+                    continue
+                keys, offsets = [self.keys[i] for i in idx], [self.offsets[i] for i in idx]
+            ops.run(backend, [self.tensors[i] for i in idx], None if outs is None else [outs[i] for i in idx],
+                    [a_of_group[self.groups[i]] for i in idx], [b_of_group[self.groups[i]] for i in idx],
+                    seed, keys, offsets, self.noise, load_x, round_seed)
             if done is not None:
-                done.append(device)
+                done.extend((device, g) for g in dict.fromkeys(self.groups[i] for i in idx))
 
     def _prepared(self, k: int):
-        """Device k's prepared in-place launches, one per coefficient group (built on first use), or
-        None where its backend prepares nothing or a tensor is a subclass that must see each call."""
+        """Device k's prepared in-place launches, one per coefficient group, as (group, launch, tensors it
+        writes) (built on first use); None where its backend prepares nothing or a tensor is a subclass
+        that must see each call."""
         if k in self._launches:
             return self._launches[k]
         _, backend, idx, keys, offsets = self.devices[k]
-        tensors = [self.tensors[i] for i in idx]
         prepared = None
-        if getattr(backend, "prepare", None) is not None and ops.plain(tensors):
+        if getattr(backend, "prepare", None) is not None and ops.plain([self.tensors[i] for i in idx]):
             by_group: dict = {}
             for j, i in enumerate(idx):
                 by_group.setdefault(self.groups[i], []).append(j)
-            prepared = [(g, backend.prepare([tensors[j] for j in js], [keys[j] for j in js],
-                                            [offsets[j] for j in js], self.noise)) for g, js in by_group.items()]
-        self._device_tensors[k] = tensors
+            prepared = []
+            for g, js in by_group.items():
+                tensors = [self.tensors[idx[j]] for j in js]
+                prepared.append((g, backend.prepare(tensors, [keys[j] for j in js], [offsets[j] for j in js],
+                                                    self.noise), tensors))
         self._launches[k] = prepared
         return prepared
 

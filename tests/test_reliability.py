@@ -176,13 +176,7 @@ def test_in_place_step_fails_in_each_pass_on_the_native_backend(monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("which", [
-    "first",
-    pytest.param("last", marks=pytest.mark.xfail(strict=True, reason=(
-        "one device's pass is several launches on the Triton backend (one per coefficient group); the "
-        "engine records progress per device, so when a later launch fails the groups already launched "
-        "are neither marked nor undone"))),
-])
+@pytest.mark.parametrize("which", ["first", "last"])
 def test_a_triton_pass_whose_later_launch_fails(which, monkeypatch):
     """Param groups with different weight decay: the update is one launch per group. The fault hits
     the first launch of the step, or the last one (the second group's update)."""
@@ -236,12 +230,7 @@ def test_every_pass_of_the_frontend_adapter_fails_in_turn(case, monkeypatch):
         monkeypatch.setattr(backends.oracle, "run", counter.real)
 
 
-@pytest.mark.parametrize("fail_at", [
-    *range(1, 6),
-    pytest.param(6, marks=pytest.mark.xfail(strict=True, reason=(
-        "engine._apply marks the devices whose update it undid as at theta (offsets.at[d] = 0), but the "
-        "inverse pass puts them back at theta - eps z, where the update found them: they stay -eps z off"))),
-])
+@pytest.mark.parametrize("fail_at", range(1, 7))
 def test_two_devices_undo_only_what_ran(fail_at, monkeypatch):
     """The engine's per-device undo, with a device table of two entries over CPU tensors (this machine
     has one device; the plan's table is what the engine walks, one backend call per entry): calls
