@@ -201,6 +201,38 @@ def test_inplace_and_exact_trajectories_agree_in_fp32():
         h.remove()
 
 
+def test_exact_mode_follows_the_noise_and_each_groups_eps():
+    """Rademacher z and two param groups of different eps (a power of two each, so the in-place
+    perturbations are exact in float32): exact and in-place steps agree. The first loss is checked
+    against a forward at W + eps_g z(Rademacher) written by hand, so a forward that drew Gaussian z,
+    or gave every group one eps, is caught at the first step."""
+    batch = mlp_batch()
+    eps = [2.0 ** -6, 2.0 ** -9]
+
+    def make(mode):
+        model = MLP(seed=3)
+        groups = [dict(params=[(n, p) for n, p in model.named_parameters() if n.startswith("fc")], eps=eps[0]),
+                  dict(params=[(n, p) for n, p in model.named_parameters() if not n.startswith("fc")], eps=eps[1])]
+        perturbation = ExactPerturbation(model) if mode == "exact" else "inplace"
+        return model, fastmezo.MeZO(groups, lr=0.05, seed=8, noise="rademacher", perturbation=perturbation)
+
+    (exact_model, exact_opt), (inplace_model, inplace_opt) = make("exact"), make("inplace")
+    seed = derive_seed(8, 0)
+    eps_of = {n: eps[0] if n.startswith("fc") else eps[1] for n, _ in exact_model.named_parameters()}
+    values = {n: p.detach() + eps_of[n] * oracle.noise(p.numel(), seed, key_from_name(n), "rademacher").view(p.shape)
+              for n, p in exact_model.named_parameters()}
+    want = float(functional_call(exact_model, values, batch))
+    for _ in range(3):
+        losses = [float(opt.step(lambda m=m: m(*batch))) for m, opt in ((exact_model, exact_opt),
+                                                                        (inplace_model, inplace_opt))]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert exact_opt.projected_grads[0] * eps[0] == pytest.approx(exact_opt.projected_grads[1] * eps[1])
+    for (n, p), q in zip(exact_model.named_parameters(), inplace_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=n)
+    exact_again, opt_again = make("exact")
+    assert float(opt_again.step(lambda: exact_again(*batch))) == pytest.approx(want, rel=1e-6)
+
+
 def test_accumulate_in_exact_mode_equals_step():
     """One micro-batch through accumulate + step_accumulated is the same update as step (float32:
     both are the pass a theta + b z with the same a, b)."""
