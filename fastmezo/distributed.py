@@ -120,16 +120,22 @@ class DataParallel:
         optimizer.reduce_losses = self._reduce
         # Bound to the optimizer (not to this handle): an lr scheduler re-binds optimizer.step's
         # __func__ to the optimizer when it wraps it.
-        optimizer.step = types.MethodType(_bind(self, "step"), optimizer)
-        optimizer.accumulate = types.MethodType(_bind(self, "accumulate"), optimizer)
+        self.active = True
+        self._methods = {name: _bind(self, name) for name in self._original}
+        for name, method in self._methods.items():
+            setattr(optimizer, name, types.MethodType(method, optimizer))
 
     def remove(self) -> None:
-        """Back to single-process steps."""
+        """Back to single-process steps. Where something wrapped ``optimizer.step`` since (an lr
+        scheduler does), the wrapper stays and calls through to the optimizer's own step."""
         opt = self.optimizer
-        if opt.reduce_losses == self._reduce:
-            opt.reduce_losses = None
-            for name in self._original:
-                opt.__dict__.pop(name, None)
+        if not self.active:
+            return
+        self.active = False
+        opt.reduce_losses = None
+        for name in self._original:
+            if getattr(opt.__dict__.get(name), "__func__", None) is self._methods[name]:
+                del opt.__dict__[name]
 
     # -- one step ---------------------------------------------------------------------------------
     def _run(self, name: str, closure):
@@ -225,6 +231,8 @@ class DataParallel:
 
 def _bind(handle: DataParallel, name: str):
     def method(optimizer, closure=None):
+        if not handle.active:
+            return handle._original[name](closure)
         return handle._run(name, closure)
     method.__name__ = name
     return method

@@ -85,15 +85,19 @@ def three_ranks(tmp_path_factory):
 
 # -- data parallel ------------------------------------------------------------------------------------
 NAN_STEP, RAISE_STEP, STEPS = 2, 4, 6      # rank 1's loss is NaN at NAN_STEP; its forward raises at RAISE_STEP
+VARIANTS = ("plain", "ddp", "group", "exact")   # plain model, DDP-wrapped, a given process group, exact mode
 
 
 def _dp_worker(rank, world):
     out = {}
-    for variant in ("plain", "ddp", "exact"):
+    for variant in VARIANTS:
         model = _model()
         target = torch.nn.parallel.DistributedDataParallel(model) if variant == "ddp" else model
         handle = fastmezo.patch(target, lr=LR, eps=EPS, seed=SEED, mode="exact" if variant == "exact" else "inplace")
-        fastmezo.data_parallel(handle, check_every=1)
+        group = dist.new_group([0, 1]) if variant == "group" else None
+        dp = fastmezo.data_parallel(handle, group=group, check_every=1)
+        if variant == "group":      # an lr scheduler wraps the patched step (the factor 1 changes nothing)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(handle.optimizer, lambda t: 1.0)
         events = []
         for step in range(STEPS):
             batch = _batch(rank, step)
@@ -107,9 +111,16 @@ def _dp_worker(rank, world):
                 with pytest.warns(RuntimeWarning) if step == NAN_STEP else _nothing():
                     handle.step(closure)
                 events.append(("ok", handle.optimizer.loss_plus, handle.optimizer.loss_minus))
+                if variant == "group":
+                    scheduler.step()
             except BaseException as exc:
                 events.append((type(exc).__name__, str(exc), _weights(model)))
         out[variant] = dict(events=events, weights=_weights(model), skipped=handle.optimizer.skipped_steps)
+        if variant == "group":      # removed: single-process steps, through the scheduler's wrapper too
+            dp.remove()
+            sent, count = dp.comm_bytes, handle.optimizer.step_count
+            handle.step(lambda: _loss(target, _batch(rank, 0)))
+            out["removed"] = (dp.comm_bytes - sent, handle.optimizer.step_count - count)
     # A replica that drifts by one ulp is caught at the next check.
     with torch.no_grad():
         if rank == 1:
@@ -153,7 +164,7 @@ def _dp_reference(world, mode):
 
 def test_data_parallel_replicas_match_one_process(two_ranks):
     results = [r["dp"] for r in two_ranks]
-    for variant in ("plain", "ddp", "exact"):
+    for variant in VARIANTS:
         r0, r1 = results[0][variant], results[1][variant]
         reference = _dp_reference(2, "exact" if variant == "exact" else "inplace")
         start = _weights(_model())
@@ -171,6 +182,7 @@ def test_data_parallel_replicas_match_one_process(two_ranks):
         assert (kind0, kind1) == ("DistributedStepError", "KeyError")
         assert "1 of 2 ranks raised" in message0 and "boom" in message1
         assert all(torch.equal(w0[n], w1[n]) for n in w0)
+    assert results[0]["removed"] == results[1]["removed"] == (0, 1)
     assert "('2.weight')" in results[0]["divergence"] and results[0]["divergence"] == results[1]["divergence"]
 
 
