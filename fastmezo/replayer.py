@@ -97,10 +97,13 @@ def check_base(trajectory: Trajectory, tensors, check_hash: bool = True) -> None
 
 @torch.no_grad()
 def replay(model_or_named_params, trajectory, steps: int | None = None, *, backend=None,
-           check_hash: bool = True) -> int:
+           check_hash: bool = True, fused: int | None = None) -> int:
     """Apply the first ``steps`` optimizer steps of ``trajectory`` (a Trajectory or a file; None: all)
     to the base weights ``model_or_named_params`` (a module, a dict or (name, tensor) pairs, or a list
-    of tensors in header order), in place. Returns the number of steps applied."""
+    of tensors in header order), in place. Returns the number of steps applied.
+
+    ``fused=K``: K steps per pass over the weights with the fused Triton kernel (kernels/replay.py),
+    bit-identical to a run trained on the Triton backend (CUDA; CPU under TRITON_INTERPRET=1)."""
     if not isinstance(trajectory, Trajectory):
         trajectory = Trajectory.load(trajectory)
     header = trajectory.header
@@ -114,13 +117,55 @@ def replay(model_or_named_params, trajectory, steps: int | None = None, *, backe
     plan = Plan(tensors, [e["name"] for e in entries], keys=[e["key"] for e in entries],
                 groups=[e["group"] for e in entries], noise=records[0]["noise"] if records else "gaussian",
                 backend=backend, one_device=False)
-    all_passes = [step_passes(header["strategy"], r) for r in records]   # every record checked first
-    for record, passes in zip(records, all_passes):
-        for a, b, pass_index in passes:
+    work = []                       # (seed, [(a per group, b per group, round seed)]), every record checked first
+    for record in records:
+        passes = []
+        for a, b, pass_index in step_passes(header["strategy"], record):
             plan.check_coefficients(a, b, f"step {record['step']}")
             rs = rounding_seed(record["seed"], pass_index) if record["rounding"] == "stochastic" else None
-            plan.run(record["seed"], a, b, round_seed=rs)
+            passes.append((a, b, rs))
+        work.append((record["seed"], passes))
+    if fused is not None:
+        _run_fused(plan, work, fused)
+        return len(records)
+    for seed, passes in work:
+        for a, b, rs in passes:
+            plan.run(seed, a, b, round_seed=rs)
     return len(records)
+
+
+def _run_fused(plan: Plan, work, k: int) -> None:
+    """The steps ``work`` in chunks of ``k`` per launch of kernels/replay.py, per device and param group;
+    a chunk ends early where the rounding mode changes (one mode per launch)."""
+    from .backends import triton as triton_backend
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"fused must be a number of steps >= 1, got {k!r}")
+    for device, *_ in plan.devices:
+        reason = triton_backend.unavailable_reason(device)
+        if reason:
+            raise ValueError(f"fused replay runs the Triton kernel, which cannot run on {device}: {reason}")
+    from .kernels.replay import fused_replay_
+
+    work = [w for w in work if w[1]]                  # steps that made no pass (skipped in exact mode)
+    chunks, start = [], 0
+    while start < len(work):
+        end = start + 1
+        mode = {rs is None for _, p in work[start:end] for *_, rs in p}
+        while end < min(start + k, len(work)) and {rs is None for *_, rs in work[end][1]} == mode:
+            end += 1
+        chunks.append(work[start:end])
+        start = end
+    for _, _, idx, keys, offsets in plan.devices:
+        by_group: dict = {}
+        for i, key, off in zip(idx, keys, offsets):
+            by_group.setdefault(plan.groups[i], []).append((plan.tensors[i], key, off))
+        for g, members in by_group.items():
+            tensors, gkeys, goffs = zip(*members)
+            for chunk in chunks:
+                steps = [(seed, [(a[g], b[g], rs) for a, b, rs in passes]) for seed, passes in chunk]
+                with triton_backend._interpreter_lock:
+                    fused_replay_(list(tensors), list(gkeys), plan.noise, steps, list(goffs))
 
 
 def _check_gaps(records, strategy) -> None:

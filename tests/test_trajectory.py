@@ -223,7 +223,7 @@ def _trainer(tmp_path, name, resume=None, **options):
     return trainer
 
 
-def test_trainer_resume_from_a_trajectory_checkpoint_equals_resume_from_full_weights(tmp_path):
+def test_trainer_resume_from_a_trajectory_checkpoint_gives_the_uninterrupted_run(tmp_path):
     full = _trainer(tmp_path, "full")
     traj = _trainer(tmp_path, "traj", save_trajectory_only=True)
     ckpt = tmp_path / "traj" / "checkpoint-3"
@@ -232,9 +232,52 @@ def test_trainer_resume_from_a_trajectory_checkpoint_equals_resume_from_full_wei
     assert _equal(traj.model, full.model)                 # recording changes nothing of the run
     with torch.random.fork_rng():
         assert not _equal(full.model, _tiny_opt())         # and the run moved the weights
-    from_full = _trainer(tmp_path, "from_full", resume=str(tmp_path / "full" / "checkpoint-3"))
     from_traj = _trainer(tmp_path, "from_traj", resume=str(ckpt), save_trajectory_only=True)
-    assert _equal(from_traj.model, from_full.model) and _equal(from_full.model, full.model)
+    assert _equal(from_traj.model, full.model)            # = the uninterrupted run, as a resume from weights
     final = Trajectory.load(tmp_path / "from_traj" / "checkpoint-6" / "mezo_trajectory.jsonl")
     assert final.records == Trajectory.load(tmp_path / "traj" / "checkpoint-6" / "mezo_trajectory.jsonl").records
     assert [r["update_pass"] for r in final.records] == [6] * 6
+
+
+# -- the fused replay kernel (kernels/replay.py), through the Triton interpreter ---------------------
+
+@pytest.mark.parametrize("noise, dtype, stochastic", [(0, torch.float32, False), (0, torch.bfloat16, True),
+                                                      (1, torch.float16, True), (0, torch.float16, False),
+                                                      (1, torch.bfloat16, False)])
+def test_fused_kernel_equals_the_passes_one_by_one(noise, dtype, stochastic):
+    """K steps of 1-4 passes each in one launch == the same passes by kernels.axpbz one at a time:
+    tensors at unaligned offsets, partial blocks, keys above 2**31. Blocks of 1024 elements (the bits
+    do not depend on the block size) keep the interpreter quick."""
+    import random
+
+    from fastmezo.kernels.axpbz import axpbz_multi_
+    from fastmezo.kernels.replay import fused_replay_
+    from fastmezo.noise import rounding_seed
+
+    rng = random.Random(noise * 10 + len(str(dtype)))
+    gen = torch.Generator().manual_seed(2)
+    tensors = [(torch.randn(n, generator=gen) * 0.02).to(dtype) for n in (1000, 37, 4099)]
+    keys, offsets = [11, 2**32 - 3, 7], [0, 5, 130]
+    steps = []
+    for _ in range(5):
+        seed = rng.getrandbits(64)
+        steps.append((seed, [(rng.uniform(0.99, 1.0), rng.uniform(-1e-2, 1e-2),
+                              rounding_seed(seed, p) if stochastic else None) for p in range(rng.randint(1, 4))]))
+    one_by_one = [t.clone() for t in tensors]
+    for seed, passes in steps:
+        for a, b, rs in passes:
+            axpbz_multi_(one_by_one, a, b, seed, keys, noise, offsets, round_seed=rs, block=1024)
+    fused = [t.clone() for t in tensors]
+    fused_replay_(fused, keys, noise, steps, offsets, block=1024)
+    assert all(torch.equal(f, o) for f, o in zip(fused, one_by_one))
+    assert all(not torch.equal(f, t) for f, t in zip(fused, tensors))
+
+
+@pytest.mark.parametrize("mode, dtype", [("inplace", torch.bfloat16), ("exact", torch.float32)])
+def test_fused_replay_of_a_triton_run_is_bit_identical(mode, dtype):
+    """A run trained on the Triton backend (a skipped step included), replayed 4 steps per launch (chunks that do not divide the
+    run): the trained weights, in place (perturb passes fused in) and in exact mode."""
+    base, model, handle, _ = _train(mode, dtype, 9, backend="triton")
+    assert handle.optimizer.skipped_steps == 1
+    fastmezo.replay(base, handle.optimizer.trajectory, fused=4)
+    assert _equal(base, model)
