@@ -323,6 +323,20 @@ def test_state_dict_restores_seed_noise_and_counters():
     assert (other.seed, other.step_count, other.noise, other.keys) == (42, 2, opt.noise, "name")
 
 
+def test_state_dict_restores_rounding_and_skipped_steps():
+    """Both differ from a fresh optimizer's defaults here (rounding off, one skipped step), so an
+    optimizer that kept its own would be caught."""
+    net, _, _ = _make_run(scheduler=False)
+    opt = fastmezo.MeZO(fastmezo.param_groups(net, lr=0.05, eps=1e-2), seed=42, stochastic_rounding=False)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        opt.step(lambda: math.nan)
+    sd = opt.state_dict()
+    other = fastmezo.MeZO(fastmezo.param_groups(_small_net(0), lr=0.05, eps=1e-2), seed=7)
+    assert (other.stochastic_rounding, other.skipped_steps) == (True, 0)
+    other.load_state_dict(sd)
+    assert (other.stochastic_rounding, other.skipped_steps, other.step_count) == (False, 1, 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # seeds and torch's RNG
 # ----------------------------------------------------------------------------------------------
@@ -533,6 +547,14 @@ def test_param_groups_skip_bias_and_norm_and_frozen():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         fastmezo.param_groups(net)
+    # The name rules on their own (modules whose class is no Norm): "layer_norm", and "layernorm"
+    # matched after lower-casing.
+    named = nn.Module()
+    for name in ("layer_norm_gain", "FinalLayerNorm_scale", "proj"):
+        named.register_parameter(name, nn.Parameter(torch.ones(2)))
+    decay, plain = fastmezo.param_groups(named, weight_decay=0.1)
+    assert [n for n, _ in decay["params"]] == ["proj"]
+    assert [n for n, _ in plain["params"]] == ["layer_norm_gain", "FinalLayerNorm_scale"]
     # Custom no_decay substrings.
     net2 = _Net()
     names = [n for n, _ in fastmezo.param_groups(net2, 0.1, no_decay=("head",))[1]["params"]]

@@ -423,3 +423,25 @@ def test_two_threads_stepping_two_optimizers_end_right():
     for (model, _), want in zip(runs, expected):
         assert all(torch.equal(p, w) for p, w in zip(model.parameters(), want))
     _assert_at(runs[2][0], start_failing, exact=False)
+
+
+# -- the adapter's no-decay names, each rule on its own ---------------------------------------------------
+def test_paper_adapter_skips_weight_decay_by_each_name_rule_alone():
+    """With projected_grad 0 the paper's zo_update is weight decay alone, skipped for names holding
+    "bias", "layer_norm" or "layernorm" (case-sensitive, as its code is). Each name below trips one rule
+    or none; the switched trainer must decay exactly what the trainer's own zo_update decays."""
+    names = ["h.layernorm.weight", "h.layer_norm.weight", "h.bias", "h.LayerNorm.weight", "h.weight"]
+    results = []
+    for switched in (False, True):
+        trainer = Z.PaperTrainer(Z.TinyRegressor(), Z.paper_args(weight_decay=0.2, learning_rate=0.5))
+        trainer.create_optimizer_and_scheduler(4)
+        params = [p for p in trainer.model.parameters() if p.requires_grad]
+        trainer.named_parameters_to_optim = list(zip(names, params))
+        trainer.zo_random_seed, trainer.projected_grad = 5, 0.0
+        if switched:
+            use_fastmezo(trainer, backend="oracle")
+        before = [p.detach().clone() for p in params]
+        trainer.zo_update(trainer.model)
+        results.append([not torch.equal(p, b) for p, b in zip(params, before)])
+    assert results[0] == [False, False, False, True, True]
+    assert results[1] == results[0]

@@ -270,10 +270,20 @@ def test_out_of_place_equals_in_place(backend, device, rounding):
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 def test_empty_tensors(backend, device):
+    """An empty tensor beside another: accepted, and it keeps its key, so the tensor after it still gets
+    key 1's z and draws (stored as pass_with_z with the backend's own z); perturbed() returns an empty
+    tensor of its dtype for it."""
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         e = torch.empty(0, dtype=dtype, device=device)
-        F.perturb_([e], SEED, 0.1, rounding_seed=ROUND_SEED, backend=backend)
-        assert F.perturbed(e, SEED, 0.1, rounding_seed=ROUND_SEED, backend=backend).numel() == 0
+        x = _rand(64, dtype, 4, device)
+        x0 = x.clone()
+        F.perturb_([e, x], SEED, 0.1, rounding_seed=ROUND_SEED, backend=backend)
+        z = F.make_noise(64, SEED, 1, device=device, backend=backend)
+        r = R.rounding_bits_at(_index(0, 64, device), ROUND_SEED, 1)
+        _assert_same_bits(x, R.pass_with_z(x0, 1.0, 0.1, z, r), backend, device, f"in place, {dtype}")
+        out = F.perturbed([e, x0], SEED, 0.1, rounding_seed=ROUND_SEED, backend=backend)
+        assert out[0].shape == (0,) and out[0].dtype == dtype and out[0].device == e.device
+        _assert_same_bits(out[1], x, backend, device, f"out of place, {dtype}")
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
@@ -346,6 +356,26 @@ def test_mezo_stochastic_rounding_follows_the_oracle_step(backend, device):
                 assert torch.equal(_bits(p), _bits(q)), t
             else:
                 assert bool(((p.double() - q.double()).abs() <= ulp(q).double()).all()), t
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_accumulate_rounds_each_micro_batch_with_its_own_passes(backend, device):
+    """MeZO.accumulate: micro-batch j rounds its +eps pass with the bits of pass index 3j (then 3j + 1,
+    3j + 2; docs/noise.md section 8). Checked on the bf16 weights the closure sees at +eps, against the
+    oracle pass from the weights the micro-batch started from (the previous restore rounds too)."""
+    X, Y = torch.randn(32, 8, generator=_gen(1)).to(device), torch.randn(32, 4, generator=_gen(2)).to(device)
+    params = _params(device, True)
+    opt = fastmezo.MeZO(params, lr=0.05, eps=1e-2, seed=99, stochastic_rounding=True, backend=backend)
+    seed = derive_seed(99, 0)
+    zs = [F.make_noise(p.numel(), seed, i, device=device, backend=backend).view(p.shape) for i, p in enumerate(params)]
+    for j in range(3):
+        start = [p.clone() for p in params]
+        seen = []
+        opt.accumulate(lambda: seen.append([p.clone() for p in params]) or _loss(params, X, Y))
+        rs = rounding_seed(seed, 3 * j)
+        for i, (got, s, z) in enumerate(zip(seen[0], start, zs)):
+            r = R.rounding_bits_at(_index(0, s.numel(), device), rs, i).view(s.shape)
+            _assert_same_bits(got, R.pass_with_z(s, 1.0, 1e-2, z, r), backend, device, f"micro-batch {j}")
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
