@@ -39,6 +39,7 @@ class Plan:
         tensors = list(tensors)
         n = len(tensors)
         names = [None] * n if names is None else list(names)
+        self._sharded = any(_is_dtensor(t) for t in tensors)
         tensors, offsets = _local_shards(tensors, names, offsets)
         check_tensors(tensors, [label(i, name) for i, name in enumerate(names)], one_device)
         self.tensors, self.names = tensors, names
@@ -62,14 +63,14 @@ class Plan:
         self._group_dtypes = None           # the (coefficient group, dtype) pairs, for the checks
 
     @staticmethod
-    def _fingerprint_of(tensors):
+    def _fingerprint_of(tensors, sharded: bool = False):
         # A DTensor has no storage of its own: its local shard is what a pass writes.
-        return [(id(t), t.data_ptr(), t.dtype, t.shape) for t in map(_local, tensors)]
+        return [(id(t), t.data_ptr(), t.dtype, t.shape) for t in (map(_local, tensors) if sharded else tensors)]
 
     def is_current(self, tensors) -> bool:
         """Whether ``tensors`` are still the plan's: the same objects, data at the same addresses, same
         dtypes and shapes (what a ``.to()``, ``.half()`` or a replaced ``.data`` changes)."""
-        return len(tensors) == len(self.tensors) and self._fingerprint_of(tensors) == self._fingerprint
+        return len(tensors) == len(self.tensors) and self._fingerprint_of(tensors, self._sharded) == self._fingerprint
 
     def check_coefficients(self, a_of_group, b_of_group, what: str) -> None:
         """:func:`coefficient` for every (group, dtype) the plan has."""
