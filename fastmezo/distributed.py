@@ -35,7 +35,8 @@ each rank's local shard with the global index of its first element as the noise 
 (fastmezo.plan.local_shard), so the sharded run draws the z of the unsharded one, element for element.
 FSDP keeps the root module's parameters unsharded after a forward (for a backward MeZO never runs),
 where a perturbation of the shards would not reach them: every FSDP module of the model is
-resharded before a step and after each forward. In-place mode only: exact mode's hooks materialize
+resharded before a step and after each forward. With a MixedPrecisionPolicy the shards keep their
+dtype (MeZO perturbs and updates them there) and FSDP casts what it gathers. In-place mode only: exact mode's hooks materialize
 W + eps z from the parameters the forward reads, which under FSDP are the all-gathered copies.
 """
 from __future__ import annotations

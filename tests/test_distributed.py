@@ -64,6 +64,7 @@ def _entry(rank, world, tmp):
     if world == 2:
         out["dp"] = _dp_worker(rank, world)
         out["fsdp"] = _fsdp_worker(rank, world, torch.float32)
+        out["fsdp_mixed"] = _fsdp_worker(rank, world, torch.float32, mixed=True)
         save()
         out["agreement"] = _agreement_worker(rank, world)      # last: rank 1 dies in it
     else:
@@ -231,14 +232,16 @@ def test_seed_mismatch_and_dead_rank(two_ranks):
 FSDP_STEPS = 20
 
 
-def _fsdp_worker(rank, world, dtype):
+def _fsdp_worker(rank, world, dtype, mixed=False):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
     model = _model(dtype)
-    fully_shard(model[0], mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    # mixed: float32 shards (what MeZO perturbs and updates), forwards in bfloat16 (FSDP casts them).
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if mixed else MixedPrecisionPolicy()
+    fully_shard(model[0], mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     handle = fastmezo.patch(model, lr=LR, eps=EPS, seed=SEED)
     fastmezo.data_parallel(handle)
     losses = []
@@ -249,19 +252,31 @@ def _fsdp_worker(rank, world, dtype):
                 local_rows={n: p.to_local().shape[0] for n, p in model.named_parameters()})
 
 
-@pytest.mark.parametrize("world,dtype", [(2, torch.float32), (3, torch.bfloat16)])
-def test_fsdp2_matches_unsharded(request, world, dtype):
-    results = [r["fsdp"] for r in request.getfixturevalue("two_ranks" if world == 2 else "three_ranks")]
+@pytest.mark.parametrize("world,dtype,mixed", [(2, torch.float32, False), (2, torch.float32, True),
+                                               (3, torch.bfloat16, False)])
+def test_fsdp2_matches_unsharded(request, world, dtype, mixed):
+    key = "fsdp_mixed" if mixed else "fsdp"
+    results = [r[key] for r in request.getfixturevalue("two_ranks" if world == 2 else "three_ranks")]
     assert len({tuple(r["local_rows"].values()) for r in results}) > 1, "the shards should be uneven"
     # One process, the same starting weights, the same (all-reduced) losses: the same steps.
     model = _model(dtype)
     start = _weights(model)
     handle = fastmezo.patch(model, lr=LR, eps=EPS, seed=SEED)
-    for plus, minus in results[0]["losses"]:
+    computed = []
+    for step, (plus, minus) in enumerate(results[0]["losses"]):
         replay = iter((plus, minus))
-        handle.step(lambda: next(replay))
+
+        def closure():
+            # The losses this process computes at the same weights (did the FSDP forwards see the
+            # perturbed shards?); the recorded ones drive the step.
+            with torch.autocast("cpu", torch.bfloat16, enabled=mixed):
+                computed.append(sum(float(_loss(model, _batch(r, step, dtype))) for r in range(world)) / world)
+            return next(replay)
+        handle.step(closure)
     for r in results:
         assert r["losses"] == results[0]["losses"]
+    recorded = [loss for pair in results[0]["losses"] for loss in pair]
+    assert computed == recorded and len(set(recorded)) > FSDP_STEPS
     for name, p in model.named_parameters():
         assert not torch.equal(p, start[name])
         for rank, r in enumerate(results):
