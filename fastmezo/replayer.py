@@ -134,6 +134,14 @@ def replay(model_or_named_params, trajectory, steps: int | None = None, *, backe
     return len(records)
 
 
+def fused_available(plan: Plan) -> bool:
+    """Whether every device of ``plan`` runs the Triton backend on a GPU, where the fused kernel
+    gives the bits of the plan's own passes and is worth it."""
+    from .backends import triton as triton_backend
+
+    return all(device.type == "cuda" and backend is triton_backend for device, backend, *_ in plan.devices)
+
+
 def _run_fused(plan: Plan, work, k: int) -> None:
     """The steps ``work`` in chunks of ``k`` per launch of kernels/replay.py, per device and param group;
     a chunk ends early where the rounding mode changes (one mode per launch)."""
