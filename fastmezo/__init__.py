@@ -17,9 +17,11 @@ from .optim import MeZO, param_groups
 from .patching import MeZOPatch, patch
 from .replayer import replay
 from .trajectory import Trajectory
+from .variants import MeZOVariant
 
 __version__ = "0.1.0"
 
 __all__ = ["MeZO", "MeZOPatch", "patch", "param_groups", "functional", "exact", "integrations", "noise", "distributed",
            "data_parallel", "derive_seed",
-           "key_from_name", "NOISE_VERSION", "BackendUnavailable", "replay", "Trajectory", "__version__"]
+           "key_from_name", "NOISE_VERSION", "BackendUnavailable", "replay", "Trajectory", "MeZOVariant",
+           "__version__"]
