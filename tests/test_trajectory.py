@@ -237,6 +237,13 @@ def test_trainer_resume_from_a_trajectory_checkpoint_gives_the_uninterrupted_run
     final = Trajectory.load(tmp_path / "from_traj" / "checkpoint-6" / "mezo_trajectory.jsonl")
     assert final.records == Trajectory.load(tmp_path / "traj" / "checkpoint-6" / "mezo_trajectory.jsonl").records
     assert [r["update_pass"] for r in final.records] == [6] * 6
+    # The command line, with a Hugging Face model folder as BASE: OUT loads as the trained model.
+    transformers = pytest.importorskip("transformers")
+    with torch.random.fork_rng():
+        _tiny_opt().save_pretrained(tmp_path / "base")
+    assert cli.main(["replay", str(tmp_path / "base"), str(ckpt.parent / "checkpoint-6" / "mezo_trajectory.jsonl"),
+                     str(tmp_path / "replayed")]) == 0
+    assert _equal(transformers.OPTForCausalLM.from_pretrained(tmp_path / "replayed"), full.model)
 
 
 # -- the fused replay kernel (kernels/replay.py), through the Triton interpreter ---------------------
