@@ -56,7 +56,8 @@ def test_grid_writes_table_csv_json_and_plot(grid):
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == list(METHODS)
-    assert all(0.0 <= float(r["test_acc"]) <= 1.0 and float(r["peak_mib"]) > 0 for r in rows)
+    for r, saved_row in zip(rows, saved["methods"]):  # the CSV holds the JSON's numbers
+        assert float(r["test_acc"]) == saved_row["test_acc"] and float(r["peak_mib"]) == saved_row["peak_mib"]
     table = (out / "results.md").read_text()
     assert "peak RSS" in table  # the header says what the memory columns measure
     for r in saved["methods"]:
@@ -68,8 +69,10 @@ def test_grid_metrics_are_sane(grid):
     results, _ = grid
     assert results["n_train"] == 8 and results["n_test"] == 16
     for r in results["methods"]:
-        assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["dev_acc"] <= 1.0, r["method"]
-        assert r["peak_mib"] > 100 and r["extra_mib"] >= 0, r["method"]  # a process with torch: > 100 MiB
+        # accuracies are fractions of the 16 words evaluated
+        assert (r["test_acc"] * 16).is_integer() and (r["dev_acc"] * 16).is_integer(), r["method"]
+        assert r["peak_mib"] > 100, r["method"]  # a process with torch: > 100 MiB
+        assert r["peak_mib"] >= r["start_mib"] and r["extra_mib"] == r["peak_mib"] - r["start_mib"], r["method"]
         assert r["train_seconds"] > 0, r["method"]
     by = {r["method"]: r for r in results["methods"]}
     for name in MEZO_METHODS:
@@ -138,7 +141,7 @@ def test_user_data_file(tmp_path):
     assert results["n_test"] == 4  # 20% of 10 per label
     assert results["label_texts"] == ["This word is negative.", "This word is positive."]  # neg < pos
     for r in results["methods"]:
-        assert 0.0 <= r["test_acc"] <= 1.0
+        assert (r["test_acc"] * 4).is_integer()  # a fraction of the 4 test words
     # clear-cut words, a prompt that works zero-shot: the encoder should get most of them
     assert results["methods"][0]["test_acc"] >= 0.75
     mezo = results["methods"][1]
@@ -200,11 +203,13 @@ def test_hyperparameters_follow_trainable_lr_and_set():
         return finetune.resolve(finetune.build_parser().parse_args(["--quick"] * quick + [*argv]))[3]
     assert hps("--trainable", "bitfit")["mezo"]["lr"] == 2e-3 and hps()["mezo"]["lr"] == 1e-4
     # the full setting's 5000 steps take smaller rates for the methods that drift (FULL_SETTING_LR)
-    full = hps(quick=False)
+    full = hps("--full", quick=False)
     assert (full["mezo"]["lr"], full["mezo-nondiff"]["lr"], full["mezo-lora"]["lr"]) == (1e-5, 1e-5, 5e-4)
     assert full["mezo-prefix"]["lr"] == hps()["mezo-prefix"]["lr"] and full["mezo"]["steps"] == 5000
-    assert hps("--trainable", "bitfit", quick=False)["mezo"]["lr"] == 2e-3
-    assert hps("--lr", "3e-5", "--methods", "mezo", quick=False)["mezo"]["lr"] == 3e-5
+    assert hps("--trainable", "bitfit", "--full", quick=False)["mezo"]["lr"] == 2e-3
+    assert hps("--lr", "3e-5", "--methods", "mezo", "--full", quick=False)["mezo"]["lr"] == 3e-5
+    # no --quick / --full: quick where there is no GPU (the full setting would take hours on a CPU)
+    assert hps("--device", "cpu", quick=False) == hps()
     assert hps()["mezo-lora"]["steps"] == finetune.SETTINGS["quick"]["mezo_steps"]
     assert hps()["ft-adam"]["steps"] == finetune.SETTINGS["quick"]["ft_steps"]
     custom = hps("--methods", "mezo-lora,ft-adam", "--lr", "3e-3", "--set", "mezo-lora.r=4", "--set", "ft-adam.steps=7")
@@ -300,3 +305,29 @@ def test_best_on_dev_restores_the_best_checkpoint(tmp_path):
     mon.restore()
     assert torch.equal(m.weight, snapshots[4]) and float(m.bias) == 3.25
     assert set(torch.load(tmp_path / "best.pt")) == {"weight"}
+
+
+def test_help_shows_defaults_and_no_markup(capsys):
+    from fastmezo.__main__ import main
+    with pytest.raises(SystemExit) as exc:
+        main(["finetune", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "``" not in text
+    assert "--temperature TEMPERATURE scale of the cosine similarities" in text and "(default: 20.0)" in text
+    assert "CSV, TSV or JSON-lines" in text and "(default: runs/finetune)" in text
+    assert "(default: the setting's, quick 250, full 5000)" in text  # --steps
+    assert "the default on a CPU" in text and "--resume" in text and "--overwrite" in text
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(capsys):
+    """A log file gets one line per tenth of the steps, no carriage returns (tqdm only on a terminal)."""
+    from types import SimpleNamespace
+    from fastmezo.apps import methods
+    losses = methods._loop(40, "mezo (all)", SimpleNamespace(progress=True, monitor=None), lambda step: 1.0 / step)
+    err = capsys.readouterr().err
+    assert len(losses) == 40 and "\r" not in err
+    assert err.splitlines() == [f"mezo (all): step {n}/40, loss {sum(1 / s for s in range(max(1, n - 49), n + 1)) / min(n, 50):.3f}"
+                                for n in range(4, 41, 4)]
+    methods._loop(5, "quiet", SimpleNamespace(progress=False, monitor=None), lambda step: 0.0)
+    assert capsys.readouterr().err == ""

@@ -161,7 +161,7 @@ class LineProgress:
         self.stream = stream or sys.stderr
         self.every = max(1, -(-total // 10))
 
-    def set_postfix(self, **values):
+    def set_postfix(self, refresh=False, **values):
         self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
 
     def update(self, n=1):
@@ -198,9 +198,8 @@ def _loop(steps, desc, setup, step_fn):
             if setup.monitor is not None:
                 setup.monitor(step, last=step == steps)
             if bar is not None:
-                if step % 10 == 0 or step == steps:
-                    recent = losses[-50:]
-                    bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+                recent = losses[-50:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", refresh=False)  # shown by update
                 bar.update(1)
     finally:
         if bar is not None:

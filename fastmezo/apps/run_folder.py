@@ -26,13 +26,19 @@ from pathlib import Path
 from . import report
 
 #: Options that do not change any result (where outputs go, how they are shown, which methods of
-#: the grid run): everything else in the config must match for --resume.
-NOT_SETTINGS = ("out", "overwrite", "resume", "no_progress", "methods", "full")
+#: the grid run), and those that set hyper-parameters of some methods (compared through each
+#: method's resolved hyper-parameters instead): everything else in the config must match for --resume.
+NOT_SETTINGS = ("out", "overwrite", "resume", "no_progress", "methods", "full", "set", "lr", "eps", "steps",
+                "ft_steps")
+
+
+def _json(value):
+    return json.loads(json.dumps(value))
 
 
 def settings_of(config: dict) -> dict:
     """The options of ``config`` that change results, as JSON would store them."""
-    return json.loads(json.dumps({k: v for k, v in config.items() if k not in NOT_SETTINGS}))
+    return _json({k: v for k, v in config.items() if k not in NOT_SETTINGS})
 
 
 def _differences(old: dict, new: dict) -> list:
@@ -50,6 +56,11 @@ def _alive_here(record) -> bool:
             return b"fastmezo" in f.read()
     except OSError:
         return False
+
+
+def _hparams(record) -> dict:
+    """method -> hyper-parameters; a record written before they were kept there has them in its rows."""
+    return record.get("hparams") or {row["method"]: row.get("hparams") for row in record.get("methods", [])}
 
 
 def _statuses(record) -> dict:
@@ -72,49 +83,62 @@ class RunFolder:
             raise ValueError("--overwrite and --resume exclude each other: start over, or continue the run there")
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--out {out}: exists and is not a folder")
-        old = self._read_record()
-        kept, self.fresh = [], True
-        if old is not None:
-            if _alive_here(old) and old.get("state") == "running":
-                raise ValueError(f"--out {out}: a run is in progress there (pid {old['pid']}: "
-                                 f"{old.get('command')}); wait for it, or choose another --out")
-            same_settings = settings_of(old.get("config", {})) == settings_of(config) and old.get("model") == model
-            done_there = [m for m, s in _statuses(old).items() if s == "done"]
-            if resume:
-                if not same_settings:
-                    diff = _differences(settings_of(old.get("config", {})), settings_of(config))
-                    if old.get("model") != model:
-                        diff.append(f"model: {old.get('model')!r} there, {model!r} here")
-                    raise ValueError(f"--resume: {self.paths['json']} was made with other settings ("
-                                     + "; ".join(diff) + "); resume with the same options, or use "
-                                     "--overwrite or another --out")
-                kept = [row for row in old.get("methods", []) if row["method"] in done_there]
-                for row in kept:
-                    if row["method"] in hparams and row.get("hparams") != json.loads(json.dumps(hparams[row["method"]])):
-                        raise ValueError(f"--resume: {row['method']} was done there with {row.get('hparams')}, "
-                                         f"now it would run with {hparams[row['method']]}; use --overwrite")
-                self.fresh = False
-            elif not overwrite:
-                same_methods = list(_statuses(old)) == list(methods)
-                if not (same_settings and same_methods):
-                    raise ValueError(
-                        f"--out {out} holds the results of another run (`{old.get('command', '?')}`; done: "
-                        f"{', '.join(done_there) or 'none'}); pass --overwrite to replace them, --resume to "
-                        "continue that run (same settings), or choose another --out")
-        elif resume:
+        try:
+            old = self._read_record()
+        except ValueError:
+            if not overwrite:
+                raise
+            old = None  # unreadable, and to be replaced anyway
+        if old is None and resume:
             raise ValueError(f"--resume: {self.paths['json']} does not exist: nothing to resume")
-
+        kept = [] if old is None else self._check(old, config, model, methods, hparams, overwrite, resume)
+        self.fresh = not resume
         names = list(dict.fromkeys([*(r["method"] for r in kept), *methods]))
         names.sort(key=order.index)
         status = {name: "pending" for name in names}
         status.update({row["method"]: "done" for row in kept})
+        all_hparams = {**{row["method"]: row.get("hparams") for row in kept}, **_json(hparams)}
         earlier = (old.get("commands") or [old.get("command", "?")]) if resume else []
+        old = old or {}
         self.results = dict(command=command, commands=[*earlier, command], config=config, model=model,
-                            state="running", status=status, errors={}, pid=os.getpid(), host=socket.gethostname(),
+                            state="running", status=status, hparams={n: all_hparams[n] for n in names}, errors={},
+                            pid=os.getpid(), host=socket.gethostname(),
                             started=time.strftime("%Y-%m-%d %H:%M:%S"), methods=kept,
                             wall_seconds=old.get("wall_seconds", 0.0) if resume else 0.0)
         self._wall_before = self.results["wall_seconds"]
         self._wall_start = time.perf_counter()
+
+    def _check(self, old, config, model, methods, hparams, overwrite, resume):
+        """Refuse (ValueError) what the rules forbid; returns the rows kept from ``old`` (--resume)."""
+        if _alive_here(old) and old.get("state") == "running":
+            raise ValueError(f"--out {self.out}: a run is in progress there (pid {old['pid']}: "
+                             f"{old.get('command')}); wait for it, or choose another --out")
+        there, here = settings_of(old.get("config", {})), settings_of(config)
+        same_settings = there == here and old.get("model") == model
+        done_there = [m for m, s in _statuses(old).items() if s == "done"]
+        if resume:
+            if not same_settings:
+                diff = _differences(there, here)
+                if old.get("model") != model:
+                    diff.append(f"model: {old.get('model')!r} there, {model!r} here")
+                raise ValueError(f"--resume: {self.paths['json']} was made with other settings ("
+                                 + "; ".join(diff) + "); resume with the same options, or use --overwrite "
+                                 "or another --out")
+            kept = [row for row in old.get("methods", []) if row["method"] in done_there]
+            for row in kept:
+                name = row["method"]
+                if name in hparams and row.get("hparams") != _json(hparams[name]):
+                    raise ValueError(f"--resume: {name} was done there with {row.get('hparams')}, here it "
+                                     f"would run with {hparams[name]}; resume with the same options, or use "
+                                     "--overwrite or another --out")
+            return kept
+        same_run = same_settings and set(_statuses(old)) == set(methods) and _hparams(old) == _json(hparams)
+        if not (same_run or overwrite):
+            raise ValueError(
+                f"--out {self.out} holds the results of another run (`{old.get('command', '?')}`; done: "
+                f"{', '.join(done_there) or 'none'}); pass --overwrite to replace them, --resume to "
+                "continue that run (same settings), or choose another --out")
+        return []
 
     def _read_record(self):
         path = self.paths["json"]
