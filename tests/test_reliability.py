@@ -162,17 +162,23 @@ def test_every_pass_of_every_step_kind_fails_in_turn(kind, monkeypatch):
                     (c, fail_at, (p - r).abs().max())
 
 
+def _fails_and_restores(monkeypatch, backend, fail_at, model, step):
+    """One in-place step whose ``fail_at``-th backend call fails: the error propagates and the weights
+    are restored; the fault is then taken away."""
+    start = _weights(model)
+    Faulty(monkeypatch, backend, fail_at)
+    with pytest.raises(Injected):
+        step()
+    _assert_at(model, start, exact=False)
+    monkeypatch.undo()
+
+
 def test_in_place_step_fails_in_each_pass_on_the_native_backend(monkeypatch):
     if backends.native.unavailable_reason(torch.device("cpu")) is not None:
         pytest.skip(backends.native.unavailable_reason(torch.device("cpu")))
     for fail_at in (1, 2, 3):
         model, (step,), _ = _mezo("native", "inplace")
-        start = _weights(model)
-        Faulty(monkeypatch, backends.native, fail_at)
-        with pytest.raises(Injected):
-            step()
-        _assert_at(model, start, exact=False)
-        monkeypatch.undo()
+        _fails_and_restores(monkeypatch, backends.native, fail_at, model, step)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -275,11 +281,7 @@ def test_two_devices_undo_only_what_ran(fail_at, monkeypatch):
     plan.devices = [(device, backend, idx[:1], keys[:1], offsets[:1]),
                     (torch.device("cpu", 0), backend, idx[1:], keys[1:], offsets[1:])]
     start = _weights(model)
-    Faulty(monkeypatch, backends.oracle, fail_at)
-    with pytest.raises(Injected):
-        step()
-    _assert_at(model, start, exact=False)
-    monkeypatch.undo()
+    _fails_and_restores(monkeypatch, backends.oracle, fail_at, model, step)
     step()
     assert opt.step_count == 1 and all(not torch.equal(p, s) for p, s in zip(model.parameters(), start))
 
