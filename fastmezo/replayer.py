@@ -111,7 +111,7 @@ def replay(model_or_named_params, trajectory, steps: int | None = None, *, backe
     tensors = _tensors_of(model_or_named_params, entries)
     check_base(trajectory, tensors, check_hash)
     records = [r for r in trajectory.records if steps is None or r["step"] < steps]
-    _check_gaps(records, header["strategy"])
+    _check_gaps(records, header["strategy"], header.get("start_step", 0))
     if len({r["noise"] for r in records}) > 1:
         raise ValueError("the trajectory changes its noise kind between steps: not supported by replay")
     plan = Plan(tensors, [e["name"] for e in entries], keys=[e["key"] for e in entries],
@@ -176,10 +176,9 @@ def _run_fused(plan: Plan, work, k: int) -> None:
                     fused_replay_(list(tensors), list(gkeys), plan.noise, steps, list(goffs))
 
 
-def _check_gaps(records, strategy) -> None:
+def _check_gaps(records, strategy, expected: int) -> None:
     """Step indices missing from the records: steps that counted but were not recorded (a micro-batch
     raised with on_nonfinite="raise"). Exact mode: they changed nothing. In place their passes rounded."""
-    expected = records[0]["step"] if records else 0     # a trajectory may start at a resumed step
     for r in records:
         if r["step"] != expected and strategy == "inplace":
             warnings.warn(f"trajectory steps {expected}..{r['step'] - 1} are not recorded; their in-place passes "

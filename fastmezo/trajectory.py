@@ -15,7 +15,7 @@ optimizer is given are the base weights): sha256 over every tensor's name, dtype
 File format (``FORMAT``, version ``FORMAT_VERSION``): JSON lines, UTF-8. Line 1 is the header:
 
     {"format": "fastmezo-trajectory", "format_version": 1, "noise_version": 1, "strategy": "inplace",
-     "base": {"sha256": "...", "tensors": [{"name": str|null, "shape": [...], "dtype": "bfloat16",
+     "start_step": 0, "base": {"sha256": "...", "tensors": [{"name": str|null, "shape": [...], "dtype": "bfloat16",
                                               "key": int, "group": int}, ...]}}
 
 then one line per optimizer step, in order:
@@ -28,7 +28,8 @@ Floats are written with Python's repr (they read back bit for bit); seeds are ex
 ``update_pass`` is the pass index whose rounding bits the update used (fastmezo.engine: a plain
 step's restore+update is pass 2, an accumulated step of k micro-batches updates with pass 3k), and so
 also says how many perturb/restore passes the step made. ``key`` is the tensor's noise key and
-``group`` its param group (the index into the per-group lists).
+``group`` its param group (the index into the per-group lists); ``start_step`` the optimizer's step
+count when the trajectory started (non-zero when a run resumed from full weights starts one).
 
 What replay must re-run (fastmezo.replay): in exact mode the stored weights change only at the
 update pass, so a step is that one pass. In place the weights also go through the +eps and -2 eps
@@ -104,7 +105,9 @@ class Trajectory:
         """A new trajectory of a fastmezo.MeZO whose parameters, as they are now, are the base weights."""
         named = [(n, p) for g in optimizer.param_groups
                  for n, p in zip(g.get("param_names") or [None] * len(g["params"]), g["params"])]
-        return cls.start(named, optimizer.perturbation_mode, path=path)
+        trajectory = cls.start(named, optimizer.perturbation_mode, path=path)
+        trajectory.header["start_step"] = optimizer.step_count
+        return trajectory
 
     def save(self, path) -> None:
         """Write header and records to ``path`` (atomically: a crash leaves the old file)."""

@@ -288,3 +288,17 @@ def test_fused_replay_of_a_triton_run_is_bit_identical(mode, dtype):
     assert handle.optimizer.skipped_steps == 1
     fastmezo.replay(base, handle.optimizer.trajectory, fused=4)
     assert _equal(base, model)
+
+
+def test_a_step_counted_but_not_recorded_makes_in_place_replay_warn():
+    """on_nonfinite="raise" in accumulate() counts the step without an update or a record: its in-place
+    passes rounded the weights, so replay says it cannot be bit-identical; exact mode is unaffected."""
+    model = _model(torch.float32)
+    x, y = _data(torch.float32)
+    opt = fastmezo.MeZO(fastmezo.param_groups(model), lr=1e-2, eps=1e-2, trajectory=True, on_nonfinite="raise")
+    with pytest.raises(FloatingPointError):
+        opt.accumulate(lambda: float("inf"))
+    opt.step(lambda: ((model(x) - y) ** 2).mean())
+    assert [r["step"] for r in opt.trajectory.records] == [1]
+    with pytest.warns(RuntimeWarning, match="steps 0..0 are not recorded"):
+        fastmezo.replay(_model(torch.float32), opt.trajectory)
