@@ -247,9 +247,10 @@ def load_task(args):
 def _backend_name(device):
     from fastmezo import backends
     try:
-        return backends.select(device)
+        chosen = backends.select(device)
     except Exception as exc:  # only for the report
         return f"unknown ({exc})"
+    return str(getattr(chosen, "NAME", chosen))  # a backend module (or, in older versions, its name)
 
 
 def run(args):
