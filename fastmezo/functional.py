@@ -2,7 +2,8 @@
 
 Every function validates all of its arguments before it changes anything (fastmezo.plan), so bad input
 raises a clear error and leaves every tensor untouched; coefficients that could turn a finite weight
-into inf are refused the same way (OverflowError). Tensors may be given as a list of tensors or as
+into inf are refused the same way (OverflowError). If a backend fails partway through a pass, the
+tensors it had already written are moved back by the inverse pass before the error propagates. Tensors may be given as a list of tensors or as
 (name, tensor) pairs (as ``model.named_parameters()`` yields). Tensor i gets noise key i unless
 ``keys`` is given; ``keys="name"`` derives keys from the names (fastmezo.noise.key_from_name).
 
@@ -40,7 +41,17 @@ def _pass(tensors, a, b, seed, *, keys, noise, offsets, backend, rounding_seed=N
     plan = Plan(tensors, names, keys=keys, offsets=offsets, groups=list(groups), noise=noise, backend=backend,
                 one_device=True)
     plan.check_coefficients(a_of_group, b_of_group, what)
-    plan.run(seed, a_of_group, b_of_group, round_seed=rounding_seed, load_x=load_x, outs=outs)
+    done = []
+    try:
+        plan.run(seed, a_of_group, b_of_group, round_seed=rounding_seed, load_x=load_x, outs=outs, done=done)
+    except BaseException:
+        if done and outs is None and load_x:
+            # The parts already written go back by the inverse pass x <- (x - b z) / a (exact up to the
+            # rounding of the two passes; a part scaled by a = 0 cannot be brought back).
+            plan.run(seed, [1.0 / a_g if a_g else 1.0 for a_g in a_of_group],
+                     [-b_g / a_g if a_g else 0.0 for a_g, b_g in zip(a_of_group, b_of_group)],
+                     round_seed=rounding_seed, units=set(done))
+        raise
 
 
 def scale_and_add_noise_(tensors, a, b, seed: int, *, keys=None, noise="gaussian", offsets=None,

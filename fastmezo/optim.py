@@ -94,6 +94,7 @@ class MeZO(torch.optim.Optimizer):
         self.loss_plus = self.loss_minus = self.projected_grad = self.last_seed = None
         self.projected_grads: list[float] = []
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        self._hypers()          # every group's own options, checked now rather than at the first step
         #: None, or the fastmezo.trajectory.Trajectory recording every step (``trajectory=True``: a new
         #: one whose base weights are the parameters as given now; a path: the same, appended to that
         #: file step by step; a Trajectory: continued, e.g. after fastmezo.replay for a resume).
@@ -111,6 +112,11 @@ class MeZO(torch.optim.Optimizer):
                 raise ValueError(f"the trajectory was recorded in {trajectory.header['strategy']} mode, this "
                                  f"optimizer runs in {self._strategy.name} mode")
             self.trajectory = trajectory
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, with the new group's options checked before it is added."""
+        engine.group_hyper({**self.defaults, **param_group}, len(self.param_groups))
+        super().add_param_group(param_group)
 
     # -- the plan of the parameter set ------------------------------------------------------------
     def _hypers(self):

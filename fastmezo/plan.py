@@ -81,16 +81,23 @@ class Plan:
             coefficient(a_of_group[group], b_of_group[group], dtype, what)
 
     def units(self) -> list:
-        """The (device, coefficient group) pairs of the plan: the parts a pass finishes one by one."""
-        return [(device, g) for device, _, idx, _, _ in self.devices for g in dict.fromkeys(self.groups[i] for i in idx)]
+        """The parts a pass finishes one by one: (device, coefficient group) pairs, or for a backend that
+        writes tensor by tensor (``PER_TENSOR``) (device, group, tensor index) triples."""
+        out = []
+        for device, backend, idx, _, _ in self.devices:
+            if getattr(backend, "PER_TENSOR", False):
+                out += [(device, self.groups[i], i) for i in idx]
+            else:
+                out += [(device, g) for g in dict.fromkeys(self.groups[i] for i in idx)]
+        return out
 
     def run(self, seed: int, a_of_group, b_of_group, *, round_seed=None, load_x: bool = True, outs=None,
             units=None, done=None) -> None:
         """One pass: tensor i <- a[g] * tensor i + b[g] * z(seed, key i), g its group (``outs``: written to
         outs[i] instead). Coefficients must have passed :meth:`check_coefficients`. Part by part
-        (``units``: only these (device, group) pairs, see :meth:`units`); each finished part is appended
-        to ``done``, so that after a failure the caller can undo exactly what ran."""
-        for k, (device, backend, idx, keys, offsets) in enumerate(self.devices):
+        (``units``: only these parts, see :meth:`units`); each finished part is appended to ``done``, so
+        that after a failure the caller can undo exactly what ran."""
+        for k, (device, backend, idx, _, _) in enumerate(self.devices):
             prepared = self._prepared(k) if outs is None else None
             if prepared is not None and not ops.tracing():
                 for g, launch, written in prepared:
@@ -99,16 +106,20 @@ class Plan:
                         if done is not None:
                             done.append((device, g))
                 continue
-            if units is not None:
-                idx = [i for i in idx if (device, self.groups[i]) in units]
-                if not idx:
+            per_tensor = getattr(backend, "PER_TENSOR", False)
+            parts: dict = {}
+            for i in idx:
+                parts.setdefault((device, self.groups[i], i) if per_tensor else (device, self.groups[i]), []).append(i)
+            for unit, members in parts.items():
+                if units is not None and unit not in units:
                     continue
-                keys, offsets = [self.keys[i] for i in idx], [self.offsets[i] for i in idx]
-            ops.run(backend, [self.tensors[i] for i in idx], None if outs is None else [outs[i] for i in idx],
-                    [a_of_group[self.groups[i]] for i in idx], [b_of_group[self.groups[i]] for i in idx],
-                    seed, keys, offsets, self.noise, load_x, round_seed)
-            if done is not None:
-                done.extend((device, g) for g in dict.fromkeys(self.groups[i] for i in idx))
+                g = self.groups[members[0]]
+                ops.run(backend, [self.tensors[i] for i in members],
+                        None if outs is None else [outs[i] for i in members], [a_of_group[g]] * len(members),
+                        [b_of_group[g]] * len(members), seed, [self.keys[i] for i in members],
+                        [self.offsets[i] for i in members], self.noise, load_x, round_seed)
+                if done is not None:
+                    done.append(unit)
 
     def _prepared(self, k: int):
         """Device k's prepared in-place launches, one per coefficient group, as (group, launch, tensors it

@@ -501,8 +501,8 @@ def test_cuda_stochastic_rounding_and_out_of_place_match_cpu(dtype):
         x = _rand((n,), dtype, seed=n)
         for offset in OFFSETS:
             cpu = x.clone()
-            _native_sr = lambda ts, **kw: native_backend.axpbz_(ts, [0.999], [-0.3], SEED, [9], [offset], 1,  # noqa: E731
-                                                               round_seed=rs, **kw)
+            _native_sr = lambda ts, outs=None: native_backend.run(  # noqa: E731
+                ts, outs, [0.999], [-0.3], SEED, [9], [offset], 1, True, rs)
             _native_sr([cpu])
             z = R.noise(n, SEED, 9, "rademacher", offset)
             r = R.rounding_bits_at(torch.arange(offset, offset + n), rs, 9)

@@ -28,9 +28,10 @@ from conftest import HAS_TRITON, TRITON_DEVICE, ulp
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")]
 
-#: An in-place step walked back after p passes rounds p + 1 times at magnitudes up to |w| + 2 eps |z|:
-#: at most 3 ulp of that magnitude (float32; measured in docs/reliability.md).
-RESTORE_ULPS = 3
+#: An in-place step walked back after p passes rounds p + 1 times at magnitudes up to |w| + 2 eps |z|, and
+#: a part whose update ran before another part failed is moved back by the inverse update pass (two
+#: roundings more): at most 5 ulp of that magnitude (float32; measured in docs/reliability.md).
+RESTORE_ULPS = 5
 EPS, LR = 1e-2, 0.05
 #: A retried in-place step starts from weights a few ulp off (three failed tries: up to 3 x RESTORE_ULPS):
 #: the float32 losses move by their rounding, g = (l+ - l-) / (2 eps) with them, and so the update
@@ -97,12 +98,19 @@ def _assert_at(model, start, exact):
             assert torch.all((p - s).abs() <= tol), (p - s).abs().max()
 
 
-# -- the step kinds: make(backend) -> (model, the calls of one step, passes of each call), exact --------
+# The oracle backend writes tensor by tensor, one backend call per tensor: a pass over Net's weight and
+# bias is two calls, over the adapter's TinyRegressor (five trained tensors) five.
+NET_TENSORS, REGRESSOR_TENSORS = 2, 5
+
+
+# -- the step kinds: make(backend) -> (model, the calls of one step, backend calls of each), exact ----
 def _mezo(backend, mode):
     model = Net()
     handle = fastmezo.patch(model, lr=LR, eps=EPS, seed=5, backend=backend, mode=mode)
     model.with_closure, model.optimizer = handle.step, handle.optimizer   # the call that takes a closure
-    return model, [lambda: handle.step(lambda: model())], [3]
+    # Exact mode: each forward materializes the one hooked group in one call; the update is per tensor.
+    calls = 2 + NET_TENSORS if mode == "exact" else 3 * NET_TENSORS
+    return model, [lambda: handle.step(lambda: model())], [calls]
 
 
 def _accumulated(backend, cls):
@@ -112,7 +120,7 @@ def _accumulated(backend, cls):
     model.with_closure, model.optimizer = opt.accumulate, opt
     calls = [lambda: opt.accumulate(lambda: model() / 2), lambda: opt.accumulate(lambda: model() / 2 + 0.01),
              update]
-    return model, calls, [3, 3, 1]
+    return model, calls, [3 * NET_TENSORS, 3 * NET_TENSORS, NET_TENSORS]
 
 
 def _trainer_optimizer():
@@ -150,15 +158,18 @@ def test_every_pass_of_every_step_kind_fails_in_turn(kind, monkeypatch):
             model, calls, _ = make("oracle")
             _run(calls[:c])
             start = _weights(model)          # theta: between the calls of a step nothing is perturbed
+            # Exact mode is bit-exact unless the update pass fails after writing a part: that part is
+            # moved back by the inverse update, exact up to rounding like an in-place restore.
+            bitwise = exact and fail_at <= n - NET_TENSORS + 1
             for error in (Injected, KeyboardInterrupt, Injected):
                 Faulty(monkeypatch, backends.oracle, fail_at, error)
                 with pytest.raises(error, match="injected fault"):
                     calls[c]()
                 monkeypatch.setattr(backends.oracle, "run", real)
-                _assert_at(model, start, exact)
+                _assert_at(model, start, bitwise)
             _run(calls[c:])                  # the retry ends where an uninterrupted step ends
             for p, r in zip(model.parameters(), reference.parameters()):
-                assert torch.equal(p, r) if exact else torch.allclose(p, r, rtol=0, atol=RETRY_ATOL), \
+                assert torch.equal(p, r) if bitwise else torch.allclose(p, r, rtol=0, atol=RETRY_ATOL), \
                     (c, fail_at, (p - r).abs().max())
 
 
@@ -208,15 +219,7 @@ def test_a_triton_pass_whose_later_launch_fails(which, monkeypatch):
     _assert_at(model, start, exact=False)
 
 
-@pytest.mark.parametrize("groups", [
-    pytest.param(2, marks=pytest.mark.xfail(strict=True, reason=(
-        "Plan.run's unprepared path (the oracle backend, or any call through the dispatcher) runs all of a "
-        "device's groups in one backend call, so a failure after the first group's tensors leaves them "
-        "written but not recorded in done"))),
-    pytest.param(1, marks=pytest.mark.xfail(strict=True, reason=(
-        "the oracle backend writes tensor by tensor: a failure at the second tensor of a (device, group) "
-        "unit leaves the first written, and the unit is not recorded as done"))),
-])
+@pytest.mark.parametrize("groups", [2, 1])
 def test_an_oracle_pass_whose_second_tensor_fails(groups, monkeypatch):
     """The oracle backend's kernel (fastmezo.oracle.scale_add_noise_, one call per tensor) fails at
     the second tensor of the update pass; weight and bias in two param groups (weight decay on the
@@ -254,15 +257,16 @@ def test_every_pass_of_the_frontend_adapter_fails_in_turn(case, monkeypatch):
     counter = Faulty(monkeypatch, backends.oracle)
     np.random.seed(0)
     trainer.train(Z.regression_batches(1))
-    assert counter.calls == passes
-    for fail_at in range(1, passes + 1):
+    calls = passes * REGRESSOR_TENSORS
+    assert counter.calls == calls
+    for fail_at in range(1, calls + 1):
         start = _weights(trainer.model)
         for error in (Injected, KeyboardInterrupt):
             monkeypatch.setattr(backends.oracle, "run", counter.real)
             Faulty(monkeypatch, backends.oracle, fail_at, error)
             with pytest.raises(error):
                 trainer.train(Z.regression_batches(1))
-            if kind is Z.PaperTrainer and fail_at == passes:
+            if kind is Z.PaperTrainer and fail_at > calls - REGRESSOR_TENSORS:
                 continue    # zo_update failed after zo_step succeeded: the estimate's step is restored
             _assert_at(trainer.model, start, exact=False)
         monkeypatch.setattr(backends.oracle, "run", counter.real)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from .. import oracle
 
 NAME = "oracle"
+#: It writes tensor by tensor: a plan records its progress per tensor (fastmezo.plan.Plan.units).
+PER_TENSOR = True
 
 
 def unavailable_reason(device) -> None:
