@@ -268,22 +268,22 @@ def run(args):
         print("note: the full setting is meant for a GPU (k=512, 5000 MeZO steps per method); on this CPU "
               "it takes hours. --quick runs the grid in minutes.", file=sys.stderr)
     dev_limit = args.dev_limit or None
-    folder.begin(task=task, n_train=len(splits["train"]), n_dev=len(splits["dev"]),
-                 n_dev_eval=min(dev_limit or len(splits["dev"]), len(splits["dev"])), n_test=len(splits["test"]),
-                 template=template, label_texts=list(label_texts), backend=_backend_name(device),
-                 torch=torch.__version__, fastmezo=fastmezo.__version__)
-    # The best checkpoints go to a folder of this process, removed at the end whatever happens: a
-    # method's child removes its own, but a child killed after the grace period could not.
-    scratch = tempfile.mkdtemp(prefix="fastmezo-finetune-")
-    setup = Setup(splits=splits, template=template, label_texts=label_texts, model_path=args.model,
-                  device=str(device), seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
-                  trainable=args.trainable, weight_decay=args.weight_decay, dev_limit=dev_limit,
-                  progress=not args.no_progress, eval_every=args.eval_every, scratch_dir=scratch)
     isolate = not args.no_isolate and can_fork(device)
-    print(f"methods: {', '.join(methods)}; device {device}; setting {'quick' if args.quick else 'full'}"
-          f"{'; each method in a forked process' if isolate else ''}; results in {args.out}", flush=True)
-    failed = []
+    failed, scratch = [], None
     try:
+        folder.begin(task=task, n_train=len(splits["train"]), n_dev=len(splits["dev"]),
+                     n_dev_eval=min(dev_limit or len(splits["dev"]), len(splits["dev"])), n_test=len(splits["test"]),
+                     template=template, label_texts=list(label_texts), backend=_backend_name(device),
+                     torch=torch.__version__, fastmezo=fastmezo.__version__)
+        # The best checkpoints go to a folder of this process, removed at the end whatever happens: a
+        # method's child removes its own, but a child killed after the grace period could not.
+        scratch = tempfile.mkdtemp(prefix="fastmezo-finetune-")
+        setup = Setup(splits=splits, template=template, label_texts=label_texts, model_path=args.model,
+                      device=str(device), seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
+                      trainable=args.trainable, weight_decay=args.weight_decay, dev_limit=dev_limit,
+                      progress=not args.no_progress, eval_every=args.eval_every, scratch_dir=scratch)
+        print(f"methods: {', '.join(methods)}; device {device}; setting {'quick' if args.quick else 'full'}"
+              f"{'; each method in a forked process' if isolate else ''}; results in {args.out}", flush=True)
         for name in methods:
             if name in folder.done:
                 print(f"== {name}: done in {args.out}, kept (--resume)", flush=True)
@@ -297,7 +297,8 @@ def run(args):
                     "--resume continues the run")
         raise
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     paths = folder.end("failed" if failed else "done")
     print()
     print(paths["md"].read_text())
