@@ -56,6 +56,10 @@ class MeZO(torch.optim.Optimizer):
             ``fastmezo.patch(model, mode="exact")``): the forwards see W + eps z materialized per
             module, the stored weights are only read, and one pass applies the update
             theta <- (1 - lr * wd) * theta - lr * g * z (rounding bits of pass index 2).
+        trajectory: None, True, a file path, or a fastmezo.Trajectory: record every step (seed, projected
+            gradients, lr, wd, eps, rounding) beside a sha256 of the parameters as given now, so
+            ``fastmezo.replay(base, trajectory)`` rebuilds the trained weights (a path: appended step by
+            step, JSON lines; fastmezo.trajectory).
 
     After each step, ``loss_plus``, ``loss_minus``, ``projected_grad`` (of the first group; the
     per-group values are in ``projected_grads``) and ``last_seed`` describe it. The list of
@@ -145,22 +149,16 @@ class MeZO(torch.optim.Optimizer):
             self._cached_plan = plan
         return plan
 
-    def _record(self, result: engine.StepResult, seed: int, stacklevel: int, update_pass: int | None = None):
+    def _record(self, result: engine.StepResult, seed: int, stacklevel: int, update_pass: int):
         """Bookkeeping after a step: the losses and projected gradients, the trajectory's record, the
         counters, and a skipped step's warning (or FloatingPointError with on_nonfinite="raise").
         ``update_pass``: the pass index of the update (a plain step's is engine.RESTORE; an accumulated
-        step's 3 * micro-batches, given here or through ``trajectory.pending_update_pass``)."""
+        step's 3 * micro-batches)."""
         self.loss_plus, self.loss_minus, self.last_seed = result.loss_plus, result.loss_minus, seed
         if self.trajectory is not None:
-            traj = self.trajectory
-            if result.loss_plus_obj is not None:      # MeZO.step (step_accumulated records no object)
-                update_pass = engine.RESTORE
-            elif update_pass is None:
-                update_pass = traj.pending_update_pass
-            traj.pending_update_pass = None
-            traj.record(self._cached_plan, self.step_count, seed, result.grads, self._hypers(),
-                        noise=self.noise.name.lower(), rounding=self.stochastic_rounding,
-                        update_pass=update_pass, skipped=result.skipped)
+            self.trajectory.record(self._cached_plan, self.step_count, seed, result.grads, self._hypers(),
+                                   noise=self.noise.name.lower(), rounding=self.stochastic_rounding,
+                                   update_pass=update_pass, skipped=result.skipped)
         self.projected_grads = list(result.grads)
         self.projected_grad = self.projected_grads[0] if self.projected_grads else None
         self.step_count += 1
@@ -188,7 +186,7 @@ class MeZO(torch.optim.Optimizer):
         seed = derive_seed(self.seed, self.step_count)
         result = engine.run_step(self._strategy, plan, seed, hypers, closure, rounding=self.stochastic_rounding,
                                  reduce_losses=self.reduce_losses)
-        self._record(result, seed, stacklevel=4)
+        self._record(result, seed, stacklevel=4, update_pass=engine.RESTORE)
         return result.loss_plus_obj
 
     # -- gradient accumulation --------------------------------------------------------------------
@@ -292,7 +290,7 @@ class MeZO(torch.optim.Optimizer):
             grads = [float("nan")] * len(hypers)
         self._window = None
         self._record(engine.StepResult(None, window["loss_plus"], window["loss_minus"], grads, skipped),
-                     window["seed"], stacklevel=4)
+                     window["seed"], stacklevel=4, update_pass=3 * window["count"])
         return self.loss_plus
 
     @property

@@ -85,7 +85,6 @@ class Trajectory:
         self.records: list[dict] = list(records or [])
         self.path = None if path is None else os.fspath(path)
         self._plan = None          # the optimizer's plan already matched against the header
-        self.pending_update_pass = None   # set by a caller that knows an accumulated step's micro-batches
         self._rewrite = False             # records were dropped: the file is rewritten at the next record
 
     # -- starting, saving, loading ----------------------------------------------------------------

@@ -75,8 +75,6 @@ class MeZOTrainerOptimizer(MeZO):
             raise ValueError("MeZOTrainerOptimizer.step() found no micro-batch estimates: the training loop must "
                              "call accumulate(closure) for each micro-batch (MeZOTrainer.training_step does; "
                              "a plain transformers.Trainer calls backward instead)")
-        if self.trajectory is not None:   # the micro-batches' passes, which in-place replay re-runs
-            self.trajectory.pending_update_pass = 3 * self.pending_micro_batches
         loss = self.step_accumulated()
         self.unlogged_projected_grads.append(self.projected_grad)
         return loss
