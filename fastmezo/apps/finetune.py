@@ -258,12 +258,12 @@ def run(args):
     results dict. Raises :class:`Interrupted` (after recording it) if a stop signal arrives, and
     :class:`RunFailed` if some methods failed (after the others ran)."""
     args, device, methods, hps = resolve(args)
-    task, splits, template, label_texts = load_task(args)
     command = " ".join(["python -m fastmezo finetune", *(shlex.quote(a) for a in getattr(args, "argv", []) or [])])
     model = args.model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL_NAME
     config = {k: v for k, v in vars(args).items() if k not in ("no_progress", "command", "func", "argv")}
     folder = RunFolder(args.out, command=command, config=config, model=model, methods=methods, hparams=hps,
                        order=list(METHODS), overwrite=args.overwrite, resume=args.resume)
+    task, splits, template, label_texts = load_task(args)
     if args.full and device.type != "cuda":
         print("note: the full setting is meant for a GPU (k=512, 5000 MeZO steps per method); on this CPU "
               "it takes hours. --quick runs the grid in minutes.", file=sys.stderr)
