@@ -41,7 +41,7 @@ import torch
 
 import fastmezo
 
-from .isolation import Interrupted, can_fork, run_isolated, stop_on_signals
+from .isolation import Interrupted, can_fork, run_isolated
 from .methods import FULL_SETTING_LR, MEZO_LR_BY_TRAINABLE, METHODS, Setup, parse_methods, run_method
 from .prompt_model import DEFAULT_MODEL_NAME, LABEL_TEXTS, MODEL_ENV, TEMPLATE, TRAINABLE, check_model_path
 from .run_folder import RunFolder
