@@ -518,9 +518,16 @@ def test_cuda_stochastic_rounding_and_out_of_place_match_cpu(dtype):
 
 @cuda_only
 def test_cuda_rejects_mixed_devices():
-    with pytest.raises(RuntimeError, match="is on"):
-        torch.ops.fastmezo.scale_add_noise_([torch.zeros(4, device="cuda"), torch.zeros(4)], [1.0, 1.0], [1.0, 1.0],
-                                         0, [0, 1], [0, 0], 0, True)
-    with pytest.raises(RuntimeError, match="is on"):
-        torch.ops.fastmezo.scale_add_noise_out([torch.zeros(4)], [torch.zeros(4, device="cuda")], [1.0], [1.0], 0, [0],
-                                            [0], 0)
+    """A call mixing CUDA and CPU tensors is refused with the devices named, by the native kernels (direct
+    call, C++ checks) and by the operators (whichever backend is registered for CUDA)."""
+    calls = [
+        lambda: native_backend.run([torch.zeros(4, device="cuda"), torch.zeros(4)], None, [1.0, 1.0], [1.0, 1.0], 0,
+                                   [0, 1], [0, 0], 0, True, None),
+        lambda: native_backend.run([torch.zeros(4)], [torch.zeros(4, device="cuda")], [1.0], [1.0], 0, [0], [0], 0,
+                                   True, None),
+        lambda: torch.ops.fastmezo.scale_add_noise_([torch.zeros(4, device="cuda"), torch.zeros(4)], [1.0, 1.0],
+                                                    [1.0, 1.0], 0, [0, 1], [0, 0], 0, True),
+    ]
+    for call in calls:
+        with pytest.raises((RuntimeError, ValueError), match="is on"):
+            call()
