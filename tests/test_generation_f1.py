@@ -242,29 +242,37 @@ def test_mezo_step_on_f1_is_the_hand_written_update(warm_state, backend):
 def test_short_run_never_needs_gradients(monkeypatch, warm_state):
     """run_mezo for a few steps: every evaluation of the objective (the closure's and the dev
     evaluations) runs with autograd off, although the parameters require grad; no .grad appears; the
-    curve has the promised rows and F1s in [0, 1]."""
+    curve's rows are the F1s that were computed (dev F1 at steps 0, 2, 4; train F1 the mean of the
+    closure's F1s since the previous row) and nonzero_steps counts the steps whose two F1s differed."""
     vocab = gf.task_vocab()
     model = _model(warm_state)
     assert all(p.requires_grad for p in model.parameters())
     calls = []
     real = gf.batch_f1
 
-    def spy(*args, **kwargs):
-        calls.append(torch.is_grad_enabled())
-        return real(*args, **kwargs)
+    def spy(model, vocab, batch, *args, **kwargs):
+        value = real(model, vocab, batch, *args, **kwargs)
+        calls.append((torch.is_grad_enabled(), len(batch), value))
+        return value
 
     monkeypatch.setattr(gf, "batch_f1", spy)
     with torch.enable_grad():
         result = gf.run_mezo(model, vocab, gf.build_kv_qa(64, seed=0), gf.build_kv_qa(32, seed=1),
                              steps=4, lr=LR, eps=EPS, batch=8, seed=0, eval_every=2, log=lambda *_: None)
     assert len(calls) == 2 * 4 + 3  # two per step, dev F1 at steps 0, 2, 4
-    assert not any(calls)
+    assert not any(enabled for enabled, _, _ in calls)
     assert all(p.grad is None for p in model.parameters())
+    dev = [value for _, n, value in calls if n == 32]
+    pairs = [value for _, n, value in calls if n == 8]
+    pairs = [(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)]
     curve = result["curve"]
     assert [row["step"] for row in curve] == [0, 2, 4]
-    assert all(0.0 <= row["dev_f1"] <= 1.0 for row in curve)
-    assert curve[0]["train_f1"] is None and all(0.0 <= row["train_f1"] <= 1.0 for row in curve[1:])
-    assert result["skipped_steps"] == 0 and 0 <= result["nonzero_steps"] <= 4
+    assert [row["dev_f1"] for row in curve] == dev
+    means = [sum(a + b for a, b in pairs[:2]) / 4, sum(a + b for a, b in pairs[2:]) / 4]
+    assert curve[0]["train_f1"] is None
+    assert [row["train_f1"] for row in curve[1:]] == pytest.approx(means, rel=1e-12)
+    assert result["skipped_steps"] == 0
+    assert result["nonzero_steps"] == sum(a != b for a, b in pairs)
 
 
 def test_command_line_writes_the_curve(tmp_path, capsys):
