@@ -9,7 +9,7 @@ or ``handle = fastmezo.patch(model); model.mezo_step(batch)``. The fused passes 
 :mod:`fastmezo.functional`; the noise contract in :mod:`fastmezo.noise` and docs/noise.md.
 Importing fastmezo never imports triton or a native library: backends load on first use.
 """
-from . import distributed, exact, functional, integrations, noise
+from . import distributed, exact, functional, integrations, noise, paired
 from .backends import BackendUnavailable
 from .distributed import data_parallel
 from .noise import NOISE_VERSION, derive_seed, key_from_name
@@ -21,7 +21,7 @@ from .variants import MeZOVariant
 
 __version__ = "0.1.0"
 
-__all__ = ["MeZO", "MeZOPatch", "patch", "param_groups", "functional", "exact", "integrations", "noise", "distributed",
+__all__ = ["MeZO", "MeZOPatch", "patch", "param_groups", "functional", "exact", "paired", "integrations", "noise", "distributed",
            "data_parallel", "derive_seed",
            "key_from_name", "NOISE_VERSION", "BackendUnavailable", "replay", "Trajectory", "MeZOVariant",
            "__version__"]

@@ -254,3 +254,18 @@ def apply_update(plan: Plan, seed: int, hypers, grads, *, pass_index: int, round
         return f"update refused: {exc}"
     _apply(plan, seed, a, b, pass_index, rounding, None, None)
     return None
+
+
+class Paired(Exact):
+    """Both forwards in one (fastmezo.paired.PairedPerturbation): the closure runs a doubled batch whose
+    first half sees theta + eps*z and second half theta - eps*z, and returns (l+, l-). The stored weights
+    are only read until the update, as in exact mode."""
+    name = "paired"
+
+    def forwards(self, plan, seed, eps, closure, first: int, rounding: bool):
+        with self.provider.perturbation(plan, seed, eps):
+            losses = closure()
+        if not (isinstance(losses, (tuple, list)) and len(losses) == 2):
+            raise TypeError(f"in paired mode the closure must return (loss_plus, loss_minus), got "
+                            f"{type(losses).__name__}")
+        return losses[0], loss_value(losses[0], "theta + eps*z"), loss_value(losses[1], "theta - eps*z"), None

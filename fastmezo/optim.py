@@ -350,6 +350,8 @@ def _strategy(perturbation):
     if not (callable(getattr(perturbation, "perturbation", None)) and callable(getattr(perturbation, "covered", None))):
         raise TypeError(f"perturbation must be 'inplace' or a provider with perturbation() and covered() "
                         f"(fastmezo.exact.ExactPerturbation), got {type(perturbation).__name__}")
+    if getattr(perturbation, "mode", None) == "paired":      # fastmezo.paired: both forwards in one
+        return engine.Paired(perturbation)
     return engine.Exact(perturbation)
 
 

@@ -14,6 +14,9 @@ Two modes:
     e.g. a decoder layer, of at most ``group_bytes``) runs and put the stored parameters back after it
     (fastmezo.exact); the stored weights change only at the update, so float16/bfloat16 weights do
     not drift.
+  * ``mode="paired"``: both perturbed forwards in ONE forward over the batch stacked twice, the first
+    half seeing W + eps z, the second W - eps z, in every module owning a trained parameter; the stored
+    weights change only at the update, as in exact mode (fastmezo.paired).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from .optim import MeZO, param_groups
 
 _ATTRIBUTE = "mezo_step"
 _HANDLE = "_fastmezo_patch"
-MODES = ("inplace", "exact")
+MODES = ("inplace", "exact", "paired")
 
 
 def _loss_from_output(output):
@@ -122,8 +125,10 @@ def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight
     output's ``.loss``). Other keyword arguments go to :class:`fastmezo.MeZO`. Patching a patched
     model raises; remove the first patch first.
 
-    ``mode``: "inplace" (default, fastest) or "exact" (perturbed weights materialized per group of
-    modules, the stored weights written only by the update; see fastmezo.exact). In exact mode the
+    ``mode``: "inplace" (default, fastest), "exact" (perturbed weights materialized per group of
+    modules, the stored weights written only by the update; see fastmezo.exact) or "paired" (both
+    forwards in one over the doubled batch, see fastmezo.paired; ``loss_fn(model, doubled_batch)``
+    then returns (l+, l-) or one loss per row). In exact mode the
     first step checks that every trained parameter is read only inside the forward of the hooked
     module covering it and raises fastmezo.exact.ExactModeError otherwise (e.g. a parent's forward
     reading a child's weight, where the parent is above the group budget).
@@ -146,6 +151,13 @@ def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight
     if _ATTRIBUTE in model.__dict__ or hasattr(type(model), _ATTRIBUTE):
         raise RuntimeError(f"the model already has an attribute {_ATTRIBUTE!r}; fastmezo will not replace it")
     groups = param_groups(model, weight_decay, no_decay=no_decay)
+    if mode == "paired":
+        from .paired import paired_patch      # fastmezo.paired builds on this module
+        handle = paired_patch(model, groups, lr=lr, eps=eps, seed=seed, noise=noise, keys=keys, loss_fn=loss_fn,
+                              eval_mode=eval_mode, **optimizer_options)
+        object.__setattr__(model, _HANDLE, handle)
+        object.__setattr__(model, _ATTRIBUTE, handle.step)
+        return handle
     exact = None
     if mode == "exact":
         exact = ExactPerturbation(model, [p for g in groups for _, p in g["params"]], group_bytes=group_bytes)

@@ -1,0 +1,344 @@
+"""Paired mode: both perturbed forwards of a MeZO step in ONE forward over a doubled batch.
+
+The batch is stacked twice along dim 0 (rows 0..B-1 the "+" half, rows B..2B-1 the "-" half). Every
+module that owns a trained parameter runs its own forward twice, once per half: on the first half with
+W + eps*z, on the second with W - eps*z, and the two outputs are stacked again. The losses of the two
+halves are l+ and l-. The stored weights are only read until the update pass, which is exact mode's
+(fastmezo.exact): theta <- (1 - lr * wd) * theta - lr * g * z, so a step with lr = 0 leaves them
+bit-identical and nothing drifts.
+
+How z reaches the perturbed weights (issue 18, item 3: z generated once per weight per step): per
+module call, z of each of its trained tensors is generated ONCE (float32, the contract's seed, key and
+offset, by the plan's backend), scaled by eps, and the two copies round(W + eps*z) and round(W - eps*z)
+are made from it in turn, one alive at a time. The arithmetic is the fused pass's (float32 product
+eps*z, float32 sum, one rounding to the weight's dtype), so the copies are bit for bit those exact mode
+materializes, and a paired step equals an exact-mode step up to the rounding of batch-size-dependent
+kernels. The alternative for nn.Linear, x W^T over the doubled batch plus +-eps * x z^T per half,
+would double the matmul FLOPs (a loss where large batches are compute-bound) and would not round the
+perturbed weight as exact mode does (in bfloat16 that rounding is of the order of eps*z itself).
+
+Any module works this way: nn.Linear, nn.Embedding, LayerNorm, RMSNorm and the modules of
+transformers are split along dim 0 of their tensor arguments; a module of another kind owning a
+trained parameter gets a one-line notice (its arguments must be batch-first too). A module nested in
+one that is already running a half (a parameter owned by a parent) uses that half's copies. A model
+whose forward mixes batch rows (batch norm in training mode) is refused: the halves would see each
+other.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch.utils import _pytree as pytree
+
+from . import ops
+from .exact import ExactModeError, _ReadCheck
+from .patching import MeZOPatch
+
+#: Module kinds whose forward is row-wise along every leading dimension (checked by the tests).
+KNOWN = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm) + (
+    (torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ())
+
+
+class PairedModeError(ValueError):
+    """The model cannot run a paired forward (rows mixed, an odd batch, a parameter read outside)."""
+
+
+def _known(module) -> bool:
+    return isinstance(module, KNOWN) or type(module).__name__.endswith("RMSNorm")
+
+
+class PairedPerturbation:
+    """Perturbation provider of paired mode (``fastmezo.patch(model, mode="paired")``).
+
+    Wraps the forward of every module owning one of ``params`` (an instance attribute, removed by
+    :meth:`remove`); outside :meth:`perturbation` the wrapped forwards are the original ones.
+    """
+
+    mode = "paired"
+
+    def __init__(self, model: torch.nn.Module, params=None, *, check_reads: bool = True):
+        params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+        names = {}
+        for name, p in model.named_parameters(remove_duplicate=True):
+            names.setdefault(id(p), name)
+        for i, p in enumerate(params):
+            if id(p) not in names:
+                raise ValueError(f"parameter {i} of paired mode is not a parameter of this model")
+        wanted = {id(p) for p in params}
+        self.model = model
+        self.names = {pid: names[pid] for pid in wanted}
+        self._batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self._owned: dict[torch.nn.Module, list[str]] = {}
+        self._module_names = {}
+        for mname, module in model.named_modules():
+            self._module_names[module] = mname or "<root>"
+            own = [n for n, p in module.named_parameters(recurse=False, remove_duplicate=False) if id(p) in wanted]
+            if own:
+                if "forward" in module.__dict__:
+                    raise ExactModeError(f"module {mname!r} already has its own forward attribute (another "
+                                         "patch?); paired mode will not replace it")
+                self._owned[module] = own
+        other = sorted({type(m).__name__ for m in self._owned if not _known(m)})
+        if other:
+            warnings.warn(f"paired mode: {', '.join(other)} own trained parameters; they run once per half with "
+                          "materialized W +- eps*z, their tensor arguments split along dim 0", stacklevel=3)
+        self._active = None          # (plan, seed, {id(tensor): (key, offset, eps)}) during a forward
+        self._half = None            # +1 or -1: the half a wrapped module is running now
+        self._check_reads = bool(check_reads)
+        self._checker = None
+        #: Rows of the doubled batch of the running forward (set by PairedPatch); None: each wrapped
+        #: module takes the most rows among its tensor arguments.
+        self.rows = None
+        for module in self._owned:
+            module.forward = self._wrap(module, module.forward)
+
+    # -- the provider interface (engine.Paired, optim._strategy) --------------------------------------
+    @property
+    def active(self) -> bool:
+        return self._owned is not None
+
+    def covered(self, tensors) -> list[int]:
+        return [i for i, t in enumerate(tensors) if id(t) not in self.names]
+
+    @contextlib.contextmanager
+    def perturbation(self, plan, seed: int, eps_of_group):
+        """Forwards inside the context are paired: the first half of every batch sees tensor_i +
+        eps_g * z_i, the second tensor_i - eps_g * z_i."""
+        if not self.active:
+            raise RuntimeError("this paired-mode perturbation was removed; patch the model again")
+        if self._active is not None:
+            raise RuntimeError("paired perturbations do not nest: a forward is already running")
+        mixing = [self._module_names[m] for m in self._batch_norms if m.training]
+        if mixing:
+            raise PairedModeError(f"paired mode: {mixing[0]!r} is a batch norm in training mode, which mixes the "
+                                  "rows of the batch, so the +eps half would see the -eps half; put it in eval "
+                                  "mode (fastmezo.patch's default eval_mode=True does) or use mode='exact'")
+        self._active = (plan, seed, {id(t): (k, o, float(eps_of_group[g])) for t, k, o, g in
+                                     zip(plan.tensors, plan.keys, plan.offsets, plan.groups) if t.numel()})
+        checker = None
+        if self._check_reads:
+            storages = {(t.device, t.untyped_storage().data_ptr()): self.names.get(id(t), f"tensor {i}")
+                        for i, t in enumerate(plan.tensors) if t.numel()}
+            checker = self._checker = _ReadCheck(self, storages)
+        try:
+            if checker is None:
+                yield
+            else:
+                with checker:
+                    yield
+                self._check_reads = False          # one clean forward was checked
+        finally:
+            self._active = self._checker = self._half = None
+
+    def _read_outside(self, name, func):
+        raise PairedModeError(f"paired mode: parameter {name!r} was read by {getattr(func, '__name__', func)}() "
+                              "outside the forward of the module that owns it, so that read would see the "
+                              "unperturbed weight; call the module instead, or use mode='inplace'")
+
+    # -- the wrapped forwards ----------------------------------------------------------------------
+    def _wrap(self, module, forward):
+        def paired_forward(*args, **kwargs):
+            if self._active is None:
+                return forward(*args, **kwargs)
+            if self._half is not None:                 # nested in a module running one half
+                return self._run_half(module, forward, self._half, args, kwargs, {})
+            rows = self.rows or _rows(args, kwargs)
+            if rows is None or rows % 2:
+                raise PairedModeError(f"paired mode: module {self._module_names[module]!r} got "
+                                      f"{'no batched tensor' if rows is None else f'{rows} rows'}; a paired "
+                                      "forward runs a doubled batch (an even number of rows along dim 0)")
+            first, second = _split(args, kwargs, rows, True), _split(args, kwargs, rows, False)
+            noise = {}                                 # id(parameter) -> eps * z, made once for both halves
+            out_plus = self._run_half(module, forward, +1, *first, noise)
+            out_minus = self._run_half(module, forward, -1, *second, noise)
+            return _stack(out_plus, out_minus)
+        return paired_forward
+
+    def _run_half(self, module, forward, sign, args, kwargs, noise):
+        plan, seed, entries = self._active
+        saved = []
+        if self._checker is not None:
+            self._checker.paused += 1
+        try:
+            for pname in self._owned[module]:
+                p = module._parameters[pname]
+                entry = entries.get(id(p))
+                if entry is None:
+                    continue
+                saved.append((pname, p))
+                module._parameters[pname] = self._copy(plan, seed, p, entry, sign, noise)
+        finally:
+            if self._checker is not None:
+                self._checker.paused -= 1
+        outer = self._half
+        self._half = sign
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            self._half = outer
+            for pname, p in saved:
+                module._parameters[pname] = p
+
+    def _copy(self, plan, seed, p, entry, sign, noise):
+        """round(p + sign * eps * z) as the fused pass computes it: float32 product eps*z, float32 sum,
+        one rounding to p's dtype. eps*z is generated once per module call (``noise``) for both halves."""
+        key, offset, eps = entry
+        ez = noise.get(id(p))
+        if ez is None:
+            ez = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+            ops.run(plan.backend_of(p.device), [ez], None, [0.0], [1.0], seed, [key], [offset], plan.noise, False)
+            noise[id(p)] = ez.mul_(eps)
+        if sign < 0:
+            return (p.float() - ez).to(p.dtype)
+        return (p.float() + ez).to(p.dtype)
+
+    def remove(self) -> None:
+        """Put the original forwards back. Idempotent."""
+        if self._owned is None:
+            return
+        for module in self._owned:
+            module.__dict__.pop("forward", None)
+        self._owned = None
+
+
+def _rows(args, kwargs):
+    return max((t.shape[0] for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()),
+               default=None)
+
+
+def _split(args, kwargs, rows, first: bool):
+    """The + (``first``) or - half of every tensor argument whose dim 0 is a multiple of ``rows`` (the
+    doubled batch, or batch and sequence flattened batch-major: its first half is still the + half's);
+    one of one row (broadcast over the batch, e.g. position ids) is expanded first, so that each half
+    gets its own output rows. Other arguments go to both halves whole."""
+    def take(t):
+        if not (isinstance(t, torch.Tensor) and t.dim()):
+            return t
+        n = t.shape[0]
+        if n == 1:
+            t, n = t.expand(rows, *t.shape[1:]), rows
+        elif n % rows:
+            return t
+        return t[:n // 2] if first else t[n // 2:]
+    return pytree.tree_map(take, (args, kwargs))
+
+
+def _stack(plus, minus):
+    leaves_p, spec = pytree.tree_flatten(plus)
+    leaves_m, spec_m = pytree.tree_flatten(minus)
+    if spec != spec_m:
+        raise PairedModeError("paired mode: a module returned differently structured outputs for the two halves")
+    out = [torch.cat([a, b]) if isinstance(a, torch.Tensor) and a.dim() else a for a, b in zip(leaves_p, leaves_m)]
+    return pytree.tree_unflatten(out, spec)
+
+
+# -- the patch handle: doubled batches and the loss of each half ---------------------------------------
+def double(batch):
+    """The batch stacked twice along dim 0 (every tensor of a dict, tuple or list, or a tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return torch.cat([batch, batch])
+    if isinstance(batch, dict):
+        return {k: double(v) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(double(v) if isinstance(v, torch.Tensor) and v.dim() else v for v in batch)
+    raise TypeError(f"paired mode takes a batch (dict, tuple, list or tensor) or a closure, not {type(batch).__name__}")
+
+
+def half_losses(model, output, labels):
+    """(l+, l-): the loss of each half of a doubled batch, as the model's own ``.loss`` would be for
+    that half alone: shifted token cross-entropy for causal LMs, token cross-entropy for token
+    classification, and the problem type of the config for sequence classification (regression,
+    single-label, multi-label), labels -100 ignored where Hugging Face ignores them."""
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    if logits is None:
+        raise ValueError("paired mode: the model's output has no .logits to compute the loss of each half "
+                         "from; give fastmezo.patch(model, mode='paired', loss_fn=...)")
+    rows = logits.shape[0]
+    if labels.shape[0] != rows or rows % 2:
+        raise PairedModeError(f"paired mode: {rows} rows of logits and {labels.shape[0]} of labels; expected "
+                              "one doubled batch (an even number of rows)")
+    logits = logits.float()
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    if logits.dim() == labels.dim() + 1:              # tokens or single-label classes
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, -1) if logits.dim() > 2 else logits,
+                                                 labels.long(), reduction="none", ignore_index=-100)
+        loss, counted = loss.reshape(rows, -1), (labels.reshape(rows, -1) != -100)
+        h = rows // 2
+        return tuple(loss[s].sum() / counted[s].sum() for s in (slice(0, h), slice(h, rows)))
+    problem = getattr(config, "problem_type", None)
+    if problem == "regression" or (problem is None and logits.shape[-1] == 1 and labels.is_floating_point()):
+        loss = torch.nn.functional.mse_loss(logits.squeeze(-1) if labels.dim() < logits.dim() else logits,
+                                            labels.float(), reduction="none")
+    elif problem == "multi_label_classification" or labels.shape == logits.shape:
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
+    else:
+        raise ValueError(f"paired mode: cannot tell the loss of {name} from logits {tuple(logits.shape)} and labels "
+                         f"{tuple(labels.shape)}; give fastmezo.patch(model, mode='paired', loss_fn=...)")
+    loss = loss.reshape(rows, -1)
+    h = rows // 2
+    return loss[:h].mean(), loss[h:].mean()
+
+
+def split_losses(losses):
+    """(l+, l-) from what a loss function returned: a pair, or one loss per row of the doubled batch."""
+    if isinstance(losses, (tuple, list)) and len(losses) == 2:
+        return tuple(losses)
+    if isinstance(losses, torch.Tensor) and losses.dim() == 1 and losses.numel() % 2 == 0 and losses.numel():
+        h = losses.numel() // 2
+        return losses[:h].mean(), losses[h:].mean()
+    raise ValueError("paired mode: the loss function must return (l_plus, l_minus) or one loss per row of the "
+                     "doubled batch (a 1-D tensor of even length), got "
+                     f"{tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__}")
+
+
+class PairedPatch(MeZOPatch):
+    """Handle of ``fastmezo.patch(model, mode="paired")``: ``step(batch)`` runs the batch doubled, once.
+
+    ``loss_fn(model, doubled_batch)`` returns (l+, l-) or one loss per row; without it a dict batch's
+    ``labels`` give the loss of each half (:func:`half_losses`). A closure given instead of a batch runs
+    its own paired forward and returns (l+, l-)."""
+
+    def __init__(self, model, optimizer, provider, loss_fn=None, eval_mode: bool = True):
+        super().__init__(model, optimizer, loss_fn=loss_fn, eval_mode=eval_mode, exact=provider)
+        self.paired = provider
+        self.mode = "paired"
+
+    def _closure(self, batch):
+        if callable(batch) and not isinstance(batch, torch.nn.Module):
+            return lambda: split_losses(batch())
+        model, loss_fn, doubled = self.model, self.loss_fn, double(batch)
+        if loss_fn is not None:
+            rows = _rows(doubled if isinstance(doubled, (tuple, list)) else (doubled,), {})
+            return lambda: self._rows_of(rows, lambda: split_losses(loss_fn(model, doubled)))
+        if not isinstance(doubled, dict) or "labels" not in doubled:
+            raise ValueError("paired mode computes the loss of each half from the batch's 'labels': give a dict "
+                             "batch with labels, or fastmezo.patch(model, mode='paired', loss_fn=...)")
+        inputs = dict(doubled)
+        labels = inputs["labels"]
+        if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            del inputs["labels"]                 # the whole doubled batch's loss is not needed
+        return lambda: self._rows_of(labels.shape[0], lambda: half_losses(model, model(**inputs), labels))
+
+    def _rows_of(self, rows, run):
+        self.paired.rows = rows
+        try:
+            return run()
+        finally:
+            self.paired.rows = None
+
+
+def paired_patch(model, groups, *, loss_fn=None, eval_mode=True, **options) -> PairedPatch:
+    """The handle of ``fastmezo.patch(model, mode="paired")`` over the param groups ``groups``."""
+    from .optim import MeZO
+    provider = PairedPerturbation(model, [p for g in groups for _, p in g["params"]])
+    try:
+        optimizer = MeZO(groups, perturbation=provider, **options)
+    except BaseException:
+        provider.remove()           # a rejected option leaves no wrapped forward behind
+        raise
+    return PairedPatch(model, optimizer, provider, loss_fn=loss_fn, eval_mode=eval_mode)

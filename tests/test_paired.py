@@ -1,0 +1,191 @@
+"""Paired mode (fastmezo.paired): one forward over a doubled batch, + half at W + eps z, - half at
+W - eps z. The reference is exact mode (fastmezo.exact), which runs the two forwards separately on
+materialized copies; a paired step must equal an exact-mode step up to float rounding.
+
+Tolerances of one step (the perturbed weights are bit-identical, so the losses differ only by how
+batch-size-dependent kernels and the loss reduction round): losses within LOSS_RTOL relative, float32
+and bfloat16 alike (both modes reduce the loss in float32); the projected gradient
+g = (l+ - l-) / (2 eps) within the two losses' tolerance divided by 2 eps; updated weights within
+lr * |g - g_exact| * max|z| plus 2 ulp of the stored dtype."""
+import pytest
+import torch
+
+import fastmezo
+from fastmezo.functional import perturbed
+from fastmezo.paired import PairedModeError, PairedPerturbation
+from fastmezo.plan import Plan
+
+transformers = pytest.importorskip("transformers")
+
+EPS = 1e-2
+LOSS_RTOL = 1e-5
+Z_MAX = 5.8          # a Gaussian z of the contract is at most sqrt(-2 ln 2**-24) = 5.77 (docs/noise.md)
+
+
+def tiny(kind, dtype, seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if kind == "opt":
+            cfg = transformers.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                         num_attention_heads=4, max_position_embeddings=32, word_embed_proj_dim=32)
+            model = transformers.OPTForCausalLM(cfg)
+        else:
+            cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+            model = transformers.LlamaForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+def batch(rows=3, length=10):
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(2, 64, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0                         # a padded row: masked positions must not leak into the halves
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def run(kind, dtype, mode, lr=0.05, steps=1, **options):
+    model = tiny(kind, dtype)
+    with fastmezo.patch(model, lr=lr, eps=EPS, seed=3, mode=mode, **options) as handle:
+        records = []
+        for _ in range(steps):
+            handle.step(batch())
+            opt = handle.optimizer
+            records.append((opt.loss_plus, opt.loss_minus, opt.projected_grad))
+    return model, records
+
+
+def test_copies_are_exact_modes_bit_for_bit():
+    # The per-half copies come from one z per tensor, with the fused pass's arithmetic.
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w = torch.randn(37, 11, generator=torch.Generator().manual_seed(1)).to(dtype)
+        plan = Plan([w], keys=[5])
+        provider = PairedPerturbation(torch.nn.Linear(1, 1))
+        noise = {}
+        for sign in (1, -1):
+            mine = provider._copy(plan, 11, w, (5, 0, 0.003), sign, noise)
+            theirs = perturbed(w, 11, sign * 0.003, keys=[5])
+            assert mine.dtype == dtype and torch.equal(mine, theirs), (dtype, sign)
+            assert not torch.equal(mine, w)
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paired_step_equals_exact_step(kind, dtype):
+    lr = 0.05
+    exact, [(rlp, rlm, rg)] = run(kind, dtype, "exact", lr=lr)
+    paired, [(lp, lm, g)] = run(kind, dtype, "paired", lr=lr)
+    assert lp != lm                                        # the halves did see different weights
+    assert lp == pytest.approx(rlp, rel=LOSS_RTOL) and lm == pytest.approx(rlm, rel=LOSS_RTOL)
+    assert abs(g - rg) <= 2 * LOSS_RTOL * max(abs(rlp), abs(rlm)) / (2 * EPS)
+    moved = False
+    for (name, p), q, p0 in zip(paired.named_parameters(), exact.parameters(), tiny(kind, dtype).parameters()):
+        # The two updates differ by lr * (g - rg) * z, |z| <= Z_MAX, plus the rounding of the stored dtype.
+        ulp = torch.finfo(dtype).eps * torch.maximum(p.detach().abs(), q.detach().abs()).float()
+        bound = lr * abs(g - rg) * Z_MAX + 2 * ulp + torch.finfo(dtype).tiny
+        assert ((p.float() - q.float()).abs() <= bound).all(), name
+        moved |= not torch.equal(p, p0)
+    assert moved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stored_weights_bit_identical_after_null_steps(dtype):
+    model = tiny("opt", dtype)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with fastmezo.patch(model, lr=0.0, eps=EPS, seed=1, mode="paired") as handle:
+        for _ in range(3):
+            handle.step(batch())
+            assert handle.optimizer.loss_plus != handle.optimizer.loss_minus
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert all("forward" not in m.__dict__ for m in model.modules())     # remove() put the forwards back
+
+
+def test_weights_move_only_at_the_update():
+    # During a forward the stored weights are the ones the step found (the first step's forward is
+    # checked for reads of stored weights, so this looks from the second step on).
+    model = tiny("llama", torch.float32)
+    seen, at_start = [], []
+
+    def loss_fn(m, doubled):
+        if len(at_start) > 1:
+            seen.append(all(torch.equal(p, q) for p, q in zip(m.parameters(), at_start[-1])))
+        logits = m(input_ids=doubled["input_ids"]).logits
+        rows = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), doubled["input_ids"][:, 1:],
+                                                 reduction="none").mean(1)
+        return rows                                  # one loss per row of the doubled batch
+    with fastmezo.patch(model, lr=0.05, eps=EPS, seed=2, mode="paired", loss_fn=loss_fn) as handle:
+        for _ in range(3):
+            at_start.append([p.detach().clone() for p in model.parameters()])
+            handle.step(dict(input_ids=batch()["input_ids"]))
+    assert seen == [True, True]
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), at_start[-1]))
+
+
+def test_batch_norm_in_training_mode_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    loss_fn = lambda m, b: m(b).squeeze(1) ** 2             # noqa: E731
+    with fastmezo.patch(model, lr=0.1, mode="paired", loss_fn=loss_fn, eval_mode=False) as handle:
+        with pytest.raises(PairedModeError, match="batch norm in training mode"):
+            handle.step(x)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    with fastmezo.patch(model, lr=0.1, mode="paired", loss_fn=loss_fn) as handle:   # eval mode: rows independent
+        handle.step(x)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_a_read_outside_the_owning_module_is_refused():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(self.inner(x), self.inner.weight)   # a read past the module
+
+    model = Tied()
+    before = [p.detach().clone() for p in model.parameters()]
+    with fastmezo.patch(model, mode="paired", loss_fn=lambda m, b: m(b).pow(2).mean(1)) as handle:
+        with pytest.raises(PairedModeError, match="inner.weight"):
+            handle.step(torch.randn(4, 4, generator=torch.Generator().manual_seed(0)))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_unusable_losses_and_batches_are_refused():
+    model = tiny("opt", torch.float32)
+    with fastmezo.patch(model, mode="paired") as handle:
+        with pytest.raises(ValueError, match="labels"):
+            handle.step(dict(input_ids=batch()["input_ids"]))
+    with fastmezo.patch(model, mode="paired", loss_fn=lambda m, b: torch.ones(3)) as handle:
+        with pytest.raises(ValueError, match="even length"):
+            handle.step(batch())
+    with fastmezo.patch(model, mode="paired") as handle:       # a closure must return the pair
+        with pytest.raises(ValueError, match="l_plus, l_minus"):
+            handle.step(lambda: torch.tensor(1.0))
+
+
+def test_other_module_kinds_get_a_notice_and_still_match_exact_mode():
+    # GPT-2's Conv1D is neither Linear nor a norm: materialized per half, with a one-line notice.
+    def build():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            cfg = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+            return transformers.GPT2LMHeadModel(cfg).eval()
+    b = batch()
+    exact = build()
+    with fastmezo.patch(exact, lr=0.05, eps=EPS, seed=5, mode="exact") as handle:
+        handle.step(b)
+        ref = (handle.optimizer.loss_plus, handle.optimizer.loss_minus)
+    paired = build()
+    with pytest.warns(UserWarning, match="Conv1D"):
+        handle = fastmezo.patch(paired, lr=0.05, eps=EPS, seed=5, mode="paired")
+    with handle:
+        handle.step(b)
+        got = (handle.optimizer.loss_plus, handle.optimizer.loss_minus)
+    assert got == pytest.approx(ref, rel=1e-5)
+    for p, q in zip(paired.parameters(), exact.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
