@@ -33,7 +33,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import ops
-from .exact import ExactModeError, _ReadCheck
+from .exact import _ReadCheck
 from .patching import MeZOPatch
 
 #: Module kinds whose forward is row-wise along every leading dimension (checked by the tests).
@@ -77,8 +77,8 @@ class PairedPerturbation:
             own = [n for n, p in module.named_parameters(recurse=False, remove_duplicate=False) if id(p) in wanted]
             if own:
                 if "forward" in module.__dict__:
-                    raise ExactModeError(f"module {mname!r} already has its own forward attribute (another "
-                                         "patch?); paired mode will not replace it")
+                    raise PairedModeError(f"module {mname!r} already has its own forward attribute (another "
+                                          "patch?); paired mode will not replace it")
                 self._owned[module] = own
         other = sorted({type(m).__name__ for m in self._owned if not _known(m)})
         if other:
@@ -264,17 +264,20 @@ def half_losses(model, output, labels):
     config = getattr(model, "config", None)
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         logits, labels = logits[:, :-1], labels[:, 1:]
-    if logits.dim() == labels.dim() + 1:              # tokens or single-label classes
+    problem = getattr(config, "problem_type", None)
+    if problem is None and logits.dim() == 2:       # Hugging Face's rule for sequence classification
+        problem = ("regression" if logits.shape[-1] == 1 else "single_label_classification"
+                   if not labels.is_floating_point() else "multi_label_classification")
+    if logits.dim() == 3 or problem == "single_label_classification":      # tokens or classes
         loss = torch.nn.functional.cross_entropy(logits.transpose(1, -1) if logits.dim() > 2 else logits,
                                                  labels.long(), reduction="none", ignore_index=-100)
         loss, counted = loss.reshape(rows, -1), (labels.reshape(rows, -1) != -100)
         h = rows // 2
         return tuple(loss[s].sum() / counted[s].sum() for s in (slice(0, h), slice(h, rows)))
-    problem = getattr(config, "problem_type", None)
-    if problem == "regression" or (problem is None and logits.shape[-1] == 1 and labels.is_floating_point()):
+    if problem == "regression":
         loss = torch.nn.functional.mse_loss(logits.squeeze(-1) if labels.dim() < logits.dim() else logits,
                                             labels.float(), reduction="none")
-    elif problem == "multi_label_classification" or labels.shape == logits.shape:
+    elif problem == "multi_label_classification":
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
     else:
         raise ValueError(f"paired mode: cannot tell the loss of {name} from logits {tuple(logits.shape)} and labels "

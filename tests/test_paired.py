@@ -189,3 +189,63 @@ def test_other_module_kinds_get_a_notice_and_still_match_exact_mode():
     assert got == pytest.approx(ref, rel=1e-5)
     for p, q in zip(paired.parameters(), exact.parameters()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["causal", "single_label", "regression", "multi_label", "tokens"])
+def test_half_losses_are_the_models_own_loss_of_each_half(head):
+    from fastmezo.paired import double, half_losses
+    g = torch.Generator().manual_seed(3)
+    b = batch()
+    ids, mask = b["input_ids"], b["attention_mask"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if head == "causal":
+            model, labels = tiny("opt", torch.float32), b["labels"]
+        elif head == "tokens":
+            cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=32, num_labels=3)
+            model = transformers.BertForTokenClassification(cfg).eval()
+            labels = torch.randint(0, 3, ids.shape, generator=g).masked_fill(mask == 0, -100)
+        else:
+            num = {"single_label": 3, "regression": 1, "multi_label": 4}[head]
+            cfg = transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                         num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16,
+                                         num_labels=num, pad_token_id=1,
+                                         problem_type="multi_label_classification" if head == "multi_label" else None)
+            model = transformers.OPTForSequenceClassification(cfg).eval()
+            labels = {"single_label": torch.randint(0, 3, (3,), generator=g),
+                      "regression": torch.randn(3, generator=g),
+                      "multi_label": torch.randint(0, 2, (3, 4), generator=g).float()}[head]
+    # Different inputs per half, so that the two losses differ.
+    ids2 = torch.randint(2, 64, ids.shape, generator=g)
+    doubled = dict(input_ids=torch.cat([ids, ids2]), attention_mask=double(mask), labels=double(labels))
+    with torch.no_grad():
+        lp, lm = half_losses(model, model(input_ids=doubled["input_ids"], attention_mask=doubled["attention_mask"]),
+                             doubled["labels"])
+        own_p = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        own_m = model(input_ids=ids2, attention_mask=mask, labels=labels).loss
+    assert float(lp) != float(lm)
+    assert float(lp) == pytest.approx(float(own_p), rel=1e-5)
+    assert float(lm) == pytest.approx(float(own_m), rel=1e-5)
+
+
+def test_a_failing_forward_leaves_the_model_as_it_was():
+    model = tiny("opt", torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stored = {n: id(p) for n, p in model.named_parameters()}
+    calls = []
+
+    def loss_fn(m, doubled):
+        calls.append(1)
+        out = m(input_ids=doubled["input_ids"]).logits.float().mean((1, 2))
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return out
+    with fastmezo.patch(model, lr=0.05, eps=EPS, mode="paired", loss_fn=loss_fn) as handle:
+        with pytest.raises(KeyboardInterrupt):
+            handle.step(batch())
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]) and id(p) == stored[n], n      # no copy left swapped in
+        assert handle.paired._half is None and handle.paired._active is None
+        handle.step(batch())                          # a retry runs a normal step
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
