@@ -117,18 +117,14 @@ class PairedPerturbation:
                                   "mode (fastmezo.patch's default eval_mode=True does) or use mode='exact'")
         self._active = (plan, seed, {id(t): (k, o, float(eps_of_group[g])) for t, k, o, g in
                                      zip(plan.tensors, plan.keys, plan.offsets, plan.groups) if t.numel()})
-        checker = None
-        if self._check_reads:
-            storages = {(t.device, t.untyped_storage().data_ptr()): self.names.get(id(t), f"tensor {i}")
-                        for i, t in enumerate(plan.tensors) if t.numel()}
-            checker = self._checker = _ReadCheck(self, storages)
+        # The first forward is checked for reads of a stored weight that bypass its module (exact mode's check).
+        self._checker = None if not self._check_reads else _ReadCheck(self, {
+            (t.device, t.untyped_storage().data_ptr()): self.names.get(id(t), f"tensor {i}")
+            for i, t in enumerate(plan.tensors) if t.numel()})
         try:
-            if checker is None:
+            with self._checker or contextlib.nullcontext():
                 yield
-            else:
-                with checker:
-                    yield
-                self._check_reads = False          # one clean forward was checked
+            self._check_reads = False
         finally:
             self._active = self._checker = self._half = None
 
