@@ -249,3 +249,32 @@ def test_a_failing_forward_leaves_the_model_as_it_was():
         assert handle.paired._half is None and handle.paired._active is None
         handle.step(batch())                          # a retry runs a normal step
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_the_optimizer_takes_the_provider_directly_with_accumulation():
+    # MeZO(perturbation=PairedPerturbation(model)): the closure runs its own doubled batch and returns
+    # (l+, l-); micro-batches accumulate as in exact mode.
+    from fastmezo.exact import ExactPerturbation
+    from fastmezo.paired import double, half_losses
+    micro = [batch(rows=2, length=8), batch(rows=3, length=6)]
+    results = {}
+    for mode in ("exact", "paired"):
+        model = tiny("llama", torch.float32)
+        provider = (ExactPerturbation if mode == "exact" else PairedPerturbation)(model)
+        opt = fastmezo.MeZO(model.named_parameters(), lr=0.05, eps=EPS, seed=4, perturbation=provider)
+        assert opt.perturbation_mode == mode
+        for b in micro:
+            if mode == "exact":
+                opt.accumulate(lambda: model(**b).loss)
+            else:
+                d = double(b)
+                opt.accumulate(lambda: half_losses(model, model(input_ids=d["input_ids"],
+                                                                attention_mask=d["attention_mask"]), d["labels"]))
+        opt.step_accumulated()
+        provider.remove()
+        results[mode] = (opt.loss_plus, opt.loss_minus, opt.projected_grad, [p.detach() for p in model.parameters()])
+    (lp, lm, g, ws), (rlp, rlm, rg, rws) = results["paired"], results["exact"]
+    assert lp != lm and (lp, lm) == pytest.approx((rlp, rlm), rel=LOSS_RTOL)
+    assert abs(g - rg) <= 4 * LOSS_RTOL * max(abs(rlp), abs(rlm)) / (2 * EPS)
+    for p, q in zip(ws, rws):
+        assert ((p - q).abs() <= 0.05 * abs(g - rg) * Z_MAX + 2 * torch.finfo(p.dtype).eps * p.abs() + 1e-30).all()
