@@ -146,6 +146,10 @@ class PairedPerturbation:
                                       f"{'no batched tensor' if rows is None else f'{rows} rows'}; a paired "
                                       "forward runs a doubled batch (an even number of rows along dim 0)")
             first, second = _split(args, kwargs, rows, True), _split(args, kwargs, rows, False)
+            if all(a is b for a, b in zip(pytree.tree_leaves(first), pytree.tree_leaves((args, kwargs)))):
+                raise PairedModeError(f"paired mode: no tensor argument of module {self._module_names[module]!r} "
+                                      f"has the batch's {rows} rows (or a multiple) along dim 0, so its + and - "
+                                      "halves cannot be told apart; paired mode needs batch-first inputs")
             noise = {}                                 # id(parameter) -> eps * z, made once for both halves
             out_plus = self._run_half(module, forward, +1, *first, noise)
             out_minus = self._run_half(module, forward, -1, *second, noise)

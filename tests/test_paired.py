@@ -278,3 +278,24 @@ def test_the_optimizer_takes_the_provider_directly_with_accumulation():
     assert abs(g - rg) <= 4 * LOSS_RTOL * max(abs(rlp), abs(rlm)) / (2 * EPS)
     for p, q in zip(ws, rws):
         assert ((p - q).abs() <= 0.05 * abs(g - rg) * Z_MAX + 2 * torch.finfo(p.dtype).eps * p.abs() + 1e-30).all()
+
+
+def test_a_module_without_batch_rows_is_refused():
+    # A Linear applied to a tensor shared by the whole batch (no batch dimension): its halves cannot be
+    # told apart, so the step refuses instead of stacking two copies of its output.
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)),
+                                            requires_grad=False)
+            self.proj = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return x @ self.proj(self.table).sum(0, keepdim=True).T
+
+    model = Shared()
+    before = [p.detach().clone() for p in model.parameters()]
+    with fastmezo.patch(model, mode="paired", loss_fn=lambda m, b: m(b).squeeze(1)) as handle:
+        with pytest.raises(PairedModeError, match="'proj'.*batch-first"):
+            handle.step(torch.randn(4, 3, generator=torch.Generator().manual_seed(1)))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
