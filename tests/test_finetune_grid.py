@@ -52,10 +52,11 @@ def test_grid_writes_table_csv_json_and_plot(grid):
         assert (out / name).stat().st_size > 0, name
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in saved["methods"]] == list(METHODS)  # every method, table order
+    encoder_methods = [m for m in METHODS if m != "icl"]  # icl needs a causal LM
+    assert [r["method"] for r in saved["methods"]] == encoder_methods  # every method, table order
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == list(METHODS)
+    assert [r["method"] for r in rows] == encoder_methods
     for r, saved_row in zip(rows, saved["methods"]):  # the CSV holds the JSON's numbers
         assert float(r["test_acc"]) == saved_row["test_acc"] and float(r["peak_mib"]) == saved_row["peak_mib"]
     table = (out / "results.md").read_text()
@@ -218,7 +219,10 @@ def test_hyperparameters_follow_trainable_lr_and_set():
 
 
 def test_parse_methods():
-    assert parse_methods("all") == list(METHODS)
+    assert parse_methods("all") == [m for m in METHODS if m != "icl"]
+    assert parse_methods("all", "causal") == list(METHODS)
+    with pytest.raises(ValueError, match="unknown method.*'icl'.*encoder"):
+        parse_methods("icl")
     assert parse_methods("mezo, zero-shot,mezo") == ["mezo", "zero-shot"]
     with pytest.raises(ValueError, match="known: zero-shot"):
         parse_methods("lora")

