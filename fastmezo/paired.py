@@ -158,25 +158,24 @@ class PairedPerturbation:
 
     def _run_half(self, module, forward, sign, args, kwargs, noise):
         plan, seed, entries = self._active
-        saved = []
-        if self._checker is not None:
-            self._checker.paused += 1
+        saved, outer = [], self._half
         try:
-            for pname in self._owned[module]:
-                p = module._parameters[pname]
-                entry = entries.get(id(p))
-                if entry is None:
-                    continue
-                saved.append((pname, p))
-                module._parameters[pname] = self._copy(plan, seed, p, entry, sign, noise)
-        finally:
             if self._checker is not None:
-                self._checker.paused -= 1
-        outer = self._half
-        self._half = sign
-        try:
+                self._checker.paused += 1      # fastmezo's own reads of the stored weights
+            try:
+                for pname in self._owned[module]:
+                    p = module._parameters[pname]
+                    entry = entries.get(id(p))
+                    if entry is not None:
+                        copy = self._copy(plan, seed, p, entry, sign, noise)
+                        saved.append((pname, p))
+                        module._parameters[pname] = copy
+            finally:
+                if self._checker is not None:
+                    self._checker.paused -= 1
+            self._half = sign
             return forward(*args, **kwargs)
-        finally:
+        finally:                               # whatever raised, the stored parameters go back
             self._half = outer
             for pname, p in saved:
                 module._parameters[pname] = p
