@@ -165,7 +165,7 @@ class MeZO(torch.optim.Optimizer):
         if result.skipped is None:
             return
         self.skipped_steps += 1
-        weights = "unchanged (exact mode)" if self._strategy.name == "exact" else "restored"
+        weights = "unchanged" if self._strategy.name in ("exact", "paired") else "restored"
         message = (f"MeZO step {self.step_count - 1}: {result.skipped} (l_plus={result.loss_plus}, "
                    f"l_minus={result.loss_minus}); parameters {weights}, no update")
         if self.on_nonfinite == "raise":
@@ -259,7 +259,7 @@ class MeZO(torch.optim.Optimizer):
             self._window = None
             self.step_count += 1
             self.skipped_steps += 1
-            weights = "unchanged" if self._strategy.name == "exact" else "restored"
+            weights = "unchanged" if self._strategy.name in ("exact", "paired") else "restored"
             raise FloatingPointError(
                 f"MeZO step {self.step_count - 1}: non-finite loss in micro-batch {window['count'] - 1} "
                 f"(l_plus={loss_plus}, l_minus={loss_minus}); parameters {weights}, step skipped")

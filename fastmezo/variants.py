@@ -91,7 +91,7 @@ class MeZOVariant(MeZO):
             skipped = self._update(plan, hypers, seeds[0])
         self._record(engine.StepResult(first_plus, first_plus, first_minus,
                                        mean if skipped is None else [float("nan")] * len(hypers), skipped),
-                     seeds[0], stacklevel=4)
+                     seeds[0], stacklevel=4, update_pass=engine.RESTORE)
         return first_plus
 
     def _one_sided_forward(self, plan, seed, hypers, closure) -> float:
