@@ -149,3 +149,30 @@ def test_grid_end_to_end_on_a_tiny_causal_lm(tiny_lm, data_csv, tmp_path):
     for name in ("mezo", "mezo-lora", "mezo-prefix"):
         assert len(rows[name]["losses"]) == 3 and rows[name]["dev_curve"][0][0] == 2
     assert (out / "comparison.png").stat().st_size > 0
+
+
+def test_tweets_file_errors_name_the_problem(tmp_path):
+    from fastmezo.tasks import tweets
+    bad = tmp_path / "bad.csv"
+    bad.write_text("label,text\npositive,nice\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['sentiment'\]"):
+        tweets.build(path=bad, verbose=False)
+    few = tmp_path / "few.csv"
+    few.write_text("sentiment,confidence,text\n" + "".join(f"{lab},1,{lab} tweet {i}\n"
+                                                        for lab in tweets.LABELS for i in range(5)))
+    with pytest.raises(ValueError, match="5 tweets of label 'negative'.*need 7"):
+        tweets.build(path=few, k=2, n_dev=2, n_test=3, verbose=False)
+    splits, _ = tweets.build(path=few, k=1, n_dev=1, n_test=2, verbose=False)
+    assert [len(splits[n]) for n in ("train", "dev", "test")] == [3, 3, 6]
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        tweets.build(path=tmp_path / "none.csv", verbose=False)
+
+
+def test_model_kind(tiny_lm, tmp_path):
+    assert causal_lm.model_kind(tiny_lm) == "causal"
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    (enc / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    assert causal_lm.model_kind(enc) == "encoder"
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        causal_lm.model_kind(tmp_path)

@@ -292,10 +292,16 @@ def _build_linear_probe(clf, setup, hp):
     head = torch.nn.Linear(dim, len(clf.label_texts)).to(clf.device)
     module = torch.nn.ModuleDict(dict(classifier=clf, head=head))
 
+    frozen = {}  # the encoder is frozen: dev's features, evaluated at every checkpoint, are computed once
+
     @torch.inference_mode()
     def features(examples, chunk=256):
-        return torch.cat([clf.features([x for x, _ in examples[i:i + chunk]])
-                          for i in range(0, len(examples), chunk)])
+        key = tuple(x for x, _ in examples)
+        if key not in frozen:
+            frozen.clear()  # one split at a time (dev during training): the cache stays small
+            frozen[key] = torch.cat([clf.features([x for x, _ in examples[i:i + chunk]])
+                                     for i in range(0, len(examples), chunk)])
+        return frozen[key]
 
     def train():
         x = features(setup.splits["train"]).clone()  # out of inference mode, to train on
