@@ -142,10 +142,12 @@ def build_parser(parser=None):
     p.add_argument("--label-column", default="label", help="column of the labels in --data")
     p.add_argument("--template", default=None,
                    help='prompt around each input, with {} for it (default: \'The word "{}"\' for word '
-                        "polarity, '{}' for --data)")
+                        "polarity, '{}' for --data; with a causal LM, the prompt ends where the label word goes: "
+                        "'Tweet: {}\\nSentiment:' for tweets, '{}\\nLabel:' for --data)")
     p.add_argument("--label-texts", nargs="+", default=None, metavar="TEXT",
                    help="one verbalizer sentence per label, in label order (default: the word polarity "
-                        "task's, and 'This text is {label}.' for --data)")
+                        "task's, and 'This text is {label}.' for --data); with a causal LM, one label word per "
+                        "label, scored by its first token (default: the label names)")
     p.add_argument("--dev-limit", type=int,
                    help=_setting_help("dev_limit", "evaluate on the first N dev examples (0 = all)"))
     p.add_argument("--eval-every", type=int,
