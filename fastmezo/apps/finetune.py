@@ -112,7 +112,8 @@ def build_parser(parser=None):
     setting = p.add_mutually_exclusive_group()
     setting.add_argument("--quick", action="store_true",
                          help="the quick setting: k=64, 250 MeZO / 50 Adam steps, dev limited to 200 (the whole "
-                              "grid in a few minutes on 2 CPU cores); the default on a CPU")
+                              "grid in a few minutes on 2 CPU cores; --task tweets: k=16, 20 MeZO / 5 Adam steps, ~8 minutes); "
+                              "the default on a CPU")
     setting.add_argument("--full", action="store_true",
                          help="the full setting: k=512, 5000 MeZO / 1000 Adam steps, all dev (meant for a GPU; "
                               "hours on a small CPU); the default on a GPU")
