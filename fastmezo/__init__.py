@@ -6,7 +6,8 @@
     loss = opt.step(lambda: model(**batch).loss)
 
 or ``handle = fastmezo.patch(model); model.mezo_step(batch)``. The fused passes are in
-:mod:`fastmezo.functional`; the noise contract in :mod:`fastmezo.noise` and docs/noise.md.
+:mod:`fastmezo.functional`; the noise contract in :mod:`fastmezo.noise` and docs/noise.md; how the
+layers fit (op contract, plans, the step engine) in docs/design.md.
 Importing fastmezo never imports triton or a native library: backends load on first use.
 """
 from . import distributed, exact, functional, integrations, noise, paired
@@ -21,7 +22,6 @@ from .variants import MeZOVariant
 
 __version__ = "0.1.0"
 
-__all__ = ["MeZO", "MeZOPatch", "patch", "param_groups", "functional", "exact", "paired", "integrations", "noise", "distributed",
-           "data_parallel", "derive_seed",
-           "key_from_name", "NOISE_VERSION", "BackendUnavailable", "replay", "Trajectory", "MeZOVariant",
-           "__version__"]
+__all__ = ["MeZO", "MeZOPatch", "patch", "param_groups", "MeZOVariant", "data_parallel", "replay", "Trajectory",
+           "functional", "exact", "paired", "integrations", "noise", "distributed", "derive_seed",
+           "key_from_name", "NOISE_VERSION", "BackendUnavailable", "__version__"]
