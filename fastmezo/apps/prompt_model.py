@@ -105,7 +105,22 @@ def load_encoder(path=None, device="cpu", dtype=torch.float32):
     return encoder.to(device=device, dtype=dtype).eval(), tokenizer
 
 
-class PromptClassifier(torch.nn.Module):
+class ScoreObjectives:
+    """The two training objectives of a classifier whose forward gives one score per label: cross-entropy
+    of the scores (differentiable) and the 0-1 loss (non-differentiable, for MeZO)."""
+
+    def loss(self, inputs, labels):
+        """Cross-entropy of the label scores (the differentiable objective)."""
+        scores = self(inputs)
+        return F.cross_entropy(scores, torch.as_tensor(labels, device=scores.device))
+
+    def error_rate(self, inputs, labels):
+        """0-1 loss on the batch, 1 - accuracy: a non-differentiable objective that MeZO can still use."""
+        pred = self(inputs).argmax(1)
+        return (pred != torch.as_tensor(labels, device=pred.device)).float().mean()
+
+
+class PromptClassifier(ScoreObjectives, torch.nn.Module):
     """Cosine similarity between a text's embedding and each label sentence's embedding."""
 
     def __init__(self, encoder, tokenizer, template=TEMPLATE, label_texts=LABEL_TEXTS,
@@ -141,16 +156,6 @@ class PromptClassifier(torch.nn.Module):
         texts = [self.template.format(x) for x in inputs]
         emb = self.embed(texts + self.label_texts)
         return self.temperature * emb[:len(texts)] @ emb[len(texts):].T
-
-    def loss(self, inputs, labels):
-        """Cross-entropy of the cosine logits (the differentiable objective)."""
-        logits = self(inputs)
-        return F.cross_entropy(logits, torch.as_tensor(labels, device=logits.device))
-
-    def error_rate(self, inputs, labels):
-        """0-1 loss on the batch, 1 - accuracy: a non-differentiable objective that MeZO can still use."""
-        pred = self(inputs).argmax(1)
-        return (pred != torch.as_tensor(labels, device=pred.device)).float().mean()
 
     @torch.inference_mode()
     def accuracy(self, examples, batch_size=256):
