@@ -1,4 +1,4 @@
-"""The fused passes of fastmezo.functional (perturb_, restore_and_update_, axpbz_, make_noise) on every
+"""The fused passes of fastmezo.functional (perturb_, restore_and_update_, scale_and_add_noise_, make_noise) on every
 backend that runs here, against plain torch that takes z explicitly from the oracle
 (fastmezo.oracle.noise).
 
@@ -151,8 +151,8 @@ def test_restore_and_update_per_tensor_lists(backend, device):
 @all_backends
 @all_dtypes
 @all_cases
-def test_axpbz_matches_formula(backend, device, dtype, shape):
-    """axpbz_(x, a, b, seed) gives a x + b z for a != 1 (including a = 0, which must drop x entirely,
+def test_scale_and_add_noise_matches_formula(backend, device, dtype, shape):
+    """scale_and_add_noise_(x, a, b, seed) gives a x + b z for a != 1 (including a = 0, which must drop x entirely,
     and a < 0), Gaussian and Rademacher noise, and a non-zero offset."""
     x = _rand(shape, dtype, seed=7)
     for a, b, noise, offset in [(0.5, 2.0, "gaussian", 0), (-1.25, 0.01, "rademacher", 0),
@@ -164,7 +164,7 @@ def test_axpbz_matches_formula(backend, device, dtype, shape):
 
 
 @all_backends
-def test_axpbz_per_tensor_coefficients(backend, device):
+def test_scale_and_add_noise_per_tensor_coefficients(backend, device):
     """Per-tensor a and b lists, explicit keys (top bit set, all ones) and per-tensor offsets reach the
     right tensor."""
     xs = [_rand((300,), torch.float32, 8), _rand((5, 9), torch.float16, 9), _rand((1000,), torch.bfloat16, 10)]
