@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+import fastmezo
 from fastmezo.apps import finetune
 from fastmezo.apps.isolation import run_isolated
 from fastmezo.apps.memory import PeakMemory
@@ -104,6 +105,21 @@ def test_grid_trains_exactly_the_intended_weights(grid):
     assert by["mezo-lora"]["trainable_params"] < full / 100
     assert by["mezo-prefix"]["trainable_params"] < full / 100
     assert [n for n in by["linear-probe"]["trainable_tensors"]] == ["head.weight", "head.bias"]
+
+
+@pytest.mark.slow
+def test_grid_writes_each_mezo_runs_trajectory(grid):
+    """Beside the results, each MeZO method's trajectory: a header naming exactly the method's trained
+    tensors and one record per step, from which fastmezo.replay rebuilds the weights."""
+    results, out = grid
+    by = {r["method"]: r for r in results["methods"]}
+    for name in ("mezo", "mezo-nondiff", "mezo-lora", "mezo-prefix"):
+        trajectory = fastmezo.Trajectory.load(out / f"trajectory-{name}.jsonl")
+        assert trajectory.header["strategy"] == "inplace"
+        names = [e["name"] for e in trajectory.header["base"]["tensors"]]
+        assert sorted(names) == sorted(by[name]["trainable_tensors"]), name
+        assert [r["step"] for r in trajectory.records] == [0, 1], name
+    assert not (out / "trajectory-ft-adam.jsonl").exists()
 
 
 @pytest.mark.slow

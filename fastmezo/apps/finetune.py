@@ -338,7 +338,8 @@ def run(args):
                       kind=args.kind,
                       device=str(device), seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
                       trainable=args.trainable, weight_decay=args.weight_decay, dev_limit=dev_limit,
-                      progress=not args.no_progress, eval_every=args.eval_every, scratch_dir=scratch)
+                      progress=not args.no_progress, eval_every=args.eval_every, scratch_dir=scratch,
+                      trajectory_dir=str(args.out))
         print(f"methods: {', '.join(methods)}; device {device}; setting {'quick' if args.quick else 'full'}"
               f"{'; each method in a forked process' if isolate else ''}; results in {args.out}", flush=True)
         for name in methods:

@@ -135,6 +135,7 @@ class Setup:
     progress: bool = True
     eval_every: int = 0           # checkpoint selection on dev every N steps (0: keep the last weights)
     scratch_dir: str | None = None  # where the best checkpoint goes (None: the system's temp folder)
+    trajectory_dir: str | None = None  # MeZO methods write trajectory-<method>.jsonl here (None: not)
     kind: str = "encoder"         # "causal": label-word scoring with a causal LM (apps.causal_lm)
     monitor: object = None        # set by run_method: the BestOnDev of the method being trained
 
@@ -328,8 +329,14 @@ def _build_linear_probe(clf, setup, hp):
 def _mezo_trainer(clf, setup, hp, name, objective):
     """train() for MeZO on clf's trainable (requires_grad) weights with the given objective."""
     def train():
+        # The run's trajectory (kilobytes): with the base weights it rebuilds every step's weights
+        # (fastmezo.replay; the best checkpoint is the trajectory cut at its step).
+        trajectory = None
+        if setup.trajectory_dir is not None:
+            trajectory = os.path.join(setup.trajectory_dir, f"trajectory-{name.split()[0]}.jsonl")
         handle = fastmezo.patch(clf, lr=hp["lr"], eps=hp["eps"], weight_decay=setup.weight_decay,
-                                seed=setup.seed, loss_fn=lambda model, batch: objective(*batch))
+                                seed=setup.seed, loss_fn=lambda model, batch: objective(*batch),
+                                trajectory=trajectory)
         sampler = batches(setup.splits["train"], setup.batch_size, setup.seed)
 
         def step(_):
