@@ -111,7 +111,7 @@ class _Offsets:
     def move(self, seed, eps, frm: int, to: int, pass_index: int, rounding: bool) -> None:
         """Move the devices at ``frm`` to ``to`` (b = (to - frm) * eps, written as the reference does)."""
         step = to - frm
-        b = [e if step == 1 else -e if step == -1 else step * e for e in eps]
+        b = [step * e for e in eps]            # exact: a product with +-1 or +-2 only moves the exponent
         todo = {unit for unit, s in self.at.items() if s == frm}
         rs = rounding_seed(seed, pass_index) if rounding else None
         # Plan.run records each part as it finishes: after a failure, exactly those have moved.
@@ -153,8 +153,9 @@ class InPlace:
     def restore(self, offsets, seed, eps, pass_index, rounding) -> None:
         offsets.restore(seed, eps, pass_index, rounding)
 
-    def update_b(self, a: float, hyper: Hyper, grad: float) -> float:
-        return update_coefficients(hyper.lr, hyper.weight_decay, grad, restore_eps=hyper.eps)[1]
+    def update(self, hyper: Hyper, grad: float):
+        """(a, b) of the update from theta - eps z, where the forwards leave the weights."""
+        return update_coefficients(hyper.lr, hyper.weight_decay, grad, restore_eps=hyper.eps)
 
 
 class Exact:
@@ -182,8 +183,9 @@ class Exact:
     def restore(self, offsets, seed, eps, pass_index, rounding) -> None:
         pass
 
-    def update_b(self, a: float, hyper: Hyper, grad: float) -> float:
-        return update_coefficients(hyper.lr, hyper.weight_decay, grad)[1]
+    def update(self, hyper: Hyper, grad: float):
+        """(a, b) of the update from theta, where the stored weights stayed."""
+        return update_coefficients(hyper.lr, hyper.weight_decay, grad)
 
 
 def projected_grads(loss_plus: float, loss_minus: float, hypers) -> list:
@@ -208,8 +210,7 @@ def run_step(strategy, plan: Plan, seed: int, hypers, closure, *, rounding: bool
         grads = projected_grads(loss_plus, loss_minus, hypers)
         skipped = None if all(math.isfinite(g) for g in grads) else "non-finite loss"
         if update and skipped is None:
-            a = [1.0 - h.lr * h.weight_decay for h in hypers]
-            b = [strategy.update_b(a_i, h, g) for a_i, h, g in zip(a, hypers, grads)]
+            a, b = map(list, zip(*(strategy.update(h, g) for h, g in zip(hypers, grads))))
             try:
                 plan.check_coefficients(a, b, "the update")
             except OverflowError as exc:
@@ -235,9 +236,7 @@ def _apply(plan: Plan, seed, a, b, pass_index, rounding, offsets, eps) -> None:
     try:
         plan.run(seed, a, b, round_seed=rs, done=done)
     except BaseException:
-        if done:                        # a = 1 - lr * wd is never 0 here: group_hyper keeps lr * wd <= 2, != 1
-            plan.run(seed, [1.0 / a_i if a_i else 1.0 for a_i in a],
-                     [-b_i / a_i if a_i else 0.0 for a_i, b_i in zip(a, b)], round_seed=rs, units=set(done))
+        plan.undo(seed, a, b, done, rs)
         if offsets is not None:
             offsets.restore(seed, eps, pass_index, rounding)
         raise
@@ -246,8 +245,7 @@ def _apply(plan: Plan, seed, a, b, pass_index, rounding, offsets, eps) -> None:
 def apply_update(plan: Plan, seed: int, hypers, grads, *, pass_index: int, rounding: bool) -> str | None:
     """The update of an accumulated step (weights at theta): x <- (1 - lr wd) x - lr g z. Returns None,
     or the reason it was refused (nothing changed)."""
-    a = [1.0 - h.lr * h.weight_decay for h in hypers]
-    b = [update_coefficients(h.lr, h.weight_decay, g)[1] for h, g in zip(hypers, grads)]
+    a, b = map(list, zip(*(update_coefficients(h.lr, h.weight_decay, g) for h, g in zip(hypers, grads))))
     try:
         plan.check_coefficients(a, b, "the update")
     except OverflowError as exc:

@@ -45,12 +45,8 @@ def _pass(tensors, a, b, seed, *, keys, noise, offsets, backend, rounding_seed=N
     try:
         plan.run(seed, a_of_group, b_of_group, round_seed=rounding_seed, load_x=load_x, outs=outs, done=done)
     except BaseException:
-        if done and outs is None and load_x:
-            # The parts already written go back by the inverse pass x <- (x - b z) / a (exact up to the
-            # rounding of the two passes; a part scaled by a = 0 cannot be brought back).
-            plan.run(seed, [1.0 / a_g if a_g else 1.0 for a_g in a_of_group],
-                     [-b_g / a_g if a_g else 0.0 for a_g, b_g in zip(a_of_group, b_of_group)],
-                     round_seed=rounding_seed, units=set(done))
+        if outs is None and load_x:            # the parts already written go back
+            plan.undo(seed, a_of_group, b_of_group, done, rounding_seed)
         raise
 
 

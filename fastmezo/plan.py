@@ -4,11 +4,11 @@ A :class:`Plan` holds tensors (with names for messages), their noise keys and of
 runs each device's tensors. Building it checks everything a pass relies on: dtypes, contiguity, one
 memory range per tensor (two tensors sharing memory would be perturbed twice), keys, offsets, and that a
 backend can run each device. :meth:`Plan.is_current` re-checks cheaply (same tensor objects at the same
-addresses, same dtypes and shapes) so the optimizer rebuilds only when the parameters changed. Passes
-(:meth:`Plan.run`) take their coefficients through :func:`coefficient`, which refuses values that are not
-real numbers and coefficients that would make a finite weight non-finite, before any tensor is touched.
+addresses, same dtypes and shapes) so the optimizer rebuilds only when the parameters changed. Before a
+pass, :meth:`Plan.check_coefficients` refuses coefficients that could make a finite weight non-finite;
+:meth:`Plan.run` records the parts it finished and :meth:`Plan.undo` moves them back after a failure.
 
-This module is where those rules live; the functional API, the step engine, exact mode and the
+The rules themselves live in fastmezo.checks; the functional API, the step engine, exact mode and the
 integrations all build plans.
 """
 from __future__ import annotations
@@ -48,14 +48,14 @@ class Plan:
         self.groups = [0] * n if groups is None else list(groups)
         self.noise = int(parse_noise(noise))
         chosen = backends.requested(backend)
-        self._by_device: dict = {}
+        by_device: dict = {}
         for i, t in enumerate(tensors):
             if t.numel():
-                self._by_device.setdefault(t.device, []).append(i)
+                by_device.setdefault(t.device, []).append(i)
         # Every device's backend before any pass: a device no backend can run fails the plan, not a
         # step halfway through.
         self.devices = []       # (device, backend module, tensor indices, their keys, their offsets)
-        for device, idx in self._by_device.items():
+        for device, idx in by_device.items():
             self.devices.append((device, backends.select(device, chosen), idx, [self.keys[i] for i in idx],
                                  [self.offsets[i] for i in idx]))
         self._fingerprint = self._fingerprint_of(tensors)
@@ -120,6 +120,15 @@ class Plan:
                         [self.offsets[i] for i in members], self.noise, load_x, round_seed)
                 if done is not None:
                     done.append(unit)
+
+    def undo(self, seed: int, a_of_group, b_of_group, done, round_seed=None) -> None:
+        """Move the parts in ``done`` back from a pass x <- a x + b z by the inverse pass x <- (x - b z) / a
+        (exact up to the rounding of the two passes). A part scaled by a = 0 (lr * weight_decay = 1) was
+        zeroed and cannot be brought back: it is left as it is."""
+        if done:
+            self.run(seed, [1.0 / a if a else 1.0 for a in a_of_group],
+                     [-b / a if a else 0.0 for a, b in zip(a_of_group, b_of_group)], round_seed=round_seed,
+                     units=set(done))
 
     def _prepared(self, k: int):
         """Device k's prepared in-place launches, one per coefficient group, as (group, launch, tensors it
