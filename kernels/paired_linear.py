@@ -1,0 +1,185 @@
+"""Paired mode's fused linear layer: both perturbed halves of a doubled batch in one read of W.
+
+    y[:h] = x[:h] @ round(W + eps*z)^T        y[h:] = x[h:] @ round(W - eps*z)^T        (h = M / 2)
+
+z is the noise contract's z of W (docs/noise.md: seed, key, element index n*K + k + offset, Gaussian
+stream 0 or Rademacher stream 1), generated in registers; the perturbed weights are never written.
+Each rounded tile is what paired mode's materialize path (and exact mode) stores in its copies:
+float32 eps*z, float32 sum with W, one round to nearest even to W's dtype (no FMA contraction: the
+kernel is compiled without fp fusion, as kernels/axpbz.py is).
+
+Tiling. A program owns one [BLOCK_N] slice of output columns, one [BLOCK_M] block of rows of EACH
+half, and one range of K (split-K). Per [BLOCK_N, BLOCK_K] weight tile it loads W once, generates z
+once, forms both rounded tiles and multiplies each with its half's [BLOCK_M, BLOCK_K] rows into its
+own float32 accumulator (tl.dot). Paired mode's small batches (a few hundred rows in all, where a
+forward is bound by reading the weights) fit one row block, so every weight element is read once
+and its z generated once. Larger batches take several row blocks, each regenerating z: there the
+matmul is compute-bound and the caller keeps the materialize path (fastmezo.paired_linear chooses).
+
+z of a tile: the row n's elements n*K + k0 .. n*K + k0 + BLOCK_K - 1 are consecutive in the stream,
+so with K and the offset multiples of the elements per Philox call (4 Gaussian, 128 Rademacher)
+every row of a tile starts on a call boundary: the tile is BLOCK_N * BLOCK_K / P whole calls, built
+as one 1-D vector by kernels.philox's helpers and reshaped to [BLOCK_N, BLOCK_K]. Other shapes or
+offsets are refused (:func:`unfusable_reason`); the caller materializes instead.
+
+Parallelism. One row block leaves few programs (N / BLOCK_N) for a GPU of ~130 SMs, so K is split
+into SPLIT ranges; each program writes its float32 partial sums to its own slice of a workspace
+[SPLIT, M, N], and torch sums the slices in a fixed order. No atomics: results are the same run to
+run. The bias (tiny) is added by the caller in float32 before the one rounding of y.
+
+Compiled kernels use the fast transcendentals of kernels.philox (FAST); the interpreter (tests on
+CPU) uses the accurate ones, and rounds bfloat16 on bit patterns, since its own conversion truncates.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .philox import gaussian_block, rademacher_block
+
+# Read once, as kernels/axpbz.py does: triton reads TRITON_INTERPRET when it is imported.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+_NO_FMA_CONTRACTION = {} if _INTERPRETING else {"enable_fp_fusion": False}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PER_CALL = (4, 128)                     # elements per Philox call: Gaussian, Rademacher
+MAX_BLOCK_M = 128                       # rows of each half per program (register budget of 2 accumulators)
+
+
+@triton.jit
+def _round(y, DTYPE: tl.constexpr, FAST: tl.constexpr):
+    """float32 -> DTYPE, to nearest even: the hardware conversion when compiled (FAST). In the
+    interpreter, bfloat16 is rounded on the float32 bit pattern first (add 0x7FFF plus the kept lowest
+    bit, clear the low half; NaN left as it is), so that its truncating conversion is then exact."""
+    if DTYPE == tl.bfloat16 and not FAST:
+        bits = y.to(tl.uint32, bitcast=True)
+        kept = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.where(y == y, kept, y).to(tl.bfloat16)
+    return y.to(DTYPE)
+
+
+@triton.jit
+def _dot(x, w, acc, DTYPE: tl.constexpr, FAST: tl.constexpr):
+    """acc + x @ w^T with float32 accumulation. float32 operands: no TF32 (torch's float32 matmul
+    default). The interpreter multiplies bfloat16 through float32 (its dot reads bfloat16 as raw
+    integers); a bfloat16 product is exact in float32, as in the tensor cores."""
+    if DTYPE == tl.float32:
+        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+    if DTYPE == tl.bfloat16 and not FAST:
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit(do_not_specialize=["eps", "seed_lo", "seed_hi", "key", "offset", "k_per_split"])
+def _paired_linear_kernel(x_ptr, w_ptr, ws_ptr, M_HALF, N, K, k_per_split, eps, seed_lo, seed_hi, key, offset,
+                          NOISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, FAST: tl.constexpr):
+    P: tl.constexpr = 4 if NOISE == 0 else 128
+    CALLS_PER_ROW: tl.constexpr = BLOCK_K // P
+    DTYPE = w_ptr.dtype.element_ty
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)        # rows of each half
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    m_ok = rm < M_HALF
+    n_ok = rn < N
+    # The Philox call of each (row of the tile, call of the row), in the tile's element order.
+    j = tl.arange(0, BLOCK_N * CALLS_PER_ROW).to(tl.int64)
+    call_row = pid_n * BLOCK_N + j // CALLS_PER_ROW
+    call_col = j % CALLS_PER_ROW
+    acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_m = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        ctr = (call_row * K + k0 + offset) // P + call_col
+        if NOISE == 0:
+            z = gaussian_block(ctr, seed_lo, seed_hi, key, FAST)
+        else:
+            z = rademacher_block(ctr, seed_lo, seed_hi, key, FAST)
+        ez = eps * tl.reshape(z, (BLOCK_N, BLOCK_K))
+        wf = w.to(tl.float32)
+        w_plus = _round(wf + ez, DTYPE, FAST)
+        w_minus = _round(wf - ez, DTYPE, FAST)
+        x_mask = m_ok[:, None] & k_ok[None, :]
+        x_plus = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=x_mask, other=0.0)
+        x_minus = tl.load(x_ptr + (rm + M_HALF)[:, None] * K + kk[None, :], mask=x_mask, other=0.0)
+        acc_p = _dot(x_plus, w_plus, acc_p, DTYPE, FAST)
+        acc_m = _dot(x_minus, w_minus, acc_m, DTYPE, FAST)
+    out = ws_ptr + pid_s * (2 * M_HALF * N) + rm[:, None] * N + rn[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    tl.store(out, acc_p, mask=mask)
+    tl.store(out + M_HALF * N, acc_m, mask=mask)
+
+
+def unfusable_reason(x2d: torch.Tensor, weight: torch.Tensor, noise: int, offset: int) -> str | None:
+    """Why :func:`paired_linear` cannot take these operands (None: it can)."""
+    if weight.dtype not in DTYPES:
+        return f"weight dtype {weight.dtype} (fused: float16, bfloat16, float32)"
+    if x2d.dtype != weight.dtype:
+        return f"input dtype {x2d.dtype} differs from the weight's {weight.dtype}"
+    if weight.dim() != 2 or not weight.is_contiguous():
+        return "weight is not a contiguous matrix"
+    if x2d.dim() != 2 or x2d.shape[1] != weight.shape[1] or x2d.shape[0] % 2:
+        return f"input {tuple(x2d.shape)} is not an even number of rows of {weight.shape[1]} columns"
+    if x2d.device != weight.device:
+        return "input and weight on different devices"
+    align = 8 if noise == 0 else PER_CALL[1]
+    if weight.shape[1] % align or offset % align:
+        return (f"in-features {weight.shape[1]} or offset {offset} not a multiple of {align}: rows of a "
+                "weight tile would not start on a Philox call")
+    return None
+
+
+def _blocks(m_half: int, n: int, k: int, noise: int, device: torch.device, block_n, block_k, split_k):
+    block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(m_half)))
+    block_n = block_n or 64
+    block_k = block_k or (64 if noise == 0 else 128)
+    if block_k % PER_CALL[noise]:
+        raise ValueError(f"block_k {block_k} must be a multiple of {PER_CALL[noise]} (elements per Philox call)")
+    k_tiles = triton.cdiv(k, block_k)
+    if split_k is None:
+        programs = triton.cdiv(m_half, block_m) * triton.cdiv(n, block_n)
+        # About two programs per SM, never splits of less than 4 tiles (each split writes M x N floats).
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        split_k = max(1, min(triton.cdiv(2 * sms, programs), k_tiles // 4))
+    k_per_split = triton.cdiv(k_tiles, max(1, min(split_k, k_tiles))) * block_k
+    return block_m, block_n, block_k, triton.cdiv(k, k_per_split), k_per_split
+
+
+def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed: int, key: int, noise: int = 0,
+                  offset: int = 0, bias_plus=None, bias_minus=None, *, block_n: int | None = None,
+                  block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None):
+    """[M, N] in x2d's dtype: rows :M/2 of x2d times round(W + eps z)^T, rows M/2: times
+    round(W - eps z)^T, plus bias_plus / bias_minus (already perturbed, or the same stored bias) added
+    in float32 before the one rounding. No autograd; the caller checks :func:`unfusable_reason`."""
+    reason = unfusable_reason(x2d, weight, noise, offset)
+    if reason is not None:
+        raise ValueError(f"paired_linear: {reason}")
+    x2d = x2d.contiguous()
+    m, k = x2d.shape
+    n, h = weight.shape[0], m // 2
+    block_m, block_n, block_k, split, k_per_split = _blocks(h, n, k, noise, weight.device, block_n, block_k,
+                                                            split_k)
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=weight.device)
+    if m and n:
+        grid = (triton.cdiv(h, block_m), triton.cdiv(n, block_n), split)
+        _paired_linear_kernel[grid](
+            x2d, weight, ws, h, n, k, k_per_split, float(eps),
+            _i32(seed & 0xFFFFFFFF), _i32((seed >> 32) & 0xFFFFFFFF), _i32(key & 0xFFFFFFFF), offset,
+            NOISE=noise, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            FAST=not _INTERPRETING, num_warps=num_warps or (4 if block_m <= 32 else 8), **_NO_FMA_CONTRACTION)
+    y = ws[0] if split == 1 else ws.sum(0)
+    if bias_plus is not None:
+        y[:h] += bias_plus.float()
+        y[h:] += bias_minus.float()
+    return y.to(x2d.dtype)
+
+
+def _i32(word: int) -> int:
+    return word - (1 << 32) if word >= (1 << 31) else word
