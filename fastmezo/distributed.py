@@ -109,11 +109,7 @@ class DataParallel:
             self.fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
         self.optimizer, self.group, self.check_every = optimizer, group, check_every
         self.world_size = dist.get_world_size(group)
-        # NCCL reduces CUDA tensors only; a group with gloo (alone or beside NCCL) takes CPU tensors,
-        # which costs no device synchronization beyond the .item() the losses already paid.
-        backend = str(dist.get_backend(group))
-        self.device = torch.device("cpu") if "gloo" in backend or not torch.cuda.is_available() \
-            else torch.device("cuda", torch.cuda.current_device())
+        self.device = _reduce_device(group)
         self.comm_bytes = 0
         self._agreed_at = None         # step counter after the last step whose ranks were checked to agree
         self._failure = None           # this rank's forward exception during the current step
@@ -140,6 +136,8 @@ class DataParallel:
 
     # -- one step ---------------------------------------------------------------------------------
     def _run(self, name: str, closure):
+        if closure is None and name == "step":
+            return self._accumulated_step()
         if closure is None or not callable(closure):
             return self._original[name](closure)         # the optimizer's own error
         self._reshard()
@@ -151,9 +149,25 @@ class DataParallel:
         finally:
             self._failure = None
         self._agreed_at = self.optimizer.step_count
-        if name == "step" and self.check_every and self.optimizer.step_count % self.check_every == 0:
-            self.check_replicas()
+        if name == "step":
+            self._maybe_check_replicas()
         return result
+
+    def _accumulated_step(self):
+        """``step()`` without a closure (MeZOTrainerOptimizer: apply what ``accumulate`` gathered). Its
+        losses were reduced in ``accumulate``, so the ranks move on together and stay in agreement;
+        a plain MeZO raises its own error here, changing nothing."""
+        agreed = self._agreed_at == self.optimizer.step_count
+        self._reshard()
+        result = self._original["step"](None)
+        if agreed:
+            self._agreed_at = self.optimizer.step_count
+        self._maybe_check_replicas()
+        return result
+
+    def _maybe_check_replicas(self) -> None:
+        if self.check_every and self.optimizer.step_count % self.check_every == 0:
+            self.check_replicas()
 
     def _wrap(self, closure):
         def wrapped():
@@ -173,20 +187,9 @@ class DataParallel:
             module.reshard()
 
     def _reduce(self, loss_plus: float, loss_minus: float):
-        failed = self._failure is not None
-        buf = torch.tensor([loss_plus, loss_minus, float(failed)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
-        self.comm_bytes += buf.numel() * buf.element_size()
-        total_plus, total_minus, failures = buf.tolist()
-        if failures:
-            if failed:
-                raise self._failure
-            raise DistributedStepError(
-                f"the forward of {int(failures)} of {self.world_size} ranks raised at step "
-                f"{self.optimizer.step_count}; every rank restored its weights and skipped the step (see the "
-                "failing rank's error)")
-        # A sum of non-finite values stays non-finite, so every rank reaches the same skip decision.
-        return total_plus / self.world_size, total_minus / self.world_size
+        self.comm_bytes += 8 * 3          # two losses and the failure flag, float64
+        return tuple(mean_losses([loss_plus, loss_minus], self._failure, self.group,
+                                 where=f"at step {self.optimizer.step_count}"))
 
     # -- agreement checks -------------------------------------------------------------------------
     def _max_min(self, values: list[int]):
@@ -228,6 +231,42 @@ class DataParallel:
                 what = "step counter" if i == 0 else f"tensor {i - 1} ({named[i - 1][0]!r})"
                 raise ReplicaDivergence(f"the replicas differ after step {opt.step_count}: {what} is not the "
                                         "same on every rank")
+
+
+def _reduce_device(group):
+    # NCCL reduces CUDA tensors only; a group with gloo (alone or beside NCCL) takes CPU tensors,
+    # which costs no device synchronization beyond the .item() the losses already paid.
+    backend = str(dist.get_backend(group))
+    return torch.device("cpu") if "gloo" in backend or not torch.cuda.is_available() \
+        else torch.device("cuda", torch.cuda.current_device())
+
+
+def mean_losses(losses, failure: BaseException | None, group=None, *, agree=(), where: str = "") -> list[float]:
+    """The mean over the ranks of each of ``losses`` (float64 sum / world size), in one all-reduce
+    that also carries whether this rank's forward raised (``failure``) and the ints of ``agree``
+    (non-negative, < 2**64: a step's seeds), which every rank must hold equal. Every rank reaches the
+    same decision from the same sums: a non-finite loss anywhere gives non-finite means everywhere; a
+    failure anywhere raises on every rank (the failing rank its own exception, the others
+    :class:`DistributedStepError`); unequal ``agree`` values raise ValueError on every rank."""
+    world = dist.get_world_size(group)
+    # Equality from sums: 16-bit chunks c_r are equal on all ranks iff world * sum(c^2) == sum(c)^2
+    # (Cauchy-Schwarz), and both sums are exact in float64.
+    chunks = [float((v >> shift) & 0xFFFF) for v in agree for shift in (0, 16, 32, 48)]
+    values = [float(x) for x in losses] + [float(failure is not None)] + chunks + [c * c for c in chunks]
+    buf = torch.tensor(values, dtype=torch.float64, device=_reduce_device(group))
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    sums = buf.tolist()
+    n, k = len(losses), len(chunks)
+    if sums[n]:
+        if failure is not None:
+            raise failure
+        raise DistributedStepError(f"the forward of {int(sums[n])} of {world} ranks raised {where}; every rank "
+                                   "restored its weights and skipped the step (see the failing rank's error)")
+    if any(world * q != c * c for c, q in zip(sums[n + 1:n + 1 + k], sums[n + 1 + k:])):
+        raise ValueError(f"data parallel: the ranks drew different seeds {where} (this rank: {list(agree)}); "
+                         "every rank must draw the same seeds (same RNG seeding, same draws), or the replicas "
+                         "would diverge")
+    return [total / world for total in sums[:n]]
 
 
 def _bind(handle: DataParallel, name: str):

@@ -31,6 +31,15 @@ few numbers per step, fastmezo.trajectory) instead of the weights. ``train(resum
 on a model holding the base weights replays it (fastmezo.replay: the same weights bit for bit) and
 continues; ``python -m fastmezo replay BASE CHECKPOINT/mezo_trajectory.jsonl OUT`` writes the weights.
 
+Data parallel (torchrun, docs/distributed.md): when torch.distributed is initialized with more than
+one process, the first training step makes the optimizer data parallel (:func:`fastmezo.data_parallel`):
+every micro-batch's two losses are averaged over the ranks in one all-reduce, so every rank applies
+the same update and the replicas stay bit-identical; a rank whose loss is non-finite or whose forward
+raises makes every rank skip together. The Trainer wraps a plain model in DDP itself (no gradient
+hook fires: there is no backward). An FSDP2 model (``fully_shard`` applied by the caller before
+``mezo_optimizer_cls_and_kwargs``) is trained shard by shard and not wrapped in DDP; its checkpoints
+hold the gathered weights, written by the main process. Checkpoints are written once (``should_save``).
+
 Cost: three memory passes per micro-batch plus one for the update (``MeZO.step`` fuses the
 restore into the update, three in all; here the restore stays inside ``training_step`` so that no
 one ever sees perturbed weights).
@@ -45,6 +54,7 @@ import torch
 from transformers import Trainer
 
 from ..optim import MeZO, param_groups
+from ..plan import _is_dtensor
 from ..replayer import replay
 from ..trajectory import Trajectory
 
@@ -112,17 +122,6 @@ def mezo_optimizer_cls_and_kwargs(model: torch.nn.Module, args=None, *, lr: floa
     return MeZOTrainerOptimizer, dict(params=groups, **kwargs)
 
 
-def _mean_over_ranks(loss: torch.Tensor) -> torch.Tensor:
-    """With several processes each rank sees other data: all must use the same projected gradient,
-    or their weights drift apart. So every loss is averaged over the ranks."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        loss = loss.clone()
-        dist.all_reduce(loss)
-        loss = loss / dist.get_world_size()
-    return loss
-
-
 def _unwrap(optimizer):
     """The optimizer under accelerate's AcceleratedOptimizer (and similar wrappers)."""
     while optimizer is not None and not isinstance(optimizer, MeZO) and hasattr(optimizer, "optimizer"):
@@ -143,9 +142,24 @@ class MeZOTrainerMixin:
     """
 
     mezo_eval_mode = True
+    #: With several processes: compare the replicas' checksums every that many optimizer steps
+    #: (:func:`fastmezo.data_parallel`'s ``check_every``); None: never.
+    mezo_check_every = None
 
     def __init__(self, *args, save_trajectory_only: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        #: The :class:`fastmezo.distributed.DataParallel` handle once training runs on several processes.
+        self.mezo_data_parallel = None
+        if _sharded(getattr(self, "model", None)):
+            if not hasattr(self, "is_distributed_loading_by_transformers"):
+                raise RuntimeError("this transformers version cannot train a model the caller sharded with "
+                                   "fully_shard (its Trainer would wrap the DTensor parameters in DDP)")
+            if save_trajectory_only:
+                raise ValueError("save_trajectory_only does not support FSDP2 (DTensor) parameters: the "
+                                 "trajectory's base hash is taken over whole tensors; save weights instead")
+            # The Trainer's flag for a model that owns its sharding: accelerate must not wrap it in DDP
+            # (which cannot broadcast DTensors), and every rank joins the gathers of a checkpoint.
+            self.is_distributed_loading_by_transformers = True
         if not isinstance(save_trajectory_only, bool):
             raise TypeError(f"save_trajectory_only must be True or False, got {save_trajectory_only!r}")
         if save_trajectory_only and self.args.load_best_model_at_end:
@@ -209,6 +223,8 @@ class MeZOTrainerMixin:
                              "model have requires_grad=True?)")
         if self.save_trajectory_only and (optimizer.trajectory is None or self._mezo_resumed_trajectory):
             self._mezo_record_trajectory(optimizer)
+        if self.mezo_data_parallel is None and optimizer.reduce_losses is None:
+            self._mezo_data_parallel(optimizer)
         prepare_cp = getattr(self, "_prepare_context_parallel_inputs", None)  # transformers 5
         cp_context, inputs = prepare_cp(model, inputs) if prepare_cp else (contextlib.nullcontext, inputs)
         scale = self._mezo_loss_scale(num_items_in_batch)
@@ -219,7 +235,7 @@ class MeZOTrainerMixin:
                 loss = self.compute_loss(model, copy.copy(inputs), num_items_in_batch=num_items_in_batch)
             if self.args.n_gpu > 1:
                 loss = loss.mean()  # DataParallel returns one loss per device
-            return _mean_over_ranks(loss.detach().float() * scale)
+            return loss.detach().float() * scale
 
         with cp_context():
             inputs = self._prepare_inputs(inputs)
@@ -231,6 +247,21 @@ class MeZOTrainerMixin:
                 for module, training in modes:
                     module.training = training
         return torch.tensor((loss_plus + loss_minus) / 2.0, dtype=torch.float32, device=self.args.device)
+
+    def _mezo_data_parallel(self, optimizer: MeZOTrainerOptimizer) -> None:
+        """With several processes: average the losses over the ranks (fastmezo.data_parallel), so that
+        every rank applies the same update."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        if _sharded(self.model):
+            held = {id(p) for p in self.model.parameters()}
+            if any(id(p) not in held for group in optimizer.param_groups for p in group["params"]):
+                raise ValueError("the MeZO optimizer holds tensors that are not the model's parameters: with "
+                                 "FSDP2, call mezo_optimizer_cls_and_kwargs(model, args) after fully_shard(model), "
+                                 "whose DTensor parameters replace the ones it was given")
+        from ..distributed import data_parallel
+        self.mezo_data_parallel = data_parallel(optimizer, check_every=self.mezo_check_every, model=self.model)
 
     # -- trajectory-only checkpoints ------------------------------------------------------------
     def _mezo_record_trajectory(self, mezo: MeZOTrainerOptimizer) -> None:
@@ -267,10 +298,23 @@ class MeZOTrainerMixin:
         base weights (checked by their sha256); training then continues recording it. Other checkpoints
         load the Trainer's way."""
         path = os.path.join(resume_from_checkpoint, TRAJECTORY_FILE)
+        model = model if model is not None else self.model
+        weights = os.path.join(resume_from_checkpoint, "model.safetensors")
+        if _sharded(model) and os.path.isfile(weights):
+            # The checkpoint holds the gathered weights: each rank loads its own shards from them.
+            from safetensors.torch import load_file
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            result = set_model_state_dict(model, load_file(weights), options=StateDictOptions(
+                full_state_dict=True, strict=False))
+            missing = [k for k in result.missing_keys if k not in _tied_names(model)]
+            if missing or result.unexpected_keys:
+                raise ValueError(f"{weights} does not match the model: missing {missing[:3]}, unexpected "
+                                 f"{result.unexpected_keys[:3]}")
+            return None
         if not os.path.isfile(path):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         trajectory = Trajectory.load(path)
-        replay(model if model is not None else self.model, trajectory)
+        replay(model, trajectory)
         self._mezo_resumed_trajectory = trajectory
         return None
 
@@ -285,6 +329,16 @@ class MeZOTrainerMixin:
                 grads.clear()
             logs.pop("grad_norm", None)
         return super().log(logs, *args, **kwargs)
+
+
+def _sharded(model) -> bool:
+    return model is not None and any(_is_dtensor(p) for p in model.parameters())
+
+
+def _tied_names(model) -> set:
+    """Names under which a parameter appears beside its first name (tied weights, which
+    named_parameters() and a saved checkpoint list once)."""
+    return set(dict(model.named_parameters(remove_duplicate=False))) - set(dict(model.named_parameters()))
 
 
 class MeZOTrainer(MeZOTrainerMixin, Trainer):
