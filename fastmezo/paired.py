@@ -16,6 +16,8 @@ materializes, and a paired step equals an exact-mode step up to the rounding of 
 kernels. The alternative for nn.Linear, x W^T over the doubled batch plus +-eps * x z^T per half,
 would double the matmul FLOPs (a loss where large batches are compute-bound) and would not round the
 perturbed weight as exact mode does (in bfloat16 that rounding is of the order of eps*z itself).
+An nn.Linear with few rows (memory-bound) instead runs both halves in one fused kernel that reads W
+once and makes the same rounded tiles in registers (issue 18, item 1: fastmezo.paired_linear).
 
 Any module works this way: nn.Linear, nn.Embedding, LayerNorm, RMSNorm and the modules of
 transformers are split along dim 0 of their tensor arguments; a module of another kind owning a
@@ -34,6 +36,7 @@ from torch.utils import _pytree as pytree
 
 from . import ops
 from .exact import _ReadCheck
+from .paired_linear import fused_or_none, max_rows_of
 from .patching import MeZOPatch
 
 #: Module kinds whose forward is row-wise along every leading dimension (checked by the tests).
@@ -54,11 +57,14 @@ class PairedPerturbation:
 
     Wraps the forward of every module owning one of ``params`` (an instance attribute, removed by
     :meth:`remove`); outside :meth:`perturbation` the wrapped forwards are the original ones.
+    ``fused``: when an nn.Linear takes the fused kernel instead of materialized copies (None: up to
+    fastmezo.paired_linear.DEFAULT_MAX_ROWS rows; an int: that many rows; True / False: always / never);
+    :attr:`paths` says which path each module took in the last paired forward.
     """
 
     mode = "paired"
 
-    def __init__(self, model: torch.nn.Module, params=None, *, check_reads: bool = True):
+    def __init__(self, model: torch.nn.Module, params=None, *, check_reads: bool = True, fused=None):
         params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
         names = {}
         for name, p in model.named_parameters(remove_duplicate=True):
@@ -91,6 +97,9 @@ class PairedPerturbation:
         #: Rows of the doubled batch of the running forward (set by PairedPatch); None: each wrapped
         #: module takes the most rows among its tensor arguments.
         self.rows = None
+        self.max_rows = max_rows_of(fused)
+        #: {module name: "fused" or "materialized"}: the path of each module in the last paired forward.
+        self.paths: dict[str, str] = {}
         for module in self._owned:
             module.forward = self._wrap(module, module.forward)
 
@@ -115,6 +124,7 @@ class PairedPerturbation:
             raise PairedModeError(f"paired mode: {mixing[0]!r} is a batch norm in training mode, which mixes the "
                                   "rows of the batch, so the +eps half would see the -eps half; put it in eval "
                                   "mode (fastmezo.patch's default eval_mode=True does) or use mode='exact'")
+        self.paths = {}
         self._active = (plan, seed, {id(t): (k, o, float(eps_of_group[g])) for t, k, o, g in
                                      zip(plan.tensors, plan.keys, plan.offsets, plan.groups) if t.numel()})
         # The first forward is checked for reads of a stored weight that bypass its module (exact mode's check).
@@ -145,6 +155,10 @@ class PairedPerturbation:
                 raise PairedModeError(f"paired mode: module {self._module_names[module]!r} got "
                                       f"{'no batched tensor' if rows is None else f'{rows} rows'}; a paired "
                                       "forward runs a doubled batch (an even number of rows along dim 0)")
+            out = fused_or_none(self, module, args, kwargs, rows, self.max_rows)
+            self.paths[self._module_names[module]] = "materialized" if out is None else "fused"
+            if out is not None:
+                return out
             first, second = _split(args, kwargs, rows, True), _split(args, kwargs, rows, False)
             if all(a is b for a, b in zip(pytree.tree_leaves(first), pytree.tree_leaves((args, kwargs)))):
                 raise PairedModeError(f"paired mode: no tensor argument of module {self._module_names[module]!r} "
@@ -334,10 +348,10 @@ class PairedPatch(MeZOPatch):
             self.paired.rows = None
 
 
-def paired_patch(model, groups, *, loss_fn=None, eval_mode=True, **options) -> PairedPatch:
+def paired_patch(model, groups, *, loss_fn=None, eval_mode=True, fused=None, **options) -> PairedPatch:
     """The handle of ``fastmezo.patch(model, mode="paired")`` over the param groups ``groups``."""
     from .optim import MeZO
-    provider = PairedPerturbation(model, [p for g in groups for _, p in g["params"]])
+    provider = PairedPerturbation(model, [p for g in groups for _, p in g["params"]], fused=fused)
     try:
         optimizer = MeZO(groups, perturbation=provider, **options)
     except BaseException:

@@ -116,7 +116,7 @@ class MeZOPatch:
 def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
           seed: int = 0, noise: str = "gaussian", loss_fn=None, eval_mode: bool = True,
           keys: str = "auto", no_decay=NO_DECAY, mode: str = "inplace",
-          group_bytes: int | None = None, **optimizer_options) -> MeZOPatch:
+          group_bytes: int | None = None, fused=None, **optimizer_options) -> MeZOPatch:
     """Bind MeZO to the trainable (requires_grad) parameters of ``model``; returns a :class:`MeZOPatch`.
 
     Weight decay skips bias and normalization parameters (the reference's rule, see
@@ -135,6 +135,9 @@ def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight
     ``group_bytes`` (exact mode only): the most bytes of perturbed copies one hooked module
     materializes at once (fastmezo.exact.plan_groups; default: the largest trained tensor, at least
     16 MiB; 0: one hooked module per module owning a trained parameter).
+    ``fused`` (paired mode only): when an nn.Linear runs paired mode's fused kernel rather than
+    materialized copies: None (automatic, by rows), a number of rows, True or False
+    (fastmezo.paired_linear).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fastmezo.patch takes a torch.nn.Module, not {type(model).__name__}")
@@ -142,6 +145,8 @@ def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight
         raise ValueError(f"unknown fastmezo.patch mode {mode!r}; expected one of {', '.join(map(repr, MODES))}")
     if group_bytes is not None and mode != "exact":
         raise ValueError("group_bytes applies to mode='exact' only (in-place mode materializes nothing)")
+    if fused is not None and mode != "paired":
+        raise ValueError("fused applies to mode='paired' only")
     if "perturbation" in optimizer_options:
         raise TypeError("fastmezo.patch chooses the perturbation from mode='inplace'|'exact'; do not pass "
                         "perturbation= as well")
@@ -154,7 +159,7 @@ def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight
     if mode == "paired":
         from .paired import paired_patch      # fastmezo.paired builds on this module
         handle = paired_patch(model, groups, lr=lr, eps=eps, seed=seed, noise=noise, keys=keys, loss_fn=loss_fn,
-                              eval_mode=eval_mode, **optimizer_options)
+                              eval_mode=eval_mode, fused=fused, **optimizer_options)
         object.__setattr__(model, _HANDLE, handle)
         object.__setattr__(model, _ATTRIBUTE, handle.step)
         return handle

@@ -1,0 +1,104 @@
+"""Paired mode's fused path for nn.Linear: both halves of the doubled batch in one read of the weight.
+
+fastmezo.paired runs every module owning a trained parameter once per half with materialized copies
+round(W +- eps*z) (the *materialize* path: z made once per weight per module call, two copies
+written and read, two matmuls). For an ``nn.Linear`` whose doubled batch is small, the forward is
+bound by reading the weight, and the fused kernel (fastmezo.kernels.paired_linear) does both halves
+in one read of W with z generated in registers and no copy written: the *fused* path. With many rows
+the matmul is compute-bound and the kernel, which regenerates z for every block of rows, loses to the
+materialize path's cuBLAS matmuls; so the choice is by rows of the module's input (batch and sequence
+flattened): at most ``max_rows`` rows take the fused path.
+
+``fused`` (``fastmezo.patch(model, mode="paired", fused=...)``, ``PairedPerturbation(fused=...)``):
+None (default) picks by :data:`DEFAULT_MAX_ROWS`; an int is the row threshold; True fuses whatever the
+rows, False never. The fused path also needs: the plan's backend for the device is Triton (compiled on
+CUDA; the interpreter on CPU when the backend is forced to "triton" with TRITON_INTERPRET=1), a plain
+``nn.Linear`` forward with the input as its only argument, the weight trained, the input's dtype the
+weight's, and in-features and offset multiples of the elements per Philox call
+(:func:`fastmezo.kernels.paired_linear.unfusable_reason`); otherwise the module is materialized.
+Under torch.compile or a dispatch mode the materialize path runs (the kernel is a plain,
+autograd-free call). :func:`fused_or_none` returns the module's output or None (materialize).
+
+Both paths compute the same perturbed weights bit for bit (the kernel rounds each tile as the copies
+are rounded); their outputs differ only by the summation order of the matmul.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+
+from . import ops
+
+#: Rows (the doubled batch times the sequence) up to which an nn.Linear takes the fused kernel by
+#: default. Set from bench/bench_paired.py's sweep on an H200 (docs/perf.md); a guess until it ran.
+DEFAULT_MAX_ROWS = 1024
+
+
+def max_rows_of(fused) -> int:
+    """The row threshold that ``fused`` (None, True, False or an int >= 0) stands for."""
+    if fused is None:
+        return DEFAULT_MAX_ROWS
+    if isinstance(fused, bool):
+        return sys.maxsize if fused else 0
+    if isinstance(fused, int) and fused >= 0:
+        return fused
+    raise ValueError(f"fused must be None (automatic), True, False or a number of rows >= 0, not {fused!r}")
+
+
+def _triton_runs(plan, device) -> bool:
+    from .backends import triton as triton_backend
+    return plan.backend_of(device) is triton_backend
+
+
+def fused_or_none(provider, module, args, kwargs, rows: int, max_rows: int):
+    """The output of ``module`` on a doubled batch of ``rows`` rows by the fused kernel, or None where
+    the materialize path must run it (see the module docstring for when)."""
+    if max_rows <= 0 or type(module).forward is not torch.nn.Linear.forward:
+        return None
+    x = args[0] if len(args) == 1 and not kwargs else kwargs.get("input") if not args and len(kwargs) == 1 else None
+    plan, seed, entries = provider._active
+    weight, bias = module.weight, module.bias
+    entry = entries.get(id(weight))
+    if (entry is None or not isinstance(x, torch.Tensor) or type(x) is not torch.Tensor or x.dim() < 2
+            or x.shape[0] < 2 or x.shape[0] % rows or ops.tracing()):
+        return None
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.shape[0] > max_rows or not _triton_runs(plan, x.device):
+        return None
+    with _paused(provider._checker):     # fastmezo's own reads of the stored weights
+        from .kernels.paired_linear import paired_linear, unfusable_reason
+        key, offset, eps = entry
+        if unfusable_reason(x2d, weight, plan.noise, offset) is not None:
+            return None
+        bias_plus = bias_minus = bias
+        b_entry = None if bias is None else entries.get(id(bias))
+        if b_entry is not None:          # the bias is tiny: materialized, as the other path does
+            noise = {}
+            bias_plus = provider._copy(plan, seed, bias, b_entry, +1, noise)
+            bias_minus = provider._copy(plan, seed, bias, b_entry, -1, noise)
+        with torch.no_grad(), _interpreter_lock(x.device):
+            y = paired_linear(x2d, weight, eps, seed, key, plan.noise, offset, bias_plus, bias_minus)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@contextlib.contextmanager
+def _paused(checker):
+    """The first forward's read check (fastmezo.exact._ReadCheck) off for fastmezo's own reads."""
+    if checker is None:
+        yield
+        return
+    checker.paused += 1
+    try:
+        yield
+    finally:
+        checker.paused -= 1
+
+
+def _interpreter_lock(device):
+    """The Triton backend's lock for interpreted kernels (the interpreter's module state is shared)."""
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    from .backends import triton as triton_backend
+    return triton_backend._interpreter_lock
