@@ -12,6 +12,9 @@ Two frontends are known, told apart by ``args.trainer``, the field both training
   ``self.optimizer.step()`` with ``param.grad = projected_grad * z / q``; its ``zo_update`` only steps
   the scheduler.
 
+Under torch.distributed (:func:`process_group`) the steps are data parallel; FSDP2 (DTensor)
+parameters are refused (:func:`refuse_dtensors`).
+
 Every value is checked as a number (``numbers.Real``, bool refused): a string such as "1e-3" from a
 YAML config is refused before anything is perturbed.
 """
@@ -22,7 +25,10 @@ import numbers
 import re
 from dataclasses import dataclass
 
+import torch
+
 from .. import checks
+from ..plan import _is_dtensor
 
 PAPER = "the paper's trainer (princeton-nlp/MeZO)"
 ZO_BENCH = "ZO-Bench's trainer"
@@ -165,3 +171,30 @@ def check_methods(trainer, frontend: str) -> None:
         if _DRAWS_NOISE.search(source):
             raise ValueError(f"{type(trainer).__name__}.{name}() draws torch random numbers and "
                              "use_fastmezo does not replace it: its z would differ from fastmezo's")
+
+
+def process_group(data_parallel):
+    """(whether steps are data parallel, the process group) for ``use_fastmezo(data_parallel=...)``."""
+    dist = torch.distributed
+    running = dist.is_available() and dist.is_initialized()
+    if data_parallel is None:
+        return running and dist.get_world_size() > 1, None
+    if data_parallel is False:
+        return False, None
+    if not running:
+        raise RuntimeError("use_fastmezo(data_parallel=...) needs torch.distributed initialized: call "
+                           "torch.distributed.init_process_group() first (torchrun sets the environment)")
+    if data_parallel is True:
+        return True, None
+    if not isinstance(data_parallel, dist.ProcessGroup):
+        raise TypeError(f"data_parallel must be None, True, False or a torch.distributed.ProcessGroup, got "
+                        f"{type(data_parallel).__name__}")
+    return True, data_parallel
+
+
+def refuse_dtensors(named_params) -> None:
+    for name, p in named_params:
+        if _is_dtensor(p):
+            raise ValueError(f"use_fastmezo does not support FSDP2 (DTensor) parameters ({name!r}): the "
+                             "trainers' forwards read FSDP's gathered copies, which passes on the shards would "
+                             "not reach; train with fastmezo.patch + fastmezo.data_parallel or MeZOTrainer")

@@ -16,6 +16,15 @@ by methods that raise. A trainer in a mode that fastmezo cannot reproduce exactl
 sparsity, module-wise, zo_conserv, forward_grad, ...) or with an unknown method that may draw z is
 refused, with the option named, before anything on it changes (:mod:`.frontend_modes`).
 
+Data parallel (torchrun: each rank its own batch, a replica of the model, DDP-wrapped or not): when
+torch.distributed is initialized with several processes (or ``data_parallel=True`` / a process group),
+every step averages its losses over the ranks in one float64 all-reduce (fastmezo.distributed.mean_losses,
+as fastmezo.data_parallel does), which also checks that every rank drew the same seeds. Every rank then
+applies the same update, so the replicas stay bit-identical; a non-finite loss anywhere is one on every
+rank, and a forward that raises on one rank makes every rank undo the step and raise. FSDP2 (DTensor)
+parameters are refused: the trainers' forwards read FSDP's gathered copies, which the passes on the
+shards would not reach.
+
 Each replaced step is a transaction: if anything raises inside it (a forward, a pass, an interrupt),
 the passes already applied are undone by opposite passes along the same z and the error propagates,
 so the weights are back at their start up to rounding (the restore pass of in-place MeZO) and a retry
@@ -24,13 +33,16 @@ does not accumulate.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import torch
 
 from .. import functional as F
+from ..distributed import mean_losses
 from ..engine import NO_DECAY
-from .frontend_modes import GUARDED, PAPER, REPLACED, ZO_BENCH, check_methods, read_mode, real, seed_of
+from .frontend_modes import (GUARDED, PAPER, REPLACED, ZO_BENCH, check_methods, process_group, read_mode, real,
+                             refuse_dtensors, seed_of)
 
 _REQUIRED = ("zo_step", "zo_perturb_parameters", "zo_update", "zo_forward")
 
@@ -86,7 +98,7 @@ def _new_seed() -> int:
 class FastMeZOFrontend:
     """Handle of a switched trainer; ``remove()`` gives the trainer its own methods back."""
 
-    def __init__(self, trainer, noise: str = "gaussian", backend: str | None = None):
+    def __init__(self, trainer, noise: str = "gaussian", backend: str | None = None, data_parallel=None):
         if "_fastmezo_frontend" in vars(trainer):
             raise RuntimeError("this trainer already uses fastmezo; call remove() on its handle first")
         missing = [name for name in _REQUIRED if not callable(getattr(trainer, name, None))]
@@ -96,6 +108,10 @@ class FastMeZOFrontend:
         mode = read_mode(trainer)            # refuses unsupported options before anything changes
         check_methods(trainer, mode.frontend)
         F.make_noise(1, 0, noise=noise, backend=backend)   # a bad noise or backend name fails here
+        self.data_parallel, self.group = process_group(data_parallel)
+        self._failure = None           # this rank's forward exception during the current step (data parallel)
+        if isinstance(getattr(trainer, "model", None), torch.nn.Module):
+            refuse_dtensors(trainer.model.named_parameters())
         self.trainer, self.frontend, self.noise, self.backend = trainer, mode.frontend, noise, backend
         own = {PAPER: (self._paper_zo_step, self._zo_perturb_parameters, self._paper_zo_update),
                ZO_BENCH: (self._zo_bench_zo_step, self._zo_bench_zo_step_v1, self._zo_perturb_parameters)}
@@ -121,7 +137,31 @@ class FastMeZOFrontend:
     def _select_parameters(self, model):
         t = self.trainer
         t.named_parameters_to_optim = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        refuse_dtensors(t.named_parameters_to_optim)
         return list(t.named_parameters_to_optim)
+
+    def _forward(self, model, inputs):
+        """The trainer's zo_forward. Data parallel: a forward that raises is kept for the all-reduce
+        (and the step's later forwards are skipped), so that this rank still joins it."""
+        if not self.data_parallel:
+            return self.trainer.zo_forward(model, inputs)
+        if self._failure is not None:
+            return None
+        try:
+            return self.trainer.zo_forward(model, inputs)
+        except BaseException as exc:       # KeyboardInterrupt too: the other ranks must not wait for us
+            self._failure = exc
+            return None
+
+    def _projected_grads(self, pairs, seeds, divisor: float) -> list[float]:
+        """(l1 - l2) / divisor for each (l1, l2) of ``pairs``: on one process the trainers' own
+        arithmetic on their loss tensors; data parallel, on the means over the ranks (one all-reduce)."""
+        if not self.data_parallel:
+            return [((loss1 - loss2) / divisor).item() for loss1, loss2 in pairs]
+        failure, self._failure = self._failure, None
+        losses = [math.nan if failure is not None else float(x) for pair in pairs for x in pair]
+        means = mean_losses(losses, failure, self.group, agree=seeds, where="in this step")
+        return [(means[2 * i] - means[2 * i + 1]) / divisor for i in range(len(pairs))]
 
     def _guard(self, name):
         def refuse(*args, **kwargs):
@@ -151,10 +191,10 @@ class FastMeZOFrontend:
         t.zo_random_seed = step_seed = _new_seed()
         with _transaction(params, self.noise, self.backend) as passes:
             passes.perturb(step_seed, mode.eps)
-            loss1 = t.zo_forward(model, inputs)
+            loss1 = self._forward(model, inputs)
             passes.perturb(step_seed, -2 * mode.eps)
-            loss2 = t.zo_forward(model, inputs)
-            t.projected_grad = ((loss1 - loss2) / (2 * mode.eps)).item()
+            loss2 = self._forward(model, inputs)
+            t.projected_grad, = self._projected_grads([(loss1, loss2)], [step_seed], 2 * mode.eps)
             passes.perturb(step_seed, mode.eps)
         return loss1
 
@@ -210,23 +250,22 @@ class FastMeZOFrontend:
         lrs = self._sgd_learning_rates(params)
         for _, p in params:
             p.grad = None        # as ZO-Bench leaves them: its update goes through .grad and clears it
-        directions = []
+        seeds, pairs = [], []
         with _transaction(params, self.noise, self.backend) as passes:
             for i in range(mode.q):
                 t.zo_random_seed = step_seed = _new_seed()
+                seeds.append(step_seed)
                 passes.perturb(step_seed, mode.eps)
-                loss1 = t.zo_forward(model, inputs)
-                if mode.one_sided:
-                    passes.perturb(step_seed, -mode.eps)
-                    loss2 = t.zo_forward(model, inputs)
-                    t.projected_grad = ((loss1 - loss2) / mode.eps).item()
-                else:
-                    passes.perturb(step_seed, -2 * mode.eps)
-                    loss2 = t.zo_forward(model, inputs)
-                    t.projected_grad = ((loss1 - loss2) / (2 * mode.eps)).item()
-                    if i < mode.q - 1:
-                        passes.perturb(step_seed, mode.eps)
-                g = real(t.projected_grad, "projected_grad")
+                loss1 = self._forward(model, inputs)
+                passes.perturb(step_seed, -mode.eps if mode.one_sided else -2 * mode.eps)
+                pairs.append((loss1, self._forward(model, inputs)))
+                if not mode.one_sided and i < mode.q - 1:
+                    passes.perturb(step_seed, mode.eps)
+            grads = self._projected_grads(pairs, seeds, mode.eps if mode.one_sided else 2 * mode.eps)
+            t.projected_grad = grads[-1]
+            directions = []
+            for step_seed, g in zip(seeds, grads):
+                g = real(g, "projected_grad")
                 directions.append((step_seed, (float(np.sign(g)) if mode.sign else g) / mode.q))
             last_seed, last_coefficient = directions.pop()
             if mode.one_sided:
@@ -250,10 +289,13 @@ class FastMeZOFrontend:
         del t._fastmezo_frontend
 
 
-def use_fastmezo(trainer, *, noise: str = "gaussian", backend: str | None = None) -> FastMeZOFrontend:
+def use_fastmezo(trainer, *, noise: str = "gaussian", backend: str | None = None,
+                 data_parallel=None) -> FastMeZOFrontend:
     """Switch a MeZO trainer instance (the paper's or ZO-Bench's) to fastmezo's fused passes, or
     refuse it, unchanged, with the option it does not support named (see the module doc).
 
     ``noise="rademacher"`` draws z from +-1 instead of the trainers' Gaussian: a different
-    algorithm, on request only."""
-    return FastMeZOFrontend(trainer, noise=noise, backend=backend)
+    algorithm, on request only. ``data_parallel``: None (default) averages every step's losses over
+    the ranks when torch.distributed is initialized with several processes; True or a process
+    group require it; False keeps each process on its own losses (independent runs)."""
+    return FastMeZOFrontend(trainer, noise=noise, backend=backend, data_parallel=data_parallel)
