@@ -1,11 +1,11 @@
 """Command line: ``python -m fastmezo <command> [options]`` (also the ``fastmezo`` console script).
 
 Commands:
-  finetune   the MeZO paper's comparison (zero-shot, linear probing, MeZO full / LoRA / prefix /
-             non-differentiable, backprop + Adam) fine-tuning all-MiniLM-L6-v2 on VADER word
-             polarity (``fastmezo finetune --quick`` runs the grid in a few minutes on a small CPU),
-             or, with ``--task tweets``, the causal LM SmolLM2-135M on tweet sentiment, prompt-based
-             as in the paper (in-context learning added to the grid)
+  finetune   the MeZO paper's comparison (zero-shot, in-context learning, linear probing, MeZO full /
+             LoRA / prefix / non-differentiable, backprop + Adam) fine-tuning the causal LM
+             SmolLM2-135M on tweet sentiment, prompt-based as in the paper (the quick setting runs
+             the grid in minutes on a small CPU), or, with ``--task vader``, all-MiniLM-L6-v2 on VADER
+             word polarity; under torchrun the MeZO methods run data-parallel
   replay     BASE TRAJECTORY OUT: fine-tuned weights (safetensors) from base weights and a trajectory
 
 SIGINT and SIGTERM stop a command within seconds with one line on stderr and the exit status 130 /
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmezo", description="fastmezo: fused kernels for MeZO.",
                                      epilog="Run 'fastmezo <command> --help' for a command's options.")
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
-    sub = commands.add_parser("finetune", help="MeZO vs baselines: MiniLM on word polarity, or SmolLM2 on tweets",
+    sub = commands.add_parser("finetune", help="MeZO vs baselines: SmolLM2 on tweets, or MiniLM on word polarity",
                               description=finetune.DESCRIPTION, formatter_class=finetune.HelpFormatter)
     finetune.build_parser(sub)
     sub.set_defaults(func=finetune.run)

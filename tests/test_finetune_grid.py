@@ -29,7 +29,7 @@ def _needs_model():
 
 def _run(argv):
     """finetune.run on parsed ``argv`` (tiny, quiet); returns the results dict."""
-    args = finetune.build_parser().parse_args(argv + ["--no-progress", "--device", "cpu"])
+    args = finetune.build_parser().parse_args(argv + ["--task", "vader", "--no-progress", "--device", "cpu"])
     args.argv = argv
     return finetune.run(args)
 
@@ -211,13 +211,13 @@ def test_cli_bad_input_is_one_clear_error(argv, message, capsys):
     pytest.importorskip("vaderSentiment")
     from fastmezo.__main__ import main
     with pytest.raises(SystemExit) as exc:
-        main(["finetune", "--quick", "--no-progress", "--out", "/tmp/unused"] + argv)
+        main(["finetune", "--task", "vader", "--quick", "--no-progress", "--out", "/tmp/unused"] + argv)
     assert message in str(exc.value) and str(exc.value).startswith("fastmezo finetune: error:")
 
 
 def test_hyperparameters_follow_trainable_lr_and_set():
     def hps(*argv, quick=True):
-        return finetune.resolve(finetune.build_parser().parse_args(["--quick"] * quick + [*argv]))[3]
+        return finetune.resolve(finetune.build_parser().parse_args(["--task", "vader"] + ["--quick"] * quick + [*argv]))[3]
     assert hps("--trainable", "bitfit")["mezo"]["lr"] == 2e-3 and hps()["mezo"]["lr"] == 1e-4
     # the full setting's 5000 steps take smaller rates for the methods that drift (FULL_SETTING_LR)
     full = hps("--full", quick=False)
@@ -336,7 +336,11 @@ def test_help_shows_defaults_and_no_markup(capsys):
     assert "``" not in text
     assert "--temperature TEMPERATURE scale of the cosine similarities" in text and "(default: 20.0)" in text
     assert "CSV, TSV or JSON-lines" in text and "(default: runs/finetune)" in text
-    assert "(default: the setting's, quick 250, full 5000)" in text  # --steps
+    c, e = finetune.CAUSAL_SETTINGS, finetune.SETTINGS
+    steps = (f"(default: the setting's; tweets quick {c['quick']['mezo_steps']}, full {c['full']['mezo_steps']}; "
+             f"vader quick {e['quick']['mezo_steps']}, full {e['full']['mezo_steps']})")
+    assert steps in text  # --steps
+    assert "--task {tweets,vader}" in text and "(default: tweets)" in text
     assert "the default on a CPU" in text and "--resume" in text and "--overwrite" in text
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--k", "4", "--batch-size", "4", "--eval-limit", "16", "--no-progress"]
+TINY = ["--task", "vader", "--k", "4", "--batch-size", "4", "--eval-limit", "16", "--no-progress"]
 STOP_WITHIN_SECONDS = 10.0   # the child gets 5 s of grace before SIGKILL; measured: about 1 s
 
 

