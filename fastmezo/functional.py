@@ -1,7 +1,8 @@
 """Functional API: the fused MeZO passes over lists of tensors. Other frontends call these.
 
 Every function validates all of its arguments before it changes anything (fastmezo.plan), so bad input
-raises a clear error and leaves every tensor untouched; coefficients that could turn a finite weight
+raises a clear error and leaves every tensor untouched (an in-place call with the tensors of a recent
+call, unchanged, reuses that call's validated plan: fastmezo.plan_cache, which holds no tensor); coefficients that could turn a finite weight
 into inf are refused the same way (OverflowError). If a backend fails partway through a pass, the
 tensors it had already written are moved back by the inverse pass before the error propagates. Tensors may be given as a list of tensors or as
 (name, tensor) pairs (as ``model.named_parameters()`` yields). Tensor i gets noise key i unless
@@ -16,10 +17,21 @@ import torch
 from .engine import check_decay, update_coefficients
 from .noise import check_seed
 from .checks import SUPPORTED_DTYPES, check_call, nonnegative, per_tensor, positive, real, split_named
+from . import plan_cache
 from .plan import Plan
 
 __all__ = ["perturb_", "restore_and_update_", "update_", "scale_and_add_noise_", "perturbed", "make_noise",
            "noise_like", "SUPPORTED_DTYPES"]
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _split(tensors):
+    """split_named, with a fast path for the common case (a list or tuple of plain tensors)."""
+    if type(tensors) in (list, tuple) and not set(map(type, tensors)).difference(_PLAIN):
+        return list(tensors), [None] * len(tensors)
+    return split_named(tensors)
 
 
 def _pass(tensors, a, b, seed, *, keys, noise, offsets, backend, rounding_seed=None, outs=None, load_x=True,
@@ -38,16 +50,24 @@ def _pass(tensors, a, b, seed, *, keys, noise, offsets, backend, rounding_seed=N
         pairs: dict = {}
         groups = tuple(pairs.setdefault(pair, len(pairs)) for pair in zip(a, b))
         a_of_group, b_of_group = [p[0] for p in pairs], [p[1] for p in pairs]
-    plan = Plan(tensors, names, keys=keys, offsets=offsets, groups=list(groups), noise=noise, backend=backend,
-                one_device=True)
-    plan.check_coefficients(a_of_group, b_of_group, what)
-    done = []
+    if outs is None and load_x:
+        # In-place passes over the caller's tensors: the same tensors come back every step (plan_cache).
+        plan, ticket = plan_cache.lease(tensors, names, keys=keys, offsets=offsets, groups=groups, noise=noise,
+                                        backend=backend)
+    else:
+        plan, ticket = Plan(tensors, names, keys=keys, offsets=offsets, groups=list(groups), noise=noise,
+                            backend=backend, one_device=True), None
     try:
-        plan.run(seed, a_of_group, b_of_group, round_seed=rounding_seed, load_x=load_x, outs=outs, done=done)
-    except BaseException:
-        if outs is None and load_x:            # the parts already written go back
-            plan.undo(seed, a_of_group, b_of_group, done, rounding_seed)
-        raise
+        plan.check_coefficients(a_of_group, b_of_group, what)
+        done = []
+        try:
+            plan.run(seed, a_of_group, b_of_group, round_seed=rounding_seed, load_x=load_x, outs=outs, done=done)
+        except BaseException:
+            if outs is None and load_x:            # the parts already written go back
+                plan.undo(seed, a_of_group, b_of_group, done, rounding_seed)
+            raise
+    finally:
+        plan_cache.give_back(plan, ticket)
 
 
 def scale_and_add_noise_(tensors, a, b, seed: int, *, keys=None, noise="gaussian", offsets=None,
@@ -63,7 +83,7 @@ def scale_and_add_noise_(tensors, a, b, seed: int, *, keys=None, noise="gaussian
     with random bits from Philox stream 2 keyed by it (docs/noise.md section 8): the stored value is
     unbiased, so updates far below one ulp still move the weights on average.
     """
-    tensors = split_named(tensors)
+    tensors = _split(tensors)
     n = len(tensors[0])
     _pass(tensors, per_tensor(a, n, "a"), per_tensor(b, n, "b"), seed, keys=keys, noise=noise, offsets=offsets,
           backend=backend, rounding_seed=rounding_seed)
@@ -73,7 +93,7 @@ def perturb_(tensors, seed: int, alpha: float, *, keys=None, noise="gaussian", o
              rounding_seed: int | None = None, backend: str | None = None) -> None:
     """Add alpha * z(seed) to each tensor in place (MeZO's +eps, -2 eps and restore passes).
     ``rounding_seed``: stochastic rounding of float16/bfloat16 results (see :func:`scale_and_add_noise_`)."""
-    tensors = split_named(tensors)
+    tensors = _split(tensors)
     n = len(tensors[0])
     _pass(tensors, [1.0] * n, per_tensor(alpha, n, "alpha"), seed, keys=keys, noise=noise, offsets=offsets,
           backend=backend, rounding_seed=rounding_seed, what="perturb_")
@@ -88,7 +108,7 @@ def perturbed(tensors, seed: int, alpha: float, *, out=None, keys=None, noise="g
     and one write of the result. Returns a tensor for a tensor argument, else a list.
     """
     single = isinstance(tensors, torch.Tensor)
-    tensors = split_named(tensors)
+    tensors = _split(tensors)
     n = len(tensors[0])
     alpha = per_tensor(alpha, n, "alpha")
     if out is None:
@@ -102,11 +122,13 @@ def perturbed(tensors, seed: int, alpha: float, *, out=None, keys=None, noise="g
 
 def _update(tensors, seed, lr, projected_grad, weight_decay, eps, keys, noise, offsets, rounding_seed, backend,
             what):
-    tensors = split_named(tensors)
+    tensors = _split(tensors)
     n = len(tensors[0])
     g = real(projected_grad, "projected_grad")
-    hypers = list(zip(per_tensor(lr, n, "lr"), per_tensor(weight_decay, n, "weight_decay"),
-                      [None] * n if eps is None else per_tensor(eps, n, "eps")))
+    # Numbers (not lists) for all three: one set of hyperparameters, expanded to every tensor at the end.
+    m = n if any(isinstance(v, (list, tuple)) for v in (lr, weight_decay, eps)) else 1
+    hypers = list(zip(per_tensor(lr, m, "lr"), per_tensor(weight_decay, m, "weight_decay"),
+                      [None] * m if eps is None else per_tensor(eps, m, "eps")))
     # Coefficients per distinct (lr, wd, eps): a per-tensor list usually holds two or three.
     coefficients = {}
     for hyper in hypers:
@@ -115,8 +137,10 @@ def _update(tensors, seed, lr, projected_grad, weight_decay, eps, keys, noise, o
             check_decay(lr_i, wd_i, what)
             eps_i = None if hyper[2] is None else positive(hyper[2], "eps")
             coefficients[hyper] = update_coefficients(lr_i, wd_i, g, eps_i)
-    _pass(tensors, [coefficients[h][0] for h in hypers], [coefficients[h][1] for h in hypers], seed, keys=keys,
-          noise=noise, offsets=offsets, backend=backend, rounding_seed=rounding_seed, what=what)
+    a, b = [coefficients[h][0] for h in hypers], [coefficients[h][1] for h in hypers]
+    reps = n if m == 1 else 1
+    _pass(tensors, a * reps, b * reps, seed, keys=keys, noise=noise, offsets=offsets, backend=backend,
+          rounding_seed=rounding_seed, what=what)
 
 
 def restore_and_update_(tensors, seed: int, eps: float, lr, projected_grad: float, *,

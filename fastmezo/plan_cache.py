@@ -1,0 +1,122 @@
+"""Validated plans of recent functional calls, held so that they never keep the caller's tensors alive.
+
+A frontend calls the functional API with the same tensors every step; validating them all each call
+(dtypes, contiguity, no shared memory, keys, backends) costs more host time than the pass itself on a
+mid-sized model. This cache keeps the :class:`fastmezo.plan.Plan` of recent calls, keyed by the call
+(the tensors' identities, names, keys, offsets, coefficient groups, noise, backend request), and
+reuses it only while the call's tensors are provably the ones it validated:
+
+* the cache holds weak references only; when any tensor of an entry dies, a weakref callback drops
+  the entry, so an entry that is found refers to live objects, and the ``id`` s in its key are theirs;
+* every tensor still has the data address, dtype, shape, stride and device it had when validated
+  (what ``resize_``, ``set_``, ``as_strided_``, ``.data = ...`` or ``.to()`` change); any difference
+  and the call is validated from scratch, with the usual errors.
+
+Between calls the plan holds no tensor: :func:`lease` attaches the caller's tensors for one call and
+:func:`give_back` detaches them again (and drops the launches the plan prepared, which refer to the
+tensors). Tensor subclasses (DTensor, fakes under tracing) are never cached: their storage is not
+theirs to fingerprint. Each lease takes its entry out of the cache, so two threads never share a plan.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import weakref
+from operator import attrgetter
+
+import torch
+
+from . import backends
+from .plan import Plan
+
+_CAPACITY = 8
+_entries: "collections.OrderedDict" = collections.OrderedDict()
+_lock = threading.Lock()
+
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+# What a pass relies on and an in-place metadata change can alter, read by C-level getters: one
+# map per property over all tensors is several times cheaper than a Python loop building tuples.
+_STATE = (torch.Tensor.data_ptr, attrgetter("dtype"), attrgetter("shape"), torch.Tensor.stride,
+          attrgetter("device"))
+
+
+def _state(tensors) -> list:
+    return [list(map(get, tensors)) for get in _STATE]
+
+
+def _unchanged(tensors, state) -> bool:
+    return all(list(map(get, tensors)) == recorded for get, recorded in zip(_STATE, state))
+
+
+class _Entry:
+    __slots__ = ("plan", "state", "refs", "dead")
+
+    def __init__(self, plan, state, refs, dead):
+        self.plan, self.state, self.refs, self.dead = plan, state, refs, dead
+
+
+def _key(tensors, names, keys, offsets, groups, noise, backend):
+    """The call's key, or None when part of it cannot be a dict key (validated by Plan as usual)."""
+    if set(map(type, tensors)) - _PLAIN:
+        return None
+    key = (tuple(map(id, tensors)), tuple(names), keys if isinstance(keys, (str, type(None))) else tuple(keys),
+           None if offsets is None else tuple(offsets), tuple(groups), noise, backend,
+           os.environ.get(backends.ENV_VAR))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def lease(tensors, names, *, keys, offsets, groups, noise, backend):
+    """(plan, key) for one in-place call on one device: a cached plan attached to ``tensors`` when the
+    call and the tensors are unchanged, else a new validated Plan (which raises on bad input). Hand it
+    back with :func:`give_back` when the call is over."""
+    key = _key(tensors, names, keys, offsets, groups, noise, backend)
+    entry = None
+    if key is not None:
+        with _lock:
+            entry = _entries.pop(key, None)
+    if entry is not None and not entry.dead[0] and _unchanged(tensors, entry.state):
+        entry.plan.tensors = tensors
+        return entry.plan, (key, entry)
+    plan = Plan(tensors, names, keys=keys, offsets=offsets, groups=list(groups), noise=noise, backend=backend,
+                one_device=True)
+    if key is None:
+        return plan, None
+    dead = [False]
+
+    def forget(_ref, key=key, dead=dead, entries=_entries):
+        # No lock: a callback can run inside any allocation (a garbage collection), even one made while
+        # this thread holds the lock; single dict operations are atomic. ``entries`` is bound here
+        # because callbacks also run at interpreter exit, after module globals are cleared.
+        dead[0] = True
+        held = entries.get(key)
+        if held is not None and held.dead is dead:
+            entries.pop(key, None)
+
+    return plan, (key, _Entry(plan, _state(tensors), [weakref.ref(t, forget) for t in tensors], dead))
+
+
+def give_back(plan, ticket) -> None:
+    """Detach the plan from the call's tensors and keep it for the next call with them."""
+    if ticket is None:
+        return
+    key, entry = ticket
+    plan.tensors = ()
+    # The plan's prepared launches hold the tensors they write: dropped, rebuilt by the next call.
+    plan._launches = {}
+    if entry.dead[0]:
+        return
+    with _lock:
+        _entries[key] = entry
+        while len(_entries) > _CAPACITY:
+            _entries.popitem(last=False)
+
+
+def clear() -> None:
+    """Forget every cached plan."""
+    with _lock:
+        _entries.clear()
