@@ -28,9 +28,16 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _split(tensors):
-    """split_named, with a fast path for the common case (a list or tuple of plain tensors)."""
-    if type(tensors) in (list, tuple) and not set(map(type, tensors)).difference(_PLAIN):
-        return list(tensors), [None] * len(tensors)
+    """split_named, with fast paths for the common cases: a list of plain tensors, a list of (name,
+    plain tensor) tuples (a frontend's named_parameters), read with C-level maps instead of a loop."""
+    if type(tensors) in (list, tuple) and tensors:
+        kinds = set(map(type, tensors))
+        if not kinds.difference(_PLAIN):
+            return list(tensors), [None] * len(tensors)
+        if kinds == {tuple} and set(map(len, tensors)) == {2}:
+            names, plain = zip(*tensors)
+            if set(map(type, names)) == {str} and not set(map(type, plain)).difference(_PLAIN):
+                return list(plain), list(names)
     return split_named(tensors)
 
 
