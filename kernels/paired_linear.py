@@ -166,7 +166,7 @@ def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed: int
     n, h = weight.shape[0], m // 2
     block_m, block_n, block_k, split, k_per_split = _blocks(h, n, k, noise, weight.device, block_n, block_k,
                                                             split_k)
-    ws = torch.empty((split, m, n), dtype=torch.float32, device=weight.device)
+    ws = _workspace(split, m, n, weight.device)
     if m and n:
         grid = (triton.cdiv(h, block_m), triton.cdiv(n, block_n), split)
         _paired_linear_kernel[grid](
@@ -179,6 +179,11 @@ def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed: int
         y[:h] += bias_plus.float()
         y[h:] += bias_minus.float()
     return y.to(x2d.dtype)
+
+
+def _workspace(split: int, m: int, n: int, device) -> torch.Tensor:
+    """The float32 partial sums, one [M, N] slice per split; every element is written by the kernel."""
+    return torch.empty((split, m, n), dtype=torch.float32, device=device)
 
 
 def _i32(word: int) -> int:

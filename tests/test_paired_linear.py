@@ -1,0 +1,139 @@
+"""Paired mode's fused linear kernel (fastmezo.kernels.paired_linear) and the choice of path per module
+(fastmezo.paired_linear), on the Triton backend: the interpreter on CPU, the compiled kernel on CUDA."""
+import pytest
+import torch
+
+import fastmezo
+from fastmezo import oracle
+from fastmezo.paired import PairedPerturbation
+from fastmezo.paired_linear import DEFAULT_MAX_ROWS, max_rows_of
+from fastmezo.plan import Plan
+from test_paired import EPS, Z_MAX, batch, tiny
+
+pl = pytest.importorskip("fastmezo.kernels.paired_linear")
+SEED = 0x0123456789ABCDEF
+# Float32 accumulation error per unit of sum_k |x_k w_k| (K <= 512 terms, plus the oracle's float64
+# sum), and the dtype's own rounding of y: 2 float32 ulp per term would be 1.2e-7 * K.
+ACC_RTOL = 1e-4
+OUT_RTOL = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def reference(x, w, eps, key, noise, offset, bias=None):
+    """Plain torch with the oracle's z: (y, sum |x| |w_perturbed|) in float64."""
+    z = oracle.noise(w.numel(), SEED, key, noise, offset=offset).reshape(w.shape)
+    ez = z * torch.tensor(eps, dtype=torch.float32)
+    h = x.shape[0] // 2
+    ys, mags = [], []
+    for rows, wp in ((x[:h], (w.float() + ez).to(w.dtype)), (x[h:], (w.float() - ez).to(w.dtype))):
+        ys.append(rows.double() @ wp.double().T)
+        mags.append(rows.double().abs() @ wp.double().abs().T)
+    y, mag = torch.cat(ys), torch.cat(mags)
+    if bias is not None:
+        y, mag = y + bias.double(), mag + bias.double().abs()
+    return y, mag
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("noise,k,offset", [(0, 136, 40), (0, 8, 0), (1, 384, 256)])
+@pytest.mark.parametrize("rows,split", [(26, 1), (300, 2)])
+def test_kernel_matches_the_oracle(monkeypatch, dtype, noise, k, offset, rows, split):
+    # Odd shapes: rows per half 13 (inside one row block) or 150 (two blocks, the second partial),
+    # N = 37 and K not multiples of the blocks; the workspace is poisoned, so an unwritten element shows.
+    monkeypatch.setattr(pl, "_workspace", lambda *a, **kw: torch.full(a[:3], float("nan")))
+    g = torch.Generator().manual_seed(rows + k + noise)
+    w = (torch.randn(37, k, generator=g) * 0.5).to(dtype)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    y = pl.paired_linear(x, w, 0.01, SEED, 5, noise, offset, split_k=split)
+    ref, mag = reference(x, w, 0.01, 5, noise, offset)
+    assert y.dtype == dtype and y.shape == (rows, 37) and torch.isfinite(y).all()
+    tol = (ACC_RTOL + OUT_RTOL[dtype]) * mag + 1e-30
+    assert ((y.double() - ref).abs() <= tol).all(), (y.double() - ref).abs().max()
+    plain = (x.double() @ w.double().T)
+    h = rows // 2                       # each half did see its own perturbed weight
+    assert ((y[:h].double() - plain[:h]).abs() > tol[:h]).any() and ((y[h:].double() - plain[h:]).abs() > tol[h:]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("noise", [0, 1])
+def test_tiles_are_the_materialized_copies_bit_for_bit(dtype, noise):
+    # Rows of the identity pick the perturbed weights out exactly (1 * w, plus zeros): the kernel's
+    # rounded tiles must be the materialize path's copies, with the same backend's z; with a bias.
+    k, offset = (24, 16) if noise == 0 else (128, 128)
+    g = torch.Generator().manual_seed(noise)
+    w = torch.randn(19, k, generator=g).to(dtype)
+    bias = torch.randn(19, generator=g).to(dtype)
+    plan = Plan([w, bias], keys=[5, 6], offsets=[offset, 0], noise=noise, backend="triton")
+    provider = PairedPerturbation(torch.nn.Linear(1, 1))
+    copies = [provider._copy(plan, SEED, t, (key, off, 0.003), sign, {})
+              for sign in (1, -1) for t, key, off in ((w, 5, offset), (bias, 6, 0))]
+    eye = torch.eye(k, dtype=dtype)
+    y = pl.paired_linear(torch.cat([eye, eye]), w, 0.003, SEED, 5, noise, offset)
+    assert torch.equal(y[:k], copies[0].T) and torch.equal(y[k:], copies[2].T)
+    assert not torch.equal(copies[0], w)
+    y = pl.paired_linear(torch.cat([eye, eye]), w, 0.003, SEED, 5, noise, offset, copies[1], copies[3])
+    assert torch.equal(y[:k], (copies[0].T.float() + copies[1].float()).to(dtype))
+    assert torch.equal(y[k:], (copies[2].T.float() + copies[3].float()).to(dtype))
+
+
+def test_unfusable_operands_are_refused_with_the_reason():
+    w = torch.randn(4, 12)
+    assert "multiple of 8" in pl.unfusable_reason(torch.randn(2, 12), w, 0, 0)
+    assert "multiple of 8" in pl.unfusable_reason(torch.randn(2, 16), torch.randn(4, 16), 0, 4)
+    assert "multiple of 128" in pl.unfusable_reason(torch.randn(2, 16), torch.randn(4, 16), 1, 0)
+    assert "even number" in pl.unfusable_reason(torch.randn(3, 16), torch.randn(4, 16), 0, 0)
+    assert "dtype" in pl.unfusable_reason(torch.randn(2, 16).half(), torch.randn(4, 16), 0, 0)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pl.paired_linear(torch.randn(2, 12), w, 0.1, 1, 0)
+
+
+def step(kind, dtype, **options):
+    model = tiny(kind, dtype)
+    options = {"backend": "triton", **options}
+    with fastmezo.patch(model, lr=0.05, eps=EPS, seed=3, mode="paired", **options) as handle:
+        handle.step(batch())
+        opt = handle.optimizer
+        return model, (opt.loss_plus, opt.loss_minus, opt.projected_grad), dict(handle.paired.paths)
+
+
+# Losses of the two paths differ only by the summation order of the matmuls: float32 sums, and in
+# bfloat16 a flip of the rounding of some outputs (2**-8 relative each), averaged over the logits.
+STEP_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_equals_materialized_step(kind, dtype):
+    fused, (lp, lm, g), paths = step(kind, dtype, fused=True)
+    ref, (rlp, rlm, rg), ref_paths = step(kind, dtype, fused=False)
+    linear = {n for n, m in fused.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {n for n, p in paths.items() if p == "fused"} == linear and len(linear) >= 13
+    assert set(ref_paths.values()) == {"materialized"} and set(ref_paths) == set(paths)
+    assert lp != lm
+    rtol = STEP_RTOL[dtype]
+    assert lp == pytest.approx(rlp, rel=rtol) and lm == pytest.approx(rlm, rel=rtol)
+    assert abs(g - rg) <= 2 * rtol * max(abs(rlp), abs(rlm)) / (2 * EPS)
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+        ulp = torch.finfo(dtype).eps * torch.maximum(p.detach().abs(), q.detach().abs()).float()
+        assert ((p.float() - q.float()).abs() <= 0.05 * abs(g - rg) * Z_MAX + 2 * ulp + 1e-30).all(), name
+
+
+def test_the_automatic_choice():
+    assert max_rows_of(None) == DEFAULT_MAX_ROWS and max_rows_of(False) == 0 and max_rows_of(7) == 7
+    with pytest.raises(ValueError, match="fused"):
+        max_rows_of("yes")
+    with pytest.raises(ValueError, match="mode='paired' only"):
+        fastmezo.patch(tiny("opt", torch.float32), mode="exact", fused=True)
+
+    def paths_of(**options):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.LayerNorm(24), torch.nn.Linear(24, 12),
+                                    torch.nn.Linear(12, 4))          # in-features 12: not a multiple of 8
+        x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(1))    # doubled: 4 x 3 = 12 rows
+        with fastmezo.patch(model, mode="paired", loss_fn=lambda m, b: m(b).pow(2).mean((1, 2)),
+                            **{"backend": "triton", **options}) as handle:
+            handle.step(x)
+            return [handle.paired.paths[str(i)] for i in range(4)]
+    assert paths_of() == ["fused", "materialized", "fused", "materialized"]      # automatic: few rows
+    assert paths_of(fused=12) == ["fused", "materialized", "fused", "materialized"]
+    assert paths_of(fused=11) == ["materialized"] * 4                           # threshold below the rows
+    assert paths_of(fused=True, backend="oracle") == ["materialized"] * 4      # not the Triton backend
