@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -70,10 +71,10 @@ def _environment(data: dict) -> dict:
     return env
 
 
-def _source(folder: Path, env: dict) -> str:
+def _source(folder: Path, env: dict, base: Path) -> str:
     versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda") if env.get(k))
     dirty = " (uncommitted changes)" if env.get("dirty") else ""
-    rel = folder.relative_to(ROOT).as_posix()
+    rel = Path(os.path.relpath(folder, base)).as_posix()        # a link from the page's folder
     return (f"{env['gpu']}, {versions}; commit {env.get('commit') or 'unknown'}{dirty}, "
             f"{str(env.get('date', ''))[:10]}; [{rel}/]({rel}/)")
 
@@ -145,8 +146,8 @@ def _distributed(data: dict) -> str:
                    "peak", "replicas equal"], rows)
 
 
-def render_folder(folder: Path) -> str:
-    """The Markdown of one results folder: its source line, then its tables."""
+def render_folder(folder: Path, base: Path = ROOT) -> str:
+    """The Markdown of one results folder (links relative to ``base``): its source line, then its tables."""
     data = json.loads((folder / "results.json").read_text())
     rows = data.get("rows") or [{}]
     if data.get("benchmark") == "steps":
@@ -160,13 +161,13 @@ def render_folder(folder: Path) -> str:
     else:
         raise LayoutError(f"{folder}: unknown results.json layout (keys {sorted(data)}); add a renderer to "
                           "bench/tables.py")
-    return f"({_source(folder, _environment(data))})\n\n{body}"
+    return f"({_source(folder, _environment(data), base)})\n\n{body}"
 
 
-def regenerate(text: str, results: Path = RESULTS) -> str:
+def regenerate(text: str, results: Path = RESULTS, base: Path = ROOT) -> str:
     """``text`` with every marked table rendered again from the newest folder of its kind."""
     def fill(m):
-        return m.group(1) + render_folder(newest(m.group(2), results)) + m.group(4)
+        return m.group(1) + render_folder(newest(m.group(2), results), base) + m.group(4)
     return MARKER.sub(fill, text)
 
 
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
     if not MARKER.search(text):
         print(f"{args.readme}: no <!-- tables:KIND begin --> markers", file=sys.stderr)
         return 1
-    new = regenerate(text, args.results)
+    new = regenerate(text, args.results, args.readme.resolve().parent)
     if args.check:
         if new != text:
             print(f"{args.readme}: the generated tables are stale; run python -m bench.tables", file=sys.stderr)
