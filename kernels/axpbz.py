@@ -32,6 +32,8 @@ from .philox import gaussian_block, rademacher_block, rounding_draws, round_stoc
 # fast; on the GPU 4096 elements per program with 4 warps is a sound starting point.
 DEFAULT_BLOCK = 4096
 INTERPRETER_BLOCK = 1 << 16
+# Elements a program computes at a time (its block in chunks, on the GPU only; see the kernel).
+DEFAULT_CHUNK = 1024
 
 # Columns of the int64 tensor table: x's address, the output's offset in elements from the launch's
 # first output (proto_ptr), numel, global index of the first element, noise key. Offsets rather than
@@ -68,7 +70,7 @@ def _pass_block(x_ptr, out_ptr, idx, mask, z, a, b, rseed_lo, rseed_hi, key, fir
 # Seeds, coefficients and table sizes are not specialized: they never cause a recompilation.
 @triton.jit(do_not_specialize=["a", "b", "seed_lo", "seed_hi", "rseed_lo", "rseed_hi", "total"])
 def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, map_ptr, total, a, b, seed_lo, seed_hi, rseed_lo,
-                        rseed_hi, NOISE: tl.constexpr, BLOCK: tl.constexpr, LOOKUP: tl.constexpr,
+                        rseed_hi, NOISE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, LOOKUP: tl.constexpr,
                         LOG2T: tl.constexpr, LOAD_X: tl.constexpr, OUT: tl.constexpr, ROUND: tl.constexpr,
                         ALIGNED: tl.constexpr, FAST: tl.constexpr):
     PER_CALL: tl.constexpr = 4 if NOISE == 0 else 128
@@ -105,25 +107,30 @@ def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, map_ptr, total, a, b, 
     n = tl.load(row + 2)
     offset = tl.load(row + 3)
     key = tl.load(row + 4).to(tl.int32)
-    first_global = (offset // G) * G + blk * BLOCK          # global index of this block's first element
-    ctr = first_global // PER_CALL + tl.arange(0, BLOCK // PER_CALL).to(tl.int64)
-    if NOISE == 0:
-        z = gaussian_block(ctr, seed_lo, seed_hi, key, FAST)
-    else:
-        z = rademacher_block(ctr, seed_lo, seed_hi, key, FAST)
-    if ALIGNED:
-        start = blk * BLOCK
-        idx = start + tl.arange(0, BLOCK).to(tl.int64)
-        if start + BLOCK <= n:
-            _pass_block(x_ptr, out_ptr, idx, idx < n, z, a, b, rseed_lo, rseed_hi, key, first_global,
-                        LOAD_X, ROUND, False, FAST, BLOCK)
+    block_global = (offset // G) * G + blk * BLOCK          # global index of this block's first element
+    # The block in chunks, one after another: a thread then holds the noise and rounding draws of a
+    # chunk rather than of the whole block, so fewer registers and more resident warps hide the memory
+    # latency, while the program -> tensor map keeps one entry per (larger) block.
+    for c in tl.range(0, BLOCK // CHUNK):
+        first_global = block_global + c * CHUNK
+        ctr = first_global // PER_CALL + tl.arange(0, CHUNK // PER_CALL).to(tl.int64)
+        if NOISE == 0:
+            z = gaussian_block(ctr, seed_lo, seed_hi, key, FAST)
         else:
-            _pass_block(x_ptr, out_ptr, idx, idx < n, z, a, b, rseed_lo, rseed_hi, key, first_global,
-                        LOAD_X, ROUND, True, FAST, BLOCK)
-    else:
-        idx = first_global - offset + tl.arange(0, BLOCK).to(tl.int64)     # index into x
-        _pass_block(x_ptr, out_ptr, idx, (idx >= 0) & (idx < n), z, a, b, rseed_lo, rseed_hi, key,
-                    first_global, LOAD_X, ROUND, True, FAST, BLOCK)
+            z = rademacher_block(ctr, seed_lo, seed_hi, key, FAST)
+        if ALIGNED:
+            start = blk * BLOCK + c * CHUNK
+            idx = start + tl.arange(0, CHUNK).to(tl.int64)
+            if start + CHUNK <= n:
+                _pass_block(x_ptr, out_ptr, idx, idx < n, z, a, b, rseed_lo, rseed_hi, key, first_global,
+                            LOAD_X, ROUND, False, FAST, CHUNK)
+            else:
+                _pass_block(x_ptr, out_ptr, idx, idx < n, z, a, b, rseed_lo, rseed_hi, key, first_global,
+                            LOAD_X, ROUND, True, FAST, CHUNK)
+        else:
+            idx = first_global - offset + tl.arange(0, CHUNK).to(tl.int64)     # index into x
+            _pass_block(x_ptr, out_ptr, idx, (idx >= 0) & (idx < n), z, a, b, rseed_lo, rseed_hi, key,
+                        first_global, LOAD_X, ROUND, True, FAST, CHUNK)
 
 
 # Triton reads TRITON_INTERPRET when it is imported, so it cannot change later: read it once here
@@ -213,7 +220,8 @@ class Launches:
     every step, so a prepared set makes each pass a few kernel launches with no per-tensor host work.
     Valid while the tensors stay where they were (the caller re-prepares when they move)."""
 
-    def __init__(self, tensors, keys, noise: int, offsets=None, outs=None, block: int | None = None):
+    def __init__(self, tensors, keys, noise: int, offsets=None, outs=None, block: int | None = None,
+                 chunk: int | None = None):
         n_t = len(tensors)
         offsets = [0] * n_t if offsets is None else list(offsets)
         outs = list(tensors) if outs is None else list(outs)
@@ -237,6 +245,11 @@ class Launches:
         if block is None:
             block = INTERPRETER_BLOCK if device.type == "cpu" else DEFAULT_BLOCK
         self.block = max(block, g)
+        if chunk is None:
+            chunk = self.block if device.type == "cpu" else min(self.block, max(DEFAULT_CHUNK, g))
+        if chunk % g or self.block % chunk:
+            raise ValueError(f"chunk {chunk} must divide the block {self.block} and be a multiple of {g}")
+        self.chunk = chunk
         for (dtype, aligned), members in groups.items():
             rows, blocks = [], []
             proto = members[0][0]                              # the first output: offsets count from it
@@ -264,14 +277,14 @@ class Launches:
                 proto, table, starts, mapping, total, float(a), float(b),
                 _as_i32(seed & 0xFFFFFFFF), _as_i32((seed >> 32) & 0xFFFFFFFF),
                 _as_i32(rseed & 0xFFFFFFFF), _as_i32((rseed >> 32) & 0xFFFFFFFF),
-                NOISE=self.noise, BLOCK=self.block, LOOKUP=lookup, LOG2T=log2t, LOAD_X=load_x, OUT=self.out,
+                NOISE=self.noise, BLOCK=self.block, CHUNK=self.chunk, LOOKUP=lookup, LOG2T=log2t, LOAD_X=load_x, OUT=self.out,
                 ROUND=round_seed is not None and low_precision, ALIGNED=aligned, FAST=not _INTERPRETING,
                 num_warps=num_warps, **_NO_FMA_CONTRACTION)
 
 
 def axpbz_multi_(tensors, a: float, b: float, seed: int, keys, noise: int, offsets=None, *, outs=None,
                  round_seed: int | None = None, load_x: bool = True, block: int | None = None,
-                 num_warps: int = 4) -> None:
+                 num_warps: int = 4, chunk: int | None = None) -> None:
     """One pass over several contiguous tensors of one device: out_i <- a * x_i + b * z(seed, key_i).
 
     Coefficients a and b are shared (the optimizer's passes have one (a, b) per param group). outs
@@ -279,7 +292,7 @@ def axpbz_multi_(tensors, a: float, b: float, seed: int, keys, noise: int, offse
     (stochastic rounding of float16/bfloat16 results; default round to nearest). Tensors are grouped by
     dtype and alignment, one launch per group; the tables come from a cache keyed by their content.
     """
-    Launches(tensors, keys, noise, offsets, outs, block)(a, b, seed, round_seed, load_x, num_warps)
+    Launches(tensors, keys, noise, offsets, outs, block, chunk)(a, b, seed, round_seed, load_x, num_warps)
 
 
 def axpbz_(x, a: float, b: float, seed: int, key: int, noise: int, offset: int = 0,

@@ -59,8 +59,14 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1, WIDE: tl.constexpr = False):
 
 @triton.jit
 def uniform_from_bits(x):
-    """(2 * (x >> 9) + 1) * 2**-24: a float32 in (0, 1), exact, identical on every backend."""
-    return ((x >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08
+    """(2 * (x >> 9) + 1) * 2**-24: a float32 in (0, 1), exact, identical on every backend.
+
+    Built on the bits rather than by an integer-to-float conversion: 1 + (x >> 9) * 2**-23 is the
+    float32 whose mantissa is x >> 9, and subtracting 1 - 2**-24 from it is exact (the result has at
+    most 24 significant bits). A conversion runs on the GPU's quarter-rate conversion unit, which the
+    Gaussian pass already loads with its log, sqrt, sin and cos."""
+    one_plus = ((x >> 9) | 0x3F800000).to(tl.float32, bitcast=True)
+    return one_plus - 0.99999994039535522
 
 
 @triton.jit
@@ -144,40 +150,44 @@ def rounding_draws(first_call, CALLS: tl.constexpr, seed_lo, seed_hi, key, FAST:
 def round_stochastic(y, r, DTYPE: tl.constexpr):
     """float32 y -> DTYPE (float16 or bfloat16) rounded stochastically by the 16-bit draws r (uint32),
     bit-identical to fastmezo.oracle.round_stochastic (docs/noise.md section 8): lo = y toward zero,
-    hi = the next value away from zero, q = 2**16 |y - lo| / |hi - lo|, hi if q + r >= 2**16.
+    hi = the next value away from zero, q = 2**16 |y - lo| / |hi - lo|, hi if the float32 sum q + r
+    is >= 2**16.
 
-    On float32 bit patterns, with integer operations where the result is exact (an exact division
-    costs ~20 instructions an element on CUDA, and the pass is compute-bound):
+    Integer operations on bit patterns only, the stored pattern built directly: conversions run on the
+    GPU's quarter-rate conversion unit, which the Gaussian pass already keeps busy.
       * bfloat16: lo is y's pattern truncated to 16 bits and q its low 16 bits: "add r, truncate".
-      * float16, normal range (|y| >= 2**-14): lo is y's pattern with its 13 low mantissa bits cleared
-        and q = those bits * 8, an integer, so q + r >= 2**16 is decided in integers exactly as the
-        float32 sum of the oracle decides it.
-      * float16 subnormals (|y| < 2**-14, gap 2**-24): t = |y| 2**24 is exact, lo = floor(t) 2**-24,
-        q = (t - floor(t)) 2**16 exactly, and q + r is the oracle's float32 sum (q has a fraction).
-    The result is built as a float32 that float16 holds exactly, so the final conversion is exact.
-    y beyond the largest finite value saturates to it; non-finite y round to nearest.
-    Integers of 32 bits throughout: a form with 16-bit integer arithmetic miscompiled in the masked
-    kernel (docs/perf.md)."""
+      * float16, normal range (|y| >= 2**-14): 13 mantissa bits are dropped and q = those bits * 8, an
+        integer, so q + r >= 2**16 iff those bits + (r >> 3) carry into bit 13; the float16 pattern is
+        the float32 pattern shifted by 13 with the exponent re-biased by 112.
+      * float16 subnormals: y = M * 2**(E - 150) (M with its implicit bit), so |y| / 2**-24 has s =
+        126 - E fraction bits: lo = M >> s, and q = frac * 2**(16 - s) for the s low bits frac. For s
+        <= 16 q is an integer. For s > 16 q has a fraction, and the float32 sum q + r (r an integer)
+        reaches 2**16 iff q + r >= 2**16 - 2**-9 (the sums below 2**16 are multiples of 2**-8, the
+        tie rounds to 2**16), i.e. iff floor(q + 2**-9) + r >= 2**16, and floor(q + 2**-9) =
+        (frac + 2**(s - 25)) >> (s - 16) where q has more than 8 fraction bits (s >= 25), frac >> (s - 16)
+        below. For s > 40 (|y| < 2**-41) that floor is 0 for every y: lo is 0 and so is the result.
+    y beyond the largest finite value saturates to it; infinities stay, NaN becomes a quiet NaN."""
     ybits = y.to(tl.uint32, bitcast=True)
     mag = ybits & 0x7FFFFFFF
-    sign = ybits & 0x80000000
+    sign16 = (ybits >> 16) & 0x8000
     finite = mag < 0x7F800000
+    nan = mag > 0x7F800000
     if DTYPE == tl.bfloat16:
-        summed = (mag + r) >> 16                    # carries into the exponent when rounding up
-        summed = tl.minimum(summed, 0x7F7F)          # rounding a finite y up to inf: saturate instead
-        out = (summed | (sign >> 16)).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(finite, out, y.to(tl.bfloat16))
+        rounded = tl.minimum((mag + r) >> 16, 0x7F7F)   # carries into the exponent; inf saturates instead
+        bits = tl.where(finite, rounded, tl.where(nan, 0x7FC0, 0x7F80)) | sign16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        # normal range: 13 dropped bits, q = dropped * 8
-        up_n = (((mag & 0x1FFF) << 3) + r) >> 16
-        normal = (mag & 0xFFFFE000) + (up_n << 13)
-        # subnormal range
-        t = tl.abs(y) * 16777216.0
-        fl = tl.floor(t)
-        q = (t - fl) * 65536.0
-        up_s = (q + r.to(tl.float32)) >= 65536.0
-        sub = ((fl + up_s.to(tl.float32)) * 5.9604644775390625e-08).to(tl.uint32, bitcast=True)
-        res = tl.where(mag < 0x38800000, sub, normal)
-        res = tl.minimum(res, 0x477FE000)            # 65504: saturate instead of rounding to inf
-        out = (res | sign).to(tl.float32, bitcast=True).to(tl.float16)
-        return tl.where(finite, out, y.to(tl.float16))
+        normal = tl.minimum(((mag + (r >> 3)) >> 13) - (112 << 10), 0x7BFF)
+        e = tl.maximum((mag >> 23).to(tl.int32), 1)       # float32 subnormals: exponent 1, no implicit bit
+        m = (mag & 0x7FFFFF) | tl.where(mag >= 0x00800000, 0x800000, 0)
+        s = tl.minimum(126 - e, 41)                       # 14..41 here (only used below 2**-14)
+        lo = m >> tl.minimum(s, 31)
+        frac = m & ((1 << tl.minimum(s, 31)) - 1)
+        up_shift = tl.maximum(16 - s, 0)
+        down_shift = tl.maximum(s - 16, 0)
+        half_bit = tl.where(s >= 25, 1 << tl.maximum(s - 25, 0), 0)
+        q_floor = ((frac << up_shift) + half_bit) >> down_shift
+        sub = lo + ((q_floor + r) >> 16)
+        bits = tl.where(mag < 0x38800000, sub, normal)
+        bits = tl.where(finite, bits, tl.where(nan, 0x7E00, 0x7C00)) | sign16
+        return bits.to(tl.uint16).to(tl.float16, bitcast=True)

@@ -495,6 +495,31 @@ def test_table_kernel_stochastic_rounding_many_blocks_and_shards(triton_device, 
             assert torch.equal(shard.view(torch.int16), whole[lo:hi].view(torch.int16)), (noise, lo, hi)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_chunked_blocks_store_the_same_bits(triton_device, dtype):
+    """A program may compute its block in chunks (the GPU default, for registers): every chunk size
+    that divides the block stores the same bits as the unchunked block, for both noises, with and
+    without stochastic rounding, with unaligned offsets and several tensors in one launch."""
+    from fastmezo.kernels.axpbz import axpbz_multi_
+
+    sizes, offsets, keys = [1000, 2100, 129], [3, 0, 130], [4, 5, 6]
+    xs = [_rand((n,), dtype, seed=40 + n).to(triton_device) for n in sizes]
+    for noise, chunks in ((0, (1024, 128)), (1, (1024, 128))):
+        for rseed in (None, 2**64 - 5):
+            runs = []
+            for chunk in chunks:
+                ys = [x.clone() for x in xs]
+                axpbz_multi_(ys, 0.5, 3e-3, 2**40 + 7, keys, noise, offsets, round_seed=rseed, block=1024,
+                             chunk=chunk)
+                runs.append(ys)
+            for ys in runs[1:]:
+                for y, want, x in zip(ys, runs[0], xs):
+                    assert not torch.equal(want, x), (noise, rseed)        # the pass changed something
+                    assert torch.equal(y.view(torch.uint8), want.view(torch.uint8)), (noise, rseed, dtype)
+    with pytest.raises(ValueError, match="chunk 100 must divide"):
+        axpbz_multi_(xs, 1.0, 1.0, 1, keys, 0, offsets, block=1024, chunk=100)
+
+
 def test_table_cache_builds_each_table_once_and_holds_a_model_of_modules(triton_device):
     """The launcher's device tables are cached by content: the same tensors again reuse the table (no
     upload: on CUDA an upload per call would cost host time, and from pageable memory a stream sync), a
