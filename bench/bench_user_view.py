@@ -36,26 +36,33 @@ from .shapes import opt_param_shapes
 SEED, EPS, LR, G = 1234, 1e-3, 1e-6, 0.5
 
 
-def _synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _wall_ms(fn, reps: int) -> float:
+def _wall_ms(fn, reps: int, before=None, after=None) -> float:
+    """Median host wall time of ``fn`` (``before``/``after`` run outside the timed span)."""
     times = []
     for _ in range(reps):
+        if before is not None:
+            before()
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
+        if after is not None:
+            after()
     return statistics.median(times)
+
+
+def _warm_up(fn, reps: int, device):
+    """One untimed call; on a CPU (the smoke run) the wall time of ``reps`` calls, else None."""
+    fn()
+    if device.type != "cuda":
+        return _wall_ms(fn, reps)
+    torch.cuda.synchronize(device)
+    return None
 
 
 def user_view_ms(fn, reps: int, device) -> float:
     """Median of per-call spans, each call starting on an idle GPU."""
-    fn()
-    _synchronize(device)
-    if device.type != "cuda":
-        return _wall_ms(fn, reps)
+    if (cpu := _warm_up(fn, reps, device)) is not None:
+        return cpu
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -70,10 +77,8 @@ def user_view_ms(fn, reps: int, device) -> float:
 
 def queued_ms(fn, reps: int, device) -> float:
     """Mean time per call with the calls queued back to back: the GPU's own time when the host keeps up."""
-    fn()
-    _synchronize(device)
-    if device.type != "cuda":
-        return _wall_ms(fn, reps)
+    if (cpu := _warm_up(fn, reps, device)) is not None:
+        return cpu
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda._sleep(50_000_000)          # a head start for the queue: the host enqueues while this runs
     start.record()
@@ -87,18 +92,10 @@ def queued_ms(fn, reps: int, device) -> float:
 def host_ms(fn, reps: int, device) -> float:
     """Median host wall time of a call while the GPU is busy: the call returns once its launches are
     queued, so this is the Python and launch time the user waits before the first kernel can start."""
-    fn()
-    _synchronize(device)
-    if device.type != "cuda":
-        return _wall_ms(fn, reps)
-    times = []
-    for _ in range(reps):
-        torch.cuda._sleep(20_000_000)      # keeps the GPU busy past the call: nothing waits on a kernel
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-        torch.cuda.synchronize()
-    return statistics.median(times)
+    if (cpu := _warm_up(fn, reps, device)) is not None:
+        return cpu
+    # A sleep kernel keeps the GPU busy past the call, so nothing in it waits on a kernel.
+    return _wall_ms(fn, reps, before=lambda: torch.cuda._sleep(20_000_000), after=torch.cuda.synchronize)
 
 
 def _row(model, dtype, n_tensors, what, fn, reps, device, floor_ms) -> dict:
