@@ -263,6 +263,11 @@ class MeZOTrainerMixin:
         from ..distributed import data_parallel
         self.mezo_data_parallel = data_parallel(optimizer, check_every=self.mezo_check_every, model=self.model)
 
+    def _defer_fsdp_gradient_reduction(self):
+        """The Trainer's no_sync for FSDP2 models it did not wrap: MeZO runs no backward, so there is no
+        gradient reduction to defer (and the caller's FSDP2 model has no DistributedConfig to read)."""
+        return contextlib.nullcontext()
+
     # -- trajectory-only checkpoints ------------------------------------------------------------
     def _mezo_record_trajectory(self, mezo: MeZOTrainerOptimizer) -> None:
         """Before the first micro-batch (weights not yet trained): with ``save_trajectory_only`` the
@@ -279,6 +284,14 @@ class MeZOTrainerMixin:
     def _save(self, output_dir=None, state_dict=None):
         """Model checkpoints: the weights (the Trainer's way) or, with ``save_trajectory_only``, the
         trajectory file (and the training arguments) only."""
+        if state_dict is None and _sharded(self.model):
+            # The Trainer calls _save on every rank of a model it did not shard: all join the gathers,
+            # the main process alone receives the whole weights and writes them.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            state_dict = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                                   cpu_offload=True))
+            if not self.args.should_save:
+                return None
         if not self.save_trajectory_only:
             return super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
