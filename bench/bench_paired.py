@@ -1,0 +1,245 @@
+"""Paired mode on OPT: the default paired step against the default in-place step and the reference, the
+fused linear kernel against the materialize path, and the data to set the row threshold between them.
+
+    python -m bench.bench_paired --out bench/results/<date>-h200-paired          # one H200, < 5 min
+    python -m bench.bench_paired --smoke --out /tmp/paired-smoke                  # CPU, tiny OPT, seconds
+
+In order (a failed check stops the run before anything is timed, exit code 1):
+
+1. ``check``: on a smaller OPT (--check-model, float16), one paired step with every nn.Linear on the
+   fused kernel against one on the materialize path (``fused=True`` / ``False``), lr = 0 so that both
+   see the same weights: l+, l- within a relative ``CHECK_RTOL`` and the projected gradients within
+   what that allows, ``2 * CHECK_RTOL * |l| / (2 eps)``.
+2. ``sweep``: on OPT-13B-shaped layers (q_proj 5120 x 5120 and fc1 20480 x 5120, float16), the fused
+   kernel against the materialize path (z once, two rounded copies, two matmuls: what paired mode does
+   without the kernel) at several row counts of the doubled batch, kernel time with calls queued;
+   each point also compares the two outputs. ``suggested_max_rows``: the most rows at which the fused
+   kernel is not slower on every layer (fastmezo.paired_linear.DEFAULT_MAX_ROWS comes from it).
+3. ``steps``: random OPT-13B float16 (bench/models.py), at each --configs batch x tokens: the public
+   API's default paired step (``fastmezo.patch(model, mode="paired")``, its ``step``), the default
+   in-place step (``fastmezo.patch(model)``) and the reference (bench/baseline.py), in this run, each
+   timed as the user sees it (the GPU idle before each call, CUDA events around it), with the peak
+   memory above the loaded model (``max_memory_allocated`` minus what the model holds) next to a
+   forward's, and which path each paired module took.
+
+Results: results.json and summary.md in --out.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import (CheckFailed, environment, fmt_mib, free_memory, main_exit, select_device, time_ms,
+                          write_json)
+from bench.models import build_model, make_batch, make_closure
+from bench.step_variants import EPS, LR, BaselineStepper
+
+CHECK_RTOL = 2e-3          # float16 logits: outputs that round the other way, averaged in the loss
+SWEEP_LAYERS = {"q_proj": (5120, 5120), "fc1": (20480, 5120)}
+SWEEP_ROWS = (64, 128, 256, 512, 1024, 2048, 4096)
+SEED = 0x5EED_1234_ABCD_0042
+
+
+def user_ms(fn, device, warmup: int, reps: int) -> list[float]:
+    """Each call from an idle GPU, CUDA events around it (wall clock on the CPU)."""
+    if device.type != "cuda":
+        return time_ms(fn, device, warmup, reps)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def _patch(model, backend, lr=LR, **options):
+    import fastmezo
+    extra = {} if backend is None else {"backend": backend}
+    return fastmezo.patch(model, lr=lr, eps=EPS, seed=SEED, **extra, **options)
+
+
+def check(name: str, device, backend, log=print) -> dict:
+    """A fused paired step against a materialize-path paired step (lr = 0: same weights for both)."""
+    model = build_model(name, torch.float16 if device.type == "cuda" else torch.float32, device, log=log)
+    ids = make_batch(model.config.vocab_size, 2, 64 if device.type == "cuda" else 8, device)
+    got = {}
+    for fused in (True, False):
+        with _patch(model, backend, lr=0.0, mode="paired", fused=fused) as handle:
+            handle.step({"input_ids": ids, "labels": ids})
+            opt = handle.optimizer
+            got[fused] = (opt.loss_plus, opt.loss_minus, opt.projected_grad,
+                          sorted(set(handle.paired.paths.values())))
+    del model
+    free_memory(device)
+    (lp, lm, g, paths), (rlp, rlm, rg, ref_paths) = got[True], got[False]
+    g_tol = 2 * CHECK_RTOL * max(abs(rlp), abs(rlm)) / (2 * EPS)
+    result = dict(model=name, loss_plus=lp, loss_minus=lm, grad=g, ref_loss_plus=rlp, ref_loss_minus=rlm,
+                  ref_grad=rg, rtol=CHECK_RTOL, grad_tol=g_tol, fused_paths=paths, ref_paths=ref_paths)
+    log(f"[check {name}] fused l+ {lp:.6f} l- {lm:.6f} g {g:.4f} | materialized l+ {rlp:.6f} l- {rlm:.6f} g {rg:.4f}")
+    ok = ("fused" in paths and ref_paths == ["materialized"] and all(map(math.isfinite, (lp, lm, rlp, rlm)))
+          and abs(lp - rlp) <= CHECK_RTOL * abs(rlp) and abs(lm - rlm) <= CHECK_RTOL * abs(rlm)
+          and abs(g - rg) <= g_tol)
+    if not ok:
+        raise CheckFailed(f"fused paired step disagrees with the materialize path: {result}")
+    return result
+
+
+def sweep(device, layers, rows_list, warmup, reps, backend, log=print) -> dict:
+    """Fused kernel vs materialize path on single layers at several row counts (kernel time, queued)."""
+    from fastmezo.kernels.paired_linear import paired_linear
+    from fastmezo.paired import PairedPerturbation
+    from fastmezo.plan import Plan
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)
+    points = []
+    for layer, (n, k) in layers.items():
+        w = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(dtype)
+        plan = Plan([w], keys=[11], backend=backend)
+        provider = PairedPerturbation(torch.nn.Linear(1, 1))
+        entry = (11, 0, EPS)
+        for rows in rows_list:
+            x = torch.randn(rows, k, generator=gen, device=device).to(dtype)
+            h = rows // 2
+
+            def materialize():
+                noise = {}
+                plus = torch.nn.functional.linear(x[:h], provider._copy(plan, SEED, w, entry, +1, noise))
+                minus = torch.nn.functional.linear(x[h:], provider._copy(plan, SEED, w, entry, -1, noise))
+                return torch.cat([plus, minus])
+
+            fused = lambda: paired_linear(x, w, EPS, SEED, 11, plan.noise)      # noqa: E731
+            diff = (fused().float() - materialize().float()).abs().max().item()
+            scale = materialize().float().abs().max().item()
+            t_f = statistics.median(time_ms(fused, device, warmup, reps))
+            t_m = statistics.median(time_ms(materialize, device, warmup, reps))
+            points.append(dict(layer=layer, n=n, k=k, rows=rows, fused_ms=t_f, materialize_ms=t_m,
+                               fused_over_materialize=t_f / t_m, max_abs_diff=diff, max_abs_output=scale))
+            log(f"[sweep {layer} {n}x{k}] {rows:5d} rows: fused {t_f:8.3f} ms  materialize {t_m:8.3f} ms  "
+                f"ratio {t_f / t_m:5.2f}  max |diff| {diff:.3g} of {scale:.3g}")
+        del w
+        free_memory(device)
+    wins = [r for r in sorted({p["rows"] for p in points})
+            if all(p["fused_ms"] <= p["materialize_ms"] for p in points if p["rows"] <= r)]
+    return dict(points=points, suggested_max_rows=max(wins, default=0))
+
+
+def steps(name: str, configs, device, warmup, reps, backend, log=print) -> list[dict]:
+    """Default paired step, default in-place step and the reference on one model, per configuration."""
+    model = build_model(name, torch.float16 if device.type == "cuda" else torch.float32, device, log=log)
+    cuda = device.type == "cuda"
+    model_bytes = torch.cuda.memory_allocated(device) if cuda else None
+    rows = []
+    try:
+        for batch, tokens in configs:
+            ids = make_batch(model.config.vocab_size, batch, tokens, device)
+            closure = make_closure(model, ids)
+
+            def measured(what, fn, **extra):
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats(device)
+                times = user_ms(fn, device, warmup, reps)
+                peak = torch.cuda.max_memory_allocated(device) - model_bytes if cuda else None
+                row = dict(model=name, batch=batch, tokens=tokens, what=what, ms_median=statistics.median(times),
+                           ms_min=min(times), reps=len(times), peak_above_model_bytes=peak, **extra)
+                log(f"[{name}] {batch}x{tokens} {what:9s} {row['ms_median']:9.2f} ms  memory above the model "
+                    f"{fmt_mib(peak)}  {extra.get('paths', '')}")
+                rows.append(row)
+                return row
+
+            with torch.no_grad():
+                measured("forward", lambda: float(closure()))
+            with _patch(model, backend, mode="paired") as handle:
+                handle.step({"input_ids": ids, "labels": ids})      # untimed: the first step checks reads
+                paths = handle.paired.paths
+                counts = {p: sum(1 for v in paths.values() if v == p) for p in ("fused", "materialized")}
+                linear = sorted({paths[n] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+                paired = measured("paired", lambda: handle.step({"input_ids": ids, "labels": ids}),
+                                  paths=counts, linear_paths=linear, loss=handle.optimizer.loss_plus)
+            with _patch(model, None) as handle:          # in place: the automatic backend
+                inplace = measured("inplace", lambda: handle.step(closure), loss=None)
+                inplace["loss"] = handle.optimizer.loss_plus
+            ref = BaselineStepper(model)
+            reference = measured("reference", lambda: ref.step(closure), loss=None)
+            reference["loss"] = ref.last_loss
+            for r in (paired, inplace):
+                r["speedup_vs_reference"] = reference["ms_median"] / r["ms_median"]
+            for r in (paired, inplace, reference):
+                if r["loss"] is None or not math.isfinite(r["loss"]):
+                    raise RuntimeError(f"{name} {batch}x{tokens} {r['what']}: loss {r['loss']}")
+    finally:
+        del model
+        free_memory(device)
+    return rows
+
+
+def summary_md(result: dict) -> str:
+    env, lines = result["environment"], [f"# Paired mode ({result['environment']['gpu']})", ""]
+    lines += [f"commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, {env['date']}", ""]
+    c = result["check"]
+    lines += [f"Check ({c['model']}): fused l+ {c['loss_plus']:.6f} / l- {c['loss_minus']:.6f} / g {c['grad']:.4f}; "
+              f"materialized {c['ref_loss_plus']:.6f} / {c['ref_loss_minus']:.6f} / {c['ref_grad']:.4f}", ""]
+    lines += ["| config | step | ms | vs reference | memory above model | paths |", "|---|---|---:|---:|---:|---|"]
+    for r in result["steps"]:
+        speed = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else ""
+        lines.append(f"| {r['batch']}x{r['tokens']} | {r['what']} | {r['ms_median']:.2f} | {speed} | "
+                     f"{fmt_mib(r['peak_above_model_bytes'])} | {r.get('paths', '')} |")
+    lines += ["", "| layer | rows | fused ms | materialize ms | ratio |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {p['layer']} | {p['rows']} | {p['fused_ms']:.3f} | {p['materialize_ms']:.3f} | "
+              f"{p['fused_over_materialize']:.2f} |" for p in result["sweep"]["points"]]
+    lines += ["", f"Suggested row threshold: {result['sweep']['suggested_max_rows']} "
+              f"(fastmezo.paired_linear.DEFAULT_MAX_ROWS = {result['default_max_rows']})", ""]
+    return "\n".join(lines)
+
+
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",") if part.strip()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for results.json and summary.md")
+    parser.add_argument("--model", default="opt-13b")
+    parser.add_argument("--check-model", default="opt-1.3b")
+    parser.add_argument("--configs", default="1x128,16x256", help="batch x tokens, comma-separated")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="CPU (Triton interpreter), tiny OPT, seconds")
+    args = parser.parse_args(argv)
+    device = select_device(args.smoke, "bench.bench_paired")
+    from fastmezo.paired_linear import DEFAULT_MAX_ROWS
+
+    t0 = time.perf_counter()
+    # Paired mode on the CPU: the Triton interpreter, so that the fused kernel runs (automatic on CUDA).
+    backend = "triton" if device.type == "cpu" else None
+    if args.smoke:
+        args.model = args.check_model = "opt-tiny"
+        configs, layers, rows_list, warmup, reps = [(1, 8)], {"tiny": (64, 32)}, (8, 16), 0, 1
+    else:
+        configs, layers, rows_list, warmup, reps = (parse_configs(args.configs), SWEEP_LAYERS, SWEEP_ROWS,
+                                                    args.warmup, args.reps)
+    result = dict(environment=environment(device), default_max_rows=DEFAULT_MAX_ROWS, eps=EPS, lr=LR)
+    result["check"] = check(args.check_model, device, backend)
+    result["sweep"] = sweep(device, layers, rows_list, warmup, max(reps, 3 if not args.smoke else 1), backend)
+    result["steps"] = steps(args.model, configs, device, warmup, reps, backend)
+    result["seconds"] = time.perf_counter() - t0
+    write_json(args.out / "results.json", result)
+    (args.out / "summary.md").write_text(summary_md(result))
+    print(summary_md(result))
+    return 0
+
+
+if __name__ == "__main__":
+    main_exit(main)
