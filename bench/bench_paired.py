@@ -34,33 +34,25 @@ from pathlib import Path
 
 import torch
 
+from bench.bench_user_view import user_view_ms
 from bench.common import (CheckFailed, environment, fmt_mib, free_memory, main_exit, select_device, time_ms,
                           write_json)
 from bench.models import build_model, make_batch, make_closure
 from bench.step_variants import EPS, LR, BaselineStepper
 
-CHECK_RTOL = 2e-3          # float16 logits: outputs that round the other way, averaged in the loss
+CHECK_RTOL = 5e-4          # float16: matmul outputs that round the other way, averaged in the loss
 SWEEP_LAYERS = {"q_proj": (5120, 5120), "fc1": (20480, 5120)}
 SWEEP_ROWS = (64, 128, 256, 512, 1024, 2048, 4096)
 SEED = 0x5EED_1234_ABCD_0042
 
 
-def user_ms(fn, device, warmup: int, reps: int) -> list[float]:
-    """Each call from an idle GPU, CUDA events around it (wall clock on the CPU)."""
+def user_ms(fn, device, warmup: int, reps: int) -> float:
+    """Median of calls each started on an idle GPU, CUDA events around it (wall clock on the CPU)."""
     if device.type != "cuda":
-        return time_ms(fn, device, warmup, reps)
-    for _ in range(warmup):
+        return statistics.median(time_ms(fn, device, warmup, reps))
+    for _ in range(warmup - 1):          # user_view_ms makes one untimed call itself
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+    return user_view_ms(fn, reps)
 
 
 def _patch(model, backend, lr=LR, **options):
@@ -150,10 +142,10 @@ def steps(name: str, configs, device, warmup, reps, backend, log=print) -> list[
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats(device)
-                times = user_ms(fn, device, warmup, reps)
+                ms = user_ms(fn, device, warmup, reps)
                 peak = torch.cuda.max_memory_allocated(device) - model_bytes if cuda else None
-                row = dict(model=name, batch=batch, tokens=tokens, what=what, ms_median=statistics.median(times),
-                           ms_min=min(times), reps=len(times), peak_above_model_bytes=peak, **extra)
+                row = dict(model=name, batch=batch, tokens=tokens, what=what, ms_median=ms, reps=reps,
+                           peak_above_model_bytes=peak, **extra)
                 log(f"[{name}] {batch}x{tokens} {what:9s} {row['ms_median']:9.2f} ms  memory above the model "
                     f"{fmt_mib(peak)}  {extra.get('paths', '')}")
                 rows.append(row)
