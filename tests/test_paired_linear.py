@@ -8,6 +8,7 @@ from fastmezo import oracle
 from fastmezo.paired import PairedPerturbation
 from fastmezo.paired_linear import DEFAULT_MAX_ROWS, max_rows_of
 from fastmezo.plan import Plan
+from conftest import TRITON_DEVICE as DEVICE
 from test_paired import EPS, Z_MAX, batch, tiny
 
 pl = pytest.importorskip("fastmezo.kernels.paired_linear")
@@ -39,11 +40,11 @@ def reference(x, w, eps, key, noise, offset, bias=None):
 def test_kernel_matches_the_oracle(monkeypatch, dtype, noise, k, offset, rows, split):
     # Odd shapes: rows per half 13 (inside one row block) or 150 (two blocks, the second partial),
     # N = 37 and K not multiples of the blocks; the workspace is poisoned, so an unwritten element shows.
-    monkeypatch.setattr(pl, "_workspace", lambda *a, **kw: torch.full(a[:3], float("nan")))
+    monkeypatch.setattr(pl, "_workspace", lambda *a, **kw: torch.full(a[:3], float("nan"), device=DEVICE))
     g = torch.Generator().manual_seed(rows + k + noise)
     w = (torch.randn(37, k, generator=g) * 0.5).to(dtype)
     x = torch.randn(rows, k, generator=g).to(dtype)
-    y = pl.paired_linear(x, w, 0.01, SEED, 5, noise, offset, split_k=split)
+    y = pl.paired_linear(x.to(DEVICE), w.to(DEVICE), 0.01, SEED, 5, noise, offset, split_k=split).cpu()
     ref, mag = reference(x, w, 0.01, 5, noise, offset)
     assert y.dtype == dtype and y.shape == (rows, 37) and torch.isfinite(y).all()
     tol = (ACC_RTOL + OUT_RTOL[dtype]) * mag + 1e-30
@@ -60,13 +61,13 @@ def test_tiles_are_the_materialized_copies_bit_for_bit(dtype, noise):
     # rounded tiles must be the materialize path's copies, with the same backend's z; with a bias.
     k, offset = (24, 16) if noise == 0 else (128, 128)
     g = torch.Generator().manual_seed(noise)
-    w = torch.randn(19, k, generator=g).to(dtype)
-    bias = torch.randn(19, generator=g).to(dtype)
+    w = torch.randn(19, k, generator=g).to(dtype).to(DEVICE)
+    bias = torch.randn(19, generator=g).to(dtype).to(DEVICE)
     plan = Plan([w, bias], keys=[5, 6], offsets=[offset, 0], noise=noise, backend="triton")
     provider = PairedPerturbation(torch.nn.Linear(1, 1))
     copies = [provider._copy(plan, SEED, t, (key, off, 0.003), sign, {})
               for sign in (1, -1) for t, key, off in ((w, 5, offset), (bias, 6, 0))]
-    eye = torch.eye(k, dtype=dtype)
+    eye = torch.eye(k, dtype=dtype, device=DEVICE)
     y = pl.paired_linear(torch.cat([eye, eye]), w, 0.003, SEED, 5, noise, offset)
     assert torch.equal(y[:k], copies[0].T) and torch.equal(y[k:], copies[2].T)
     assert not torch.equal(copies[0], w)
@@ -87,10 +88,10 @@ def test_unfusable_operands_are_refused_with_the_reason():
 
 
 def step(kind, dtype, **options):
-    model = tiny(kind, dtype)
+    model = tiny(kind, dtype).to(DEVICE)
     options = {"backend": "triton", **options}
     with fastmezo.patch(model, lr=0.05, eps=EPS, seed=3, mode="paired", **options) as handle:
-        handle.step(batch())
+        handle.step({k: v.to(DEVICE) for k, v in batch().items()})
         opt = handle.optimizer
         return model, (opt.loss_plus, opt.loss_minus, opt.projected_grad), dict(handle.paired.paths)
 
@@ -127,8 +128,8 @@ def test_the_automatic_choice():
     def paths_of(**options):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.LayerNorm(24), torch.nn.Linear(24, 12),
-                                    torch.nn.Linear(12, 4))          # in-features 12: not a multiple of 8
-        x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(1))    # doubled: 4 x 3 = 12 rows
+                                    torch.nn.Linear(12, 4)).to(DEVICE)   # in-features 12: not a multiple of 8
+        x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)   # doubled: 12 rows
         with fastmezo.patch(model, mode="paired", loss_fn=lambda m, b: m(b).pow(2).mean((1, 2)),
                             **{"backend": "triton", **options}) as handle:
             handle.step(x)
