@@ -51,15 +51,16 @@ def _wall_ms(fn, reps: int, before=None, after=None) -> float:
 
 
 def _warm_up(fn, reps: int, device):
-    """One untimed call; on a CPU (the smoke run) the wall time of ``reps`` calls, else None."""
+    """One untimed call; on a CPU (the smoke run) the wall time of ``reps`` calls, else None. The device
+    defaults to CUDA (other benchmarks call the timers without one)."""
     fn()
-    if device.type != "cuda":
+    if device is not None and device.type != "cuda":
         return _wall_ms(fn, reps)
-    torch.cuda.synchronize(device)
+    torch.cuda.synchronize()
     return None
 
 
-def user_view_ms(fn, reps: int, device) -> float:
+def user_view_ms(fn, reps: int, device=None) -> float:
     """Median of per-call spans, each call starting on an idle GPU."""
     if (cpu := _warm_up(fn, reps, device)) is not None:
         return cpu
@@ -75,7 +76,7 @@ def user_view_ms(fn, reps: int, device) -> float:
     return statistics.median(times)
 
 
-def queued_ms(fn, reps: int, device) -> float:
+def queued_ms(fn, reps: int, device=None) -> float:
     """Mean time per call with the calls queued back to back: the GPU's own time when the host keeps up."""
     if (cpu := _warm_up(fn, reps, device)) is not None:
         return cpu
@@ -89,7 +90,7 @@ def queued_ms(fn, reps: int, device) -> float:
     return start.elapsed_time(end) / reps
 
 
-def host_ms(fn, reps: int, device) -> float:
+def host_ms(fn, reps: int, device=None) -> float:
     """Median host wall time of a call while the GPU is busy: the call returns once its launches are
     queued, so this is the Python and launch time the user waits before the first kernel can start."""
     if (cpu := _warm_up(fn, reps, device)) is not None:
