@@ -11,24 +11,25 @@ kernel is compiled without fp fusion, as kernels/axpbz.py is).
 Tiling. A program owns one [BLOCK_N] slice of output columns, one [BLOCK_M] block of rows of EACH
 half, and one range of K (split-K). Per [BLOCK_N, BLOCK_K] weight tile it loads W once, generates z
 once, forms both rounded tiles and multiplies each with its half's [BLOCK_M, BLOCK_K] rows into its
-own float32 accumulator (tl.dot). Paired mode's small batches (a few hundred rows in all, where a
-forward is bound by reading the weights) fit one row block, so every weight element is read once
-and its z generated once. Larger batches take several row blocks, each regenerating z: there the
+own float32 accumulator (tl.dot). Paired mode's small batches (up to MAX_BLOCK_M rows per half, where
+a forward is bound by reading the weights) fit one row block, so every weight element is read once
+and its z generated once. Two accumulators of [BLOCK_M, BLOCK_N] float32 bound BLOCK_M by registers. Larger batches take several row blocks, each regenerating z: there the
 matmul is compute-bound and the caller keeps the materialize path (fastmezo.paired_linear chooses).
 
 z of a tile: the row n's elements n*K + k0 .. n*K + k0 + BLOCK_K - 1 are consecutive in the stream,
-so with K and the offset multiples of the elements per Philox call (4 Gaussian, 128 Rademacher)
-every row of a tile starts on a call boundary: the tile is BLOCK_N * BLOCK_K / P whole calls, built
+so with K and the offset multiples of 8 (Gaussian, 4 elements per Philox call) or 128 (Rademacher,
+128 per call) every row of a tile starts on a call boundary: the tile is BLOCK_N * BLOCK_K / P whole calls, built
 as one 1-D vector by kernels.philox's helpers and reshaped to [BLOCK_N, BLOCK_K]. Other shapes or
 offsets are refused (:func:`unfusable_reason`); the caller materializes instead.
 
 Parallelism. One row block leaves few programs (N / BLOCK_N) for a GPU of ~130 SMs, so K is split
 into SPLIT ranges; each program writes its float32 partial sums to its own slice of a workspace
 [SPLIT, M, N], and torch sums the slices in a fixed order. No atomics: results are the same run to
-run. The bias (tiny) is added by the caller in float32 before the one rounding of y.
+run. The bias (tiny, perturbed by the caller) is added in float32 before the one rounding of y.
 
 Compiled kernels use the fast transcendentals of kernels.philox (FAST); the interpreter (tests on
-CPU) uses the accurate ones, and rounds bfloat16 on bit patterns, since its own conversion truncates.
+CPU) uses the accurate ones, rounds bfloat16 on bit patterns (its own conversion truncates) and
+multiplies bfloat16 through float32 (its dot reads bfloat16 as integers).
 """
 import os
 
