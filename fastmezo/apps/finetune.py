@@ -375,8 +375,11 @@ def _run(args, device, methods, hps, rank):
         # method's child removes its own, but a child killed after the grace period could not.
         scratch = tempfile.mkdtemp(prefix="fastmezo-finetune-")
         model_path = args.model
-        if args.kind == "causal":  # a GGUF file is converted here, once, not in every method's process
-            model_path = str(causal_lm.resolve_causal(args.model)) if lead else None
+        if args.kind == "causal":  # a GGUF file is converted once, not in every method's process
+            # ... in a child of its own where methods are forked: the conversion's freed memory, kept by
+            # this process's allocator, would be inherited by every method's child and hide its growth.
+            model_path = str(run_isolated(causal_lm.resolve_causal, args.model, isolate=isolate,
+                                          what="the GGUF conversion")) if lead else None
             if args.world_size > 1:  # the other ranks wait for rank 0's conversion, not convert beside it
                 model_path = parallel.agree(model_path)
             from transformers import AutoTokenizer
