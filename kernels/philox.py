@@ -159,13 +159,9 @@ def round_stochastic(y, r, DTYPE: tl.constexpr):
       * float16, normal range (|y| >= 2**-14): 13 mantissa bits are dropped and q = those bits * 8, an
         integer, so q + r >= 2**16 iff those bits + (r >> 3) carry into bit 13; the float16 pattern is
         the float32 pattern shifted by 13 with the exponent re-biased by 112.
-      * float16 subnormals: y = M * 2**(E - 150) (M with its implicit bit), so |y| / 2**-24 has s =
-        126 - E fraction bits: lo = M >> s, and q = frac * 2**(16 - s) for the s low bits frac. For s
-        <= 16 q is an integer. For s > 16 q has a fraction, and the float32 sum q + r (r an integer)
-        reaches 2**16 iff q + r >= 2**16 - 2**-9 (the sums below 2**16 are multiples of 2**-8, the
-        tie rounds to 2**16), i.e. iff floor(q + 2**-9) + r >= 2**16, and floor(q + 2**-9) =
-        (frac + 2**(s - 25)) >> (s - 16) where q has more than 8 fraction bits (s >= 25), frac >> (s - 16)
-        below. For s > 40 (|y| < 2**-41) that floor is 0 for every y: lo is 0 and so is the result.
+      * float16 subnormals (|y| < 2**-14, gap 2**-24): t = |y| 2**24 is exact, lo = floor(t) 2**-24,
+        q = (t - floor(t)) 2**16 exactly, and q + r is the oracle's float32 sum (q may have a fraction).
+        (An all-integer form of this case needs variable shifts and costs more than these float steps.)
     y beyond the largest finite value saturates to it; infinities stay, NaN becomes a quiet NaN."""
     ybits = y.to(tl.uint32, bitcast=True)
     mag = ybits & 0x7FFFFFFF
@@ -178,16 +174,15 @@ def round_stochastic(y, r, DTYPE: tl.constexpr):
         return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         normal = tl.minimum(((mag + (r >> 3)) >> 13) - (112 << 10), 0x7BFF)
-        e = tl.maximum((mag >> 23).to(tl.int32), 1)       # float32 subnormals: exponent 1, no implicit bit
-        m = (mag & 0x7FFFFF) | tl.where(mag >= 0x00800000, 0x800000, 0)
-        s = tl.minimum(126 - e, 41)                       # 14..41 here (only used below 2**-14)
-        lo = m >> tl.minimum(s, 31)
-        frac = m & ((1 << tl.minimum(s, 31)) - 1)
-        up_shift = tl.maximum(16 - s, 0)
-        down_shift = tl.maximum(s - 16, 0)
-        half_bit = tl.where(s >= 25, 1 << tl.maximum(s - 25, 0), 0)
-        q_floor = ((frac << up_shift) + half_bit) >> down_shift
-        sub = lo + ((q_floor + r) >> 16)
+        # Subnormal results in float32, where every step is exact: t = |y| / 2**-24 < 1024, its floor,
+        # q = its fraction * 2**16, and the contract's float32 sum q + r. r and floor(t) cross between
+        # integer and float through the bits of 2**23 + k (exact below 2**23), not a conversion.
+        t = mag.to(tl.float32, bitcast=True) * 16777216.0
+        fl = tl.floor(t)
+        q = (t - fl) * 65536.0
+        r_f = (r | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        up = ((q + r_f) >= 65536.0).to(tl.uint32)
+        sub = (fl + 8388608.0).to(tl.uint32, bitcast=True) - 0x4B000000 + up
         bits = tl.where(mag < 0x38800000, sub, normal)
         bits = tl.where(finite, bits, tl.where(nan, 0x7E00, 0x7C00)) | sign16
         return bits.to(tl.uint16).to(tl.float16, bitcast=True)
