@@ -32,8 +32,8 @@ import torch
 from . import ops
 
 #: Rows (the doubled batch times the sequence) up to which an nn.Linear takes the fused kernel by
-#: default. Set from bench/bench_paired.py's sweep on an H200 (docs/perf.md); a guess until it ran.
-DEFAULT_MAX_ROWS = 1024
+#: default: the most rows of the sweep at which the fused kernel beat the materialize path (docs/perf.md).
+DEFAULT_MAX_ROWS = 512
 
 
 def max_rows_of(fused) -> int:

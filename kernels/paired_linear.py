@@ -13,8 +13,11 @@ half, and one range of K (split-K). Per [BLOCK_N, BLOCK_K] weight tile it loads 
 once, forms both rounded tiles and multiplies each with its half's [BLOCK_M, BLOCK_K] rows into its
 own float32 accumulator (tl.dot). Paired mode's small batches (up to MAX_BLOCK_M rows per half, where
 a forward is bound by reading the weights) fit one row block, so every weight element is read once
-and its z generated once. Two accumulators of [BLOCK_M, BLOCK_N] float32 bound BLOCK_M by registers. Larger batches take several row blocks, each regenerating z: there the
-matmul is compute-bound and the caller keeps the materialize path (fastmezo.paired_linear chooses).
+and its z generated once. Two accumulators of [BLOCK_M, BLOCK_N] float32 bound BLOCK_M by registers,
+and shared memory bounds it with the pipeline depth (:func:`_fit_shared`: float32 tiles of 128
+columns, which Rademacher noise needs, take fewer stages and a smaller BLOCK_M). Larger batches
+take several row blocks, each regenerating z: there the matmul is compute-bound and the caller
+keeps the materialize path (fastmezo.paired_linear chooses).
 
 z of a tile: the row n's elements n*K + k0 .. n*K + k0 + BLOCK_K - 1 are consecutive in the stream,
 so with K and the offset multiples of 8 (Gaussian, 4 elements per Philox call) or 128 (Rademacher,
@@ -45,6 +48,11 @@ _NO_FMA_CONTRACTION = {} if _INTERPRETING else {"enable_fp_fusion": False}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PER_CALL = (4, 128)                     # elements per Philox call: Gaussian, Rademacher
 MAX_BLOCK_M = 128                       # rows of each half per program (register budget of 2 accumulators)
+STAGES = 3                              # Triton's default software pipeline depth, tried first
+# Shared memory assumed where the device cannot be asked (the interpreter): an H100/H200's 227 KiB.
+DEFAULT_SHARED = 232448
+# Left free for what the estimate does not count (the compiler's own scratch, barriers).
+SHARED_MARGIN = 8192
 
 
 @triton.jit
@@ -137,12 +145,40 @@ def unfusable_reason(x2d: torch.Tensor, weight: torch.Tensor, noise: int, offset
     return None
 
 
-def _blocks(m_half: int, n: int, k: int, noise: int, device: torch.device, block_n, block_k, split_k):
+def shared_bytes(block_m: int, block_n: int, block_k: int, elem: int, stages: int) -> int:
+    """Shared memory of one program: the pipelined loads (both halves' x rows and the W tile) in
+    ``stages - 1`` buffers, plus the two rounded W tiles staged for tl.dot. This is the layout the
+    compiler chose for this kernel (it reproduces the requirement it reported for float32)."""
+    return (stages - 1) * (2 * block_m + block_n) * block_k * elem + 2 * block_n * block_k * elem
+
+
+def _fit_shared(block_m: int, block_n: int, block_k: int, elem: int, limit: int):
+    """(block_m, stages): the default pipeline depth, then 2 stages, then halved row blocks (not below
+    16, tl.dot's minimum) until the program fits ``limit`` bytes of shared memory."""
+    limit -= SHARED_MARGIN
+    for stages in (STAGES, 2):
+        if shared_bytes(block_m, block_n, block_k, elem, stages) <= limit:
+            return block_m, stages
+    while block_m > 16 and shared_bytes(block_m, block_n, block_k, elem, 2) > limit:
+        block_m //= 2
+    return block_m, 2
+
+
+def _shared_limit(device: torch.device) -> int:
+    if device.type != "cuda" or _INTERPRETING:
+        return DEFAULT_SHARED
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    return int(props["max_shared_mem"])
+
+
+def _blocks(m_half: int, n: int, k: int, noise: int, device: torch.device, block_n, block_k, split_k,
+            elem: int = 2):
     block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(m_half)))
     block_n = block_n or 64
     block_k = block_k or (64 if noise == 0 else 128)
     if block_k % PER_CALL[noise]:
         raise ValueError(f"block_k {block_k} must be a multiple of {PER_CALL[noise]} (elements per Philox call)")
+    block_m, stages = _fit_shared(block_m, block_n, block_k, elem, _shared_limit(device))
     k_tiles = triton.cdiv(k, block_k)
     if split_k is None:
         programs = triton.cdiv(m_half, block_m) * triton.cdiv(n, block_n)
@@ -150,7 +186,7 @@ def _blocks(m_half: int, n: int, k: int, noise: int, device: torch.device, block
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         split_k = max(1, min(triton.cdiv(2 * sms, programs), k_tiles // 4))
     k_per_split = triton.cdiv(k_tiles, max(1, min(split_k, k_tiles))) * block_k
-    return block_m, block_n, block_k, triton.cdiv(k, k_per_split), k_per_split
+    return block_m, block_n, block_k, triton.cdiv(k, k_per_split), k_per_split, stages
 
 
 def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed: int, key: int, noise: int = 0,
@@ -165,8 +201,8 @@ def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed: int
     x2d = x2d.contiguous()
     m, k = x2d.shape
     n, h = weight.shape[0], m // 2
-    block_m, block_n, block_k, split, k_per_split = _blocks(h, n, k, noise, weight.device, block_n, block_k,
-                                                            split_k)
+    block_m, block_n, block_k, split, k_per_split, stages = _blocks(
+        h, n, k, noise, weight.device, block_n, block_k, split_k, weight.element_size())
     ws = _workspace(split, m, n, weight.device)
     if m and n:
         grid = (triton.cdiv(h, block_m), triton.cdiv(n, block_n), split)
@@ -174,7 +210,8 @@ def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed: int
             x2d, weight, ws, h, n, k, k_per_split, float(eps),
             _i32(seed & 0xFFFFFFFF), _i32((seed >> 32) & 0xFFFFFFFF), _i32(key & 0xFFFFFFFF), offset,
             NOISE=noise, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            FAST=not _INTERPRETING, num_warps=num_warps or (4 if block_m <= 32 else 8), **_NO_FMA_CONTRACTION)
+            FAST=not _INTERPRETING, num_warps=num_warps or (4 if block_m <= 32 else 8), num_stages=stages,
+            **_NO_FMA_CONTRACTION)
     y = ws[0] if split == 1 else ws.sum(0)
     if bias_plus is not None:
         y[:h] += bias_plus.float()

@@ -138,3 +138,21 @@ def test_the_automatic_choice():
     assert paths_of(fused=12) == ["fused", "materialized", "fused", "materialized"]
     assert paths_of(fused=11) == ["materialized"] * 4                           # threshold below the rows
     assert paths_of(fused=True, backend="oracle") == ["materialized"] * 4      # not the Triton backend
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("noise", [0, 1])
+@pytest.mark.parametrize("m_half", [1, 64, 128, 512])
+def test_tiles_fit_shared_memory(monkeypatch, dtype, noise, m_half):
+    # Every supported case must compile within an H100/H200's shared memory and an A100's (164 KiB);
+    # the estimate reproduces what the compiler asked for float32, Rademacher, 128 rows a half, 3 stages.
+    assert pl.shared_bytes(128, 64, 128, 4, 3) == 393216
+    elem = torch.empty((), dtype=dtype).element_size()
+    for limit in (pl.DEFAULT_SHARED, 167936):
+        monkeypatch.setattr(pl, "_shared_limit", lambda device: limit)
+        block_m, block_n, block_k, _, _, stages = pl._blocks(m_half, 4096, 4096, noise, torch.device("cpu"),
+                                                             None, None, None, elem)
+        assert pl.shared_bytes(block_m, block_n, block_k, elem, stages) <= limit - pl.SHARED_MARGIN
+        assert block_m >= 16 and stages >= 2
+        if elem == 2 and limit == pl.DEFAULT_SHARED:      # half precision keeps the full pipeline and row block
+            assert stages == pl.STAGES and block_m == min(pl.MAX_BLOCK_M, max(16, 1 << (m_half - 1).bit_length()))
