@@ -15,7 +15,7 @@ def test_paired_smoke(tmp_path, capsys):
     assert bench_paired.main(["--smoke", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     check = result["check"]
-    assert check["fused_paths"] == ["fused", "materialized"] and check["ref_paths"] == ["materialized"]
+    assert check["fused_paths"] == ["fused", "gathered", "materialized"] and check["ref_paths"] == ["gathered", "materialized"]
     assert check["loss_plus"] != check["loss_minus"]
     assert abs(check["grad"] - check["ref_grad"]) <= check["grad_tol"]
     for p in result["sweep"]["points"]:          # float32 layer: the two paths agree to float32 rounding

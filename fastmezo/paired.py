@@ -7,13 +7,14 @@ halves are l+ and l-. The stored weights are only read until the update pass, wh
 (fastmezo.exact): theta <- (1 - lr * wd) * theta - lr * g * z, so a step with lr = 0 leaves them
 bit-identical and nothing drifts.
 
-How z reaches the perturbed weights (issue 18, item 3: z generated once per weight per step): per
-module call, z of each of its trained tensors is generated ONCE (float32, the contract's seed, key and
-offset, by the plan's backend), scaled by eps, and the two copies round(W + eps*z) and round(W - eps*z)
-are made from it in turn, one alive at a time. The arithmetic is the fused pass's (float32 product
-eps*z, float32 sum, one rounding to the weight's dtype), so the copies are bit for bit those exact mode
-materializes, and a paired step equals an exact-mode step up to the rounding of batch-size-dependent
-kernels. The alternative for nn.Linear, x W^T over the doubled batch plus +-eps * x z^T per half,
+How z reaches the perturbed weights: per module call and half, the copy round(W +- eps*z) of each of
+its trained tensors is made by the contract's out-of-place pass (the plan's backend, the contract's
+seed, key and offset), the arithmetic exact mode's copies have; one copy is alive at a time and no
+float32 z of a whole tensor is ever stored (z is generated again for the other half). So a paired
+step equals an exact-mode step up to the rounding of batch-size-dependent kernels. A plain
+nn.Embedding perturbs only the rows its ids look up (a row is a contiguous range of its stream); a
+tied use of the same weight (an lm_head) is its own module call and sees the whole perturbed weight.
+The alternative for nn.Linear, x W^T over the doubled batch plus +-eps * x z^T per half,
 would double the matmul FLOPs (a loss where large batches are compute-bound) and would not round the
 perturbed weight as exact mode does (in bfloat16 that rounding is of the order of eps*z itself).
 An nn.Linear with few rows (memory-bound) instead runs both halves in one fused kernel that reads W
@@ -36,7 +37,7 @@ from torch.utils import _pytree as pytree
 
 from . import ops
 from .exact import _ReadCheck
-from .paired_linear import fused_or_none, max_rows_of
+from .paired_linear import _paused, fused_or_none, max_rows_of
 from .patching import MeZOPatch
 
 #: Module kinds whose forward is row-wise along every leading dimension (checked by the tests).
@@ -149,14 +150,18 @@ class PairedPerturbation:
             if self._active is None:
                 return forward(*args, **kwargs)
             if self._half is not None:                 # nested in a module running one half
-                return self._run_half(module, forward, self._half, args, kwargs, {})
+                return self._run_half(module, forward, self._half, args, kwargs)
             rows = self.rows or _rows(args, kwargs)
             if rows is None or rows % 2:
                 raise PairedModeError(f"paired mode: module {self._module_names[module]!r} got "
                                       f"{'no batched tensor' if rows is None else f'{rows} rows'}; a paired "
                                       "forward runs a doubled batch (an even number of rows along dim 0)")
             out = fused_or_none(self, module, args, kwargs, rows, self.max_rows)
-            self.paths[self._module_names[module]] = "materialized" if out is None else "fused"
+            path = "fused"
+            if out is None:
+                with _paused(self._checker):      # fastmezo's own reads of the stored weight
+                    out, path = self._gathered_or_none(module, args, kwargs, rows), "gathered"
+            self.paths[self._module_names[module]] = "materialized" if out is None else path
             if out is not None:
                 return out
             first, second = _split(args, kwargs, rows, True), _split(args, kwargs, rows, False)
@@ -164,13 +169,12 @@ class PairedPerturbation:
                 raise PairedModeError(f"paired mode: no tensor argument of module {self._module_names[module]!r} "
                                       f"has the batch's {rows} rows (or a multiple) along dim 0, so its + and - "
                                       "halves cannot be told apart; paired mode needs batch-first inputs")
-            noise = {}                                 # id(parameter) -> eps * z, made once for both halves
-            out_plus = self._run_half(module, forward, +1, *first, noise)
-            out_minus = self._run_half(module, forward, -1, *second, noise)
+            out_plus = self._run_half(module, forward, +1, *first)
+            out_minus = self._run_half(module, forward, -1, *second)
             return _stack(out_plus, out_minus)
         return paired_forward
 
-    def _run_half(self, module, forward, sign, args, kwargs, noise):
+    def _run_half(self, module, forward, sign, args, kwargs):
         plan, seed, entries = self._active
         saved, outer = [], self._half
         try:
@@ -181,7 +185,7 @@ class PairedPerturbation:
                     p = module._parameters[pname]
                     entry = entries.get(id(p))
                     if entry is not None:
-                        copy = self._copy(plan, seed, p, entry, sign, noise)
+                        copy = self._copy(plan, seed, p, entry, sign)
                         saved.append((pname, p))
                         module._parameters[pname] = copy
             finally:
@@ -194,18 +198,46 @@ class PairedPerturbation:
             for pname, p in saved:
                 module._parameters[pname] = p
 
-    def _copy(self, plan, seed, p, entry, sign, noise):
-        """round(p + sign * eps * z) as the fused pass computes it: float32 product eps*z, float32 sum,
-        one rounding to p's dtype. eps*z is generated once per module call (``noise``) for both halves."""
+    def _copy(self, plan, seed, p, entry, sign):
+        """round(p + sign * eps * z) by the contract's out-of-place pass, the arithmetic exact mode's
+        copies have. z is generated again for the other half rather than kept: one copy in p's dtype is
+        the only memory alive, never a float32 eps*z of the whole tensor."""
         key, offset, eps = entry
-        ez = noise.get(id(p))
-        if ez is None:
-            ez = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-            ops.run(plan.backend_of(p.device), [ez], None, [0.0], [1.0], seed, [key], [offset], plan.noise, False)
-            noise[id(p)] = ez.mul_(eps)
-        if sign < 0:
-            return (p.float() - ez).to(p.dtype)
-        return (p.float() + ez).to(p.dtype)
+        out = torch.empty_like(p, memory_format=torch.contiguous_format)
+        ops.run(plan.backend_of(p.device), [p.contiguous()], [out], [1.0], [sign * eps], seed, [key], [offset],
+                plan.noise)
+        return out
+
+    def _gathered_or_none(self, module, args, kwargs, rows):
+        """A plain nn.Embedding's output with only the looked-up rows perturbed, or None. Row r of the
+        weight is elements r*D .. r*D + D - 1 of its stream, so each run of consecutive looked-up rows is
+        perturbed by one tensor of the out-of-place pass with its own offset, exactly as the whole
+        weight would be there. A tied use of the weight elsewhere (an lm_head) is its own module call."""
+        if type(module).forward is not torch.nn.Embedding.forward or module.max_norm is not None:
+            return None
+        ids = args[0] if len(args) == 1 and not kwargs else kwargs.get("input") if not args and len(kwargs) == 1 else None
+        weight = module.weight
+        entry = self._active[2].get(id(weight))
+        if (entry is None or type(ids) is not torch.Tensor or not ids.dim() or ids.shape[0] % rows
+                or ids.is_floating_point() or weight.dim() != 2 or ops.tracing()):
+            return None
+        plan, seed, _ = self._active
+        key, offset, eps = entry
+        width = weight.shape[1]
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        starts, lengths = _runs(uniq.tolist())
+        table = weight.detach()[uniq]
+        h = ids.shape[0] // 2
+        halves = []
+        for sign, inv in ((+1, inverse[:h]), (-1, inverse[h:])):
+            out = torch.empty_like(table)
+            pieces = list(table.split(lengths)) if len(lengths) > 1 else [table]
+            outs = list(out.split(lengths)) if len(lengths) > 1 else [out]
+            n = len(pieces)
+            ops.run(plan.backend_of(weight.device), pieces, outs, [1.0] * n, [sign * eps] * n, seed, [key] * n,
+                    [offset + r * width for r in starts], plan.noise)
+            halves.append(torch.nn.functional.embedding(inv, out))
+        return torch.cat(halves)
 
     def remove(self) -> None:
         """Put the original forwards back. Idempotent."""
@@ -214,6 +246,18 @@ class PairedPerturbation:
         for module in self._owned:
             module.__dict__.pop("forward", None)
         self._owned = None
+
+
+def _runs(sorted_ids):
+    """(first id, length) of each run of consecutive ids in a sorted list of distinct ids."""
+    starts, lengths = [], []
+    for r in sorted_ids:
+        if starts and r == starts[-1] + lengths[-1]:
+            lengths[-1] += 1
+        else:
+            starts.append(r)
+            lengths.append(1)
+    return starts, lengths
 
 
 def _rows(args, kwargs):

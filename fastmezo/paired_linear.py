@@ -75,9 +75,8 @@ def fused_or_none(provider, module, args, kwargs, rows: int, max_rows: int):
         bias_plus = bias_minus = bias
         b_entry = None if bias is None else entries.get(id(bias))
         if b_entry is not None:          # the bias is tiny: materialized, as the other path does
-            noise = {}
-            bias_plus = provider._copy(plan, seed, bias, b_entry, +1, noise)
-            bias_minus = provider._copy(plan, seed, bias, b_entry, -1, noise)
+            bias_plus = provider._copy(plan, seed, bias, b_entry, +1)
+            bias_minus = provider._copy(plan, seed, bias, b_entry, -1)
         with torch.no_grad(), _interpreter_lock(x.device):
             y = paired_linear(x2d, weight, eps, seed, key, plan.noise, offset, bias_plus, bias_minus)
     return y.reshape(*x.shape[:-1], weight.shape[0])

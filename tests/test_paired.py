@@ -63,9 +63,8 @@ def test_copies_are_exact_modes_bit_for_bit():
         w = torch.randn(37, 11, generator=torch.Generator().manual_seed(1)).to(dtype)
         plan = Plan([w], keys=[5])
         provider = PairedPerturbation(torch.nn.Linear(1, 1))
-        noise = {}
         for sign in (1, -1):
-            mine = provider._copy(plan, 11, w, (5, 0, 0.003), sign, noise)
+            mine = provider._copy(plan, 11, w, (5, 0, 0.003), sign)
             theirs = perturbed(w, 11, sign * 0.003, keys=[5])
             assert mine.dtype == dtype and torch.equal(mine, theirs), (dtype, sign)
             assert not torch.equal(mine, w)
@@ -299,3 +298,33 @@ def test_a_module_without_batch_rows_is_refused():
         with pytest.raises(PairedModeError, match="'proj'.*batch-first"):
             handle.step(torch.randn(4, 3, generator=torch.Generator().manual_seed(1)))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_an_embedding_perturbs_only_its_looked_up_rows_as_the_whole_weight_would():
+    # Ids with runs of consecutive rows, repeats and a row at the end of the table; the lookup of each
+    # half must be exactly the rows of exact mode's whole-weight copy, while only those rows are made.
+    emb = torch.nn.Embedding(40, 24)
+    with torch.no_grad():
+        emb.weight.normal_(generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([[3, 4, 5, 39, 3], [0, 17, 17, 18, 1], [3, 4, 5, 39, 3], [9, 9, 30, 2, 1]])
+    plan = Plan([emb.weight], keys=[5], offsets=[8])
+    provider = PairedPerturbation(emb)
+    made = []
+    original = provider._copy
+    provider._copy = lambda *a: made.append(a[2].shape) or original(*a)
+    with provider.perturbation(plan, 11, [0.003]):
+        out = emb(ids)
+    assert provider.paths == {"<root>": "gathered"} and made == []          # no whole-weight copy
+    for sign, half in ((1, ids[:2]), (-1, ids[2:])):
+        whole = perturbed(emb.weight.detach(), 11, sign * 0.003, keys=[5], offsets=[8])
+        assert torch.equal(out[:2] if sign > 0 else out[2:], whole[half])
+    assert not torch.equal(out[:2], out[2:])                               # same ids, different halves
+
+
+def test_a_tied_lm_head_sees_the_whole_perturbed_weight():
+    model = tiny("opt", torch.float32)
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    with fastmezo.patch(model, lr=0.0, eps=EPS, seed=3, mode="paired", fused=False) as handle:
+        handle.step(batch())
+        paths = handle.paired.paths
+    assert paths["model.decoder.embed_tokens"] == "gathered" and paths["lm_head"] == "materialized"
