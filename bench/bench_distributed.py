@@ -13,7 +13,8 @@ batch configuration (per-rank batch x tokens, random ids, each rank its own):
 
   * ``plain``  (world size 1 only): fastmezo.patch's step, no process group involved;
   * ``dp``: the same step after fastmezo.data_parallel (one all-reduce of three float64 a step);
-    at world size 1 ``dp_overhead`` = dp / plain - 1, measured in alternating blocks;
+    at world size 1 ``dp_overhead`` = the median over --blocks alternating block pairs of dp / plain - 1
+    (with its quartiles);
   * ``reference`` (--reference): the paper's way in each rank (bench/baseline.py: torch.manual_seed +
     torch.normal per tensor, out of place, four passes) plus the same all-reduce of the losses;
   * ``fsdp`` (--fsdp): the model sharded with fully_shard (each decoder layer, then the root), same
@@ -56,6 +57,7 @@ def parse(argv=None):
     p.add_argument("--fsdp-check", action="store_true", help="FSDP2 steps against one process, bit for bit")
     p.add_argument("--check-steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--blocks", type=int, default=10, help="alternating plain / data-parallel blocks at world size 1")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None, help="directory of the results (default bench/results/)")
     p.add_argument("--smoke", action="store_true", help="opt-tiny on CPUs with gloo; times mean nothing")
@@ -154,14 +156,17 @@ def _config_rows(args, model, device, batch, tokens, fsdp: bool):
     step = lambda: handle.step(closure)  # noqa: E731
     row = dict(world=world, batch=batch, tokens=tokens, mode="fsdp" if fsdp else "dp")
     if world == 1 and not fsdp:
-        plain, dp_times = [], []
-        for _ in range(2):         # alternating blocks: drift of the clock or the GPU hits both alike
+        plain, dp_times, ratios = [], [], []
+        for _ in range(args.blocks):   # alternating blocks: drift of the clock or the GPU hits both alike
             plain.append(_timed(step, device, args))
             dp = fastmezo.data_parallel(handle)
             dp_times.append(_timed(step, device, args))
             dp.remove()
+            ratios.append(dp_times[-1] / plain[-1] - 1)
         plain_ms, dp_ms = statistics.median(plain), statistics.median(dp_times)
-        row.update(plain_ms=plain_ms, dp_ms=dp_ms, dp_overhead=dp_ms / plain_ms - 1)
+        quart = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        row.update(plain_ms=plain_ms, dp_ms=dp_ms, dp_overhead=statistics.median(ratios),
+                   dp_overhead_quartiles=[quart[0], quart[2]], blocks=args.blocks)
     dp = fastmezo.data_parallel(handle, model=model)
     step()                          # the agreement check's all-reduce is not a step's traffic
     sent = dp.comm_bytes
