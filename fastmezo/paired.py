@@ -151,7 +151,9 @@ class PairedPerturbation:
                 return forward(*args, **kwargs)
             if self._half is not None:                 # nested in a module running one half
                 return self._run_half(module, forward, self._half, args, kwargs)
-            rows = self.rows or _rows(args, kwargs)
+            # One positional tensor (most modules of a transformer) skips the pytree walks.
+            single = len(args) == 1 and not kwargs and type(args[0]) is torch.Tensor and args[0].dim() > 0
+            rows = self.rows or (args[0].shape[0] if single else _rows(args, kwargs))
             if rows is None or rows % 2:
                 raise PairedModeError(f"paired mode: module {self._module_names[module]!r} got "
                                       f"{'no batched tensor' if rows is None else f'{rows} rows'}; a paired "
@@ -164,13 +166,20 @@ class PairedPerturbation:
             self.paths[self._module_names[module]] = "materialized" if out is None else path
             if out is not None:
                 return out
-            first, second = _split(args, kwargs, rows, True), _split(args, kwargs, rows, False)
-            if all(a is b for a, b in zip(pytree.tree_leaves(first), pytree.tree_leaves((args, kwargs)))):
+            if single:
+                first, second = ((_half(args[0], rows, True),), {}), ((_half(args[0], rows, False),), {})
+                split = first[0][0] is not args[0]
+            else:
+                first, second = _split(args, kwargs, rows, True), _split(args, kwargs, rows, False)
+                split = any(a is not b for a, b in zip(pytree.tree_leaves(first), pytree.tree_leaves((args, kwargs))))
+            if not split:
                 raise PairedModeError(f"paired mode: no tensor argument of module {self._module_names[module]!r} "
                                       f"has the batch's {rows} rows (or a multiple) along dim 0, so its + and - "
                                       "halves cannot be told apart; paired mode needs batch-first inputs")
             out_plus = self._run_half(module, forward, +1, *first)
             out_minus = self._run_half(module, forward, -1, *second)
+            if type(out_plus) is torch.Tensor and type(out_minus) is torch.Tensor and out_plus.dim():
+                return torch.cat([out_plus, out_minus])
             return _stack(out_plus, out_minus)
         return paired_forward
 
@@ -178,35 +187,37 @@ class PairedPerturbation:
         plan, seed, entries = self._active
         saved, outer = [], self._half
         try:
-            if self._checker is not None:
-                self._checker.paused += 1      # fastmezo's own reads of the stored weights
-            try:
-                for pname in self._owned[module]:
-                    p = module._parameters[pname]
-                    entry = entries.get(id(p))
-                    if entry is not None:
-                        copy = self._copy(plan, seed, p, entry, sign)
-                        saved.append((pname, p))
-                        module._parameters[pname] = copy
-            finally:
-                if self._checker is not None:
-                    self._checker.paused -= 1
+            names = [n for n in self._owned[module] if id(module._parameters[n]) in entries]
+            if names:
+                with _paused(self._checker):   # fastmezo's own reads of the stored weights
+                    stored = [module._parameters[n] for n in names]
+                    copies = self._copies(plan, seed, stored, [entries[id(p)] for p in stored], [sign] * len(stored))
+                for n, p, copy in zip(names, stored, copies):
+                    saved.append((n, p))
+                    module._parameters[n] = copy
             self._half = sign
             return forward(*args, **kwargs)
         finally:                               # whatever raised, the stored parameters go back
             self._half = outer
-            for pname, p in saved:
-                module._parameters[pname] = p
+            for n, p in saved:
+                module._parameters[n] = p
 
     def _copy(self, plan, seed, p, entry, sign):
-        """round(p + sign * eps * z) by the contract's out-of-place pass, the arithmetic exact mode's
-        copies have. z is generated again for the other half rather than kept: one copy in p's dtype is
-        the only memory alive, never a float32 eps*z of the whole tensor."""
-        key, offset, eps = entry
-        out = torch.empty_like(p, memory_format=torch.contiguous_format)
-        ops.run(plan.backend_of(p.device), [p.contiguous()], [out], [1.0], [sign * eps], seed, [key], [offset],
+        """round(p + sign * eps * z) (see :meth:`_copies`)."""
+        return self._copies(plan, seed, [p], [entry], [sign])[0]
+
+    def _copies(self, plan, seed, tensors, entries, signs):
+        """round(t + sign * eps * z) of each tensor by ONE call of the contract's out-of-place pass (the
+        arithmetic exact mode's copies have). z is generated again for the other half rather than
+        kept: one copy in the tensor's dtype is the only memory per tensor, never a float32 eps*z."""
+        device = tensors[0].device
+        if any(t.device != device for t in tensors):
+            return [self._copy(plan, seed, t, e, s) for t, e, s in zip(tensors, entries, signs)]
+        outs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+        ops.run(plan.backend_of(device), [t.contiguous() for t in tensors], outs, [1.0] * len(tensors),
+                [s * e[2] for s, e in zip(signs, entries)], seed, [e[0] for e in entries], [e[1] for e in entries],
                 plan.noise)
-        return out
+        return outs
 
     def _gathered_or_none(self, module, args, kwargs, rows):
         """A plain nn.Embedding's output with only the looked-up rows perturbed, or None. Row r of the
@@ -265,21 +276,24 @@ def _rows(args, kwargs):
                default=None)
 
 
+def _half(t, rows, first: bool):
+    """The + (``first``) or - half of ``t`` when its dim 0 is a multiple of ``rows`` (the doubled batch,
+    or batch and sequence flattened batch-major: its first half is still the + half's); a tensor of one
+    row (broadcast over the batch, e.g. position ids) is expanded first, so that each half gets its own
+    output rows. Anything else is returned as it is, for both halves."""
+    if not (isinstance(t, torch.Tensor) and t.dim()):
+        return t
+    n = t.shape[0]
+    if n == 1:
+        t, n = t.expand(rows, *t.shape[1:]), rows
+    elif n % rows:
+        return t
+    return t[:n // 2] if first else t[n // 2:]
+
+
 def _split(args, kwargs, rows, first: bool):
-    """The + (``first``) or - half of every tensor argument whose dim 0 is a multiple of ``rows`` (the
-    doubled batch, or batch and sequence flattened batch-major: its first half is still the + half's);
-    one of one row (broadcast over the batch, e.g. position ids) is expanded first, so that each half
-    gets its own output rows. Other arguments go to both halves whole."""
-    def take(t):
-        if not (isinstance(t, torch.Tensor) and t.dim()):
-            return t
-        n = t.shape[0]
-        if n == 1:
-            t, n = t.expand(rows, *t.shape[1:]), rows
-        elif n % rows:
-            return t
-        return t[:n // 2] if first else t[n // 2:]
-    return pytree.tree_map(take, (args, kwargs))
+    """(args, kwargs) of the + (``first``) or - half: :func:`_half` of every leaf."""
+    return pytree.tree_map(lambda t: _half(t, rows, first), (args, kwargs))
 
 
 def _stack(plus, minus):

@@ -24,7 +24,6 @@ are rounded); their outputs differ only by the summation order of the matmul.
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import torch
@@ -47,9 +46,17 @@ def max_rows_of(fused) -> int:
     raise ValueError(f"fused must be None (automatic), True, False or a number of rows >= 0, not {fused!r}")
 
 
-def _triton_runs(plan, device) -> bool:
-    from .backends import triton as triton_backend
-    return plan.backend_of(device) is triton_backend
+_modules = {}
+
+
+def _kernel():
+    """kernels.paired_linear and backends.triton, imported on first use (triton may be missing) and
+    kept: a forward calls this once per module."""
+    if not _modules:
+        from .backends import triton as triton_backend
+        from .kernels import paired_linear as kernel
+        _modules.update(kernel=kernel, backend=triton_backend)
+    return _modules["kernel"], _modules["backend"]
 
 
 def fused_or_none(provider, module, args, kwargs, rows: int, max_rows: int):
@@ -61,43 +68,48 @@ def fused_or_none(provider, module, args, kwargs, rows: int, max_rows: int):
     plan, seed, entries = provider._active
     weight, bias = module.weight, module.bias
     entry = entries.get(id(weight))
-    if (entry is None or not isinstance(x, torch.Tensor) or type(x) is not torch.Tensor or x.dim() < 2
-            or x.shape[0] < 2 or x.shape[0] % rows or ops.tracing()):
+    if (entry is None or type(x) is not torch.Tensor or x.dim() < 2 or x.shape[0] < 2 or x.shape[0] % rows
+            or ops.tracing()):
         return None
     x2d = x.reshape(-1, x.shape[-1])
-    if x2d.shape[0] > max_rows or not _triton_runs(plan, x.device):
+    if x2d.shape[0] > max_rows:
+        return None
+    kernel, triton_backend = _kernel()
+    if plan.backend_of(x.device) is not triton_backend:
         return None
     with _paused(provider._checker):     # fastmezo's own reads of the stored weights
-        from .kernels.paired_linear import paired_linear, unfusable_reason
         key, offset, eps = entry
-        if unfusable_reason(x2d, weight, plan.noise, offset) is not None:
+        if kernel.unfusable_reason(x2d, weight, plan.noise, offset) is not None:
             return None
         bias_plus = bias_minus = bias
         b_entry = None if bias is None else entries.get(id(bias))
         if b_entry is not None:          # the bias is tiny: materialized, as the other path does
-            bias_plus = provider._copy(plan, seed, bias, b_entry, +1)
-            bias_minus = provider._copy(plan, seed, bias, b_entry, -1)
-        with torch.no_grad(), _interpreter_lock(x.device):
-            y = paired_linear(x2d, weight, eps, seed, key, plan.noise, offset, bias_plus, bias_minus)
+            bias_plus, bias_minus = provider._copies(plan, seed, [bias, bias], [b_entry, b_entry], [+1, -1])
+        grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        try:
+            if x.device.type == "cpu":   # the interpreter's module state is shared: the backend's lock
+                with triton_backend._interpreter_lock:
+                    y = kernel.paired_linear(x2d, weight, eps, seed, key, plan.noise, offset, bias_plus, bias_minus)
+            else:
+                y = kernel.paired_linear(x2d, weight, eps, seed, key, plan.noise, offset, bias_plus, bias_minus)
+        finally:
+            torch.set_grad_enabled(grad)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@contextlib.contextmanager
-def _paused(checker):
-    """The first forward's read check (fastmezo.exact._ReadCheck) off for fastmezo's own reads."""
-    if checker is None:
-        yield
-        return
-    checker.paused += 1
-    try:
-        yield
-    finally:
-        checker.paused -= 1
+class _paused:
+    """The first forward's read check (fastmezo.exact._ReadCheck) off for fastmezo's own reads (a
+    plain class: entered once per module call, where a generator-based context costs more)."""
+    __slots__ = ("checker",)
 
+    def __init__(self, checker):
+        self.checker = checker
 
-def _interpreter_lock(device):
-    """The Triton backend's lock for interpreted kernels (the interpreter's module state is shared)."""
-    if device.type != "cpu":
-        return contextlib.nullcontext()
-    from .backends import triton as triton_backend
-    return triton_backend._interpreter_lock
+    def __enter__(self):
+        if self.checker is not None:
+            self.checker.paused += 1
+
+    def __exit__(self, *exc):
+        if self.checker is not None:
+            self.checker.paused -= 1

@@ -34,6 +34,7 @@ Compiled kernels use the fast transcendentals of kernels.philox (FAST); the inte
 CPU) uses the accurate ones, rounds bfloat16 on bit patterns (its own conversion truncates) and
 multiplies bfloat16 through float32 (its dot reads bfloat16 as integers).
 """
+import functools
 import os
 
 import torch
@@ -164,11 +165,17 @@ def _fit_shared(block_m: int, block_n: int, block_k: int, elem: int, limit: int)
     return block_m, 2
 
 
+@functools.lru_cache(maxsize=None)
 def _shared_limit(device: torch.device) -> int:
     if device.type != "cuda" or _INTERPRETING:
         return DEFAULT_SHARED
     props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
     return int(props["max_shared_mem"])
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _blocks(m_half: int, n: int, k: int, noise: int, device: torch.device, block_n, block_k, split_k,
@@ -183,7 +190,7 @@ def _blocks(m_half: int, n: int, k: int, noise: int, device: torch.device, block
     if split_k is None:
         programs = triton.cdiv(m_half, block_m) * triton.cdiv(n, block_n)
         # About two programs per SM, never splits of less than 4 tiles (each split writes M x N floats).
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        sms = _sms(device)
         split_k = max(1, min(triton.cdiv(2 * sms, programs), k_tiles // 4))
     k_per_split = triton.cdiv(k_tiles, max(1, min(split_k, k_tiles))) * block_k
     return block_m, block_n, block_k, triton.cdiv(k, k_per_split), k_per_split, stages
