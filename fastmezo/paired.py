@@ -237,6 +237,8 @@ class PairedPerturbation:
         width = weight.shape[1]
         uniq, inverse = torch.unique(ids, return_inverse=True)
         starts, lengths = _runs(uniq.tolist())
+        if not starts or starts[0] < 0 or starts[-1] + lengths[-1] > weight.shape[0]:
+            return None                        # the materialize path raises the lookup's own error
         table = weight.detach()[uniq]
         h = ids.shape[0] // 2
         halves = []

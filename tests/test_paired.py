@@ -319,6 +319,9 @@ def test_an_embedding_perturbs_only_its_looked_up_rows_as_the_whole_weight_would
         whole = perturbed(emb.weight.detach(), 11, sign * 0.003, keys=[5], offsets=[8])
         assert torch.equal(out[:2] if sign > 0 else out[2:], whole[half])
     assert not torch.equal(out[:2], out[2:])                               # same ids, different halves
+    for bad in (-1, 40):                      # an index would wrap around or run off: embedding's own error
+        with pytest.raises(IndexError), provider.perturbation(plan, 11, [0.003]):
+            emb(torch.tensor([[1, bad], [2, 3]]))
 
 
 def test_a_tied_lm_head_sees_the_whole_perturbed_weight():
