@@ -242,11 +242,10 @@ class PairedPerturbation:
         table = weight.detach()[uniq]
         h = ids.shape[0] // 2
         halves = []
+        pieces, n = list(table.split(lengths)), len(lengths)
         for sign, inv in ((+1, inverse[:h]), (-1, inverse[h:])):
             out = torch.empty_like(table)
-            pieces = list(table.split(lengths)) if len(lengths) > 1 else [table]
-            outs = list(out.split(lengths)) if len(lengths) > 1 else [out]
-            n = len(pieces)
+            outs = list(out.split(lengths))
             ops.run(plan.backend_of(weight.device), pieces, outs, [1.0] * n, [sign * eps] * n, seed, [key] * n,
                     [offset + r * width for r in starts], plan.noise)
             halves.append(torch.nn.functional.embedding(inv, out))

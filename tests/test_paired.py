@@ -303,7 +303,7 @@ def test_a_module_without_batch_rows_is_refused():
 def test_an_embedding_perturbs_only_its_looked_up_rows_as_the_whole_weight_would():
     # Ids with runs of consecutive rows, repeats and a row at the end of the table; the lookup of each
     # half must be exactly the rows of exact mode's whole-weight copy, while only those rows are made.
-    emb = torch.nn.Embedding(40, 24)
+    emb = torch.nn.Embedding(40, 23)          # odd rows: most start inside a Philox call of the stream
     with torch.no_grad():
         emb.weight.normal_(generator=torch.Generator().manual_seed(2))
     ids = torch.tensor([[3, 4, 5, 39, 3], [0, 17, 17, 18, 1], [3, 4, 5, 39, 3], [9, 9, 30, 2, 1]])
