@@ -22,14 +22,14 @@ from .apps.isolation import Interrupted, stop_on_signals
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fastmezo`` parser, one subcommand per app."""
-    from .apps import finetune  # imports torch; fine for a command line that trains models
+    from .apps import cli, finetune  # imports torch; fine for a command line that trains models
 
     parser = argparse.ArgumentParser(prog="fastmezo", description="fastmezo: fused kernels for MeZO.",
                                      epilog="Run 'fastmezo <command> --help' for a command's options.")
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     sub = commands.add_parser("finetune", help="MeZO vs baselines: SmolLM2 on tweets, or MiniLM on word polarity",
-                              description=finetune.DESCRIPTION, formatter_class=finetune.HelpFormatter)
-    finetune.build_parser(sub)
+                              description=cli.DESCRIPTION, formatter_class=cli.HelpFormatter)
+    cli.build_parser(sub)
     sub.set_defaults(func=finetune.run)
     from . import replayer
     replayer.add_command(commands)

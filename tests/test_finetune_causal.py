@@ -194,21 +194,21 @@ def test_real_smollm2_scores_clear_sentiment():
 
 
 def test_default_task_is_tweets_on_the_causal_lm_with_its_settings():
-    from fastmezo.apps import finetune
+    from fastmezo.apps import cli, settings
     from fastmezo.apps.methods import METHODS
 
     def resolve(*argv):
-        return finetune.resolve(finetune.build_parser().parse_args(["--device", "cpu", *argv]))
+        return settings.resolve(cli.build_parser().parse_args(["--device", "cpu", *argv]))
     args, _, methods, hps = resolve()
-    quick = finetune.CAUSAL_SETTINGS["quick"]
+    quick = settings.CAUSAL_SETTINGS["quick"]
     assert (args.task, args.kind, args.quick) == ("tweets", "causal", True)  # no GPU: the quick setting
     assert (args.k, args.batch_size, args.eval_every, args.n_dev, args.n_test) == \
         (quick["k"], quick["batch_size"], quick["eval_every"], quick["n_dev"], quick["n_test"])
     assert methods == list(METHODS) and "icl" in methods
-    assert hps["mezo"] == dict(lr=finetune.CAUSAL_HP["mezo"]["lr"], eps=1e-3, steps=quick["mezo_steps"])
+    assert hps["mezo"] == dict(lr=settings.CAUSAL_HP["mezo"]["lr"], eps=1e-3, steps=quick["mezo_steps"])
     assert hps["ft-adam"]["steps"] == quick["ft_steps"]
     args, _, _, hps = resolve("--full")
-    full = finetune.CAUSAL_SETTINGS["full"]
+    full = settings.CAUSAL_SETTINGS["full"]
     assert (args.k, args.n_test, hps["mezo-lora"]["steps"]) == (full["k"], full["n_test"], full["mezo_steps"])
     args, _, methods, _ = resolve("--task", "vader")
-    assert args.kind == "encoder" and "icl" not in methods and args.k == finetune.SETTINGS["quick"]["k"]
+    assert args.kind == "encoder" and "icl" not in methods and args.k == settings.SETTINGS["quick"]["k"]

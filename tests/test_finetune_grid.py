@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastmezo
-from fastmezo.apps import finetune
+from fastmezo.apps import cli, finetune, settings
 from fastmezo.apps.isolation import run_isolated
 from fastmezo.apps.memory import PeakMemory
 from fastmezo.apps.methods import METHODS, parse_methods
@@ -29,7 +29,7 @@ def _needs_model():
 
 def _run(argv):
     """finetune.run on parsed ``argv`` (tiny, quiet); returns the results dict."""
-    args = finetune.build_parser().parse_args(argv + ["--task", "vader", "--no-progress", "--device", "cpu"])
+    args = cli.build_parser().parse_args(argv + ["--task", "vader", "--no-progress", "--device", "cpu"])
     args.argv = argv
     return finetune.run(args)
 
@@ -217,7 +217,7 @@ def test_cli_bad_input_is_one_clear_error(argv, message, capsys):
 
 def test_hyperparameters_follow_trainable_lr_and_set():
     def hps(*argv, quick=True):
-        return finetune.resolve(finetune.build_parser().parse_args(["--task", "vader"] + ["--quick"] * quick + [*argv]))[3]
+        return settings.resolve(cli.build_parser().parse_args(["--task", "vader"] + ["--quick"] * quick + [*argv]))[3]
     assert hps("--trainable", "bitfit")["mezo"]["lr"] == 2e-3 and hps()["mezo"]["lr"] == 1e-4
     # the full setting's 5000 steps take smaller rates for the methods that drift (FULL_SETTING_LR)
     full = hps("--full", quick=False)
@@ -227,8 +227,8 @@ def test_hyperparameters_follow_trainable_lr_and_set():
     assert hps("--lr", "3e-5", "--methods", "mezo", "--full", quick=False)["mezo"]["lr"] == 3e-5
     # no --quick / --full: quick where there is no GPU (the full setting would take hours on a CPU)
     assert hps("--device", "cpu", quick=False) == hps()
-    assert hps()["mezo-lora"]["steps"] == finetune.SETTINGS["quick"]["mezo_steps"]
-    assert hps()["ft-adam"]["steps"] == finetune.SETTINGS["quick"]["ft_steps"]
+    assert hps()["mezo-lora"]["steps"] == settings.SETTINGS["quick"]["mezo_steps"]
+    assert hps()["ft-adam"]["steps"] == settings.SETTINGS["quick"]["ft_steps"]
     custom = hps("--methods", "mezo-lora,ft-adam", "--lr", "3e-3", "--set", "mezo-lora.r=4", "--set", "ft-adam.steps=7")
     assert custom["mezo-lora"]["lr"] == custom["ft-adam"]["lr"] == 3e-3
     assert custom["mezo-lora"]["r"] == 4 and custom["ft-adam"]["steps"] == 7 and "eps" not in custom["ft-adam"]
@@ -336,7 +336,7 @@ def test_help_shows_defaults_and_no_markup(capsys):
     assert "``" not in text
     assert "--temperature TEMPERATURE scale of the cosine similarities" in text and "(default: 20.0)" in text
     assert "CSV, TSV or JSON-lines" in text and "(default: runs/finetune)" in text
-    c, e = finetune.CAUSAL_SETTINGS, finetune.SETTINGS
+    c, e = settings.CAUSAL_SETTINGS, settings.SETTINGS
     steps = (f"(default: the setting's; tweets quick {c['quick']['mezo_steps']}, full {c['full']['mezo_steps']}; "
              f"vader quick {e['quick']['mezo_steps']}, full {e['full']['mezo_steps']})")
     assert steps in text  # --steps
