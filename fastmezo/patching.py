@@ -157,7 +157,7 @@ def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight
         raise RuntimeError(f"the model already has an attribute {_ATTRIBUTE!r}; fastmezo will not replace it")
     groups = param_groups(model, weight_decay, no_decay=no_decay)
     if mode == "paired":
-        from .paired import paired_patch      # fastmezo.paired builds on this module
+        from .paired_patch import paired_patch      # fastmezo.paired_patch builds on this module
         handle = paired_patch(model, groups, lr=lr, eps=eps, seed=seed, noise=noise, keys=keys, loss_fn=loss_fn,
                               eval_mode=eval_mode, fused=fused, **optimizer_options)
         object.__setattr__(model, _HANDLE, handle)

@@ -192,7 +192,7 @@ def test_other_module_kinds_get_a_notice_and_still_match_exact_mode():
 
 @pytest.mark.parametrize("head", ["causal", "single_label", "regression", "multi_label", "tokens"])
 def test_half_losses_are_the_models_own_loss_of_each_half(head):
-    from fastmezo.paired import double, half_losses
+    from fastmezo.paired_batch import double, half_losses
     g = torch.Generator().manual_seed(3)
     b = batch()
     ids, mask = b["input_ids"], b["attention_mask"]
@@ -254,7 +254,7 @@ def test_the_optimizer_takes_the_provider_directly_with_accumulation():
     # MeZO(perturbation=PairedPerturbation(model)): the closure runs its own doubled batch and returns
     # (l+, l-); micro-batches accumulate as in exact mode.
     from fastmezo.exact import ExactPerturbation
-    from fastmezo.paired import double, half_losses
+    from fastmezo.paired_batch import double, half_losses
     micro = [batch(rows=2, length=8), batch(rows=3, length=6)]
     results = {}
     for mode in ("exact", "paired"):
