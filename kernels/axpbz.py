@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import gaussian_block, rademacher_block, rounding_draws, round_stochastic
+from .philox import gaussian_block, rademacher_block, round_stochastic, round_to_nearest, rounding_draws
 
 # Default elements per program. Large blocks keep the interpreter (which runs programs one by one)
 # fast; on the GPU 4096 elements per program with 4 warps is a sound starting point.
@@ -60,7 +60,7 @@ def _pass_block(x_ptr, out_ptr, idx, mask, z, a, b, rseed_lo, rseed_hi, key, fir
         r = rounding_draws(first_global // 8, BLOCK // 8, rseed_lo, rseed_hi, key, FAST)
         v = round_stochastic(y, r, out_ptr.dtype.element_ty)
     else:
-        v = y.to(out_ptr.dtype.element_ty)
+        v = round_to_nearest(y, out_ptr.dtype.element_ty, FAST)
     if MASKED:
         tl.store(out_ptr + idx, v, mask=mask)
     else:

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import gaussian_block, rademacher_block
+from .philox import gaussian_block, rademacher_block, round_to_nearest
 
 # Read once, as kernels/axpbz.py does: triton reads TRITON_INTERPRET when it is imported.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
@@ -54,18 +54,6 @@ STAGES = 3                              # Triton's default software pipeline dep
 DEFAULT_SHARED = 232448
 # Left free for what the estimate does not count (the compiler's own scratch, barriers).
 SHARED_MARGIN = 8192
-
-
-@triton.jit
-def _round(y, DTYPE: tl.constexpr, FAST: tl.constexpr):
-    """float32 -> DTYPE, to nearest even: the hardware conversion when compiled (FAST). In the
-    interpreter, bfloat16 is rounded on the float32 bit pattern first (add 0x7FFF plus the kept lowest
-    bit, clear the low half; NaN left as it is), so that its truncating conversion is then exact."""
-    if DTYPE == tl.bfloat16 and not FAST:
-        bits = y.to(tl.uint32, bitcast=True)
-        kept = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        return tl.where(y == y, kept, y).to(tl.bfloat16)
-    return y.to(DTYPE)
 
 
 @triton.jit
@@ -114,8 +102,8 @@ def _paired_linear_kernel(x_ptr, w_ptr, ws_ptr, M_HALF, N, K, k_per_split, eps, 
             z = rademacher_block(ctr, seed_lo, seed_hi, key, FAST)
         ez = eps * tl.reshape(z, (BLOCK_N, BLOCK_K))
         wf = w.to(tl.float32)
-        w_plus = _round(wf + ez, DTYPE, FAST)
-        w_minus = _round(wf - ez, DTYPE, FAST)
+        w_plus = round_to_nearest(wf + ez, DTYPE, FAST)
+        w_minus = round_to_nearest(wf - ez, DTYPE, FAST)
         x_mask = m_ok[:, None] & k_ok[None, :]
         x_plus = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=x_mask, other=0.0)
         x_minus = tl.load(x_ptr + (rm + M_HALF)[:, None] * K + kk[None, :], mask=x_mask, other=0.0)

@@ -147,6 +147,19 @@ def rounding_draws(first_call, CALLS: tl.constexpr, seed_lo, seed_hi, key, FAST:
 
 
 @triton.jit
+def round_to_nearest(y, DTYPE: tl.constexpr, FAST: tl.constexpr):
+    """float32 -> DTYPE, to nearest even: the hardware conversion when compiled (FAST). Triton's
+    interpreter converts float32 to bfloat16 by truncation, so there bfloat16 is rounded on the float32
+    bit pattern first (add 0x7FFF plus the kept lowest bit, clear the low half; NaN left as it is) and
+    the truncating conversion is then exact."""
+    if DTYPE == tl.bfloat16 and not FAST:
+        bits = y.to(tl.uint32, bitcast=True)
+        kept = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.where(y == y, kept, y).to(tl.bfloat16)
+    return y.to(DTYPE)
+
+
+@triton.jit
 def round_stochastic(y, r, DTYPE: tl.constexpr):
     """float32 y -> DTYPE (float16 or bfloat16) rounded stochastically by the 16-bit draws r (uint32),
     bit-identical to fastmezo.oracle.round_stochastic (docs/noise.md section 8): lo = y toward zero,

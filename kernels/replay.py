@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .axpbz import _INTERPRETING, _NO_FMA_CONTRACTION, DEFAULT_BLOCK, INTERPRETER_BLOCK, _alignment, _as_i32
-from .philox import gaussian_block, rademacher_block, rounding_draws, round_stochastic
+from .philox import gaussian_block, rademacher_block, round_stochastic, round_to_nearest, rounding_draws
 
 
 @triton.jit(do_not_specialize=["n", "offset", "key", "n_steps"])
@@ -50,7 +50,7 @@ def _replay_kernel(x_ptr, n, offset, key, steps_ptr, coef_ptr, rseed_ptr, n_step
                                    tl.load(rseed_ptr + 2 * p + 1), key, FAST)
                 x = round_stochastic(y, r, ELEM).to(tl.float32)
             else:
-                x = y.to(ELEM).to(tl.float32)
+                x = round_to_nearest(y, ELEM, FAST).to(tl.float32)
     tl.store(x_ptr + idx, x.to(ELEM), mask=mask)
 
 

@@ -402,9 +402,4 @@ def test_mezo_sub_ulp_update_moves_weights_only_with_stochastic_rounding(backend
         sigma = math.sqrt(3) * (2.0 ** -7 / 2) / math.sqrt(n)
         assert abs(float(moved.mean()) + lr * g) <= 5 * sigma, (float(moved.mean()), -lr * g, sigma)
         assert int((w != 1).sum()) > 0
-    if nearest_moved and _interpreted(backend, device):
-        # Seen with triton 3.9's interpreter: its float32 -> bfloat16 store truncates toward zero, so
-        # 1 - 1e-4 is stored as 0.99609 instead of 1.0 (the oracle and the native kernels round to nearest).
-        pytest.xfail(f"Triton interpreter: bf16 stores truncate instead of rounding to nearest ({nearest_moved} of "
-                     f"{n} weights moved by round-to-nearest)")
     assert nearest_moved == 0, f"round to nearest moved {nearest_moved} of {n} weights by a sub-half-ulp update"
