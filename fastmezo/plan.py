@@ -102,7 +102,8 @@ class Plan:
             if prepared is not None and not ops.tracing():
                 for g, launch, written in prepared:
                     if units is None or (device, g) in units:
-                        ops.launch(launch, written, a_of_group[g], b_of_group[g], seed, load_x, round_seed)
+                        ops.launch(launch, [self.tensors[i] for i in written], a_of_group[g], b_of_group[g], seed,
+                                   load_x, round_seed)
                         if done is not None:
                             done.append((device, g))
                 continue
@@ -131,8 +132,8 @@ class Plan:
                      units=set(done))
 
     def _prepared(self, k: int):
-        """Device k's prepared in-place launches, one per coefficient group, as (group, launch, tensors it
-        writes) (built on first use); None where its backend prepares nothing or a tensor is a subclass
+        """Device k's prepared in-place launches, one per coefficient group, as (group, launch, indices of
+        the tensors it writes) (built on first use; a launch holds no tensor); None where its backend prepares nothing or a tensor is a subclass
         that must see each call."""
         if k in self._launches:
             return self._launches[k]
@@ -146,7 +147,7 @@ class Plan:
             for g, js in by_group.items():
                 tensors = [self.tensors[idx[j]] for j in js]
                 prepared.append((g, backend.prepare(tensors, [keys[j] for j in js], [offsets[j] for j in js],
-                                                    self.noise), tensors))
+                                                    self.noise), [idx[j] for j in js]))
         self._launches[k] = prepared
         return prepared
 

@@ -21,6 +21,7 @@ accesses; only each tensor's last block is masked. FAST (fast sin/cos and log2, 
 division via libdevice) is on for compiled kernels and off in the interpreter, which has no libdevice.
 """
 import os
+import weakref
 
 import torch
 import triton
@@ -264,7 +265,11 @@ class Launches:
             # By the noise, not by whether the cached entry has a map (a Gaussian pass over the same
             # tensors may have built one): Rademacher passes search, which suits them better.
             lookup = 0 if len(blocks) == 1 else 1 if noise == 0 else 2
-            self.launches.append((proto, table, starts, starts if mapping is None else mapping, total, lookup,
+            # In place, the prototype (whose address is the launch's base pointer) is held weakly: a
+            # prepared launch must not keep its tensors alive (a cache of plans holds launches between
+            # calls); out of place the output buffer is the launch's own.
+            ref = (lambda p=proto: p) if self.out else weakref.ref(proto)
+            self.launches.append((ref, table, starts, starts if mapping is None else mapping, total, lookup,
                                   log2t if lookup == 2 else 0, dtype != torch.float32, aligned))
 
     def __call__(self, a: float, b: float, seed: int, round_seed: int | None = None, load_x: bool = True,
@@ -272,7 +277,10 @@ class Launches:
         """out_i <- a * x_i + b * z(seed, key_i) for every prepared tensor (round_seed: stochastic rounding
         of float16/bfloat16 results)."""
         rseed = 0 if round_seed is None else round_seed
-        for proto, table, starts, mapping, total, lookup, log2t, low_precision, aligned in self.launches:
+        for ref, table, starts, mapping, total, lookup, log2t, low_precision, aligned in self.launches:
+            proto = ref()
+            if proto is None:
+                raise RuntimeError("the tensors of a prepared launch were freed; prepare it again")
             _axpbz_table_kernel[(total,)](
                 proto, table, starts, mapping, total, float(a), float(b),
                 _as_i32(seed & 0xFFFFFFFF), _as_i32((seed >> 32) & 0xFFFFFFFF),

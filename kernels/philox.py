@@ -149,13 +149,14 @@ def rounding_draws(first_call, CALLS: tl.constexpr, seed_lo, seed_hi, key, FAST:
 @triton.jit
 def round_to_nearest(y, DTYPE: tl.constexpr, FAST: tl.constexpr):
     """float32 -> DTYPE, to nearest even: the hardware conversion when compiled (FAST). Triton's
-    interpreter converts float32 to bfloat16 by truncation, so there bfloat16 is rounded on the float32
-    bit pattern first (add 0x7FFF plus the kept lowest bit, clear the low half; NaN left as it is) and
-    the truncating conversion is then exact."""
+    interpreter converts float32 to bfloat16 by truncation (and flushes subnormals), so there the
+    bfloat16 pattern is made from the float32 one: add 0x7FFF plus the kept lowest bit, keep the high
+    half (which carries into the exponent as rounding up should, to infinity past the largest value)."""
     if DTYPE == tl.bfloat16 and not FAST:
         bits = y.to(tl.uint32, bitcast=True)
-        kept = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        return tl.where(y == y, kept, y).to(tl.bfloat16)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(y == y, rounded, (bits >> 16) | 0x40)          # NaN stays a (quiet) NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return y.to(DTYPE)
 
 

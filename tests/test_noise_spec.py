@@ -425,8 +425,6 @@ def test_gaussian_noise_within_the_tolerance(backend, device):
         z_ref = gaussian(n, seed, key, offset)
         z_lo, z_hi = tolerance_interval(z_ref)
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            if dtype == torch.bfloat16 and _interpreted_triton(backend, device):
-                continue  # the interpreter's float32 -> bfloat16 conversion truncates (known deviation, section 3)
             got = F.make_noise(n, seed, key, offset=offset, device=device, dtype=dtype, backend=backend)
             _assert_between(_bits_of(got), nearest_bits(z_lo, dtype), nearest_bits(z_hi, dtype), dtype,
                             f"{dtype} {seed:#x} {key} {offset}")
@@ -470,8 +468,6 @@ def test_rademacher_passes_bit_for_bit(backend, device, rounding):
             for restore in (False, True):
                 got, a, b = _run_pass(x, seed, key, offset, "rademacher", dtype, device, backend, rounding, restore)
                 want = pass_bits(x.float().numpy(), a, b, z, dtype, r)
-                if dtype == torch.bfloat16 and rounding is None and _interpreted_triton(backend, device):
-                    continue  # the interpreter's bfloat16 conversion truncates (known deviation, section 3)
                 _assert_bits_equal(got, want, dtype, f"{dtype} restore={restore} {seed:#x} {key} {offset}")
 
 
@@ -485,8 +481,6 @@ def test_gaussian_passes_within_the_tolerance(backend, device, rounding):
         z_lo, z_hi = tolerance_interval(gaussian(n, seed, key, offset))
         r = None if rounding is None else rounding_draws(n, rounding, key, offset)
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            if dtype == torch.bfloat16 and rounding is None and _interpreted_triton(backend, device):
-                continue  # the interpreter's bfloat16 conversion truncates (known deviation, section 3)
             x = _random_x(n, dtype, rng)
             for restore in (False, True):
                 got, a, b = _run_pass(x, seed, key, offset, "gaussian", dtype, device, backend, rounding, restore)
@@ -520,8 +514,6 @@ def test_special_values_bit_for_bit(backend, device, rounding):
     rng = np.random.default_rng(8)
     seed = 17
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        if dtype == torch.bfloat16 and rounding is None and _interpreted_triton(backend, device):
-            continue  # the interpreter's bfloat16 conversion truncates (known deviation, section 3)
         cases = [(0.0, y) for y in SMALL_Y] + LARGE_X_D[dtype] + [(x, 1.0) for x in NON_FINITE_X]
         n = len(cases)
         keys = [int(k) for k in rng.choice(2**32, size=n, replace=False)]

@@ -59,20 +59,15 @@ def _z(p, seed, key, noise="gaussian"):
     return oracle.noise(p.numel(), seed, key, noise, device=p.device).view_as(p)
 
 
-def _truncate_to_bf16(value):
-    """float32 -> bfloat16 toward zero (the low 16 bits dropped): what the Triton interpreter stores."""
-    return (value.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
-
-
-def _oracle_step(params, cfg, zs, loss_fn, store=None):
+def _oracle_step(params, cfg, zs, loss_fn):
     """One MeZO step in plain torch, written like the paper's reference code: three in-place passes
     over the weights, each computed in float32 and stored back in the weights' dtype (rounded to
-    nearest, or by ``store(value)`` when given).
+    nearest).
 
     cfg[i] = (lr, eps, wd) of tensor i; tensor i is perturbed with its own group's eps and uses
     g_i = (l+ - l-) / (2 eps_i). Returns (l+, l-, g per tensor)."""
     def assign(p, value):
-        p.copy_(value.to(p.dtype) if store is None else store(value))
+        p.copy_(value.to(p.dtype))
 
     for p, z, (_, eps, _) in zip(params, zs, cfg):
         assign(p, p.float() + eps * z)                          # theta + eps z
@@ -161,9 +156,7 @@ def test_half_precision_step_matches_oracle(backend, device, dtype):
     than the formula's order, so the final roundings start from float32 values that differ in the last
     bits: 1 ulp of the result. k = 0 on the reference backend (its z and intermediate roundings are the
     oracle's). k = 1 for the others: their z differs from the oracle's within docs/noise.md's tolerance,
-    which can flip the rounding of a stored perturbed weight. The Triton *interpreter* (CPU) converts
-    float32 to bfloat16 by truncation (toward zero, whatever fp_downcast_rounding says; its docs list
-    bfloat16 as unsupported), so its oracle stores by truncation too.
+    which can flip the rounding of a stored perturbed weight.
     Losses and projected gradients: equal on the reference backend (same weights, same float32 loss).
     Elsewhere a perturbed weight one rounding apart moves the loss; measured over 5 seeds x 3 steps
     (docs/reliability.md): |l - l_oracle| / l <= 1.2e-7 and |g - g_oracle| <= 2.4e-6 (g >= 0.0066),
@@ -172,7 +165,6 @@ def test_half_precision_step_matches_oracle(backend, device, dtype):
         k, rel, g_tol = 0, 0.0, 0.0
     else:
         k, rel, g_tol = 1, 1e-5, 1e-4
-    interpreted_bf16 = backend == "triton" and device == "cpu" and dtype == torch.bfloat16
     X, Y = _mlp_data(device)
     params = _mlp_params(device, dtype)
     lr, eps, wd = 0.01, 0.05, 0.1
@@ -183,8 +175,7 @@ def test_half_precision_step_matches_oracle(backend, device, dtype):
         ref = [p.clone() for p in params]
         zs = [_z(p, derive_seed(7, t), key) for key, p in enumerate(ref)]
         M = [(r.float().abs() + 2 * eps * z.abs()).to(dtype) for r, z in zip(ref, zs)]
-        lp, lm, grads = _oracle_step(ref, [(lr, eps, wd)] * 4, zs, lambda ps: _mlp_loss(ps, X, Y),
-                                     store=_truncate_to_bf16 if interpreted_bf16 else None)
+        lp, lm, grads = _oracle_step(ref, [(lr, eps, wd)] * 4, zs, lambda ps: _mlp_loss(ps, X, Y))
         opt.step(lambda: _mlp_loss(params, X, Y))
         assert opt.loss_plus == pytest.approx(lp, rel=rel, abs=0)
         assert opt.loss_minus == pytest.approx(lm, rel=rel, abs=0)

@@ -55,8 +55,8 @@ def test_kernel_matches_the_oracle(monkeypatch, dtype, noise, k, offset, rows, s
 
 def nearest_copy(plan, t, key, offset, eps, sign):
     """round(t + sign * eps*z) to nearest even, eps*z the backend's float32 product (the contract's pass
-    with load_x off), the sum and rounding by torch: the materialize path's copy where the backend
-    rounds to nearest (the Triton interpreter's pass truncates bfloat16, so it is not used here)."""
+    with load_x off), the sum and rounding by torch: the materialize path's copy, computed independently
+    of the pass that makes it."""
     ez = torch.empty(t.shape, dtype=torch.float32, device=t.device)
     ops.run(plan.backend_of(t.device), [ez], None, [0.0], [eps], SEED, [key], [offset], plan.noise, False)
     return (t.float() + ez if sign > 0 else t.float() - ez).to(t.dtype)

@@ -57,7 +57,7 @@ class Method:
     defaults: dict = field(default_factory=dict)
 
 
-# Hyper-parameters ("steps" come from the setting, finetune.SETTINGS). Not tuned by a sweep yet: eps
+# Hyper-parameters ("steps" come from the setting, settings.SETTINGS). Not tuned by a sweep yet: eps
 # is the paper's (1e-3 full-parameter, 1e-2 LoRA, 1e-1 prefix); mezo's lr 1e-4 is the one the
 # single-method version of this job used for all weights (0.78 -> 0.865 test in 300 steps); LoRA's
 # and prefix's lr keep the paper's ratios to full-parameter lr (x20, x100); the 0-1 loss's lr is
