@@ -2,6 +2,8 @@
 that leave one stage of stochastic rounding out, timed beside the production pass.
 
     python -m bench.sr_anatomy [--gib 1] [--dtypes float16,bfloat16] [--out DIR]
+    ncu --clock-control none -k regex:_variant --metrics smsp__inst_executed.sum,... \
+        python -m bench.sr_anatomy --gib 0.25 --only sr:float16:4096:4
 
 Variants (MODE): rn = round to nearest; sr = the contract's stochastic rounding (Philox stream 2
 draws + round_stochastic); sr-nodraw = round_stochastic with draws from a cheap integer hash of the
@@ -20,6 +22,8 @@ import triton.language as tl
 
 from kernels.axpbz import Launches, _NO_FMA_CONTRACTION, _INTERPRETING
 from kernels.philox import gaussian_block, round_stochastic, rounding_draws
+
+from .sweep_pass import queued_ms
 
 MODES = {"rn": 0, "sr": 1, "sr-nodraw": 2, "draw-only": 3}
 
@@ -55,21 +59,6 @@ def run_variant(x, mode: str, block: int, warps: int) -> None:
                                         num_warps=warps, **_NO_FMA_CONTRACTION)
 
 
-def time_ms(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gib", type=float, default=1.0)
@@ -91,16 +80,16 @@ def main(argv=None) -> dict:
         dtype = getattr(torch, dt)
         x = torch.randn(int(args.gib * 2**30) // 2, device=dev).to(dtype)
         floor = 2 * x.numel() * x.element_size()
-        copy = time_ms(lambda: torch.add(x, 1, out=x))
+        copy = queued_ms(lambda: torch.add(x, 1, out=x))
         prod = Launches([x], [3], 0)
         for rs in (None, 0x0123456789ABCDEF):
-            ms = time_ms(lambda: prod(1.0, 1e-3, 0x5EED, rs))
+            ms = queued_ms(lambda: prod(1.0, 1e-3, 0x5EED, rs))
             rows.append({"dtype": dt, "variant": "production-" + ("sr" if rs else "rn"), "block": 4096, "warps": 4,
                          "ms": ms, "tb_s": floor / ms / 1e9})
         for block in map(int, args.blocks.split(",")):
             for warps in map(int, args.warps.split(",")):
                 for mode in MODES:
-                    ms = time_ms(lambda: run_variant(x, mode, block, warps))
+                    ms = queued_ms(lambda: run_variant(x, mode, block, warps))
                     rows.append({"dtype": dt, "variant": mode, "block": block, "warps": warps, "ms": ms,
                                  "tb_s": floor / ms / 1e9})
         rows.append({"dtype": dt, "variant": "torch-add-inplace", "block": 0, "warps": 0, "ms": copy,
