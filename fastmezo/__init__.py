@@ -15,7 +15,8 @@ from .backends import BackendUnavailable
 from .distributed import data_parallel
 from .noise import NOISE_VERSION, derive_seed, key_from_name
 from .optim import MeZO, param_groups
-from .patching import MeZOPatch, patch
+from .patch_handle import MeZOPatch
+from .patching import patch
 from .replayer import replay
 from .trajectory import Trajectory
 from .variants import MeZOVariant

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from .optim import MeZO
-from .patching import MeZOPatch
+from .patch_handle import MeZOPatch
 from .plan import _is_dtensor
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}

@@ -1,7 +1,6 @@
 """The handle of ``fastmezo.patch(model, mode="paired")``: PairedPatch and the paired_patch that builds it.
 
-fastmezo.patching builds the in-place and exact handles itself and imports this module only when
-mode="paired" is asked for, since this module imports fastmezo.patching (MeZOPatch). The handle's
+fastmezo.patching builds every handle; this one extends fastmezo.patch_handle.MeZOPatch. The handle's
 ``step(batch)`` doubles the batch (fastmezo.paired_batch) and runs it once under the wrapped forwards of
 fastmezo.paired.PairedPerturbation, which give the + half W + eps*z and the - half W - eps*z.
 """
@@ -11,7 +10,7 @@ import torch
 
 from .paired import PairedPerturbation
 from .paired_batch import _rows, double, half_losses, split_losses
-from .patching import MeZOPatch
+from .patch_handle import MeZOPatch
 
 
 class PairedPatch(MeZOPatch):

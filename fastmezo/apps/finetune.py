@@ -204,13 +204,3 @@ def _run_one(name, hp, setup, folder, args, device, isolate, lead=True):
           f"peak {row['peak_mib']:.0f} MiB (+{row['extra_mib']:.0f} for training); "
           f"{row['trainable_params']:,} trained weights", flush=True)
     return None
-
-
-def main(argv=None):
-    """Entry point of ``fastmezo finetune``."""
-    from fastmezo.__main__ import main as fastmezo_main
-    return fastmezo_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
