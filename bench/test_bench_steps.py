@@ -31,7 +31,7 @@ from bench import step_variants as SV  # noqa: E402
 from bench.baseline import baseline_step  # noqa: E402
 from bench.common import DTYPES, META_FIELDS, fastmezo_backend, free_memory, synced  # noqa: E402
 from bench.shapes import numel, opt_param_shapes  # noqa: E402
-from fastmezo.exact import MIN_GROUP_BYTES  # noqa: E402
+from fastmezo.exact_groups import MIN_GROUP_BYTES  # noqa: E402
 
 DEVICE = torch.device("cuda", torch.cuda.current_device()) if HAS_CUDA else torch.device("cpu")
 # The benchmark cases: a real size on a GPU, a tiny one on the CPU.

@@ -40,7 +40,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import ops
-from .exact import _ReadCheck
+from .exact_read_check import _ReadCheck
 from .paired_batch import PairedModeError, _half, _rows, _split, _stack
 from .paired_linear import _paused, fused_or_none, max_rows_of
 
