@@ -273,7 +273,7 @@ def test_peft_prefix_is_used_and_respects_padding():
     keeps the zero-shot behaviour close to the base model's."""
     _needs_model()
     import warnings
-    from fastmezo.apps import methods
+    from fastmezo.apps import mezo_methods as methods
     from fastmezo.apps.prompt_model import PromptClassifier, load_encoder
     from peft import PrefixTuningConfig, TaskType
 
@@ -304,7 +304,7 @@ def test_best_on_dev_restores_the_best_checkpoint(tmp_path):
     """Checkpoint selection: evaluations every 2 steps and after the last; the weights restored are the
     ones of the best dev accuracy (not the last), frozen weights are neither saved nor touched, and a
     tie keeps the earlier checkpoint."""
-    from fastmezo.apps.methods import BestOnDev
+    from fastmezo.apps.training import BestOnDev
 
     m = torch.nn.Linear(3, 1)
     m.bias.requires_grad_(False)
@@ -347,7 +347,7 @@ def test_help_shows_defaults_and_no_markup(capsys):
 def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(capsys):
     """A log file gets one line per tenth of the steps, no carriage returns (tqdm only on a terminal)."""
     from types import SimpleNamespace
-    from fastmezo.apps import methods
+    from fastmezo.apps import training as methods
     losses = methods._loop(40, "mezo (all)", SimpleNamespace(progress=True, monitor=None), lambda step: 1.0 / step)
     err = capsys.readouterr().err
     assert len(losses) == 40 and "\r" not in err

@@ -50,9 +50,10 @@ import fastmezo
 
 from . import causal_lm, parallel
 from .isolation import Interrupted, can_fork, run_isolated
-from .methods import METHODS, Setup, run_method
+from .methods import METHODS
 from .prompt_model import DEFAULT_MODEL_NAME, MODEL_ENV
 from .run_folder import RunFolder
+from .runner import Setup, run_method
 from .settings import DEFAULT_CAUSAL_NAME, load_task, resolve
 
 
