@@ -99,7 +99,7 @@ def fused_or_none(provider, module, args, kwargs, rows: int, max_rows: int):
 
 
 class _paused:
-    """The first forward's read check (fastmezo.exact._ReadCheck) off for fastmezo's own reads (a
+    """The first forward's read check (fastmezo.exact_read_check._ReadCheck) off for fastmezo's own reads (a
     plain class: entered once per module call, where a generator-based context costs more)."""
     __slots__ = ("checker",)
 

@@ -51,7 +51,7 @@ def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight
     module covering it and raises fastmezo.exact.ExactModeError otherwise (e.g. a parent's forward
     reading a child's weight, where the parent is above the group budget).
     ``group_bytes`` (exact mode only): the most bytes of perturbed copies one hooked module
-    materializes at once (fastmezo.exact.plan_groups; default: the largest trained tensor, at least
+    materializes at once (fastmezo.exact_groups.plan_groups; default: the largest trained tensor, at least
     16 MiB; 0: one hooked module per module owning a trained parameter).
     ``fused`` (paired mode only): when an nn.Linear runs paired mode's fused kernel rather than
     materialized copies: None (automatic, by rows), a number of rows, True or False
