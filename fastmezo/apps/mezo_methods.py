@@ -2,11 +2,9 @@
 non-differentiable 0-1 loss), on LoRA adapters and on prefix tuning (peft), all trained by
 :func:`fastmezo.patch` through one trainer (:func:`_mezo_trainer`).
 
-Each builder takes (classifier, setup, hyper-parameters) and returns (module, train, accuracy): the
-module whose parameters are reported (trainable = requires_grad), train() -> list of losses,
-accuracy(examples) -> float; :func:`fastmezo.apps.runner.run_method` calls them. Apart from the
-baselines (:mod:`fastmezo.apps.baselines`): these are what the comparison is about, with the peft
-wrapping and the real-token prefix init that only they need.
+The builders keep the contract that :mod:`fastmezo.apps.baselines` states, for
+:func:`fastmezo.apps.runner.run_method`. Apart from the baselines: these are what the comparison is
+about, with the peft wrapping and the real-token prefix init that only they need.
 """
 from __future__ import annotations
 
