@@ -273,7 +273,7 @@ def test_peft_prefix_is_used_and_respects_padding():
     keeps the zero-shot behaviour close to the base model's."""
     _needs_model()
     import warnings
-    from fastmezo.apps import mezo_methods as methods
+    from fastmezo.apps import mezo_methods
     from fastmezo.apps.prompt_model import PromptClassifier, load_encoder
     from peft import PrefixTuningConfig, TaskType
 
@@ -281,8 +281,8 @@ def test_peft_prefix_is_used_and_respects_padding():
     base = PromptClassifier(encoder, tok)
     words = ["good", "terrible", "sunshine", "murder"]
     base_logits = base(words)
-    init = methods.real_token_prefix(encoder, tok, "the word is", 5)
-    wrapped = methods._wrap_peft(encoder, PrefixTuningConfig(task_type=TaskType.FEATURE_EXTRACTION,
+    init = mezo_methods.real_token_prefix(encoder, tok, "the word is", 5)
+    wrapped = mezo_methods._wrap_peft(encoder, PrefixTuningConfig(task_type=TaskType.FEATURE_EXTRACTION,
                                                              num_virtual_tokens=5))
     with torch.no_grad():
         wrapped.prompt_encoder["default"].embedding.weight.copy_(init)
@@ -347,11 +347,11 @@ def test_help_shows_defaults_and_no_markup(capsys):
 def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(capsys):
     """A log file gets one line per tenth of the steps, no carriage returns (tqdm only on a terminal)."""
     from types import SimpleNamespace
-    from fastmezo.apps import training as methods
-    losses = methods._loop(40, "mezo (all)", SimpleNamespace(progress=True, monitor=None), lambda step: 1.0 / step)
+    from fastmezo.apps import training
+    losses = training._loop(40, "mezo (all)", SimpleNamespace(progress=True, monitor=None), lambda step: 1.0 / step)
     err = capsys.readouterr().err
     assert len(losses) == 40 and "\r" not in err
     assert err.splitlines() == [f"mezo (all): step {n}/40, loss {sum(1 / s for s in range(max(1, n - 49), n + 1)) / min(n, 50):.3f}"
                                 for n in range(4, 41, 4)]
-    methods._loop(5, "quiet", SimpleNamespace(progress=False, monitor=None), lambda step: 0.0)
+    training._loop(5, "quiet", SimpleNamespace(progress=False, monitor=None), lambda step: 0.0)
     assert capsys.readouterr().err == ""

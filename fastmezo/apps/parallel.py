@@ -6,7 +6,7 @@ torchrun starts one process per rank and sets RANK, WORLD_SIZE, LOCAL_RANK and t
 Every rank loads the same pretrained weights; :func:`fastmezo.data_parallel` makes each MeZO step one
 all-reduce of the two losses (and a failure flag): each rank runs its two forwards on its own
 micro-batch (``--batch-size`` examples, its slice of a global batch of batch-size x ranks,
-:func:`fastmezo.apps.methods.batches`), and every rank applies the same update from the same seed, so
+:func:`fastmezo.apps.training.batches`), and every rank applies the same update from the same seed, so
 the replicas stay identical with no weights sent. The replicas are compared at every dev evaluation.
 
 Rank 0 alone evaluates (dev checkpoints, test), prints, and writes the results folder and the
