@@ -55,7 +55,8 @@ def _variant(x_ptr, n, a, b, s0, s1, key, MODE: tl.constexpr, BLOCK: tl.constexp
 
 def run_variant(x, mode: str, block: int, warps: int) -> None:
     n = x.numel()
-    _variant[(triton.cdiv(n, block),)](x, n, 1.0, 1e-3, 0x1234, 0x5678, 3, MODE=MODES[mode], BLOCK=block, FAST=not _INTERPRETING,
+    _variant[(triton.cdiv(n, block),)](x, n, 1.0, 1e-3, 0x1234, 0x5678, 3, MODE=MODES[mode], BLOCK=block,
+                                        FAST=not _INTERPRETING,
                                         num_warps=warps, **_NO_FMA_CONTRACTION)
 
 
@@ -94,7 +95,6 @@ def main(argv=None) -> dict:
                                  "tb_s": floor / ms / 1e9})
         rows.append({"dtype": dt, "variant": "torch-add-inplace", "block": 0, "warps": 0, "ms": copy,
                      "tb_s": floor / copy / 1e9})
-        del x
     print(f"{'dtype':9} {'variant':18} {'block':>5} {'w':>2} {'ms':>8} {'TB/s':>6}")
     for r in rows:
         print(f"{r['dtype']:9} {r['variant']:18} {r['block']:5d} {r['warps']:2d} {r['ms']:8.3f} {r['tb_s']:6.2f}")

@@ -14,7 +14,6 @@ import json
 import statistics
 
 import torch
-import triton
 
 from kernels.axpbz import Launches
 

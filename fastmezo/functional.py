@@ -2,11 +2,12 @@
 
 Every function validates all of its arguments before it changes anything (fastmezo.plan), so bad input
 raises a clear error and leaves every tensor untouched (an in-place call with the tensors of a recent
-call, unchanged, reuses that call's validated plan: fastmezo.plan_cache, which holds no tensor); coefficients that could turn a finite weight
-into inf are refused the same way (OverflowError). If a backend fails partway through a pass, the
-tensors it had already written are moved back by the inverse pass before the error propagates. Tensors may be given as a list of tensors or as
-(name, tensor) pairs (as ``model.named_parameters()`` yields). Tensor i gets noise key i unless
-``keys`` is given; ``keys="name"`` derives keys from the names (fastmezo.noise.key_from_name).
+call, unchanged, reuses that call's validated plan: fastmezo.plan_cache, which holds no tensor);
+coefficients that could turn a finite weight into inf are refused the same way (OverflowError). If a
+backend fails partway through a pass, the tensors it had already written are moved back by the inverse
+pass before the error propagates. Tensors may be given as a list of tensors or as (name, tensor) pairs
+(as ``model.named_parameters()`` yields). Tensor i gets noise key i unless ``keys`` is given;
+``keys="name"`` derives keys from the names (fastmezo.noise.key_from_name).
 
 The direction z of a tensor is a pure function of (seed, key, element index): see docs/noise.md.
 """

@@ -133,8 +133,8 @@ class Plan:
 
     def _prepared(self, k: int):
         """Device k's prepared in-place launches, one per coefficient group, as (group, launch, indices of
-        the tensors it writes) (built on first use; a launch holds no tensor); None where its backend prepares nothing or a tensor is a subclass
-        that must see each call."""
+        the tensors it writes) (built on first use; a launch holds no tensor); None where its backend
+        prepares nothing or a tensor is a subclass that must see each call."""
         if k in self._launches:
             return self._launches[k]
         _, backend, idx, keys, offsets = self.devices[k]

@@ -13,8 +13,9 @@ reuses it only while the call's tensors are provably the ones it validated:
   and the call is validated from scratch, with the usual errors.
 
 Between calls the plan holds no tensor: :func:`lease` attaches the caller's tensors for one call and
-:func:`give_back` detaches them again (the launches the plan prepared hold no tensor, so they stay). Tensor subclasses (DTensor, fakes under tracing) are never cached: their storage is not
-theirs to fingerprint. Each lease takes its entry out of the cache, so two threads never share a plan.
+:func:`give_back` detaches them again (the launches the plan prepared hold no tensor, so they stay).
+Tensor subclasses (DTensor, fakes under tracing) are never cached: their storage is not theirs to
+fingerprint. Each lease takes its entry out of the cache, so two threads never share a plan.
 """
 from __future__ import annotations
 

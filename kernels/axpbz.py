@@ -285,7 +285,8 @@ class Launches:
                 proto, table, starts, mapping, total, float(a), float(b),
                 _as_i32(seed & 0xFFFFFFFF), _as_i32((seed >> 32) & 0xFFFFFFFF),
                 _as_i32(rseed & 0xFFFFFFFF), _as_i32((rseed >> 32) & 0xFFFFFFFF),
-                NOISE=self.noise, BLOCK=self.block, CHUNK=self.chunk, LOOKUP=lookup, LOG2T=log2t, LOAD_X=load_x, OUT=self.out,
+                NOISE=self.noise, BLOCK=self.block, CHUNK=self.chunk, LOOKUP=lookup, LOG2T=log2t, LOAD_X=load_x,
+                OUT=self.out,
                 ROUND=round_seed is not None and low_precision, ALIGNED=aligned, FAST=not _INTERPRETING,
                 num_warps=num_warps, **_NO_FMA_CONTRACTION)
 

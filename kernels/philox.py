@@ -167,8 +167,8 @@ def round_stochastic(y, r, DTYPE: tl.constexpr):
     hi = the next value away from zero, q = 2**16 |y - lo| / |hi - lo|, hi if the float32 sum q + r
     is >= 2**16.
 
-    Integer operations on bit patterns only, the stored pattern built directly: conversions run on the
-    GPU's quarter-rate conversion unit, which the Gaussian pass already keeps busy.
+    On bit patterns, the stored pattern built directly, with no integer/float conversion: conversions run
+    on the GPU's quarter-rate conversion unit, which the Gaussian pass already keeps busy.
       * bfloat16: lo is y's pattern truncated to 16 bits and q its low 16 bits: "add r, truncate".
       * float16, normal range (|y| >= 2**-14): 13 mantissa bits are dropped and q = those bits * 8, an
         integer, so q + r >= 2**16 iff those bits + (r >> 3) carry into bit 13; the float16 pattern is
