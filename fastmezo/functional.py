@@ -19,13 +19,11 @@ from .engine import check_decay, update_coefficients
 from .noise import check_seed
 from .checks import SUPPORTED_DTYPES, check_call, nonnegative, per_tensor, positive, real, split_named
 from . import plan_cache
+from .ops import PLAIN_TYPES
 from .plan import Plan
 
 __all__ = ["perturb_", "restore_and_update_", "update_", "scale_and_add_noise_", "perturbed", "make_noise",
            "noise_like", "SUPPORTED_DTYPES"]
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _split(tensors):
@@ -33,11 +31,11 @@ def _split(tensors):
     plain tensor) tuples (a frontend's named_parameters), read with C-level maps instead of a loop."""
     if type(tensors) in (list, tuple) and tensors:
         kinds = set(map(type, tensors))
-        if not kinds.difference(_PLAIN):
+        if not kinds.difference(PLAIN_TYPES):
             return list(tensors), [None] * len(tensors)
         if kinds == {tuple} and set(map(len, tensors)) == {2}:
             names, plain = zip(*tensors)
-            if set(map(type, names)) == {str} and not set(map(type, plain)).difference(_PLAIN):
+            if set(map(type, names)) == {str} and not set(map(type, plain)).difference(PLAIN_TYPES):
                 return list(plain), list(names)
     return split_named(tensors)
 

@@ -111,7 +111,8 @@ def install(device: torch.device):
     return backend
 
 
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+#: Tensor types that need no dispatch of their own (no subclass that must see the call).
+PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
 def tracing() -> bool:
@@ -121,7 +122,7 @@ def tracing() -> bool:
 
 def plain(tensors) -> bool:
     """Whether every tensor is a plain tensor or parameter (no subclass that must see the call)."""
-    return all(type(t) in _PLAIN_TYPES for t in tensors)
+    return all(type(t) in PLAIN_TYPES for t in tensors)
 
 
 def _plain(tensors) -> bool:

@@ -28,13 +28,13 @@ from operator import attrgetter
 import torch
 
 from . import backends
+from .ops import PLAIN_TYPES
 from .plan import Plan
 
 _CAPACITY = 8
 _entries: "collections.OrderedDict" = collections.OrderedDict()
 _lock = threading.Lock()
 
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 # What a pass relies on and an in-place metadata change can alter, read by C-level getters: one
 # map per property over all tensors is several times cheaper than a Python loop building tuples.
 _STATE = (torch.Tensor.data_ptr, attrgetter("dtype"), attrgetter("shape"), torch.Tensor.stride,
@@ -58,7 +58,7 @@ class _Entry:
 
 def _key(tensors, names, keys, offsets, groups, noise, backend):
     """The call's key, or None when part of it cannot be a dict key (validated by Plan as usual)."""
-    if set(map(type, tensors)) - _PLAIN:
+    if set(map(type, tensors)) - PLAIN_TYPES:
         return None
     key = (tuple(map(id, tensors)), tuple(names), keys if isinstance(keys, (str, type(None))) else tuple(keys),
            None if offsets is None else tuple(offsets), tuple(groups), noise, backend,
