@@ -127,8 +127,23 @@ def sweep(device, layers, rows_list, warmup, reps, backend, log=print) -> dict:
     return dict(points=points, suggested_max_rows=max(wins, default=0))
 
 
-def steps(name: str, configs, device, warmup, reps, backend, log=print) -> list[dict]:
-    """Default paired step, default in-place step and the reference on one model, per configuration."""
+def profile_table(fn, device, rows: int = 25) -> str:
+    """One call of ``fn`` under torch.profiler: the kernels and ops that took the most device time
+    (CUDA when available), as torch's key_averages table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def steps(name: str, configs, device, warmup, reps, backend, log=print, profile_dir=None) -> list[dict]:
+    """Default paired step, default in-place step and the reference on one model, per configuration;
+    with ``profile_dir``, one more profiled paired and in-place step each (profile_<what>_<BxT>.txt)."""
     model = build_model(name, torch.float16 if device.type == "cuda" else torch.float32, device, log=log)
     cuda = device.type == "cuda"
     model_bytes = torch.cuda.memory_allocated(device) if cuda else None
@@ -160,9 +175,15 @@ def steps(name: str, configs, device, warmup, reps, backend, log=print) -> list[
                 linear = sorted({paths[n] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
                 paired = measured("paired", lambda: handle.step({"input_ids": ids, "labels": ids}),
                                   paths=counts, linear_paths=linear, loss=handle.optimizer.loss_plus)
+                if profile_dir is not None:
+                    (profile_dir / f"profile_paired_{batch}x{tokens}.txt").write_text(
+                        profile_table(lambda: handle.step({"input_ids": ids, "labels": ids}), device))
             with _patch(model, None) as handle:          # in place: the automatic backend
                 inplace = measured("inplace", lambda: handle.step(closure), loss=None)
                 inplace["loss"] = handle.optimizer.loss_plus
+                if profile_dir is not None:
+                    (profile_dir / f"profile_inplace_{batch}x{tokens}.txt").write_text(
+                        profile_table(lambda: handle.step(closure), device))
             ref = BaselineStepper(model)
             reference = measured("reference", lambda: ref.step(closure), loss=None)
             reference["loss"] = ref.last_loss
@@ -188,11 +209,13 @@ def summary_md(result: dict) -> str:
         speed = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else ""
         lines.append(f"| {r['batch']}x{r['tokens']} | {r['what']} | {r['ms_median']:.2f} | {speed} | "
                      f"{fmt_mib(r['peak_above_model_bytes'])} | {r.get('paths', '')} |")
-    lines += ["", "| layer | rows | fused ms | materialize ms | ratio |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {p['layer']} | {p['rows']} | {p['fused_ms']:.3f} | {p['materialize_ms']:.3f} | "
-              f"{p['fused_over_materialize']:.2f} |" for p in result["sweep"]["points"]]
-    lines += ["", f"Suggested row threshold: {result['sweep']['suggested_max_rows']} "
-              f"(fastmezo.paired_linear.DEFAULT_MAX_ROWS = {result['default_max_rows']})", ""]
+    if "sweep" in result:
+        lines += ["", "| layer | rows | fused ms | materialize ms | ratio |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {p['layer']} | {p['rows']} | {p['fused_ms']:.3f} | {p['materialize_ms']:.3f} | "
+                  f"{p['fused_over_materialize']:.2f} |" for p in result["sweep"]["points"]]
+        lines += ["", f"Suggested row threshold: {result['sweep']['suggested_max_rows']} "
+                  f"(fastmezo.paired_linear.DEFAULT_MAX_ROWS = {result['default_max_rows']})"]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -209,6 +232,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="CPU (Triton interpreter), tiny OPT, seconds")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one paired and one in-place step per configuration (torch.profiler)")
+    parser.add_argument("--skip-sweep", action="store_true", help="only the check and the steps")
     args = parser.parse_args(argv)
     device = select_device(args.smoke, "bench.bench_paired")
     from fastmezo.paired_linear import DEFAULT_MAX_ROWS
@@ -224,8 +250,11 @@ def main(argv=None) -> int:
                                                     args.warmup, args.reps)
     result = dict(environment=environment(device), default_max_rows=DEFAULT_MAX_ROWS, eps=EPS, lr=LR)
     result["check"] = check(args.check_model, device, backend)
-    result["sweep"] = sweep(device, layers, rows_list, warmup, max(reps, 3 if not args.smoke else 1), backend)
-    result["steps"] = steps(args.model, configs, device, warmup, reps, backend)
+    if not args.skip_sweep:
+        result["sweep"] = sweep(device, layers, rows_list, warmup, max(reps, 3 if not args.smoke else 1), backend)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result["steps"] = steps(args.model, configs, device, warmup, reps, backend,
+                            profile_dir=args.out if args.profile else None)
     result["seconds"] = time.perf_counter() - t0
     write_json(args.out / "results.json", result)
     (args.out / "summary.md").write_text(summary_md(result))

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import gaussian_block, rademacher_block, round_stochastic, round_to_nearest, rounding_draws
+from .philox import gaussian_rows, rademacher_block, round_stochastic, round_to_nearest, rounding_draws, rounding_rows
 
 # Default elements per program. Large blocks keep the interpreter (which runs programs one by one)
 # fast; on the GPU 4096 elements per program with 4 warps is a sound starting point.
@@ -45,21 +45,23 @@ _X, _OUT, _N, _OFFSET, _KEY, _COLS = 0, 1, 2, 3, 4, 5
 
 
 @triton.jit
-def _pass_block(x_ptr, out_ptr, idx, mask, z, a, b, rseed_lo, rseed_hi, key, first_global,
-                LOAD_X: tl.constexpr, ROUND: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """Load x (masked or not), y = a * x + b * z in float32, round, store to out."""
+def _pass_block(x_ptr, out_ptr, idx, mask, z, r, a, b, LOAD_X: tl.constexpr, SCALE_X: tl.constexpr,
+                ROUND: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr):
+    """Load x (masked or not), y = a * x + b * z in float32 (x + b * z when a is 1: the same bits), round
+    (stochastically by the draws r with ROUND), store to out."""
     if LOAD_X:
         if MASKED:
             x = tl.load(x_ptr + idx, mask=mask).to(tl.float32)
         else:
             x = tl.load(x_ptr + idx).to(tl.float32)
-        y = a * x + b * z
+        if SCALE_X:
+            y = a * x + b * z
+        else:
+            y = x + b * z
     else:
         y = b * z
     if ROUND:
-        r = rounding_draws(first_global // 8, BLOCK // 8, rseed_lo, rseed_hi, key, FAST)
-        v = round_stochastic(y, r, out_ptr.dtype.element_ty)
+        v = round_stochastic(y, r, out_ptr.dtype.element_ty, FAST)
     else:
         v = round_to_nearest(y, out_ptr.dtype.element_ty, FAST)
     if MASKED:
@@ -72,9 +74,8 @@ def _pass_block(x_ptr, out_ptr, idx, mask, z, a, b, rseed_lo, rseed_hi, key, fir
 @triton.jit(do_not_specialize=["a", "b", "seed_lo", "seed_hi", "rseed_lo", "rseed_hi", "total"])
 def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, map_ptr, total, a, b, seed_lo, seed_hi, rseed_lo,
                         rseed_hi, NOISE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, LOOKUP: tl.constexpr,
-                        LOG2T: tl.constexpr, LOAD_X: tl.constexpr, OUT: tl.constexpr, ROUND: tl.constexpr,
-                        ALIGNED: tl.constexpr, FAST: tl.constexpr):
-    PER_CALL: tl.constexpr = 4 if NOISE == 0 else 128
+                        LOG2T: tl.constexpr, LOAD_X: tl.constexpr, SCALE_X: tl.constexpr, OUT: tl.constexpr,
+                        ROUND: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr):
     G: tl.constexpr = 8 if NOISE == 0 else 128              # block alignment: z calls and rounding calls
     pid = tl.program_id(0).to(tl.int64)
     # The tensor of this program (LOOKUP 0: the only one). LOOKUP 1, Gaussian passes: read from a map
@@ -114,24 +115,33 @@ def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, map_ptr, total, a, b, 
     # latency, while the program -> tensor map keeps one entry per (larger) block.
     for c in tl.range(0, BLOCK // CHUNK):
         first_global = block_global + c * CHUNK
-        ctr = first_global // PER_CALL + tl.arange(0, CHUNK // PER_CALL).to(tl.int64)
+        # Gaussian chunks as [CHUNK / 8, 8] tiles (a row: two noise calls, one rounding call, one 16-byte
+        # vector of float16), so that a thread's values never move between threads (philox.tile8);
+        # Rademacher chunks (128 elements a call) as 1-D vectors, whose layout needs no exchange.
         if NOISE == 0:
-            z = gaussian_block(ctr, seed_lo, seed_hi, key, FAST)
+            rows = first_global // 8 + tl.arange(0, CHUNK // 8).to(tl.int64)
+            z = gaussian_rows(rows, seed_lo, seed_hi, key, FAST)
+            lane = (rows - first_global // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
         else:
-            z = rademacher_block(ctr, seed_lo, seed_hi, key, FAST)
+            z = rademacher_block(first_global // 128 + tl.arange(0, CHUNK // 128).to(tl.int64), seed_lo, seed_hi,
+                                 key, FAST)
+            lane = tl.arange(0, CHUNK).to(tl.int64)
+        r = 0
+        if ROUND:
+            if NOISE == 0:
+                r = rounding_rows(rows, rseed_lo, rseed_hi, key, FAST)
+            else:
+                r = rounding_draws(first_global // 8, CHUNK // 8, rseed_lo, rseed_hi, key, FAST)
         if ALIGNED:
             start = blk * BLOCK + c * CHUNK
-            idx = start + tl.arange(0, CHUNK).to(tl.int64)
+            idx = start + lane
             if start + CHUNK <= n:
-                _pass_block(x_ptr, out_ptr, idx, idx < n, z, a, b, rseed_lo, rseed_hi, key, first_global,
-                            LOAD_X, ROUND, False, FAST, CHUNK)
+                _pass_block(x_ptr, out_ptr, idx, idx < n, z, r, a, b, LOAD_X, SCALE_X, ROUND, False, FAST)
             else:
-                _pass_block(x_ptr, out_ptr, idx, idx < n, z, a, b, rseed_lo, rseed_hi, key, first_global,
-                            LOAD_X, ROUND, True, FAST, CHUNK)
+                _pass_block(x_ptr, out_ptr, idx, idx < n, z, r, a, b, LOAD_X, SCALE_X, ROUND, True, FAST)
         else:
-            idx = first_global - offset + tl.arange(0, CHUNK).to(tl.int64)     # index into x
-            _pass_block(x_ptr, out_ptr, idx, (idx >= 0) & (idx < n), z, a, b, rseed_lo, rseed_hi, key,
-                        first_global, LOAD_X, ROUND, True, FAST, CHUNK)
+            idx = first_global - offset + lane     # index into x
+            _pass_block(x_ptr, out_ptr, idx, (idx >= 0) & (idx < n), z, r, a, b, LOAD_X, SCALE_X, ROUND, True, FAST)
 
 
 # Triton reads TRITON_INTERPRET when it is imported, so it cannot change later: read it once here
@@ -286,7 +296,7 @@ class Launches:
                 _as_i32(seed & 0xFFFFFFFF), _as_i32((seed >> 32) & 0xFFFFFFFF),
                 _as_i32(rseed & 0xFFFFFFFF), _as_i32((rseed >> 32) & 0xFFFFFFFF),
                 NOISE=self.noise, BLOCK=self.block, CHUNK=self.chunk, LOOKUP=lookup, LOG2T=log2t, LOAD_X=load_x,
-                OUT=self.out,
+                SCALE_X=float(a) != 1.0, OUT=self.out,
                 ROUND=round_seed is not None and low_precision, ALIGNED=aligned, FAST=not _INTERPRETING,
                 num_warps=num_warps, **_NO_FMA_CONTRACTION)
 

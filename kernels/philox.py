@@ -126,6 +126,41 @@ def gaussian_block(ctr, seed_lo, seed_hi, key, FAST: tl.constexpr):
 
 
 @triton.jit
+def tile8(v0, v1, v2, v3, v4, v5, v6, v7):
+    """The [R, 8] tile whose row i is (v0[i], ..., v7[i]), for eight 1-D tensors of length R.
+
+    Built by joins, which add a dimension held within each thread, so a thread that computed a row's
+    eight values stores them as one vector with no data movement. (Interleaving 1-D vectors instead makes
+    the compiler exchange values between threads through shared memory, with barriers, on every chunk.)
+    The join nesting puts v_l at column l = 4i + 2j + k of the [R, 2, 2, 2] result: the innermost join
+    picks i, the outermost k."""
+    return tl.reshape(tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7))),
+                      (v0.shape[0], 8))
+
+
+@triton.jit
+def gaussian_rows(row, seed_lo, seed_hi, key, FAST: tl.constexpr):
+    """z of the elements of rows ``row`` (1-D int64) as an [R, 8] tile: row i holds elements
+    8 row_i .. 8 row_i + 7, the normals of Philox calls 2 row_i and 2 row_i + 1 in element order (the
+    same values as gaussian_block, laid out for 8-element vector accesses)."""
+    e0, e1, e2, e3 = _philox_calls(2 * row, seed_lo, seed_hi, key, 0, FAST)
+    o0, o1, o2, o3 = _philox_calls(2 * row + 1, seed_lo, seed_hi, key, 0, FAST)
+    n0, n1 = box_muller(e0, e1, FAST)
+    n2, n3 = box_muller(e2, e3, FAST)
+    n4, n5 = box_muller(o0, o1, FAST)
+    n6, n7 = box_muller(o2, o3, FAST)
+    return tile8(n0, n1, n2, n3, n4, n5, n6, n7)
+
+
+@triton.jit
+def rounding_rows(row, seed_lo, seed_hi, key, FAST: tl.constexpr = False):
+    """The stochastic-rounding draws of rows ``row`` as an [R, 8] tile (row i: elements 8 row_i ..
+    8 row_i + 7, rounding-stream call row_i; the values of rounding_draws)."""
+    w0, w1, w2, w3 = _philox_calls(row, seed_lo, seed_hi, key, 2, FAST)
+    return tile8(w0 & 0xFFFF, w0 >> 16, w1 & 0xFFFF, w1 >> 16, w2 & 0xFFFF, w2 >> 16, w3 & 0xFFFF, w3 >> 16)
+
+
+@triton.jit
 def rademacher_block(ctr, seed_lo, seed_hi, key, FAST: tl.constexpr = False):
     """z for the 128 * len(ctr) consecutive elements served by Philox calls ``ctr``: element lane l of
     a call is bit l % 32 of word l // 32, z = 1 - 2 * bit."""
@@ -161,7 +196,7 @@ def round_to_nearest(y, DTYPE: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def round_stochastic(y, r, DTYPE: tl.constexpr):
+def round_stochastic(y, r, DTYPE: tl.constexpr, FAST: tl.constexpr = False):
     """float32 y -> DTYPE (float16 or bfloat16) rounded stochastically by the 16-bit draws r (uint32),
     bit-identical to fastmezo.oracle.round_stochastic (docs/noise.md section 8): lo = y toward zero,
     hi = the next value away from zero, q = 2**16 |y - lo| / |hi - lo|, hi if the float32 sum q + r
@@ -173,9 +208,7 @@ def round_stochastic(y, r, DTYPE: tl.constexpr):
       * float16, normal range (|y| >= 2**-14): 13 mantissa bits are dropped and q = those bits * 8, an
         integer, so q + r >= 2**16 iff those bits + (r >> 3) carry into bit 13; the float16 pattern is
         the float32 pattern shifted by 13 with the exponent re-biased by 112.
-      * float16 subnormals (|y| < 2**-14, gap 2**-24): t = |y| 2**24 is exact, lo = floor(t) 2**-24,
-        q = (t - floor(t)) 2**16 exactly, and q + r is the oracle's float32 sum (q may have a fraction).
-        (An all-integer form of this case needs variable shifts and costs more than these float steps.)
+      * float16 subnormals (|y| < 2**-14, gap 2**-24): _float16_subnormal.
     y beyond the largest finite value saturates to it; infinities stay, NaN becomes a quiet NaN."""
     ybits = y.to(tl.uint32, bitcast=True)
     mag = ybits & 0x7FFFFFFF
@@ -188,15 +221,36 @@ def round_stochastic(y, r, DTYPE: tl.constexpr):
         return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         normal = tl.minimum(((mag + (r >> 3)) >> 13) - (112 << 10), 0x7BFF)
-        # Subnormal results in float32, where every step is exact: t = |y| / 2**-24 < 1024, its floor,
-        # q = its fraction * 2**16, and the contract's float32 sum q + r. r and floor(t) cross between
-        # integer and float through the bits of 2**23 + k (exact below 2**23), not a conversion.
+        bits = tl.where(mag < 0x38800000, _float16_subnormal(mag, r, FAST), normal)
+        bits = tl.where(finite, bits, tl.where(nan, 0x7E00, 0x7C00)) | sign16
+        return bits.to(tl.uint16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _float16_subnormal(mag, r, FAST: tl.constexpr):
+    """The float16 pattern of |y| < 2**-14 (pattern ``mag``, gap 2**-24) rounded stochastically by r.
+
+    The contract's decision, hi iff the float32 sum q + r >= 2**16, holds iff q + r + 2**-9 >= 2**16 in
+    exact arithmetic (below 2**16 float32 steps by 2**-8 and the tie rounds to the even 2**16). With
+    t = |y| 2**24 = floor(t) + q 2**-16, the result is therefore floor(V / 2**16), V = 2**16 t + 2**-9 + r.
+
+    FAST (compiled): V's floor in three float32 operations rounding toward zero, which can never cross
+    the multiple of 2**16 below V (it is representable and rounding toward zero is monotone):
+    W = rz(2**40 |y| + 2**-9) (one fma, the product exact), X = rz(W + 2**23 + r) (2**23 + r is the
+    float whose bits are r | 0x4B000000; it adds 128 units), M = rz(X + 2**39) (float32 steps by 2**16
+    there, so M - 2**39 is X truncated to units); the pattern is bits(M) - bits(2**39) - 128.
+    Otherwise (interpreter: no directed rounding): t, its floor and q exactly in float32 and the
+    contract's sum itself, with r and floor(t) moved between integer and float through the bits of
+    2**23 + k (exact below 2**23). Both forms are checked against the oracle (tests/test_rounding.py)."""
+    if FAST:
+        w = libdevice.fma_rz(mag.to(tl.float32, bitcast=True), 1099511627776.0, 0.001953125)
+        x = libdevice.add_rz(w, (r | 0x4B000000).to(tl.float32, bitcast=True))
+        m = libdevice.add_rz(x, 549755813888.0)
+        return m.to(tl.uint32, bitcast=True) - (0x53000000 + 128)
+    else:
         t = mag.to(tl.float32, bitcast=True) * 16777216.0
         fl = tl.floor(t)
         q = (t - fl) * 65536.0
         r_f = (r | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         up = ((q + r_f) >= 65536.0).to(tl.uint32)
-        sub = (fl + 8388608.0).to(tl.uint32, bitcast=True) - 0x4B000000 + up
-        bits = tl.where(mag < 0x38800000, sub, normal)
-        bits = tl.where(finite, bits, tl.where(nan, 0x7E00, 0x7C00)) | sign16
-        return bits.to(tl.uint16).to(tl.float16, bitcast=True)
+        return (fl + 8388608.0).to(tl.uint32, bitcast=True) - 0x4B000000 + up

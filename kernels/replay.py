@@ -48,7 +48,7 @@ def _replay_kernel(x_ptr, n, offset, key, steps_ptr, coef_ptr, rseed_ptr, n_step
             if ROUND:
                 r = rounding_draws(first_global // 8, BLOCK // 8, tl.load(rseed_ptr + 2 * p),
                                    tl.load(rseed_ptr + 2 * p + 1), key, FAST)
-                x = round_stochastic(y, r, ELEM).to(tl.float32)
+                x = round_stochastic(y, r, ELEM, FAST).to(tl.float32)
             else:
                 x = round_to_nearest(y, ELEM, FAST).to(tl.float32)
     tl.store(x_ptr + idx, x.to(ELEM), mask=mask)

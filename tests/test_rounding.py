@@ -24,6 +24,7 @@ Sizes are small for the Triton interpreter (it runs each program instance in Pyt
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,6 +166,55 @@ def test_stored_values_bit_identical_to_oracle(backend, device, dtype, noise):
             F.scale_and_add_noise_([got], a, b, SEED, keys=[key], noise=noise, offsets=[offset], rounding_seed=ROUND_SEED,
                      backend=backend)
             _assert_same_bits(got, want, backend, device, f"n={n} offset={offset}")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_float16_subnormal_results_bit_identical_to_oracle(backend, device, noise):
+    """Results in float16's subnormal range (|y| < 2**-14, where every backend has its own formula for the
+    decision, e.g. directed-rounding float32 steps in compiled Triton) with fractions of every size:
+    x float16 subnormals, y = x + b z (a = 1) and y = a x + b z, stored bits equal the oracle's."""
+    n = _size(backend, device, [700], [4099], [3 * 4096 + 5, 1 << 16])[-1]
+    gen = _gen(n)
+    x = (torch.randint(-1023, 1024, (n,), generator=gen).float() * 2.0 ** -24).to(torch.float16).to(device)
+    for offset, key, a, b in [(0, 3, 1.0, 2.0 ** -21 * 1.337), (9, 5, 0.999, -3e-7), (2**33 + 1, 11, 1.0, 1e-9)]:
+        z = F.make_noise(n, SEED, key, noise=noise, offset=offset, device=device, backend=backend)
+        r = R.rounding_bits_at(_index(offset, n, device), ROUND_SEED, key)
+        want = R.pass_with_z(x, a, b, z, r)
+        got = x.clone()
+        F.scale_and_add_noise_([got], a, b, SEED, keys=[key], noise=noise, offsets=[offset], rounding_seed=ROUND_SEED,
+                               backend=backend)
+        _assert_same_bits(got, want, backend, device, f"offset={offset} a={a} b={b}")
+
+
+def test_directed_rounding_formula_of_float16_subnormals():
+    """The float32 steps of kernels.philox._float16_subnormal's compiled form (round toward zero, which
+    the CPU has no operation for: emulated in float64, exact for these positive operands) against the
+    oracle, on fractions at the decision's edge (q + r within 2**-30 of 2**16 - 2**-9), random ones,
+    float32 subnormals and the float32 sum's q = 1000.999 case."""
+    def rz(v):                      # float64 -> float32 toward zero
+        f = v.astype(np.float32)
+        over = f.astype(np.float64) > v
+        f[over] = np.nextafter(f[over], np.float32(0))
+        return f
+
+    rng = np.random.default_rng(0)
+    n = 1 << 18
+    r = rng.integers(0, 65536, n)
+    edge = 1 - (r + 2.0 ** -9) / 65536 + rng.choice([-1, 0, 1], n) * np.exp2(-rng.integers(20, 31, n))
+    frac = np.where(rng.random(n) < 0.5, edge, rng.random(n)).clip(0, 1 - 2.0 ** -30)
+    y = ((rng.integers(0, 1024, n) + frac) * 2.0 ** -24).astype(np.float32)
+    tiny = (rng.random(n) * np.exp2(-rng.integers(24, 150, n))).astype(np.float32)
+    y = np.where(rng.random(n) < 0.2, tiny, y)
+    y = np.where(y >= 2.0 ** -14, np.float32(2.0 ** -15), y)
+    y = np.concatenate([y, np.full(4096, np.float32(1000.999) * np.float32(2.0 ** -40))])
+    r = np.concatenate([r, np.arange(65536 - 4096, 65536)])
+    w = rz(y.astype(np.float64) * 2.0 ** 40 + 2.0 ** -9)
+    x = rz(w.astype(np.float64) + (r.astype(np.uint32) | np.uint32(0x4B000000)).view(np.float32))
+    m = rz(x.astype(np.float64) + 2.0 ** 39)
+    got = m.view(np.uint32).astype(np.int64) - (0x53000000 + 128)
+    want = R.round_stochastic(torch.from_numpy(y), torch.from_numpy(r), torch.float16).view(torch.int16).numpy()
+    assert np.array_equal(got, want.astype(np.int64)), f"{int((got != want).sum())} of {y.size} differ"
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
