@@ -14,7 +14,8 @@ batch configuration (per-rank batch x tokens, random ids, each rank its own):
   * ``plain``  (world size 1 only): fastmezo.patch's step, no process group involved;
   * ``dp``: the same step after fastmezo.data_parallel (one all-reduce of three float64 a step);
     at world size 1 ``dp_overhead`` = the median over --blocks alternating block pairs of dp / plain - 1
-    (with its quartiles);
+    (with its quartiles), and ``dp_path_cost`` = what the path adds to a step, measured on a
+    16-parameter model where it is not lost in the noise (``path_cost``), over the plain step;
   * ``reference`` (--reference): the paper's way in each rank (bench/baseline.py: torch.manual_seed +
     torch.normal per tensor, out of place, four passes) plus the same all-reduce of the losses;
   * ``fsdp`` (--fsdp): the model sharded with fully_shard (each decoder layer, then the root), same
@@ -191,6 +192,41 @@ def _config_rows(args, model, device, batch, tokens, fsdp: bool):
     return row
 
 
+def _path_cost(device, blocks: int = 10, steps: int = 200) -> dict:
+    """What the data-parallel path adds to a step, free of the big model's step-to-step noise: the same
+    step on a 16-parameter model (its passes and forwards cost launches only), plain and through
+    fastmezo.data_parallel, host wall time per step (every step ends with the losses on the host), in
+    alternating blocks. The difference is the path's cost per step: the wrapped closure, the all-reduce
+    of the losses and its copies to and from the device."""
+    import time
+
+    import fastmezo
+
+    model = torch.nn.Linear(4, 4).to(device)
+    x = torch.randn(2, 4, device=device)
+    handle = fastmezo.patch(model, lr=LR, eps=EPS, seed=SEED)
+    closure = lambda: model(x).square().mean()  # noqa: E731
+
+    def per_step_us():
+        for _ in range(10):
+            handle.step(closure)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            handle.step(closure)
+        return (time.perf_counter() - t0) / steps * 1e6
+
+    plain, dp = [], []
+    for _ in range(blocks):
+        plain.append(per_step_us())
+        wrapped = fastmezo.data_parallel(handle)
+        dp.append(per_step_us())
+        wrapped.remove()
+    handle.remove()
+    diffs = [d - p for d, p in zip(dp, plain)]
+    return dict(plain_us=statistics.median(plain), dp_us=statistics.median(dp), added_us=statistics.median(diffs),
+                added_us_range=[min(diffs), max(diffs)], blocks=blocks, steps_per_block=steps)
+
+
 def _fsdp_check(args, device):
     """--check-steps FSDP2 steps, then the same steps replayed (their all-reduced losses) on rank 0
     in one unsharded model from the same seed: every gathered weight must be bit-identical."""
@@ -241,6 +277,11 @@ def rank_main(args) -> None:
         common.free_memory(device)
     if args.fsdp_check and args.model not in LLAMA:
         result["fsdp_check"] = _fsdp_check(args, device)
+    if result["world"] == 1:
+        result["path_cost"] = cost = _path_cost(device, steps=20 if args.smoke else 200)
+        for r in result["rows"]:
+            if "plain_ms" in r:
+                r["dp_path_cost"] = cost["added_us"] / (1e3 * r["plain_ms"])
     if dist.get_rank() == 0:
         result["environment"] = common.environment(device)
         common.write_json(Path(args.out), result)
@@ -289,6 +330,9 @@ def driver(args, argv) -> int:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
         if "fsdp_check" in run:
             print("fsdp check:", run["fsdp_check"])
+        if "path_cost" in run:
+            print("data-parallel path cost per step:", {k: (round(v, 2) if isinstance(v, float) else v)
+                                                        for k, v in run["path_cost"].items()})
     print("results:", path)
     return 0
 
