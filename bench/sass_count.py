@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 COUNTED = ("STS", "LDS", "BAR", "STL", "LDL", "MUFU", "FRND", "LDG", "STG", "HGMMA")
-_OP = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
+_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
 
 _PASS_ARGS = {"proto_ptr": None, "table_ptr": "*i64", "starts_ptr": "*i64", "map_ptr": "*i32", "total": "i32",
               "a": "fp32", "b": "fp32", "seed_lo": "i32", "seed_hi": "i32", "rseed_lo": "i32", "rseed_hi": "i32"}
