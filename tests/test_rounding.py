@@ -150,6 +150,18 @@ def _sizes(backend, device):
     return _size(backend, device, [1, 7, 129], [1, 7, 1027], [1, 7, 1027, 33 * 65, 3 * 4096 + 5])
 
 
+def _assert_pass_like_oracle(x, offset, key, a, b, noise, backend, device):
+    """One stochastically rounded pass over a copy of x stores pass_with_z(x, a, b, z_backend, r_oracle)."""
+    n = x.numel()
+    z = F.make_noise(n, SEED, key, noise=noise, offset=offset, device=device, backend=backend)
+    r = R.rounding_bits_at(_index(offset, n, device), ROUND_SEED, key)
+    want = R.pass_with_z(x, a, b, z, r)
+    got = x.clone()
+    F.scale_and_add_noise_([got], a, b, SEED, keys=[key], noise=noise, offsets=[offset], rounding_seed=ROUND_SEED,
+                           backend=backend)
+    _assert_same_bits(got, want, backend, device, f"n={n} offset={offset} a={a} b={b}")
+
+
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
@@ -159,13 +171,7 @@ def test_stored_values_bit_identical_to_oracle(backend, device, dtype, noise):
     for n in _sizes(backend, device):
         for offset, key, a, b in [(0, 0, 1.0, 1e-3), (5, 9, 0.9993, -0.37), (2**32 - 3, 0xFFFFFFFF, -1.5, 2.5)]:
             x = _rand(n, dtype, seed=n + key, device=device)
-            z = F.make_noise(n, SEED, key, noise=noise, offset=offset, device=device, backend=backend)
-            r = R.rounding_bits_at(_index(offset, n, device), ROUND_SEED, key)
-            want = R.pass_with_z(x, a, b, z, r)
-            got = x.clone()
-            F.scale_and_add_noise_([got], a, b, SEED, keys=[key], noise=noise, offsets=[offset], rounding_seed=ROUND_SEED,
-                     backend=backend)
-            _assert_same_bits(got, want, backend, device, f"n={n} offset={offset}")
+            _assert_pass_like_oracle(x, offset, key, a, b, noise, backend, device)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
@@ -178,13 +184,7 @@ def test_float16_subnormal_results_bit_identical_to_oracle(backend, device, nois
     gen = _gen(n)
     x = (torch.randint(-1023, 1024, (n,), generator=gen).float() * 2.0 ** -24).to(torch.float16).to(device)
     for offset, key, a, b in [(0, 3, 1.0, 2.0 ** -21 * 1.337), (9, 5, 0.999, -3e-7), (2**33 + 1, 11, 1.0, 1e-9)]:
-        z = F.make_noise(n, SEED, key, noise=noise, offset=offset, device=device, backend=backend)
-        r = R.rounding_bits_at(_index(offset, n, device), ROUND_SEED, key)
-        want = R.pass_with_z(x, a, b, z, r)
-        got = x.clone()
-        F.scale_and_add_noise_([got], a, b, SEED, keys=[key], noise=noise, offsets=[offset], rounding_seed=ROUND_SEED,
-                               backend=backend)
-        _assert_same_bits(got, want, backend, device, f"offset={offset} a={a} b={b}")
+        _assert_pass_like_oracle(x, offset, key, a, b, noise, backend, device)
 
 
 def test_directed_rounding_formula_of_float16_subnormals():
