@@ -90,8 +90,10 @@ def half_losses(model, output, labels):
         problem = ("regression" if logits.shape[-1] == 1 else "single_label_classification"
                    if not labels.is_floating_point() else "multi_label_classification")
     if logits.dim() == 3 or problem == "single_label_classification":      # tokens or classes
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, -1) if logits.dim() > 2 else logits,
-                                                 labels.long(), reduction="none", ignore_index=-100)
+        # Rows of classes, never [batch, classes, tokens]: cross_entropy takes that layout with a
+        # "spatial" softmax kernel that is slow for a vocabulary of tens of thousands.
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.long().reshape(-1),
+                                                 reduction="none", ignore_index=-100)
         loss, counted = loss.reshape(rows, -1), (labels.reshape(rows, -1) != -100)
         h = rows // 2
         return tuple(loss[s].sum() / counted[s].sum() for s in (slice(0, h), slice(h, rows)))
