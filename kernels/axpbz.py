@@ -122,7 +122,7 @@ def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, map_ptr, total, a, b, 
         if NOISE == 0:
             rows = first_global // 8 + tl.arange(0, CHUNK // 8).to(tl.int64)
             z = gaussian_rows(rows, seed_lo, seed_hi, key, FAST)
-            lane = (rows - first_global // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
+            lane = tl.arange(0, CHUNK // 8).to(tl.int64)[:, None] * 8 + tl.arange(0, 8)[None, :]
         else:
             z = rademacher_block(first_global // 128 + tl.arange(0, CHUNK // 128).to(tl.int64), seed_lo, seed_hi,
                                  key, FAST)
