@@ -1,9 +1,10 @@
 """Where the host time of a pass goes: the public calls on a model's tensor count, profiled.
 
-    python -m bench.host_profile [--model opt-13b] [--device cuda] [--calls 50] [--rows 18]
+    python -m bench.host_profile [--model opt-13b] [--device cuda] [--calls 50] [--rows 18] [--full-size]
 
 Builds one small float16 tensor (4096 elements) per parameter tensor of the model (bench/shapes.py), so
-that the kernels take no time and what is measured is the host: the median wall time of ``perturb_``
+that the kernels take no time and what is measured is the host (``--full-size``: the model's real
+shapes, for host work that grows with a tensor's size, e.g. the kernels' launch tables): the median wall time of ``perturb_``
 (Gaussian, stochastic rounding, Rademacher, named pairs or a list) and of ``MeZO.step`` with a constant
 loss, then a cProfile of ``perturb_`` over the same number of calls, sorted by own time. On a GPU the
 calls are queued behind nothing and return once launched, so the wall time is the host time before
@@ -40,14 +41,16 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--rows", type=int, default=18, help="rows of the profile printed")
+    p.add_argument("--full-size", action="store_true", help="the model's real shapes, not 4096 elements")
     args = p.parse_args(argv)
     import fastmezo
     from fastmezo import functional as F
 
     device = torch.device(args.device)
     gen = torch.Generator(device=device).manual_seed(0)
-    named = [(name, torch.nn.Parameter(torch.randn(4096, generator=gen, device=device).to(torch.float16)))
-             for name, _ in opt_param_shapes(args.model)]
+    named = [(name, torch.nn.Parameter(torch.randn(shape if args.full_size else (4096,), generator=gen,
+                                                   device=device, dtype=torch.float16)))
+             for name, shape in opt_param_shapes(args.model)]
     params = [p for _, p in named]
     opt = fastmezo.MeZO(named, lr=1e-7, eps=1e-3)
     cases = {
@@ -57,7 +60,8 @@ def main(argv=None) -> dict:
         "perturb_ list, gaussian": lambda s: F.perturb_(params, 0, s * 1e-3),
         "MeZO.step, constant loss": lambda s: opt.step(lambda: 1.0),
     }
-    result = {"model": args.model, "tensors": len(named), "device": str(device), "host_ms": {}}
+    result = {"model": args.model, "tensors": len(named), "device": str(device), "full_size": args.full_size,
+              "host_ms": {}}
     for label, fn in cases.items():
         result["host_ms"][label] = ms = median_ms(fn, args.calls)
         print(f"{label:48s} {ms:8.3f} ms  ({len(named)} tensors, {args.device})")
