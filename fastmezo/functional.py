@@ -31,12 +31,16 @@ def _split(tensors):
     plain tensor) tuples (a frontend's named_parameters), read with C-level maps instead of a loop."""
     if type(tensors) in (list, tuple) and tensors:
         kinds = set(map(type, tensors))
-        if not kinds.difference(PLAIN_TYPES):
+        if kinds <= PLAIN_TYPES:
             return list(tensors), [None] * len(tensors)
-        if kinds == {tuple} and set(map(len, tensors)) == {2}:
-            names, plain = zip(*tensors)
-            if set(map(type, names)) == {str} and not set(map(type, plain)).difference(PLAIN_TYPES):
-                return list(plain), list(names)
+        if kinds == {tuple}:
+            try:
+                columns = tuple(zip(*tensors, strict=True))      # strict: every tuple of one length
+            except ValueError:
+                columns = ()
+            if (len(columns) == 2 and set(map(type, columns[0])) == {str}
+                    and set(map(type, columns[1])) <= PLAIN_TYPES):
+                return list(columns[1]), list(columns[0])
     return split_named(tensors)
 
 
@@ -50,7 +54,7 @@ def _pass(tensors, a, b, seed, *, keys, noise, offsets, backend, rounding_seed=N
     if outs is not None:
         check_call(tensors, outs, a, b, range(len(tensors)), [0] * len(tensors), noise, names)
     # One coefficient group per distinct (a, b): the checks and the backends' launches go by group.
-    if len(set(a)) <= 1 and len(set(b)) <= 1:
+    if not a or (a.count(a[0]) == len(a) and b.count(b[0]) == len(b)):
         groups, a_of_group, b_of_group = (0,) * len(a), a[:1], b[:1]
     else:
         pairs: dict = {}

@@ -3,8 +3,9 @@
 A :class:`Plan` holds tensors (with names for messages), their noise keys and offsets, and which backend
 runs each device's tensors. Building it checks everything a pass relies on: dtypes, contiguity, one
 memory range per tensor (two tensors sharing memory would be perturbed twice), keys, offsets, and that a
-backend can run each device. :meth:`Plan.is_current` re-checks cheaply (same tensor objects at the same
-addresses, same dtypes and shapes) so the optimizer rebuilds only when the parameters changed. Before a
+backend can run each device. :meth:`Plan.is_current` re-checks cheaply (same tensor objects, each with
+the address, dtype, shape, strides and device it had: :func:`tensor_state`) so the optimizer rebuilds
+only when the parameters changed. Before a
 pass, :meth:`Plan.check_coefficients` refuses coefficients that could make a finite weight non-finite;
 :meth:`Plan.run` records the parts it finished and :meth:`Plan.undo` moves them back after a failure.
 
@@ -13,11 +14,44 @@ integrations all build plans.
 """
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 
 from . import backends, ops
 from .checks import check_tensors, coefficient, label, resolve_keys, resolve_offsets
 from .noise import parse_noise
+
+# What a pass relies on and an in-place change of a tensor's metadata can alter (``resize_``, ``set_``,
+# ``as_strided_``, ``.data = ...``). Without the native library they are read by C-level getters: one
+# map per property over all tensors is several times cheaper than a Python loop building tuples.
+_STATE = (torch.Tensor.data_ptr, attrgetter("dtype"), attrgetter("shape"), torch.Tensor.stride,
+          attrgetter("device"))
+
+
+def _state_in_python(tensors) -> list:
+    return [list(map(get, tensors)) for get in _STATE]
+
+
+def _state_reader():
+    """fastmezo._C's ``tensor_state`` (the same properties, as bytes, in one call) when the native
+    library loads, else the Python maps."""
+    from .backends import native
+
+    module = native.load()
+    return module.tensor_state if module is not None else _state_in_python
+
+
+_read_state = None     # the reader, chosen on first use and kept, so that states compare like with like
+
+
+def tensor_state(tensors):
+    """The state of plain tensors that a validated plan relies on: per tensor its data address, dtype,
+    shape, strides and device. Two reads are equal exactly when every tensor kept all of them."""
+    global _read_state
+    if _read_state is None:
+        _read_state = _state_reader()
+    return _read_state(tensors)
 
 
 class Plan:
@@ -59,17 +93,19 @@ class Plan:
             self.devices.append((device, backends.select(device, chosen), idx, [self.keys[i] for i in idx],
                                  [self.offsets[i] for i in idx]))
         self._fingerprint = self._fingerprint_of(tensors)
+        self._units = None
         self._launches: dict = {}           # device index -> prepared launches (see _prepared)
         self._group_dtypes = None           # the (coefficient group, dtype) pairs, for the checks
 
     @staticmethod
     def _fingerprint_of(tensors, sharded: bool = False):
         # A DTensor has no storage of its own: its local shard is what a pass writes.
-        return [(id(t), t.data_ptr(), t.dtype, t.shape) for t in (map(_local, tensors) if sharded else tensors)]
+        return tuple(map(id, tensors)), tensor_state(list(map(_local, tensors)) if sharded else tensors)
 
     def is_current(self, tensors) -> bool:
-        """Whether ``tensors`` are still the plan's: the same objects, data at the same addresses, same
-        dtypes and shapes (what a ``.to()``, ``.half()`` or a replaced ``.data`` changes)."""
+        """Whether ``tensors`` are still the plan's: the same objects, each with the data address, dtype,
+        shape, strides and device it had (what a ``.to()``, ``.half()``, a replaced ``.data`` or an
+        in-place resize changes)."""
         return len(tensors) == len(self.tensors) and self._fingerprint_of(tensors, self._sharded) == self._fingerprint
 
     def check_coefficients(self, a_of_group, b_of_group, what: str) -> None:
@@ -83,13 +119,15 @@ class Plan:
     def units(self) -> list:
         """The parts a pass finishes one by one: (device, coefficient group) pairs, or for a backend that
         writes tensor by tensor (``PER_TENSOR``) (device, group, tensor index) triples."""
-        out = []
-        for device, backend, idx, _, _ in self.devices:
-            if getattr(backend, "PER_TENSOR", False):
-                out += [(device, self.groups[i], i) for i in idx]
-            else:
-                out += [(device, g) for g in dict.fromkeys(self.groups[i] for i in idx)]
-        return out
+        if self._units is None:
+            out = []
+            for device, backend, idx, _, _ in self.devices:
+                if getattr(backend, "PER_TENSOR", False):
+                    out += [(device, self.groups[i], i) for i in idx]
+                else:
+                    out += [(device, g) for g in dict.fromkeys(self.groups[i] for i in idx)]
+            self._units = out
+        return list(self._units)
 
     def run(self, seed: int, a_of_group, b_of_group, *, round_seed=None, load_x: bool = True, outs=None,
             units=None, done=None) -> None:
@@ -102,8 +140,8 @@ class Plan:
             if prepared is not None and not ops.tracing():
                 for g, launch, written in prepared:
                     if units is None or (device, g) in units:
-                        ops.launch(launch, [self.tensors[i] for i in written], a_of_group[g], b_of_group[g], seed,
-                                   load_x, round_seed)
+                        ops.launch(launch, self.tensors if written is None else [self.tensors[i] for i in written],
+                                   a_of_group[g], b_of_group[g], seed, load_x, round_seed)
                         if done is not None:
                             done.append((device, g))
                 continue
@@ -133,7 +171,8 @@ class Plan:
 
     def _prepared(self, k: int):
         """Device k's prepared in-place launches, one per coefficient group, as (group, launch, indices of
-        the tensors it writes) (built on first use; a launch holds no tensor); None where its backend
+        the tensors it writes, None for all of them in order) (built on first use; a launch holds no
+        tensor); None where its backend
         prepares nothing or a tensor is a subclass that must see each call."""
         if k in self._launches:
             return self._launches[k]
@@ -146,8 +185,10 @@ class Plan:
             prepared = []
             for g, js in by_group.items():
                 tensors = [self.tensors[idx[j]] for j in js]
+                written = [idx[j] for j in js]
                 prepared.append((g, backend.prepare(tensors, [keys[j] for j in js], [offsets[j] for j in js],
-                                                    self.noise), [idx[j] for j in js]))
+                                                    self.noise),
+                                 None if written == list(range(len(self.tensors))) else written))
         self._launches[k] = prepared
         return prepared
 

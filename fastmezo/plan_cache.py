@@ -9,8 +9,8 @@ reuses it only while the call's tensors are provably the ones it validated:
 * the cache holds weak references only; when any tensor of an entry dies, a weakref callback drops
   the entry, so an entry that is found refers to live objects, and the ``id`` s in its key are theirs;
 * every tensor still has the data address, dtype, shape, stride and device it had when validated
-  (what ``resize_``, ``set_``, ``as_strided_``, ``.data = ...`` or ``.to()`` change); any difference
-  and the call is validated from scratch, with the usual errors.
+  (:func:`fastmezo.plan.tensor_state`: what ``resize_``, ``set_``, ``as_strided_``, ``.data = ...`` or
+  ``.to()`` change); any difference and the call is validated from scratch, with the usual errors.
 
 Between calls the plan holds no tensor: :func:`lease` attaches the caller's tensors for one call and
 :func:`give_back` detaches them again (the launches the plan prepared hold no tensor, so they stay).
@@ -19,34 +19,31 @@ fingerprint. Each lease takes its entry out of the cache, so two threads never s
 """
 from __future__ import annotations
 
-import collections
 import os
 import threading
 import weakref
-from operator import attrgetter
-
-import torch
 
 from . import backends
 from .ops import PLAIN_TYPES
-from .plan import Plan
+from .plan import Plan, tensor_state
 
 _CAPACITY = 8
-_entries: "collections.OrderedDict" = collections.OrderedDict()
+_entries: dict = {}          # in insertion order: the oldest entry first
 _lock = threading.Lock()
 
-# What a pass relies on and an in-place metadata change can alter, read by C-level getters: one
-# map per property over all tensors is several times cheaper than a Python loop building tuples.
-_STATE = (torch.Tensor.data_ptr, attrgetter("dtype"), attrgetter("shape"), torch.Tensor.stride,
-          attrgetter("device"))
+class _Key:
+    """A call's key with its hash computed once: a lookup and the re-insertion after the call would
+    otherwise hash the tensors' identities (hundreds of them) again each time."""
+    __slots__ = ("parts", "hash")
 
+    def __init__(self, parts):
+        self.parts, self.hash = parts, hash(parts)
 
-def _state(tensors) -> list:
-    return [list(map(get, tensors)) for get in _STATE]
+    def __hash__(self):
+        return self.hash
 
-
-def _unchanged(tensors, state) -> bool:
-    return all(list(map(get, tensors)) == recorded for get, recorded in zip(_STATE, state))
+    def __eq__(self, other):
+        return isinstance(other, _Key) and self.hash == other.hash and self.parts == other.parts
 
 
 class _Entry:
@@ -60,14 +57,13 @@ def _key(tensors, names, keys, offsets, groups, noise, backend):
     """The call's key, or None when part of it cannot be a dict key (validated by Plan as usual)."""
     if set(map(type, tensors)) - PLAIN_TYPES:
         return None
-    key = (tuple(map(id, tensors)), tuple(names), keys if isinstance(keys, (str, type(None))) else tuple(keys),
-           None if offsets is None else tuple(offsets), tuple(groups), noise, backend,
-           os.environ.get(backends.ENV_VAR))
+    parts = (tuple(map(id, tensors)), tuple(names), keys if isinstance(keys, (str, type(None))) else tuple(keys),
+             None if offsets is None else tuple(offsets), tuple(groups), noise, backend,
+             os.environ.get(backends.ENV_VAR))
     try:
-        hash(key)
+        return _Key(parts)
     except TypeError:
         return None
-    return key
 
 
 def lease(tensors, names, *, keys, offsets, groups, noise, backend):
@@ -79,7 +75,7 @@ def lease(tensors, names, *, keys, offsets, groups, noise, backend):
     if key is not None:
         with _lock:
             entry = _entries.pop(key, None)
-    if entry is not None and not entry.dead[0] and _unchanged(tensors, entry.state):
+    if entry is not None and not entry.dead[0] and tensor_state(tensors) == entry.state:
         entry.plan.tensors = tensors
         return entry.plan, (key, entry)
     plan = Plan(tensors, names, keys=keys, offsets=offsets, groups=list(groups), noise=noise, backend=backend,
@@ -97,7 +93,7 @@ def lease(tensors, names, *, keys, offsets, groups, noise, backend):
         if held is not None and held.dead is dead:
             entries.pop(key, None)
 
-    return plan, (key, _Entry(plan, _state(tensors), [weakref.ref(t, forget) for t in tensors], dead))
+    return plan, (key, _Entry(plan, tensor_state(tensors), [weakref.ref(t, forget) for t in tensors], dead))
 
 
 def give_back(plan, ticket) -> None:
@@ -111,7 +107,7 @@ def give_back(plan, ticket) -> None:
     with _lock:
         _entries[key] = entry
         while len(_entries) > _CAPACITY:
-            _entries.popitem(last=False)
+            del _entries[next(iter(_entries))]
 
 
 def clear() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastmezo import functional as F
-from fastmezo import plan_cache
+from fastmezo import plan, plan_cache
 from fastmezo.noise import parse_noise
 from fastmezo.oracle import noise as oracle_noise, pass_with_z
 
@@ -37,6 +37,19 @@ def _empty_cache():
     plan_cache.clear()
     yield
     plan_cache.clear()
+
+
+@pytest.fixture(params=["native", "python"])
+def state_reader(request, monkeypatch):
+    """Each way the cache reads the tensors' state: fastmezo._C's tensor_state, or the Python maps."""
+    if request.param == "native":
+        from fastmezo.backends import native
+        if native.load() is None:
+            pytest.skip(native.load_error())
+        monkeypatch.setattr(plan, "_read_state", native.load().tensor_state)
+    else:
+        monkeypatch.setattr(plan, "_read_state", plan._state_in_python)
+    return request.param
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -96,8 +109,9 @@ def test_dropping_one_tensor_drops_the_entry_and_a_new_list_is_validated():
     (lambda w, other: w[1].as_strided_((4, 5), (1, 4)), "not contiguous"),      # same address and shape
     (lambda w, other: w[2].resize_(4, 5).as_strided_((4, 5), (1, 4)), "not contiguous"),
     (lambda w, other: setattr(w[0], "data", w[0].data.to(torch.int32)), "dtype torch.int32"),
+    (lambda w, other: setattr(w[0], "data", w[0].data.view(torch.int32)), "dtype torch.int32"),  # same address
 ])
-def test_a_tensor_changed_in_place_is_revalidated(mutate, error):
+def test_a_tensor_changed_in_place_is_revalidated(mutate, error, state_reader):
     weights = _weights(5)
     F.perturb_(weights, 1, 1e-2, backend="oracle")
     F.perturb_(weights, 2, 1e-2, backend="oracle")          # cached
@@ -109,7 +123,31 @@ def test_a_tensor_changed_in_place_is_revalidated(mutate, error):
         assert torch.equal(w, b)
 
 
-def test_a_resized_tensor_gets_the_noise_of_its_new_size():
+def test_a_tensor_shrunk_in_place_gets_the_noise_of_its_new_size(state_reader):
+    weights = _weights(7)
+    F.perturb_(weights, 1, 1e-2, backend="oracle")
+    address = weights[0].data_ptr()
+    weights[0].resize_(10)                                   # same address and dtype, a new shape
+    assert weights[0].data_ptr() == address
+    start = weights[0].clone()
+    F.perturb_(weights, 2, 1e-2, backend="oracle")
+    torch.testing.assert_close(weights[0], start + 1e-2 * z_like(start, 2, 0), rtol=0, atol=1e-6)
+
+
+def test_the_native_state_tells_every_property_apart():
+    from fastmezo.backends import native
+    if native.load() is None:
+        pytest.skip(native.load_error())
+    state = native.load().tensor_state
+    base = torch.randn(4, 6)
+    same_address = [base.view(torch.int32), base.view(6, 4), base.as_strided((4, 6), (1, 4)), base.view(-1)]
+    assert len({state([t]) for t in [base] + same_address}) == 5
+    assert state([base, base[1:]]) != state([base[1:], base])
+    assert state([base]) == state([base.view(4, 6)])          # a new tensor object with the same state
+    assert state([torch.empty(3, device="meta")]) == state([torch.empty(3, device="meta")])
+
+
+def test_a_resized_tensor_gets_the_noise_of_its_new_size(state_reader):
     weights = _weights(6)
     F.perturb_(weights, 1, 1e-2, backend="oracle")
     weights[0].resize_(50).copy_(torch.linspace(-1, 1, 50))  # new shape (and likely a new address)

@@ -635,3 +635,37 @@ def test_name_keys_need_names():
     with pytest.raises(ValueError, match="named parameters"):
         opt.step(lambda: params[0].sum())
     assert torch.equal(params[0], before[0])
+
+
+def test_a_parameter_changed_in_place_is_validated_again():
+    # The optimizer keeps its validated plan between steps; a parameter whose layout changed in place
+    # (same address, same shape) must be checked again, not written with the old plan's layout.
+    model = nn.Linear(4, 3)
+    opt = fastmezo.MeZO(model.parameters(), lr=1e-2, eps=1e-3, seed=0)
+    opt.step(lambda: model(torch.ones(2, 4)).sum())
+    with torch.no_grad():
+        model.weight.as_strided_(model.weight.shape, (1, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="not contiguous"):
+        opt.step(lambda: 1.0)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_a_parameter_reinterpreted_in_place_is_stepped_as_its_new_dtype():
+    # float16 parameters viewed as bfloat16 (same address, shape and strides, another dtype): the
+    # next step must treat them as bfloat16, as a new optimizer over the same tensors does.
+    def loss(model):
+        return lambda: sum(float(p.float().pow(2).sum()) for p in model.parameters())
+
+    model = nn.Linear(8, 5).half()
+    opt = fastmezo.MeZO(model.parameters(), lr=1e-2, eps=1e-2, seed=0)
+    opt.step(loss(model))
+    for p in model.parameters():
+        p.data = p.data.view(torch.bfloat16)
+    twin = copy.deepcopy(model)
+    fresh = fastmezo.MeZO(twin.parameters(), lr=1e-2, eps=1e-2, seed=0)
+    fresh.load_state_dict(opt.state_dict())
+    opt.step(loss(model))
+    fresh.step(loss(twin))
+    assert opt.projected_grad == fresh.projected_grad
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))

@@ -4,7 +4,10 @@
 //       a direct call (outs None: in place; seed and round_seed as uint64), for eager passes;
 //   register_kernels(device_type)
 //       registers the CPU or CUDA kernels as that device type's kernels of fastmezo::scale_add_noise_ and
-//       ::scale_add_noise_out, when fastmezo chooses the native backend for it (fastmezo/backends).
+//       ::scale_add_noise_out, when fastmezo chooses the native backend for it (fastmezo/backends);
+//   tensor_state(tensors)
+//       what a cached plan relies on (fastmezo/plan_cache.py), as bytes: one call instead of five Python
+//       maps over the tensors, which cost more host time than a pass's launch on a large model.
 // Importing the module registers nothing: which backend serves a device is fastmezo's choice, made once.
 #include <memory>
 #include <mutex>
@@ -24,10 +27,11 @@
 #define FASTMEZO_WITH_CUDA 0
 #endif
 
-// What fastmezo/backends/native.py expects of this module: 3 = scale_add_noise and register_kernels. A library
+// What fastmezo/backends/native.py expects of this module: 3 = scale_add_noise and register_kernels, 4 = and
+// tensor_state. A library
 // built from older sources (an editable install does not rebuild by itself) is reported as unavailable with the
 // reason instead of failing on the first call.
-#define FASTMEZO_API_VERSION 3
+#define FASTMEZO_API_VERSION 4
 
 namespace fastmezo {
 namespace bindings {
@@ -132,6 +136,25 @@ void scale_add_noise_out_cpu(at::TensorList tensors, at::TensorList outs, at::Ar
   run_cpu(call, static_cast<uint64_t>(seed), /*load_x=*/true);
 }
 
+// Per tensor: data address, dtype, device type and index, number of dimensions, sizes, strides, packed as
+// int64 words. Two states are equal exactly when every tensor kept all of these (the words of a tensor
+// start with its dimension count, so the packing cannot line up two different lists). Tensors without
+// storage (meta) count as address 0.
+pybind11::bytes tensor_state(const std::vector<at::Tensor>& tensors) {
+  std::vector<int64_t> words;
+  words.reserve(tensors.size() * 8);
+  for (const auto& t : tensors) {
+    const bool has_data = t.has_storage() && !t.is_meta();
+    words.push_back(has_data ? reinterpret_cast<int64_t>(t.const_data_ptr()) : 0);
+    words.push_back(static_cast<int64_t>(t.scalar_type()));
+    words.push_back((static_cast<int64_t>(t.device().type()) << 16) | static_cast<uint16_t>(t.device().index()));
+    words.push_back(t.dim());
+    for (const auto size : t.sizes()) words.push_back(size);
+    for (const auto stride : t.strides()) words.push_back(stride);
+  }
+  return pybind11::bytes(reinterpret_cast<const char*>(words.data()), words.size() * sizeof(int64_t));
+}
+
 }  // namespace bindings
 }  // namespace fastmezo
 
@@ -151,6 +174,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("b"), py::arg("seed"), py::arg("keys"), py::arg("offsets"), py::arg("noise"), py::arg("load_x"),
         py::arg("round_seed"), py::call_guard<py::gil_scoped_release>());
   m.def("register_kernels", &fastmezo::bindings::register_kernels, py::arg("device_type"));
+  m.def("tensor_state", &fastmezo::bindings::tensor_state, py::arg("tensors"));
   m.attr("WITH_CUDA") = FASTMEZO_WITH_CUDA;
   m.attr("WITH_OPENMP") = fastmezo::cpu::has_openmp() ? 1 : 0;
   m.attr("NOISE_VERSION") = fastmezo::kNoiseVersion;

@@ -15,9 +15,9 @@ import threading
 NAME = "native"
 _LIBRARY = "fastmezo._C"
 # The interface this file calls (csrc/bindings/ops.cpp FASTMEZO_API_VERSION): 3 = the direct call
-# scale_add_noise and register_kernels into the fastmezo namespace. A library built from older sources
-# is reported, not half used.
-API_VERSION = 3
+# scale_add_noise and register_kernels into the fastmezo namespace, 4 = and tensor_state (for
+# fastmezo.plan_cache). A library built from older sources is reported, not half used.
+API_VERSION = 4
 
 _lock = threading.Lock()
 _module = None        # fastmezo._C once loaded
