@@ -8,7 +8,9 @@ drift ||w_T - w_0|| / ||w_0|| after T null steps, for:
   reference   the baseline, the paper's way (bench/baseline.py): torch.manual_seed + torch.normal in the
               weight's dtype + out-of-place add, round to nearest
   inplace-rn  fastmezo.MeZO, in-place, round to nearest (stochastic_rounding=False)
-  inplace-sr  fastmezo.MeZO, in-place, stochastic rounding (the default)
+  inplace-update fastmezo.MeZO, in-place, stochastic rounding of the update pass only (the default;
+              with lr 0 its perturbation passes round to nearest)
+  inplace-sr  fastmezo.MeZO, in-place, stochastic rounding of every pass
   exact       fastmezo.patch(holder, mode="exact"): W + eps z materialized for the forward, the stored
               weight written only by the (here: null) update; must stay bit-identical: asserted at
               every checkpoint
@@ -38,7 +40,8 @@ import fastmezo
 from bench.baseline import baseline_perturb
 from bench.common import DTYPES, environment, fastmezo_backend
 
-METHODS = ("reference", "inplace-rn", "inplace-sr", "exact")
+METHODS = ("reference", "inplace-rn", "inplace-update", "inplace-sr", "exact")
+ROUNDING = {"inplace-rn": False, "inplace-update": "update", "inplace-sr": True}
 
 
 class Holder(torch.nn.Module):
@@ -70,8 +73,8 @@ def run_method(method, w0, steps, checkpoints, eps, seed, sync):
         def null_step(t):
             for scale in (1, -2, 1):            # w.data is replaced, out of place, as the paper does
                 baseline_perturb([w], seed + t, scale, eps)
-    elif method in ("inplace-rn", "inplace-sr"):
-        opt = fastmezo.MeZO([w], lr=0.0, eps=eps, seed=seed, stochastic_rounding=method == "inplace-sr")
+    elif method in ROUNDING:
+        opt = fastmezo.MeZO([w], lr=0.0, eps=eps, seed=seed, stochastic_rounding=ROUNDING[method])
 
         def null_step(t):
             opt.step(lambda: 0.0)

@@ -2,7 +2,7 @@
 with the two forward passes included.
 
     python -m bench.bench_steps [--models opt-1.3b,opt-13b] [--dtypes float16] [--configs 16x256,4x256,1x128]
-                                [--variants inplace-rn,inplace-sr,exact-rn,exact-sr]
+                                [--variants inplace-rn,inplace-update,inplace-sr,exact-rn,exact-sr]
                                 [--warmup N] [--reps N] [--out DIR] [--quick] [--smoke]
                                 [--opt66b [--opt66b-tokens 256] [--opt66b-max-batch 128]]
 
@@ -17,9 +17,10 @@ ids, the causal-LM loss):
    part of a step that is not zeroth-order work;
 3. ``reference``: the baseline step (bench/baseline.py): 3 out-of-place perturbation passes with
    ``torch.manual_seed`` + ``torch.normal`` per tensor, 2 forwards, 1 update pass;
-4. the fastmezo variants (``--variants``, default all four, in this order), each ``MeZO.step``:
-   ``inplace-rn`` / ``inplace-sr``: 3 fused in-place passes + 2 forwards, float16/bfloat16 stores
-   rounded to nearest / stochastically; ``exact-rn`` / ``exact-sr``: exact mode (hooks materialize
+4. the fastmezo variants (``--variants``, default all, in this order), each ``MeZO.step``:
+   ``inplace-rn`` / ``inplace-update`` / ``inplace-sr``: 3 fused in-place passes + 2 forwards,
+   float16/bfloat16 stores rounded to nearest / stochastically in the update pass only (MeZO's
+   default) / stochastically in every pass; ``exact-rn`` / ``exact-sr``: exact mode (hooks materialize
    W + eps z per group of modules right before it runs, ``--exact-group-bytes``; 2 out-of-place passes
    inside the forwards + 1 update pass). Exact mode is patched for its rows only and verified removed
    afterwards; its first step after patching (it checks the model's parameter reads) is never timed.
@@ -30,7 +31,7 @@ the overhead over the one-pass floor (2 * trainable parameter bytes / copy bandw
 run; 3 passes a step for fastmezo, 4 for the baseline), the peak memory above inference
 (``max_memory_allocated`` during the steps minus that during the plain forwards; n/a on the CPU), exact
 mode's live copies and groups, and for the exact rows ``overhead_vs_inplace`` = exact overhead /
-in-place overhead of the same rounding. ``--rounding nearest|stochastic`` is a shortcut for the two
+in-place overhead of the same rounding. ``--rounding nearest|update|stochastic`` is a shortcut for the
 variants of that rounding; it also sets the rounding of the OPT-66B search (``--opt66b``,
 bench/opt66b.py).
 
@@ -339,16 +340,18 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
                              "CUDA; the choice is recorded; fastmezo says why a named one cannot run)")
     parser.add_argument("--variants", default=None,
                         help="fastmezo variants timed next to the reference, comma-separated: inplace-rn, "
-                             "inplace-sr, exact-rn, exact-sr (in place or exact mode; float16/bfloat16 stores "
-                             "rounded to nearest or stochastically), or 'all' (default: all four)")
+                             "inplace-update, inplace-sr, exact-rn, exact-sr (in place or exact mode; "
+                             "float16/bfloat16 stores rounded to nearest, stochastically in the update pass "
+                             "(the default), or in every pass), or 'all' (default: all)")
     parser.add_argument("--exact-group-bytes", type=int, default=None,
                         help="exact mode's group budget (fastmezo.patch(group_bytes=...)): the most bytes of "
                              "perturbed copies one hooked module makes; 0 = one hooked module per module owning "
                              "a trained parameter (default: fastmezo's, the largest trained tensor, >= 16 MiB)")
-    parser.add_argument("--rounding", default=None, choices=("stochastic", "nearest"),
+    parser.add_argument("--rounding", default=None, choices=("stochastic", "update", "nearest"),
                         help="shortcut for the variants of one rounding: nearest = inplace-rn,exact-rn, "
-                             "stochastic = inplace-sr,exact-sr; also the rounding of the --opt66b search "
-                             "(default there: MeZO's own, stochastic). The reference always rounds to nearest")
+                             "update = inplace-update, stochastic = inplace-sr,exact-sr; also the rounding of "
+                             "the --opt66b search (default there: MeZO's own, update). The reference always "
+                             "rounds to nearest")
     parser.add_argument("--opt66b", action="store_true",
                         help="also search the largest batch OPT-66B (fp16, one GPU) takes a step with, for "
                              "fastmezo and the reference (a few minutes)")

@@ -130,7 +130,8 @@ def _variants_present(st: dict) -> list[str]:
 
 
 #: Plot colours of the step panel.
-STEP_COLORS = {"forward": "tab:gray", "reference": "tab:red", "inplace-rn": "tab:cyan", "inplace-sr": "tab:blue",
+STEP_COLORS = {"forward": "tab:gray", "reference": "tab:red", "inplace-rn": "tab:cyan",
+               "inplace-update": "tab:purple", "inplace-sr": "tab:blue",
                "exact-rn": "tab:olive", "exact-sr": "tab:green"}
 
 

@@ -1,6 +1,7 @@
 """How each implementation timed by the step benchmarks takes a MeZO step on a model: the baseline (the
-paper's trainer, bench/baseline.py) and fastmezo's four variants, in place or exact mode, rounding to
-nearest (rn) or stochastically (sr).
+paper's trainer, bench/baseline.py) and fastmezo's variants, in place or exact mode, rounding to
+nearest (rn), stochastically in every pass (sr), or stochastically in the update pass only (update,
+MeZO's default; in exact mode the update is the only pass, so exact-sr is that too).
 
 Exact mode is patched for its variant only (``fastmezo_variant``, a context manager); on exit the model
 must be as before patching (``verify_restored``): every module holds its own parameter objects again,
@@ -24,15 +25,15 @@ LR = 1e-6
 WEIGHT_DECAY = 0.0
 # fastmezo's step t uses derive_seed(FASTMEZO_SEED, t); the baseline's step t torch.manual_seed(BASELINE_SEED + t).
 
-#: The fastmezo variants: name -> (perturbation mode, stochastic rounding).
-VARIANTS = {"inplace-rn": ("inplace", False), "inplace-sr": ("inplace", True),
+#: The fastmezo variants: name -> (perturbation mode, stochastic_rounding).
+VARIANTS = {"inplace-rn": ("inplace", False), "inplace-update": ("inplace", "update"), "inplace-sr": ("inplace", True),
             "exact-rn": ("exact", False), "exact-sr": ("exact", True)}
-ROUNDING_NAMES = {False: "nearest", True: "stochastic"}
+ROUNDING_NAMES = {False: "nearest", "update": "update", True: "stochastic"}
 
 
 def parse_variants(text: str) -> list[str]:
     """'exact-sr,inplace-rn' -> ['inplace-rn', 'exact-sr'] (VARIANTS order, duplicates dropped); 'all' is
-    all four. Raises ValueError naming an unknown variant."""
+    all of them. Raises ValueError naming an unknown variant."""
     names = [v.strip().lower() for v in text.split(",") if v.strip()]
     if "all" in names:
         names = [v for v in names if v != "all"] + list(VARIANTS)
@@ -46,12 +47,12 @@ def parse_variants(text: str) -> list[str]:
 
 
 def variants_of_rounding(rounding: str | None) -> list[str]:
-    """The variants --rounding selects: all four for None, else the in-place and exact one of it."""
+    """The variants --rounding selects: all for None, else those of that rounding."""
     return [v for v, (_, sr) in VARIANTS.items() if rounding is None or ROUNDING_NAMES[sr] == rounding]
 
 
 def variant_rounding(variant: str) -> str:
-    """'nearest' or 'stochastic'."""
+    """'nearest', 'update' or 'stochastic'."""
     return ROUNDING_NAMES[VARIANTS[variant][1]]
 
 
@@ -67,19 +68,19 @@ def inplace_twin(variant: str) -> str:
 
 def rounding_kwargs(rounding: str | None) -> dict:
     """MeZO keyword arguments for a rounding: {} for MeZO's own default (None), else
-    ``stochastic_rounding=True/False``; a clear error where this fastmezo has no such option."""
+    ``stochastic_rounding`` True / "update" / False; a clear error where this fastmezo has no such option."""
     if rounding is None:
         return {}
     import fastmezo
 
     if "stochastic_rounding" not in inspect.signature(fastmezo.MeZO).parameters:
         raise SystemExit(f"--rounding {rounding}: this fastmezo.MeZO has no stochastic_rounding option")
-    return {"stochastic_rounding": rounding == "stochastic"}
+    return {"stochastic_rounding": {name: mode for mode, name in ROUNDING_NAMES.items()}[rounding]}
 
 
 def rounding_of(opt) -> str:
-    """How a MeZO optimizer rounds its low-precision stores: "stochastic" or "nearest"."""
-    return "stochastic" if getattr(opt, "stochastic_rounding", False) else "nearest"
+    """How a MeZO optimizer rounds its low-precision stores: "stochastic", "update" or "nearest"."""
+    return ROUNDING_NAMES[getattr(opt, "stochastic_rounding", False)]
 
 
 def make_optimizer(model: torch.nn.Module, backend: str, rounding: str | None = None, seed: int = FASTMEZO_SEED):

@@ -140,8 +140,8 @@ def test_baseline_step_is_the_algorithm():
 
 
 def test_bench_model_rows(backend):
-    """bench_model on a tiny OPT with all four variants: the rows are complete and consistent: per configuration forward, reference,
-    inplace-rn, inplace-sr, exact-rn, exact-sr; positive times, overhead = step - two forwards, speed-ups
+    """bench_model on a tiny OPT with all variants: the rows are complete and consistent: per configuration forward, reference,
+    inplace-rn, inplace-update, inplace-sr, exact-rn, exact-sr; positive times, overhead = step - two forwards, speed-ups
     = reference / variant, x floor = overhead / floor, exact / in-place ratios of the same rounding;
     peak memory is measured on a GPU and n/a (None) on the CPU; exact mode's live copies peak at its
     group (here the whole model) and its rows say the restore was verified."""
@@ -150,15 +150,15 @@ def test_bench_model_rows(backend):
                                    warmup=0, reps=2, backend=backend, log=lambda *a: None)
     assert "skipped" not in summary and summary["floor_ms"] == pytest.approx(2 * summary["param_bytes"] / bandwidth * 1e3)
     assert summary["variants"] == list(SV.VARIANTS)
-    order = ["forward", "reference", "inplace-rn", "inplace-sr", "exact-rn", "exact-sr"]
-    assert len(rows) == 12 and [r["variant"] for r in rows] == order * 2
+    order = ["forward", "reference", "inplace-rn", "inplace-update", "inplace-sr", "exact-rn", "exact-sr"]
+    assert len(rows) == 14 and [r["variant"] for r in rows] == order * 2
     embedding = summary["largest_tensor_bytes"]
     assert embedding == M.opt_config("opt-tiny").vocab_size * 64 * DTYPES[TINY_DTYPE].itemsize
     for r in rows:
         assert set(BS.STEP_FIELDS) - set(r) <= set(META_FIELDS)
         assert r["ms_median"] > 0 and r["ms_min"] <= r["ms_median"] <= r["ms_max"] and r["reps"] == 2
-    for i in (0, 6):
-        t = {r["variant"]: r for r in rows[i:i + 6]}
+    for i in (0, 7):
+        t = {r["variant"]: r for r in rows[i:i + 7]}
         fwd, ref = t["forward"], t["reference"]
         assert (fwd["impl"], ref["impl"]) == ("forward", "reference")
         assert fwd["overhead_ms"] is None and fwd["speedup_step_vs_reference"] is None
@@ -173,7 +173,7 @@ def test_bench_model_rows(backend):
             if name == "reference":
                 continue
             assert (r["impl"], r["mode"], r["passes"]) == ("fastmezo", name.split("-")[0], 3)
-            assert r["rounding"] == {"rn": "nearest", "sr": "stochastic"}[name.split("-")[1]]
+            assert r["rounding"] == {"rn": "nearest", "update": "update", "sr": "stochastic"}[name.split("-")[1]]
             if r["overhead_ms"] > 0:  # on a tiny CPU model noise can make the overhead <= 0: then n/a
                 assert r["speedup_overhead_vs_reference"] == pytest.approx(ref["overhead_ms"] / r["overhead_ms"])
             else:
@@ -329,7 +329,7 @@ def test_cli_smoke(tmp_path):
     assert env["torch"] == torch.__version__ and env["commit"] and env["gpu"] and "transformers" in env
     assert data["checks"] and all(c["ok"] for c in data["checks"])
     rows = list(csv.DictReader(csv_path.open()))
-    assert [r["impl"] for r in rows] == ["forward", "reference"] + ["fastmezo"] * 4 == [r["impl"] for r in result["rows"]]
+    assert [r["impl"] for r in rows] == ["forward", "reference"] + ["fastmezo"] * len(SV.VARIANTS) == [r["impl"] for r in result["rows"]]
     assert [r["variant"] for r in rows] == ["forward", "reference", *SV.VARIANTS]
     assert data["settings"]["variants"] == list(SV.VARIANTS)
     assert all(r["gpu"] == env["gpu"] and r["commit"] == env["commit"] and float(r["ms_median"]) > 0 for r in rows)
@@ -352,7 +352,7 @@ def test_parse_args():
 
 
 def test_parse_variants_and_rounding_shortcut():
-    assert BS.parse_args([]).variants == ["inplace-rn", "inplace-sr", "exact-rn", "exact-sr"]
+    assert BS.parse_args([]).variants == ["inplace-rn", "inplace-update", "inplace-sr", "exact-rn", "exact-sr"]
     assert BS.parse_args(["--variants", "exact-sr,inplace-sr"]).variants == ["inplace-sr", "exact-sr"]
     assert BS.parse_args(["--variants", "all"]).variants == list(SV.VARIANTS)
     args = BS.parse_args(["--rounding", "nearest"])

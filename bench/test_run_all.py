@@ -35,10 +35,10 @@ def test_smoke(tmp_path):
     assert "| model | dtype | floor ms |" in md and "| opt-tiny |" in md and "1x8" in md
     assert env["gpu"] in md and env["commit"][:12] in md
     # The variants table: every variant's step time, the exact / in-place ratios, exact mode's memory.
-    assert ("| model | dtype | batch x tokens | 2 forwards | reference | inplace-rn | inplace-sr | exact-rn | exact-sr "
-            "| exact / in place overhead rn / sr | extra MiB exact-rn / exact-sr |") in md
-    assert {r["variant"] for r in data["steps"]["rows"]} == {"forward", "reference", "inplace-rn", "inplace-sr",
-                                                             "exact-rn", "exact-sr"}
+    assert ("| model | dtype | batch x tokens | 2 forwards | reference | inplace-rn | inplace-update | inplace-sr "
+            "| exact-rn | exact-sr | exact / in place overhead rn / sr | extra MiB exact-rn / exact-sr |") in md
+    assert {r["variant"] for r in data["steps"]["rows"]} == {"forward", "reference", "inplace-rn", "inplace-update",
+                                                             "inplace-sr", "exact-rn", "exact-sr"}
     assert ("n/a / n/a" in md) == (not HAS_CUDA)  # no memory statistics on the CPU
     assert sorted(result["files"]["csv"]) == sorted(str(p) for p in tmp_path.glob("*.csv"))
 

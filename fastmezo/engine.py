@@ -32,6 +32,25 @@ from .plan import Plan
 #: Gradient accumulation gives micro-batch j the indices 3j, 3j + 1, 3j + 2 and the update 3k.
 PLUS, MINUS, RESTORE = 0, 1, 2
 
+#: MeZO's ``stochastic_rounding`` modes: "update" (the default) rounds float16/bfloat16 results
+#: stochastically in the update pass only, where an update far below one ulp must survive on average;
+#: True in every pass (the perturbation passes too: no less drift, measured, and each such pass costs
+#: more); False never (round to nearest, as the reference).
+ROUNDING_MODES = ("update", True, False)
+
+
+def rounding_passes(mode) -> tuple[bool, bool]:
+    """(the perturbation and restore passes round stochastically, the update pass does) for a mode."""
+    return mode is True, mode is True or mode == "update"
+
+
+def check_rounding(mode, what: str = "stochastic_rounding"):
+    """``mode`` if it is one of :data:`ROUNDING_MODES`, else a TypeError naming it."""
+    if not (isinstance(mode, bool) or mode == "update"):
+        raise TypeError(f'{what} must be "update", True or False, got {mode!r}')
+    return mode
+
+
 #: Substrings of parameter names that the reference skips weight decay for (bias and norm parameters).
 NO_DECAY = ("bias", "layer_norm", "layernorm")
 
@@ -194,13 +213,14 @@ def projected_grads(loss_plus: float, loss_minus: float, hypers) -> list:
     return [diff / (2.0 * h.eps) for h in hypers]
 
 
-def run_step(strategy, plan: Plan, seed: int, hypers, closure, *, rounding: bool, first: int = 0,
+def run_step(strategy, plan: Plan, seed: int, hypers, closure, *, rounding, first: int = 0,
              update: bool = True, reduce_losses=None) -> StepResult:
     """One step's forwards, then (``update``) the update pass, or the restore alone when the update is
     refused. ``update=False`` (gradient accumulation): the weights are restored after the forwards and
     the estimate returned for :func:`apply_update`. ``reduce_losses(l+, l-) -> (l+, l-)`` combines the
     losses of several processes (data parallel: every rank then applies the same update); it runs
-    after the forwards, inside the transaction."""
+    after the forwards, inside the transaction. ``rounding``: one of :data:`ROUNDING_MODES`."""
+    rounding, update_rounding = rounding_passes(rounding)
     eps = [h.eps for h in hypers]
     plan.check_coefficients([1.0] * len(eps), [-2.0 * e for e in eps], "the perturbation (-2 eps)")
     loss_plus_obj, loss_plus, loss_minus, offsets = strategy.forwards(plan, seed, eps, closure, first, rounding)
@@ -216,7 +236,7 @@ def run_step(strategy, plan: Plan, seed: int, hypers, closure, *, rounding: bool
             except OverflowError as exc:
                 skipped = f"update refused: {exc}"
             else:
-                _apply(plan, seed, a, b, first + RESTORE, rounding, offsets, eps)
+                _apply(plan, seed, a, b, first + RESTORE, update_rounding, offsets, eps, rounding)
                 return StepResult(loss_plus_obj, loss_plus, loss_minus, grads)
         strategy.restore(offsets, seed, eps, first + RESTORE, rounding)
     except BaseException:
@@ -227,10 +247,10 @@ def run_step(strategy, plan: Plan, seed: int, hypers, closure, *, rounding: bool
     return StepResult(loss_plus_obj, loss_plus, loss_minus, grads, skipped)
 
 
-def _apply(plan: Plan, seed, a, b, pass_index, rounding, offsets, eps) -> None:
+def _apply(plan: Plan, seed, a, b, pass_index, rounding, offsets, eps, restore_rounding=False) -> None:
     """The update pass, part by part. If a part fails, those already updated are moved back by the
     inverse pass (x - b z) / a to where the update found them, then (in place) every part is restored
-    to theta, and the error propagates."""
+    to theta (rounding as the perturbation passes did), and the error propagates."""
     rs = rounding_seed(seed, pass_index) if rounding else None
     done = []
     try:
@@ -238,13 +258,14 @@ def _apply(plan: Plan, seed, a, b, pass_index, rounding, offsets, eps) -> None:
     except BaseException:
         plan.undo(seed, a, b, done, rs)
         if offsets is not None:
-            offsets.restore(seed, eps, pass_index, rounding)
+            offsets.restore(seed, eps, pass_index, restore_rounding)
         raise
 
 
-def apply_update(plan: Plan, seed: int, hypers, grads, *, pass_index: int, rounding: bool) -> str | None:
+def apply_update(plan: Plan, seed: int, hypers, grads, *, pass_index: int, rounding) -> str | None:
     """The update of an accumulated step (weights at theta): x <- (1 - lr wd) x - lr g z. Returns None,
-    or the reason it was refused (nothing changed)."""
+    or the reason it was refused (nothing changed). ``rounding``: one of :data:`ROUNDING_MODES`."""
+    rounding = rounding_passes(rounding)[1]
     a, b = map(list, zip(*(update_coefficients(h.lr, h.weight_decay, g) for h, g in zip(hypers, grads))))
     try:
         plan.check_coefficients(a, b, "the update")

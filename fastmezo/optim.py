@@ -44,11 +44,13 @@ class MeZO(MicroBatches, torch.optim.Optimizer):
             step is skipped with a RuntimeWarning and counted in ``skipped_steps``. "raise": the
             parameters are restored and FloatingPointError is raised. The step index advances either
             way, so the next step tries a fresh direction.
-        stochastic_rounding: round float16/bfloat16 parameters stochastically in every pass (default
-            True), with random bits from their own Philox stream (docs/noise.md section 8): an update
-            far below one ulp (lr 1e-6 on a bf16 weight) still moves the weight by the right amount on
-            average instead of being dropped by round-to-nearest. float32 parameters are unaffected.
-            False rounds to nearest, like the reference implementation.
+        stochastic_rounding: "update" (default): round float16/bfloat16 parameters stochastically in the
+            update pass, with random bits from their own Philox stream (docs/noise.md section 8): an
+            update far below one ulp (lr 1e-6 on a bf16 weight) still moves the weight by the right
+            amount on average instead of being dropped by round-to-nearest; the perturbation passes
+            round to nearest. True: stochastically in every pass (the perturbation passes too: they
+            drift no less, and each costs more). False: round to nearest, like the
+            reference implementation. float32 parameters are unaffected.
         backend: force a backend ("triton", "native", "oracle"); default: automatic per device.
         perturbation: "inplace" (default): the +eps and -2 eps passes write the perturbed values into
             the stored weights and the update pass restores them. Or a perturbation provider (exact
@@ -70,7 +72,7 @@ class MeZO(MicroBatches, torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
                  seed: int = 0, noise: str = "gaussian", keys: str = "auto", on_nonfinite: str = "skip",
-                 stochastic_rounding: bool = True, backend: str | None = None,
+                 stochastic_rounding="update", backend: str | None = None,
                  perturbation="inplace", trajectory=None):
         nonnegative(lr, "lr")
         positive(eps, "eps")
@@ -84,9 +86,7 @@ class MeZO(MicroBatches, torch.optim.Optimizer):
         self.noise = parse_noise(noise)
         self.keys = keys
         self.on_nonfinite = on_nonfinite
-        if not isinstance(stochastic_rounding, bool):
-            raise TypeError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
-        self.stochastic_rounding = stochastic_rounding
+        self.stochastic_rounding = engine.check_rounding(stochastic_rounding)
         self.backend = backend
         self._strategy = _strategy(perturbation)
         self._cached_plan = None
@@ -226,8 +226,10 @@ class MeZO(MicroBatches, torch.optim.Optimizer):
         if step_count < 0 or skipped < 0:
             raise ValueError(f"state dict has a negative step count ({step_count}, {skipped} skipped)")
         rounding = mezo.get("stochastic_rounding", self.stochastic_rounding)
-        if not isinstance(rounding, bool):
-            raise ValueError(f"state dict has stochastic_rounding={rounding!r}; expected True or False")
+        try:
+            engine.check_rounding(rounding, "the state dict's stochastic_rounding")
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
         super().load_state_dict(state_dict)
         self.seed, self.noise, self.keys = seed, noise, keys
         self.stochastic_rounding = rounding

@@ -22,12 +22,15 @@ import torch
 from . import engine
 from .noise import NOISE_VERSION, rounding_seed
 from .plan import Plan
-from .trajectory import Trajectory, _dtype_name, hash_tensors
+from .trajectory import ROUNDING_NAMES, Trajectory, _dtype_name, hash_tensors
+
+#: A record's "rounding" -> (perturbation passes round stochastically, the update pass does).
+ROUNDED_PASSES = {name: engine.rounding_passes(mode) for mode, name in ROUNDING_NAMES.items()}
 
 
 def step_passes(strategy: str, record: dict) -> list:
-    """The passes a recorded step made over the stored weights: [(a per group, b per group, pass index)],
-    in order (the engine's coefficients and pass indices)."""
+    """The passes a recorded step made over the stored weights: [(a per group, b per group, pass index,
+    whether it is the update)], in order (the engine's coefficients and pass indices)."""
     eps, lrs, wds, grads = record["eps"], record["lr"], record["weight_decay"], record["grads"]
     update_pass = record["update_pass"]
     if update_pass is None:
@@ -39,22 +42,22 @@ def step_passes(strategy: str, record: dict) -> list:
     passes = []
     if update_pass == engine.RESTORE:                 # MeZO.step: restore fused into the update
         if inplace:
-            passes += [(ones, plus, engine.PLUS), (ones, minus, engine.MINUS)]
+            passes += [(ones, plus, engine.PLUS, False), (ones, minus, engine.MINUS, False)]
             if skipped:
-                passes.append((ones, plus, engine.RESTORE))
+                passes.append((ones, plus, engine.RESTORE, False))
         restore = eps if inplace else [None] * len(eps)
     elif update_pass > 0 and update_pass % 3 == 0:    # accumulate() x k, then step_accumulated()
         if inplace:
             for j in range(update_pass // 3):
-                passes += [(ones, plus, 3 * j + engine.PLUS), (ones, minus, 3 * j + engine.MINUS),
-                           (ones, plus, 3 * j + engine.RESTORE)]
+                passes += [(ones, plus, 3 * j + engine.PLUS, False), (ones, minus, 3 * j + engine.MINUS, False),
+                           (ones, plus, 3 * j + engine.RESTORE, False)]
         restore = [None] * len(eps)
     else:
         raise ValueError(f"step {record['step']}: update_pass {update_pass} is neither 2 nor a multiple of 3")
     if not skipped:
         coef = [engine.update_coefficients(lr, wd, g, restore_eps=r)
                 for lr, wd, g, r in zip(lrs, wds, grads, restore)]
-        passes.append(([c[0] for c in coef], [c[1] for c in coef], update_pass))
+        passes.append(([c[0] for c in coef], [c[1] for c in coef], update_pass, True))
     return passes
 
 
@@ -120,9 +123,13 @@ def replay(model_or_named_params, trajectory, steps: int | None = None, *, backe
     work = []                       # (seed, [(a per group, b per group, round seed)]), every record checked first
     for record in records:
         passes = []
-        for a, b, pass_index in step_passes(header["strategy"], record):
+        rounds = ROUNDED_PASSES.get(record["rounding"])
+        if rounds is None:
+            raise ValueError(f"step {record['step']} has rounding {record['rounding']!r}; expected one of "
+                             f"{', '.join(map(repr, ROUNDED_PASSES))}")
+        for a, b, pass_index, is_update in step_passes(header["strategy"], record):
             plan.check_coefficients(a, b, f"step {record['step']}")
-            rs = rounding_seed(record["seed"], pass_index) if record["rounding"] == "stochastic" else None
+            rs = rounding_seed(record["seed"], pass_index) if rounds[is_update] else None
             passes.append((a, b, rs))
         work.append((record["seed"], passes))
     if fused is not None:
@@ -143,8 +150,7 @@ def fused_available(plan: Plan) -> bool:
 
 
 def _run_fused(plan: Plan, work, k: int) -> None:
-    """The steps ``work`` in chunks of ``k`` per launch of kernels/replay.py, per device and param group;
-    a chunk ends early where the rounding mode changes (one mode per launch)."""
+    """The steps ``work`` in chunks of ``k`` per launch of kernels/replay.py, per device and param group."""
     from .backends import triton as triton_backend
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -156,14 +162,7 @@ def _run_fused(plan: Plan, work, k: int) -> None:
     from .kernels.replay import fused_replay_
 
     work = [w for w in work if w[1]]                  # steps that made no pass (skipped in exact mode)
-    chunks, start = [], 0
-    while start < len(work):
-        end = start + 1
-        mode = {rs is None for _, p in work[start:end] for *_, rs in p}
-        while end < min(start + k, len(work)) and {rs is None for *_, rs in work[end][1]} == mode:
-            end += 1
-        chunks.append(work[start:end])
-        start = end
+    chunks = [work[start:start + k] for start in range(0, len(work), k)]
     for _, _, idx, keys, offsets in plan.devices:
         by_group: dict = {}
         for i, key, off in zip(idx, keys, offsets):

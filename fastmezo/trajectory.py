@@ -21,9 +21,11 @@ File format (``FORMAT``, version ``FORMAT_VERSION``): JSON lines, UTF-8. Line 1 
 then one line per optimizer step, in order:
 
     {"step": t, "seed": uint64, "grads": [g per group, null when skipped], "lr": [...],
-     "weight_decay": [...], "eps": [...], "noise": "gaussian", "rounding": "stochastic"|"nearest",
+     "weight_decay": [...], "eps": [...], "noise": "gaussian", "rounding": "update"|"stochastic"|"nearest",
      "update_pass": 2 | 3 * micro_batches | null, "skipped": null | "reason"}
 
+``rounding`` is MeZO's ``stochastic_rounding`` of the step: "update" (stochastic in the update pass
+only), "stochastic" (in every pass) or "nearest" (round to nearest throughout).
 Floats are written with Python's repr (they read back bit for bit); seeds are exact integers.
 ``update_pass`` is the pass index whose rounding bits the update used (fastmezo.engine: a plain
 step's restore+update is pass 2, an accumulated step of k micro-batches updates with pass 3k), and so
@@ -52,6 +54,8 @@ from .noise import NOISE_VERSION
 
 FORMAT = "fastmezo-trajectory"
 FORMAT_VERSION = 1
+#: The "rounding" of a record for each of MeZO's ``stochastic_rounding`` modes (fastmezo.engine).
+ROUNDING_NAMES = {"update": "update", True: "stochastic", False: "nearest"}
 _CHUNK = 1 << 28        # bytes hashed per copy to the host: bounded host memory for large GPU tensors
 
 
@@ -133,7 +137,7 @@ class Trajectory:
         return cls(header, lines[1:])
 
     # -- recording (called by fastmezo.MeZO after each step) --------------------------------------
-    def record(self, plan, step: int, seed: int, grads, hypers, *, noise: str, rounding: bool,
+    def record(self, plan, step: int, seed: int, grads, hypers, *, noise: str, rounding,
                update_pass, skipped) -> None:
         """Append step ``step``'s record. The first record completes the header with the plan's noise
         keys and groups; a plan whose tensors no longer match the base raises."""
@@ -145,7 +149,7 @@ class Trajectory:
         self.records.append(dict(
             step=step, seed=seed, grads=[g if math.isfinite(g) else None for g in grads],
             lr=[h.lr for h in hypers], weight_decay=[h.weight_decay for h in hypers],
-            eps=[h.eps for h in hypers], noise=noise, rounding="stochastic" if rounding else "nearest",
+            eps=[h.eps for h in hypers], noise=noise, rounding=ROUNDING_NAMES[rounding],
             update_pass=update_pass, skipped=skipped))
         if self.path is not None:
             if self._rewrite or len(self.records) == 1:

@@ -100,7 +100,7 @@ class MeZOVariant(MeZO):
         if isinstance(self._strategy, engine.Exact):
             with self._strategy.provider.perturbation(plan, seed, eps):
                 return engine.loss_value(closure(), "theta + eps*z")
-        rounding = self.stochastic_rounding
+        rounding = engine.rounding_passes(self.stochastic_rounding)[0]
         plan.run(seed, [1.0] * len(eps), eps, round_seed=rounding_seed(seed, engine.PLUS) if rounding else None)
         try:
             return engine.loss_value(closure(), "theta + eps*z")
@@ -112,12 +112,13 @@ class MeZOVariant(MeZO):
         """The window's streams, newest first, as (seed, a per group, b per group, round seed) passes;
         refused (None returned otherwise) when a coefficient would overflow."""
         passes = []
+        rounding = engine.rounding_passes(self.stochastic_rounding)[1]
         for k, entry in enumerate(reversed(self.history)):
             weight = self.momentum ** k
             for seed, gq in entry:
                 a = [1.0 - h.lr * h.weight_decay if not passes else 1.0 for h in hypers]
                 b = [-h.lr * weight * g for h, g in zip(hypers, gq)]
-                rs = rounding_seed(seed0, 3 * self.directions + len(passes)) if self.stochastic_rounding else None
+                rs = rounding_seed(seed0, 3 * self.directions + len(passes)) if rounding else None
                 passes.append((seed, a, b, rs))
         try:
             for _, a, b, _ in passes:

@@ -12,7 +12,9 @@ update-only steps and accumulated steps, and for in-place steps too (their +eps 
 passes are passes of the same form and are in the pass list; the step's z is made once for all of them).
 
 Tables (device tensors, built per launch group by :func:`fused_replay_`): per step (seed low, seed high,
-first pass, end pass) as int32; per pass (a, b) as float32 and (rounding seed low, high) as int32.
+first pass, end pass) as int32; per pass (a, b) as float32 and (rounding seed low, high, whether the
+pass rounds stochastically) as int32: a step may round its perturbation passes to nearest and its
+update stochastically (MeZO's default), so the choice is made per pass, at run time.
 """
 import torch
 import triton
@@ -46,31 +48,30 @@ def _replay_kernel(x_ptr, n, offset, key, steps_ptr, coef_ptr, rseed_ptr, n_step
             b = tl.load(coef_ptr + 2 * p + 1)
             y = a * x + b * z
             if ROUND:
-                r = rounding_draws(first_global // 8, BLOCK // 8, tl.load(rseed_ptr + 2 * p),
-                                   tl.load(rseed_ptr + 2 * p + 1), key, FAST)
-                x = round_stochastic(y, r, ELEM, FAST).to(tl.float32)
+                if tl.load(rseed_ptr + 3 * p + 2) != 0:
+                    r = rounding_draws(first_global // 8, BLOCK // 8, tl.load(rseed_ptr + 3 * p),
+                                       tl.load(rseed_ptr + 3 * p + 1), key, FAST)
+                    x = round_stochastic(y, r, ELEM, FAST).to(tl.float32)
+                else:
+                    x = round_to_nearest(y, ELEM, FAST).to(tl.float32)
             else:
                 x = round_to_nearest(y, ELEM, FAST).to(tl.float32)
     tl.store(x_ptr + idx, x.to(ELEM), mask=mask)
 
 
 def _tables(steps, device):
-    """(steps int32 [S, 4], coefficients float32 [P, 2], rounding seeds int32 [P, 2], rounding) of
-    ``steps`` = [(seed, [(a, b, round_seed or None), ...]), ...]."""
+    """(steps int32 [S, 4], coefficients float32 [P, 2], rounding seeds and flags int32 [P, 3], whether
+    any pass rounds stochastically) of ``steps`` = [(seed, [(a, b, round_seed or None), ...]), ...]."""
     rows, coefs, rseeds, rounding = [], [], [], set()
     for seed, passes in steps:
         rows.append((_as_i32(seed & 0xFFFFFFFF), _as_i32(seed >> 32), len(coefs), len(coefs) + len(passes)))
         for a, b, rs in passes:
             coefs.append((a, b))
             rounding.add(rs is not None)
-            rs = rs or 0
-            rseeds.append((_as_i32(rs & 0xFFFFFFFF), _as_i32(rs >> 32)))
-    if len(rounding) > 1:
-        raise ValueError("fused replay: every pass of one launch must round the same way (all stochastic or all "
-                         "to nearest)")
+            rseeds.append((_as_i32((rs or 0) & 0xFFFFFFFF), _as_i32((rs or 0) >> 32), int(rs is not None)))
     as_tensor = lambda v, dt, cols: torch.tensor(v or [[0] * cols], dtype=dt, device=device)  # noqa: E731
     return (as_tensor(rows, torch.int32, 4), as_tensor(coefs, torch.float32, 2),
-            as_tensor(rseeds, torch.int32, 2), rounding == {True})
+            as_tensor(rseeds, torch.int32, 3), True in rounding)
 
 
 def fused_replay_(tensors, keys, noise: int, steps, offsets=None, *, block: int | None = None,

@@ -323,7 +323,7 @@ def test_state_dict_restores_rounding_and_skipped_steps():
         opt.step(lambda: math.nan)
     sd = opt.state_dict()
     other = fastmezo.MeZO(fastmezo.param_groups(_small_net(0), lr=0.05, eps=1e-2), seed=7)
-    assert (other.stochastic_rounding, other.skipped_steps) == (True, 0)
+    assert (other.stochastic_rounding, other.skipped_steps) == ("update", 0)
     other.load_state_dict(sd)
     assert (other.stochastic_rounding, other.skipped_steps, other.step_count) == (False, 1, 1)
 
@@ -669,3 +669,36 @@ def test_a_parameter_reinterpreted_in_place_is_stepped_as_its_new_dtype():
     fresh.step(loss(twin))
     assert opt.projected_grad == fresh.projected_grad
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("mode", ["update", True, False])
+def test_each_rounding_mode_rounds_the_passes_it_names(backend, device, mode):
+    """MeZO's step, bit for bit, as the functional passes with the rounding seeds each mode gives:
+    "update" rounds only the update pass (pass index 2) stochastically, True every pass, False none.
+    bfloat16 weights of about 0.02, whose ulp (2**-13) is far above eps * z, so every pass rounds."""
+    from fastmezo import functional as F
+    from fastmezo.noise import rounding_seed
+
+    g = _gen(5)
+    start = [(torch.randn(64, 16, generator=g) * 0.02).to(torch.bfloat16).to(device),
+             (torch.randn(16, generator=g) * 0.02).to(torch.bfloat16).to(device)]
+    lr, eps, seed = 1e-4, 1e-3, 11
+
+    def loss(ps):
+        return float(sum((p.float() - 0.01).pow(2).sum() for p in ps))
+
+    params = [p.clone() for p in start]
+    opt = fastmezo.MeZO(params, lr=lr, eps=eps, seed=seed, backend=backend, stochastic_rounding=mode)
+    opt.step(lambda: loss(params))
+
+    manual = [p.clone() for p in start]
+    s = derive_seed(seed, 0)
+    rs = [rounding_seed(s, i) if mode is True or (mode == "update" and i == 2) else None for i in range(3)]
+    F.perturb_(manual, s, eps, rounding_seed=rs[0], backend=backend)
+    l_plus = loss(manual)
+    F.perturb_(manual, s, -2 * eps, rounding_seed=rs[1], backend=backend)
+    g_hat = (l_plus - loss(manual)) / (2 * eps)
+    F.restore_and_update_(manual, s, eps, lr, g_hat, rounding_seed=rs[2], backend=backend)
+    assert opt.projected_grad == g_hat
+    assert all(torch.equal(p, m) for p, m in zip(params, manual))

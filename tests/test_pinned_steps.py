@@ -2,7 +2,10 @@
 losses and projected gradients of every step) and checked bit for bit.
 
 The recording (tests/data/pinned_steps.json) was made at commit 4e74f44, before the step engine and
-op layer were restructured; any later change that alters a bit of a step fails here. Covered: the
+op layer were restructured; any later change that alters a bit of a step fails here. The bfloat16
+cases of that recording round stochastically in every pass (``stochastic_rounding=True``, then the
+default); the "-default" cases, recorded when the default became stochastic rounding of the update
+pass only, pin that default. Covered: the
 in-place and exact modes through ``fastmezo.patch`` (float32, and bfloat16 with stochastic rounding),
 gradient accumulation as the Trainer drives it (``accumulate`` twice, then ``step()`` without a
 closure), the three backends that run on a CPU (native C++, the torch oracle, Triton through its
@@ -11,7 +14,7 @@ interpreter), and the Hugging Face Trainer itself.
 Bits of a forward depend on the CPU's vector unit (matmul kernels); the recording names the torch
 CPU capability it was made with, and a run on another one is skipped with that reason rather than
 compared. Regenerate (only when a change of behaviour is intended, and say so in the commit):
-``python tests/test_pinned_steps.py --record``.
+``python tests/test_pinned_steps.py --record``; ``--record-missing`` records only new cases.
 """
 from __future__ import annotations
 
@@ -69,10 +72,10 @@ def _digest(model) -> str:
     return h.hexdigest()
 
 
-def _record_patch(mode: str, dtype, backend: str | None):
+def _record_patch(mode: str, dtype, backend: str | None, **options):
     model = _model(dtype)
     handle = fastmezo.patch(model, mode=mode, lr=5e-3, eps=1e-2, weight_decay=0.1, seed=2024,
-                            backend=backend)
+                            backend=backend, **options)
     steps = []
     for ids, labels in _batches(STEPS):
         handle.step(lambda: model(ids, labels))
@@ -83,11 +86,12 @@ def _record_patch(mode: str, dtype, backend: str | None):
     return steps
 
 
-def _record_accumulate(dtype):
+def _record_accumulate(dtype, **options):
     from fastmezo.integrations.transformers import MeZOTrainerOptimizer
 
     model = _model(dtype)
-    opt = MeZOTrainerOptimizer(fastmezo.param_groups(model, 0.1), lr=5e-3, eps=1e-2, seed=7, keys="name")
+    opt = MeZOTrainerOptimizer(fastmezo.param_groups(model, 0.1), lr=5e-3, eps=1e-2, seed=7, keys="name",
+                               **options)
     batches = _batches(2 * STEPS)
     steps = []
     for t in range(STEPS):
@@ -136,17 +140,20 @@ def _record_trainer(tmp: pathlib.Path):
 CASES = {
     "inplace-fp32-native": lambda tmp: _record_patch("inplace", torch.float32, None),
     "exact-fp32-native": lambda tmp: _record_patch("exact", torch.float32, None),
-    "inplace-bf16-native": lambda tmp: _record_patch("inplace", torch.bfloat16, None),
+    "inplace-bf16-native": lambda tmp: _record_patch("inplace", torch.bfloat16, None, stochastic_rounding=True),
+    "inplace-bf16-native-default": lambda tmp: _record_patch("inplace", torch.bfloat16, None),
     "exact-bf16-native": lambda tmp: _record_patch("exact", torch.bfloat16, None),
     "inplace-fp32-oracle": lambda tmp: _record_patch("inplace", torch.float32, "oracle"),
-    "inplace-bf16-triton": lambda tmp: _record_patch("inplace", torch.bfloat16, "triton"),
+    "inplace-bf16-triton": lambda tmp: _record_patch("inplace", torch.bfloat16, "triton", stochastic_rounding=True),
+    "inplace-bf16-triton-default": lambda tmp: _record_patch("inplace", torch.bfloat16, "triton"),
     "exact-fp32-triton": lambda tmp: _record_patch("exact", torch.float32, "triton"),
-    "accumulate-bf16": lambda tmp: _record_accumulate(torch.bfloat16),
+    "accumulate-bf16": lambda tmp: _record_accumulate(torch.bfloat16, stochastic_rounding=True),
+    "accumulate-bf16-default": lambda tmp: _record_accumulate(torch.bfloat16),
     "trainer-fp32": _record_trainer,
 }
 
 
-AUTOMATIC_BACKEND = ("accumulate-bf16", "trainer-fp32")
+AUTOMATIC_BACKEND = ("accumulate-bf16", "accumulate-bf16-default", "trainer-fp32")
 
 
 def _capability() -> str:
@@ -192,14 +199,21 @@ def test_steps_match_the_recording(name, recording, tmp_path):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--record"]:
-        sys.exit(f"usage: python {sys.argv[0]} --record")
+    if sys.argv[1:] not in (["--record"], ["--record-missing"]):
+        sys.exit(f"usage: python {sys.argv[0]} --record | --record-missing  (all cases, or only those "
+                 "the recording lacks, keeping the others' recorded bits)")
     import tempfile
 
     out = dict(cpu_capability=_capability(), torch=torch.__version__, cases={})
+    if sys.argv[1] == "--record-missing":
+        out = json.loads(DATA.read_text())
+        if out["cpu_capability"] != _capability():
+            sys.exit(f"the recording was made on a CPU with capability {out['cpu_capability']}; this one is "
+                     f"{_capability()}")
     with tempfile.TemporaryDirectory() as tmp:
         for case in CASES:
-            out["cases"][case] = _run(case, pathlib.Path(tmp))
-            print(case, out["cases"][case][-1]["weights"][:16])
+            if case not in out["cases"]:
+                out["cases"][case] = _run(case, pathlib.Path(tmp))
+                print(case, out["cases"][case][-1]["weights"][:16])
     DATA.parent.mkdir(exist_ok=True)
     DATA.write_text(json.dumps(out, indent=1) + "\n")

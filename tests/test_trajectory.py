@@ -53,11 +53,12 @@ def _equal(m1, m2):
 
 
 @pytest.mark.parametrize("mode", ["inplace", "exact"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_replay_of_200_steps_is_bit_identical(mode, dtype):
-    """fp32 and bf16 (stochastic rounding on), in place and exact: replay gives the trained weights
-    bit for bit, and ``steps=`` the weights after that many steps."""
-    base, model, handle, snapshot = _train(mode, dtype, 200, snapshot_at=120)
+@pytest.mark.parametrize("dtype, rounding", [(torch.float32, "update"), (torch.bfloat16, "update"),
+                                             (torch.bfloat16, True)])
+def test_replay_of_200_steps_is_bit_identical(mode, dtype, rounding):
+    """fp32 and bf16 (stochastic rounding of the update, the default, or of every pass), in place and
+    exact: replay gives the trained weights bit for bit, and ``steps=`` the weights after that many steps."""
+    base, model, handle, snapshot = _train(mode, dtype, 200, snapshot_at=120, stochastic_rounding=rounding)
     traj = handle.optimizer.trajectory
     assert len(traj.records) == 200 and handle.optimizer.skipped_steps == 3
     assert [r["skipped"] is not None for r in traj.records].count(True) == 3
@@ -279,11 +280,14 @@ def test_fused_kernel_equals_the_passes_one_by_one(noise, dtype, stochastic):
     assert all(not torch.equal(f, t) for f, t in zip(fused, tensors))
 
 
-@pytest.mark.parametrize("mode, dtype", [("inplace", torch.bfloat16), ("exact", torch.float32)])
-def test_fused_replay_of_a_triton_run_is_bit_identical(mode, dtype):
+@pytest.mark.parametrize("mode, dtype, rounding", [("inplace", torch.bfloat16, "update"), ("inplace", torch.bfloat16, True),
+                                                   ("exact", torch.float32, "update")])
+def test_fused_replay_of_a_triton_run_is_bit_identical(mode, dtype, rounding):
     """A run trained on the Triton backend (a skipped step included), replayed 4 steps per launch (chunks that do not divide the
-    run): the trained weights, in place (perturb passes fused in) and in exact mode."""
-    base, model, handle, _ = _train(mode, dtype, 9, backend="triton")
+    run): the trained weights, in place (perturb passes fused in; rounding to nearest and stochastic
+    rounding mixed in one launch with the default) and in exact mode."""
+    base, model, handle, _ = _train(mode, dtype, 9, backend="triton", stochastic_rounding=rounding)
+    assert {r["rounding"] for r in handle.optimizer.trajectory.records} == {"stochastic" if rounding is True else "update"}
     assert handle.optimizer.skipped_steps == 1
     fastmezo.replay(base, handle.optimizer.trajectory, fused=4)
     assert _equal(base, model)
