@@ -34,12 +34,13 @@ _PAIRED_ARGS = {"x_ptr": None, "w_ptr": None, "ws_ptr": "*fp32", "M_HALF": "i32"
                 "k_per_split": "i32", "eps": "fp32", "seed_lo": "i32", "seed_hi": "i32", "key": "i32", "offset": "i32"}
 
 
-def sass(fn, args: dict, constants: dict, arch: int, aligned: int, **options) -> str:
-    """The disassembly of ``fn`` compiled for sm_``arch`` (the first ``aligned`` arguments 16-byte aligned)."""
+def sass(fn, args: dict, constants: dict, arch: int, aligned, **options) -> str:
+    """The disassembly of ``fn`` compiled for sm_``arch``; ``aligned``: the names of the arguments known
+    to be multiples of 16 (pointers: 16-byte aligned), as Triton specializes them at a launch."""
     signature = dict(args, **{name: "constexpr" for name in constants})
     index = {name: i for i, name in enumerate(fn.arg_names)}
     source = ASTSource(fn=fn, signature=signature, constexprs={(index[n],): v for n, v in constants.items()},
-                       attrs={(i,): [["tt.divisibility", 16]] for i in range(aligned)})
+                       attrs={(index[n],): [["tt.divisibility", 16]] for n in aligned})
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,11 +67,15 @@ def variants():
                              LOG2T=4 if lookup == 2 else 0, LOAD_X=True, SCALE_X=False, OUT=False, ROUND=rnd,
                              ALIGNED=True, FAST=True)
                 yield (f"pass {dtype} {name} {'stochastic' if rnd else 'nearest'}", _axpbz_table_kernel,
-                       dict(_PASS_ARGS, proto_ptr=f"*{dtype}"), const, 1, dict(num_warps=4))
+                       dict(_PASS_ARGS, proto_ptr=f"*{dtype}"), const, ("proto_ptr",), dict(num_warps=4))
+    # The sizes as a launch with OPT's layers specializes them (multiples of 16).
+    paired_aligned = ("x_ptr", "w_ptr", "ws_ptr", "M_HALF", "N", "K", "k_per_split")
     for dtype in ("fp16", "bf16"):
-        const = dict(NOISE=0, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, FAST=True)
-        yield (f"paired {dtype} gaussian 128x64x64", _paired_linear_kernel,
-               dict(_PAIRED_ARGS, x_ptr=f"*{dtype}", w_ptr=f"*{dtype}"), const, 3, dict(num_warps=8, num_stages=3))
+        for noise, name in ((0, "gaussian"), (1, "rademacher")):
+            const = dict(NOISE=noise, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64 if noise == 0 else 128, FAST=True)
+            yield (f"paired {dtype} {name} 128x64x{const['BLOCK_K']}", _paired_linear_kernel,
+                   dict(_PAIRED_ARGS, x_ptr=f"*{dtype}", w_ptr=f"*{dtype}"), const, paired_aligned,
+                   dict(num_warps=8, num_stages=3))
 
 
 def main(argv=None) -> int:
