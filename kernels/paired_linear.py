@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import gaussian_rows, rademacher_block, round_to_nearest
+from .philox import gaussian_block, rademacher_block, round_to_nearest
 
 # Read once, as kernels/axpbz.py does: triton reads TRITON_INTERPRET when it is imported.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
@@ -91,27 +91,19 @@ def _paired_linear_kernel(x_ptr, w_ptr, ws_ptr, M_HALF, N, K, k_per_split, eps, 
     acc_m = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    # Gaussian tiles as [BLOCK_N * BLOCK_K / 8, 8] rows of 8 consecutive elements (two Philox calls),
-    # so that each thread's z values are the weights it loads (kernels/axpbz.py's row tiles).
-    ROWS: tl.constexpr = BLOCK_N * (BLOCK_K // 8)
-    r = tl.arange(0, ROWS).to(tl.int64)
-    r_n = pid_n * BLOCK_N + r // (BLOCK_K // 8)
-    r_k = (r % (BLOCK_K // 8)) * 8
-    lane = tl.arange(0, 8).to(tl.int64)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
+        w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        ctr = (call_row * K + k0 + offset) // P + call_col
         if NOISE == 0:
-            row_ok = (r_n < N) & (k0 + r_k < K)
-            w = tl.load(w_ptr + (r_n * K + k0 + r_k)[:, None] + lane[None, :], mask=row_ok[:, None], other=0.0)
-            ez = eps * gaussian_rows((r_n * K + k0 + r_k + offset) // 8, seed_lo, seed_hi, key, FAST)
+            z = gaussian_block(ctr, seed_lo, seed_hi, key, FAST)
         else:
-            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            ctr = (call_row * K + k0 + offset) // P + call_col
-            ez = eps * tl.reshape(rademacher_block(ctr, seed_lo, seed_hi, key, FAST), (BLOCK_N, BLOCK_K))
+            z = rademacher_block(ctr, seed_lo, seed_hi, key, FAST)
+        ez = eps * tl.reshape(z, (BLOCK_N, BLOCK_K))
         wf = w.to(tl.float32)
-        w_plus = tl.reshape(round_to_nearest(wf + ez, DTYPE, FAST), (BLOCK_N, BLOCK_K))
-        w_minus = tl.reshape(round_to_nearest(wf - ez, DTYPE, FAST), (BLOCK_N, BLOCK_K))
+        w_plus = round_to_nearest(wf + ez, DTYPE, FAST)
+        w_minus = round_to_nearest(wf - ez, DTYPE, FAST)
         x_mask = m_ok[:, None] & k_ok[None, :]
         x_plus = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=x_mask, other=0.0)
         x_minus = tl.load(x_ptr + (rm + M_HALF)[:, None] * K + kk[None, :], mask=x_mask, other=0.0)
