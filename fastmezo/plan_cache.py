@@ -53,11 +53,12 @@ class _Entry:
         self.plan, self.state, self.refs, self.dead = plan, state, refs, dead
 
 
-def _key(tensors, names, keys, offsets, groups, noise, backend):
+def _key(tensors, names, keys, offsets, groups, noise, backend, plain):
     """The call's key, or None when part of it cannot be a dict key (validated by Plan as usual)."""
-    if set(map(type, tensors)) - PLAIN_TYPES:
+    if not plain and set(map(type, tensors)) - PLAIN_TYPES:
         return None
-    parts = (tuple(map(id, tensors)), tuple(names), keys if isinstance(keys, (str, type(None))) else tuple(keys),
+    unnamed = names.count(None) == len(names)
+    parts = (tuple(map(id, tensors)), None if unnamed else tuple(names), keys if isinstance(keys, (str, type(None))) else tuple(keys),
              None if offsets is None else tuple(offsets), tuple(groups), noise, backend,
              os.environ.get(backends.ENV_VAR))
     try:
@@ -66,11 +67,12 @@ def _key(tensors, names, keys, offsets, groups, noise, backend):
         return None
 
 
-def lease(tensors, names, *, keys, offsets, groups, noise, backend):
+def lease(tensors, names, *, keys, offsets, groups, noise, backend, plain=False):
     """(plan, key) for one in-place call on one device: a cached plan attached to ``tensors`` when the
     call and the tensors are unchanged, else a new validated Plan (which raises on bad input). Hand it
-    back with :func:`give_back` when the call is over."""
-    key = _key(tensors, names, keys, offsets, groups, noise, backend)
+    back with :func:`give_back` when the call is over. ``plain``: the caller checked that every tensor
+    is a plain tensor or parameter."""
+    key = _key(tensors, names, keys, offsets, groups, noise, backend, plain)
     entry = None
     if key is not None:
         with _lock:
