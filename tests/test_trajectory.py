@@ -16,24 +16,26 @@ from fastmezo import __main__ as cli
 from fastmezo.replayer import step_passes
 from fastmezo.trajectory import Trajectory
 
+from conftest import TRITON_DEVICE
 
-def _model(dtype):
+
+def _model(dtype, device="cpu"):
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.LayerNorm(12),
-                               torch.nn.Linear(12, 1)).to(dtype)
+                               torch.nn.Linear(12, 1)).to(dtype).to(device)
 
 
-def _data(dtype):
+def _data(dtype, device="cpu"):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(24, 6, generator=g).to(dtype), torch.randn(24, 1, generator=g).to(dtype)
+    return torch.randn(24, 6, generator=g).to(dtype).to(device), torch.randn(24, 1, generator=g).to(dtype).to(device)
 
 
-def _train(mode, dtype, steps, snapshot_at=None, **options):
+def _train(mode, dtype, steps, snapshot_at=None, device="cpu", **options):
     """A patched model trained ``steps`` steps with a decaying lr, weight decay on the Linear weights
     and three non-finite losses (skipped steps); returns (base copy, model, handle, snapshot)."""
-    model = _model(dtype)
+    model = _model(dtype, device)
     base = copy.deepcopy(model)
-    x, y = _data(dtype)
+    x, y = _data(dtype, device)
     handle = fastmezo.patch(model, lr=3e-3, eps=1e-2, weight_decay=0.05, mode=mode, trajectory=True, **options)
     sched = torch.optim.lr_scheduler.StepLR(handle.optimizer, step_size=50, gamma=0.5)
     snapshot = None
@@ -246,15 +248,17 @@ def test_trainer_resume_from_a_trajectory_checkpoint_gives_the_uninterrupted_run
     assert _equal(transformers.OPTForCausalLM.from_pretrained(tmp_path / "replayed"), full.model)
 
 
-# -- the fused replay kernel (kernels/replay.py), through the Triton interpreter ---------------------
+# -- the fused replay kernel (kernels/replay.py): compiled on a GPU, else through Triton's interpreter --
 
 @pytest.mark.parametrize("noise, dtype, stochastic", [(0, torch.float32, False), (0, torch.bfloat16, True),
                                                       (1, torch.float16, True), (0, torch.float16, False),
-                                                      (1, torch.bfloat16, False)])
+                                                      (1, torch.bfloat16, False), (0, torch.float16, "mixed"),
+                                                      (1, torch.bfloat16, "mixed")])
 def test_fused_kernel_equals_the_passes_one_by_one(noise, dtype, stochastic):
     """K steps of 1-4 passes each in one launch == the same passes by kernels.axpbz one at a time:
-    tensors at unaligned offsets, partial blocks, keys above 2**31. Blocks of 1024 elements (the bits
-    do not depend on the block size) keep the interpreter quick."""
+    tensors at unaligned offsets, partial blocks, keys above 2**31; "mixed": each pass rounds
+    stochastically or to nearest at random, as MeZO's default rounds its update only. Blocks of 1024
+    elements (the bits do not depend on the block size) keep the interpreter quick."""
     import random
 
     from fastmezo.kernels.axpbz import axpbz_multi_
@@ -263,13 +267,14 @@ def test_fused_kernel_equals_the_passes_one_by_one(noise, dtype, stochastic):
 
     rng = random.Random(noise * 10 + len(str(dtype)))
     gen = torch.Generator().manual_seed(2)
-    tensors = [(torch.randn(n, generator=gen) * 0.02).to(dtype) for n in (1000, 37, 4099)]
+    tensors = [(torch.randn(n, generator=gen) * 0.02).to(dtype).to(TRITON_DEVICE) for n in (1000, 37, 4099)]
     keys, offsets = [11, 2**32 - 3, 7], [0, 5, 130]
     steps = []
     for _ in range(5):
         seed = rng.getrandbits(64)
         steps.append((seed, [(rng.uniform(0.99, 1.0), rng.uniform(-1e-2, 1e-2),
-                              rounding_seed(seed, p) if stochastic else None) for p in range(rng.randint(1, 4))]))
+                              rounding_seed(seed, p) if stochastic is True or (stochastic == "mixed" and rng.random() < 0.5)
+                              else None) for p in range(rng.randint(1, 4))]))
     one_by_one = [t.clone() for t in tensors]
     for seed, passes in steps:
         for a, b, rs in passes:
@@ -286,7 +291,7 @@ def test_fused_replay_of_a_triton_run_is_bit_identical(mode, dtype, rounding):
     """A run trained on the Triton backend (a skipped step included), replayed 4 steps per launch (chunks that do not divide the
     run): the trained weights, in place (perturb passes fused in; rounding to nearest and stochastic
     rounding mixed in one launch with the default) and in exact mode."""
-    base, model, handle, _ = _train(mode, dtype, 9, backend="triton", stochastic_rounding=rounding)
+    base, model, handle, _ = _train(mode, dtype, 9, device=TRITON_DEVICE, backend="triton", stochastic_rounding=rounding)
     assert {r["rounding"] for r in handle.optimizer.trajectory.records} == {"stochastic" if rounding is True else "update"}
     assert handle.optimizer.skipped_steps == 1
     fastmezo.replay(base, handle.optimizer.trajectory, fused=4)
