@@ -328,6 +328,29 @@ def test_state_dict_restores_rounding_and_skipped_steps():
     assert (other.stochastic_rounding, other.skipped_steps, other.step_count) == (False, 1, 1)
 
 
+@pytest.mark.parametrize("mode", ["update", True, False])
+def test_every_rounding_mode_round_trips_through_the_state_dict(mode):
+    net = _small_net(0)
+    opt = fastmezo.MeZO(net.parameters(), seed=3, stochastic_rounding=mode)
+    other = fastmezo.MeZO(_small_net(0).parameters(), seed=3,
+                          stochastic_rounding=next(m for m in ("update", True, False) if m != mode))
+    other.load_state_dict(opt.state_dict())
+    assert other.stochastic_rounding == mode
+
+
+@pytest.mark.parametrize("bad", ["sometimes", 1, None, "stochastic"])
+def test_an_unknown_rounding_mode_is_refused(bad):
+    with pytest.raises(TypeError, match="stochastic_rounding must be"):
+        fastmezo.MeZO(_small_net(0).parameters(), stochastic_rounding=bad)
+    opt = fastmezo.MeZO(_small_net(0).parameters())
+    sd = opt.state_dict()
+    sd["mezo"]["stochastic_rounding"] = bad
+    other = fastmezo.MeZO(_small_net(0).parameters(), seed=9)
+    with pytest.raises(ValueError, match="stochastic_rounding"):
+        other.load_state_dict(sd)
+    assert other.seed == 9 and other.stochastic_rounding == "update"       # nothing was loaded
+
+
 # ----------------------------------------------------------------------------------------------
 # seeds and torch's RNG
 # ----------------------------------------------------------------------------------------------
