@@ -2,8 +2,8 @@
 
     python -m bench.sass_count [--arch 90] [--show-sass DIR]
 
-Compiles each variant of the pass kernel (kernels/axpbz.py) and of paired mode's fused matmul
-(kernels/paired_linear.py) with Triton's own compiler and bundled ptxas, disassembles the cubin with the
+Compiles each variant of the pass kernel (kernels/axpbz.py), of the fused replay kernel
+(kernels/replay.py) and of paired mode's fused matmul (kernels/paired_linear.py) with Triton's own compiler and bundled ptxas, disassembles the cubin with the
 bundled cuobjdump, and prints static counts: all instructions, shared-memory traffic (STS / LDS and
 barriers: values exchanged between threads, e.g. by a layout conversion), local-memory traffic (STL / LDL:
 register spills), the transcendental unit (MUFU), floors (FRND) and global accesses. Static counts
@@ -30,6 +30,8 @@ _OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
 
 _PASS_ARGS = {"proto_ptr": None, "table_ptr": "*i64", "starts_ptr": "*i64", "map_ptr": "*i32", "total": "i32",
               "a": "fp32", "b": "fp32", "seed_lo": "i32", "seed_hi": "i32", "rseed_lo": "i32", "rseed_hi": "i32"}
+_REPLAY_ARGS = {"x_ptr": None, "n": "i32", "offset": "i32", "key": "i32", "steps_ptr": "*i32", "coef_ptr": "*fp32",
+                "rseed_ptr": "*i32", "n_steps": "i32"}
 _PAIRED_ARGS = {"x_ptr": None, "w_ptr": None, "ws_ptr": "*fp32", "M_HALF": "i32", "N": "i32", "K": "i32",
                 "k_per_split": "i32", "eps": "fp32", "seed_lo": "i32", "seed_hi": "i32", "key": "i32", "offset": "i32"}
 
@@ -68,6 +70,14 @@ def variants():
                              ALIGNED=True, FAST=True)
                 yield (f"pass {dtype} {name} {'stochastic' if rnd else 'nearest'}", _axpbz_table_kernel,
                        dict(_PASS_ARGS, proto_ptr=f"*{dtype}"), const, ("proto_ptr",), dict(num_warps=4))
+    from kernels.replay import _replay_kernel
+
+    for dtype in ("fp16", "bf16"):
+        for rnd in (False, True):
+            const = dict(NOISE=0, BLOCK=DEFAULT_BLOCK, ROUND=rnd, FAST=True)
+            yield (f"replay {dtype} gaussian {'per-pass rounding' if rnd else 'nearest'}", _replay_kernel,
+                   dict(_REPLAY_ARGS, x_ptr=f"*{dtype}"), const, ("x_ptr", "steps_ptr", "coef_ptr", "rseed_ptr"),
+                   dict(num_warps=4))
     # The sizes as a launch with OPT's layers specializes them (multiples of 16).
     paired_aligned = ("x_ptr", "w_ptr", "ws_ptr", "M_HALF", "N", "K", "k_per_split")
     for dtype in ("fp16", "bf16"):

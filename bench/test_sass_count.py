@@ -26,6 +26,9 @@ def test_pass_kernel_needs_no_shared_memory_and_spills_nothing():
     table = _table()
     passes = {label: row for label, row in table.items() if label.startswith("pass ")}
     assert len(passes) == 8 and any(label.startswith("paired ") for label in table)
+    # The fused replay kernel with its per-pass choice of rounding compiles for the GPU too.
+    assert {label for label in table if label.startswith("replay ")} == {
+        f"replay {d} gaussian {r}" for d in ("fp16", "bf16") for r in ("nearest", "per-pass rounding")}
     for label, row in passes.items():
         assert row["STS"] == row["LDS"] == row["BAR"] == row["STL"] == row["LDL"] == 0, (label, row)
         assert row["MUFU"] == (16 if "gaussian" in label else 0), (label, row)   # log, sqrt, sin, cos: 4 pairs
