@@ -90,8 +90,8 @@ def main(argv=None) -> list:
     print("\n".join(lines))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(dict(environment=environment(torch.device("cpu")), args=vars(args), rows=rows),
-                                                 indent=1) + "\n")
+    record = dict(environment=environment(torch.device("cpu")), args=vars(args), rows=rows)
+    (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     (out / "summary.md").write_text(f"# Sub-ulp MeZO updates: do they survive? ({args.steps} steps, "
                                     f"{args.numel:,} weights ~ N(0, 0.02), lr {args.lr:g}, g {args.grad:g})\n\n"
                                     + "\n".join(lines) + "\n")

@@ -31,6 +31,7 @@ _CAPACITY = 8
 _entries: dict = {}          # in insertion order: the oldest entry first
 _lock = threading.Lock()
 
+
 class _Key:
     """A call's key with its hash computed once: a lookup and the re-insertion after the call would
     otherwise hash the tensors' identities (hundreds of them) again each time."""
@@ -58,7 +59,8 @@ def _key(tensors, names, keys, offsets, groups, noise, backend, plain):
     if not plain and set(map(type, tensors)) - PLAIN_TYPES:
         return None
     unnamed = names.count(None) == len(names)
-    parts = (tuple(map(id, tensors)), None if unnamed else tuple(names), keys if isinstance(keys, (str, type(None))) else tuple(keys),
+    parts = (tuple(map(id, tensors)), None if unnamed else tuple(names),
+             keys if isinstance(keys, (str, type(None))) else tuple(keys),
              None if offsets is None else tuple(offsets), tuple(groups), noise, backend,
              os.environ.get(backends.ENV_VAR))
     try:
