@@ -28,6 +28,7 @@ WEIGHT_DECAY = 0.0
 #: The fastmezo variants: name -> (perturbation mode, stochastic_rounding).
 VARIANTS = {"inplace-rn": ("inplace", False), "inplace-update": ("inplace", "update"), "inplace-sr": ("inplace", True),
             "exact-rn": ("exact", False), "exact-sr": ("exact", True)}
+# fastmezo.trajectory.ROUNDING_NAMES, written out: the bench also times fastmezo versions without it.
 ROUNDING_NAMES = {False: "nearest", "update": "update", True: "stochastic"}
 
 

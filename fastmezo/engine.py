@@ -44,10 +44,15 @@ def rounding_passes(mode) -> tuple[bool, bool]:
     return mode is True, mode is True or mode == "update"
 
 
-def check_rounding(mode, what: str = "stochastic_rounding"):
+def is_rounding_mode(mode) -> bool:
+    """Whether ``mode`` is one of :data:`ROUNDING_MODES` (by type too: 1 is not True)."""
+    return isinstance(mode, bool) or mode == "update"
+
+
+def check_rounding(mode):
     """``mode`` if it is one of :data:`ROUNDING_MODES`, else a TypeError naming it."""
-    if not (isinstance(mode, bool) or mode == "update"):
-        raise TypeError(f'{what} must be "update", True or False, got {mode!r}')
+    if not is_rounding_mode(mode):
+        raise TypeError(f'stochastic_rounding must be "update", True or False, got {mode!r}')
     return mode
 
 

@@ -226,10 +226,8 @@ class MeZO(MicroBatches, torch.optim.Optimizer):
         if step_count < 0 or skipped < 0:
             raise ValueError(f"state dict has a negative step count ({step_count}, {skipped} skipped)")
         rounding = mezo.get("stochastic_rounding", self.stochastic_rounding)
-        try:
-            engine.check_rounding(rounding, "the state dict's stochastic_rounding")
-        except TypeError as exc:
-            raise ValueError(str(exc)) from None
+        if not engine.is_rounding_mode(rounding):
+            raise ValueError(f'state dict has stochastic_rounding={rounding!r}; expected "update", True or False')
         super().load_state_dict(state_dict)
         self.seed, self.noise, self.keys = seed, noise, keys
         self.stochastic_rounding = rounding

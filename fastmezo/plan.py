@@ -5,9 +5,9 @@ runs each device's tensors. Building it checks everything a pass relies on: dtyp
 memory range per tensor (two tensors sharing memory would be perturbed twice), keys, offsets, and that a
 backend can run each device. :meth:`Plan.is_current` re-checks cheaply (same tensor objects, each with
 the address, dtype, shape, strides and device it had: :func:`tensor_state`) so the optimizer rebuilds
-only when the parameters changed. Before a
-pass, :meth:`Plan.check_coefficients` refuses coefficients that could make a finite weight non-finite;
-:meth:`Plan.run` records the parts it finished and :meth:`Plan.undo` moves them back after a failure.
+only when the parameters changed. Before a pass, :meth:`Plan.check_coefficients` refuses coefficients
+that could make a finite weight non-finite; :meth:`Plan.run` records the parts it finished and
+:meth:`Plan.undo` moves them back after a failure.
 
 The rules themselves live in fastmezo.checks; the functional API, the step engine, exact mode and the
 integrations all build plans.
@@ -172,8 +172,8 @@ class Plan:
     def _prepared(self, k: int):
         """Device k's prepared in-place launches, one per coefficient group, as (group, launch, indices of
         the tensors it writes, None for all of them in order) (built on first use; a launch holds no
-        tensor); None where its backend
-        prepares nothing or a tensor is a subclass that must see each call."""
+        tensor); None where its backend prepares nothing or a tensor is a subclass that must see each
+        call."""
         if k in self._launches:
             return self._launches[k]
         _, backend, idx, keys, offsets = self.devices[k]
