@@ -1,0 +1,151 @@
+"""Where the time of paired mode's fused matmul goes: variants of the kernel that leave one stage out,
+and launch shapes the library does not choose, timed beside the production kernel and cuBLAS.
+
+    python -m bench.paired_anatomy [--rows 128] [--out DIR]
+    ncu --clock-control none -k regex:_variant --section WarpStateStats ... \
+        python -m bench.paired_anatomy --only full:q_proj
+
+Variants (MODE) of kernels/paired_linear.py's program, same tiling and split-K as the library's:
+full = the production program; no-noise = eps * W instead of eps * z (no Philox, no interleave of the
+noise into the tile); no-dot = the rounded tiles summed into the accumulators instead of multiplied (no
+tensor-core work, no staging of the tiles in shared memory); no-convert = z made and kept alive but not
+laid out as the tile (eps * W used). The differences say what each stage costs: a lab measurement, the
+variants' outputs are not the library's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.paired_linear import _INTERPRETING, _NO_FMA_CONTRACTION, _blocks, _dot, paired_linear
+from kernels.philox import gaussian_block, round_to_nearest
+
+from .sweep_pass import queued_ms
+
+MODES = {"full": 0, "no-noise": 1, "no-dot": 2, "no-convert": 3}
+SHAPES = {"q_proj": (5120, 5120), "fc1": (20480, 5120), "fc2": (5120, 20480)}
+
+
+@triton.jit(do_not_specialize=["eps", "seed_lo", "seed_hi", "key", "k_per_split"])
+def _variant(x_ptr, w_ptr, ws_ptr, M_HALF, N, K, k_per_split, eps, seed_lo, seed_hi, key, MODE: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr):
+    CALLS_PER_ROW: tl.constexpr = BLOCK_K // 4
+    DTYPE = w_ptr.dtype.element_ty
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    m_ok = rm < M_HALF
+    n_ok = rn < N
+    j = tl.arange(0, BLOCK_N * CALLS_PER_ROW).to(tl.int64)
+    call_row = pid_n * BLOCK_N + j // CALLS_PER_ROW
+    call_col = j % CALLS_PER_ROW
+    acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_m = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        wf = w.to(tl.float32)
+        if MODE == 1:
+            ez = eps * wf
+        elif MODE == 3:
+            z = gaussian_block((call_row * K + k0) // 4 + call_col, seed_lo, seed_hi, key, FAST)
+            ez = eps * wf + tl.sum(z) * 1e-30
+        else:
+            z = gaussian_block((call_row * K + k0) // 4 + call_col, seed_lo, seed_hi, key, FAST)
+            ez = eps * tl.reshape(z, (BLOCK_N, BLOCK_K))
+        w_plus = round_to_nearest(wf + ez, DTYPE, FAST)
+        w_minus = round_to_nearest(wf - ez, DTYPE, FAST)
+        x_mask = m_ok[:, None] & k_ok[None, :]
+        x_plus = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=x_mask, other=0.0)
+        x_minus = tl.load(x_ptr + (rm + M_HALF)[:, None] * K + kk[None, :], mask=x_mask, other=0.0)
+        if MODE == 2:
+            acc_p += tl.sum(w_plus.to(tl.float32), axis=1)[None, :] + tl.sum(x_plus.to(tl.float32), axis=1)[:, None]
+            acc_m += tl.sum(w_minus.to(tl.float32), axis=1)[None, :] + tl.sum(x_minus.to(tl.float32), axis=1)[:, None]
+        else:
+            acc_p = _dot(x_plus, w_plus, acc_p, DTYPE, FAST)
+            acc_m = _dot(x_minus, w_minus, acc_m, DTYPE, FAST)
+    out = ws_ptr + pid_s * (2 * M_HALF * N) + rm[:, None] * N + rn[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    tl.store(out, acc_p, mask=mask)
+    tl.store(out + M_HALF * N, acc_m, mask=mask)
+
+
+def run_variant(x, w, ws, mode: str, block_m: int, block_n: int, block_k: int, split: int, warps: int,
+                stages: int, maxnreg: int | None):
+    m_half, (n, k) = x.shape[0] // 2, w.shape
+    k_per_split = triton.cdiv(triton.cdiv(k, block_k), split) * block_k
+    grid = (triton.cdiv(m_half, block_m), triton.cdiv(n, block_n), triton.cdiv(k, k_per_split))
+    extra = dict(_NO_FMA_CONTRACTION, **({"maxnreg": maxnreg} if maxnreg else {}))
+    _variant[grid](x, w, ws, m_half, n, k, k_per_split, 1e-3, 7, 0, 3, MODE=MODES[mode], BLOCK_M=block_m,
+                   BLOCK_N=block_n, BLOCK_K=block_k, FAST=not _INTERPRETING, num_warps=warps, num_stages=stages,
+                   **extra)
+
+
+def configs(m_half: int, n: int, k: int, device):
+    """(label, mode, block_m, block_n, block_k, split, warps, stages, maxnreg): the library's shape for every
+    mode, then launch shapes it does not take (fewer stages, a register cap, smaller row blocks)."""
+    bm, bn, bk, split, _, stages = _blocks(m_half, n, k, 0, device, None, None, None)
+    warps = 4 if bm <= 32 else 8
+    for mode in MODES:
+        yield mode, mode, bm, bn, bk, split, warps, stages, None
+    yield "full 2 stages", "full", bm, bn, bk, split, warps, 2, None
+    yield "full 2 stages maxnreg 128", "full", bm, bn, bk, split, warps, 2, 128
+    yield "full block_m 64 4 warps", "full", 64, bn, bk, split, 4, stages, None
+    yield "full block_m 64 4 warps 2 stages", "full", 64, bn, bk, split, 4, 2, None
+    yield "full block_m 64 8 warps", "full", 64, bn, bk, split, 8, stages, None
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=128, help="rows of each half (batch x sequence)")
+    p.add_argument("--layers", default="q_proj,fc1")
+    p.add_argument("--only", default=None, help="'label:layer': one launch of that config, for ncu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    dev = torch.device("cuda")
+    rows = []
+    for layer in args.layers.split(","):
+        n, k = SHAPES[layer]
+        w = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
+        x = torch.randn(2 * args.rows, k, device=dev, dtype=torch.float16)
+        ws = torch.empty((64, 2 * args.rows, n), device=dev, dtype=torch.float32)
+        if args.only:
+            label, only_layer = args.only.rsplit(":", 1)
+            if only_layer == layer:
+                cfg = next(c for c in configs(args.rows, n, k, dev) if c[0] == label)
+                run_variant(x, w, ws, *cfg[1:])
+                torch.cuda.synchronize()
+            continue
+        prod = queued_ms(lambda: paired_linear(x, w, 1e-3, 7, 3))
+        mm = queued_ms(lambda: torch.mm(x, w.t()))
+        noise = queued_ms(lambda: torch.empty_like(w).normal_())
+        rows += [{"layer": layer, "config": "production paired_linear", "ms": prod},
+                 {"layer": layer, "config": "torch.mm (2 halves, one W)", "ms": mm},
+                 {"layer": layer, "config": "torch normal_ of W's size", "ms": noise}]
+        for cfg in configs(args.rows, n, k, dev):
+            try:
+                ms = queued_ms(lambda: run_variant(x, w, ws, *cfg[1:]))
+            except Exception as exc:                 # noqa: BLE001 - a launch shape that does not compile
+                ms, cfg = float("nan"), (f"{cfg[0]} ({type(exc).__name__}: {str(exc)[:60]})",) + cfg[1:]
+            rows.append({"layer": layer, "config": cfg[0], "ms": ms, "block": cfg[2:]})
+    for r in rows:
+        print(f"{r['layer']:7} {r['config']:60} {r['ms']:8.4f} ms")
+    if args.out:
+        with open(f"{args.out}/paired_anatomy.json", "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                       "rows_per_half": args.rows, "rows": rows}, f, indent=1)
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()
