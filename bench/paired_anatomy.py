@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels.paired_linear import _INTERPRETING, _NO_FMA_CONTRACTION, _blocks, _dot, paired_linear
-from kernels.philox import gaussian_block, round_to_nearest
+from kernels.philox import gaussian_block, gaussian_rows, round_to_nearest
 
 from .sweep_pass import queued_ms
 
@@ -80,8 +80,88 @@ def _variant(x_ptr, w_ptr, ws_ptr, M_HALF, N, K, k_per_split, eps, seed_lo, seed
     tl.store(out + M_HALF * N, acc_m, mask=mask)
 
 
+@triton.jit(do_not_specialize=["eps", "seed_lo", "seed_hi", "key", "k_per_split"])
+def _two_phase(x_ptr, w_ptr, ws_ptr, scratch_ptr, M_HALF, N, K, k_per_split, eps, seed_lo, seed_hi, key,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLAB: tl.constexpr,
+               ROWS: tl.constexpr, FAST: tl.constexpr):
+    """Per slab of SLAB columns: (A) round(W +- eps z) of the program's [BLOCK_N, SLAB] slab written to its
+    own scratch (L2-resident), in the pass kernel's [rows, 8] layout; (B) a plain tl.dot loop over the
+    scratch, whose operands come straight from loads (the pipeline the compiler builds for a GEMM)."""
+    DTYPE = w_ptr.dtype.element_ty
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2).to(tl.int64)
+    prog = (pid_s * tl.num_programs(1) + pid_n) * tl.num_programs(0) + pid_m
+    plus_ptr = scratch_ptr + prog * (2 * BLOCK_N * SLAB)
+    minus_ptr = plus_ptr + BLOCK_N * SLAB
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    tn = tl.arange(0, BLOCK_N).to(tl.int64)
+    m_ok = rm < M_HALF
+    ROW_CHUNKS: tl.constexpr = SLAB // 8
+    acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_m = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for s0 in range(k_lo, k_hi, SLAB):
+        # (A): rows of 8 elements; row r of the slab is weight row r // ROW_CHUNKS, columns 8 (r % ROW_CHUNKS).
+        for r0 in range(0, BLOCK_N * ROW_CHUNKS, ROWS):
+            r = r0 + tl.arange(0, ROWS).to(tl.int64)
+            n = pid_n * BLOCK_N + r // ROW_CHUNKS
+            col = (r % ROW_CHUNKS) * 8
+            lane = tl.arange(0, 8).to(tl.int64)
+            ok = (n < N)[:, None] & ((s0 + col)[:, None] + lane[None, :] < k_hi)
+            w = tl.load(w_ptr + (n * K + s0 + col)[:, None] + lane[None, :], mask=ok, other=0.0).to(tl.float32)
+            ez = eps * gaussian_rows((n * K + s0 + col) // 8, seed_lo, seed_hi, key, FAST)
+            at = ((r // ROW_CHUNKS) * SLAB + col)[:, None] + lane[None, :]
+            tl.store(plus_ptr + at, round_to_nearest(w + ez, DTYPE, FAST))
+            tl.store(minus_ptr + at, round_to_nearest(w - ez, DTYPE, FAST))
+        tl.debug_barrier()
+        # (B)
+        for k0 in range(0, SLAB, BLOCK_K):
+            kk = s0 + k0 + rk
+            k_ok = kk < k_hi
+            x_mask = m_ok[:, None] & k_ok[None, :]
+            x_plus = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=x_mask, other=0.0)
+            x_minus = tl.load(x_ptr + (rm + M_HALF)[:, None] * K + kk[None, :], mask=x_mask, other=0.0)
+            at = tn[:, None] * SLAB + (k0 + rk)[None, :]
+            w_plus = tl.load(plus_ptr + at, mask=k_ok[None, :], other=0.0)
+            w_minus = tl.load(minus_ptr + at, mask=k_ok[None, :], other=0.0)
+            acc_p = _dot(x_plus, w_plus, acc_p, DTYPE, FAST)
+            acc_m = _dot(x_minus, w_minus, acc_m, DTYPE, FAST)
+        tl.debug_barrier()
+    out = ws_ptr + pid_s * (2 * M_HALF * N) + rm[:, None] * N + rn[None, :]
+    mask = m_ok[:, None] & (rn < N)[None, :]
+    tl.store(out, acc_p, mask=mask)
+    tl.store(out + M_HALF * N, acc_m, mask=mask)
+
+
+def run_two_phase(x, w, ws, block_m, block_n, block_k, split, warps, stages, slab, rows=128):
+    m_half, (n, k) = x.shape[0] // 2, w.shape
+    k_per_split = triton.cdiv(triton.cdiv(k, slab), split) * slab
+    grid = (triton.cdiv(m_half, block_m), triton.cdiv(n, block_n), triton.cdiv(k, k_per_split))
+    scratch = _scratch(grid[0] * grid[1] * grid[2] * 2 * block_n * slab, w)
+    _two_phase[grid](x, w, ws, scratch, m_half, n, k, k_per_split, 1e-3, 7, 0, 3, BLOCK_M=block_m, BLOCK_N=block_n,
+                     BLOCK_K=block_k, SLAB=slab, ROWS=rows, FAST=not _INTERPRETING, num_warps=warps,
+                     num_stages=stages, **_NO_FMA_CONTRACTION)
+    return ws[0] if grid[2] == 1 else ws[:grid[2]].sum(0)
+
+
+_scratches = {}
+
+
+def _scratch(numel, like):
+    key = (numel, like.dtype, like.device)
+    if key not in _scratches:
+        _scratches[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return _scratches[key]
+
+
 def run_variant(x, w, ws, mode: str, block_m: int, block_n: int, block_k: int, split: int, warps: int,
                 stages: int, maxnreg: int | None):
+    if mode == "two-phase":           # maxnreg carries the slab
+        return run_two_phase(x, w, ws, block_m, block_n, block_k, split, warps, stages, maxnreg)
     m_half, (n, k) = x.shape[0] // 2, w.shape
     k_per_split = triton.cdiv(triton.cdiv(k, block_k), split) * block_k
     grid = (triton.cdiv(m_half, block_m), triton.cdiv(n, block_n), triton.cdiv(k, k_per_split))
@@ -103,6 +183,10 @@ def configs(m_half: int, n: int, k: int, device):
     yield "full block_m 64 4 warps", "full", 64, bn, bk, split, 4, stages, None
     yield "full block_m 64 4 warps 2 stages", "full", 64, bn, bk, split, 4, 2, None
     yield "full block_m 64 8 warps", "full", 64, bn, bk, split, 8, stages, None
+    for slab in (256, 512):
+        for two_bn, two_split in ((bn, split), (128, split), (bn, max(1, split // 2))):
+            yield (f"two-phase slab {slab} block_n {two_bn} split {two_split}", "two-phase", bm, two_bn, bk, two_split,
+                   warps, stages, slab)
 
 
 def main(argv=None) -> dict:
