@@ -20,20 +20,25 @@ from .noise import check_seed
 from .checks import SUPPORTED_DTYPES, check_call, nonnegative, per_tensor, positive, real, split_named
 from . import plan_cache
 from .ops import PLAIN_TYPES
-from .plan import Plan
+from .plan import Plan, call_state
 
 __all__ = ["perturb_", "restore_and_update_", "update_", "scale_and_add_noise_", "perturbed", "make_noise",
            "noise_like", "SUPPORTED_DTYPES"]
 
 
 def _split(tensors):
-    """(tensors, names, whether all are known plain tensors): split_named, with fast paths for the
-    common cases, a list of plain tensors or of (name, plain tensor) tuples (a frontend's
-    named_parameters), read with C-level maps instead of a loop."""
+    """(tensors, names, whether all are known plain tensors, fingerprint or None): split_named, with fast
+    paths for the common cases, a list of plain tensors or of (name, plain tensor) tuples (a frontend's
+    named_parameters): one native pass that also fingerprints the call for the plan cache
+    (fastmezo.plan.call_state), or without it C-level maps instead of a loop."""
+    fast = call_state(tensors)
+    if fast is not None:
+        found, names, fingerprint, digest = fast
+        return found, [None] * len(found) if names is None else names, True, (fingerprint, digest)
     if type(tensors) in (list, tuple) and tensors:
         kinds = set(map(type, tensors))
         if kinds <= PLAIN_TYPES:
-            return list(tensors), [None] * len(tensors), True
+            return list(tensors), [None] * len(tensors), True, None
         if kinds == {tuple}:
             try:
                 columns = tuple(zip(*tensors, strict=True))      # strict: every tuple of one length
@@ -41,14 +46,14 @@ def _split(tensors):
                 columns = ()
             if (len(columns) == 2 and set(map(type, columns[0])) == {str}
                     and set(map(type, columns[1])) <= PLAIN_TYPES):
-                return list(columns[1]), list(columns[0]), True
-    return (*split_named(tensors), False)
+                return list(columns[1]), list(columns[0]), True, None
+    return (*split_named(tensors), False, None)
 
 
 def _pass(tensors, a, b, seed, *, keys, noise, offsets, backend, rounding_seed=None, outs=None, load_x=True,
           what="the pass"):
     """Validate everything, then one pass: tensor_i (or outs[i]) <- a_i * tensor_i + b_i * z_i."""
-    tensors, names, plain = tensors
+    tensors, names, plain, fingerprint = tensors
     seed = check_seed(seed)
     if rounding_seed is not None:
         rounding_seed = check_seed(rounding_seed, "rounding_seed")
@@ -64,7 +69,7 @@ def _pass(tensors, a, b, seed, *, keys, noise, offsets, backend, rounding_seed=N
     if outs is None and load_x:
         # In-place passes over the caller's tensors: the same tensors come back every step (plan_cache).
         plan, ticket = plan_cache.lease(tensors, names, keys=keys, offsets=offsets, groups=groups, noise=noise,
-                                        backend=backend, plain=plain)
+                                        backend=backend, plain=plain, fingerprint=fingerprint)
     else:
         plan, ticket = Plan(tensors, names, keys=keys, offsets=offsets, groups=list(groups), noise=noise,
                             backend=backend, one_device=True), None
@@ -192,8 +197,8 @@ def make_noise(numel: int, seed: int, key: int = 0, *, noise="gaussian", offset:
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ValueError(f"numel must be a non-negative int, got {numel!r}")
     out = torch.empty(numel, device=device, dtype=dtype)
-    _pass(([out], [None], False), [0.0], [1.0], seed, keys=[key], noise=noise, offsets=[offset] if offset else None,
-          backend=backend, load_x=False, what="make_noise")
+    _pass(([out], [None], False, None), [0.0], [1.0], seed, keys=[key], noise=noise,
+          offsets=[offset] if offset else None, backend=backend, load_x=False, what="make_noise")
     return out
 
 

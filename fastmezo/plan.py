@@ -33,25 +33,52 @@ def _state_in_python(tensors) -> list:
     return [list(map(get, tensors)) for get in _STATE]
 
 
-def _state_reader():
-    """fastmezo._C's ``tensor_state`` (the same properties, as bytes, in one call) when the native
-    library loads, else the Python maps."""
+def _readers():
+    """fastmezo._C's ``tensor_state`` and ``call_state`` when the native library loads, else the Python
+    maps and no fast split."""
     from .backends import native
 
     module = native.load()
-    return module.tensor_state if module is not None else _state_in_python
+    if module is None:
+        return _state_in_python, _no_call_state
+    plain = tuple(ops.PLAIN_TYPES)
+    return module.tensor_state, lambda items: module.call_state(items, plain)
 
 
-_read_state = None     # the reader, chosen on first use and kept, so that states compare like with like
+def _no_call_state(items):
+    return None
+
+
+# The readers, chosen on first use and kept, so that states compare like with like (a fingerprint of
+# call_state is only ever compared with another one).
+_read_state = None
+_read_call = None
+
+
+def _choose_readers():
+    global _read_state, _read_call
+    state, call = _readers()
+    _read_state = state if _read_state is None else _read_state
+    _read_call = call if _read_call is None else _read_call
 
 
 def tensor_state(tensors):
     """The state of plain tensors that a validated plan relies on: per tensor its data address, dtype,
     shape, strides and device. Two reads are equal exactly when every tensor kept all of them."""
-    global _read_state
     if _read_state is None:
-        _read_state = _state_reader()
+        _choose_readers()
     return _read_state(tensors)
+
+
+def call_state(items):
+    """A functional call's ``tensors`` argument in one native pass, or None: for a list or tuple of
+    plain tensors or of (str, plain tensor) tuples, (tensors, names or None, fingerprint, digest), where
+    the fingerprint (bytes) holds every tensor's identity and :func:`tensor_state` and the names, so two
+    equal fingerprints are the same call on unchanged tensors; ``digest`` is its hash. None for other
+    arguments, or without the native library (the caller splits and checks in Python)."""
+    if _read_call is None:
+        _choose_readers()
+    return _read_call(items)
 
 
 class Plan:

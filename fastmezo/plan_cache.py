@@ -11,6 +11,9 @@ reuses it only while the call's tensors are provably the ones it validated:
 * every tensor still has the data address, dtype, shape, stride and device it had when validated
   (:func:`fastmezo.plan.tensor_state`: what ``resize_``, ``set_``, ``as_strided_``, ``.data = ...`` or
   ``.to()`` change); any difference and the call is validated from scratch, with the usual errors.
+  With the native library the call's fingerprint (:func:`fastmezo.plan.call_state`: the tensors'
+  identities, their state and the names, read in one pass) is the key itself, so a found entry is
+  already a checked one.
 
 Between calls the plan holds no tensor: :func:`lease` attaches the caller's tensors for one call and
 :func:`give_back` detaches them again (the launches the plan prepared hold no tensor, so they stay).
@@ -34,11 +37,13 @@ _lock = threading.Lock()
 
 class _Key:
     """A call's key with its hash computed once: a lookup and the re-insertion after the call would
-    otherwise hash the tensors' identities (hundreds of them) again each time."""
+    otherwise hash the tensors' identities (hundreds of them) again each time. ``digest``: the hash of
+    parts[0] when it is already known (a fingerprint's, computed natively)."""
     __slots__ = ("parts", "hash")
 
-    def __init__(self, parts):
-        self.parts, self.hash = parts, hash(parts)
+    def __init__(self, parts, digest=None):
+        self.parts = parts
+        self.hash = hash(parts) if digest is None else hash((digest, parts[1:]))
 
     def __hash__(self):
         return self.hash
@@ -54,32 +59,35 @@ class _Entry:
         self.plan, self.state, self.refs, self.dead = plan, state, refs, dead
 
 
-def _key(tensors, names, keys, offsets, groups, noise, backend, plain):
+def _key(tensors, names, keys, offsets, groups, noise, backend, plain, fingerprint=None):
     """The call's key, or None when part of it cannot be a dict key (validated by Plan as usual)."""
-    if not plain and set(map(type, tensors)) - PLAIN_TYPES:
-        return None
-    unnamed = names.count(None) == len(names)
-    parts = (tuple(map(id, tensors)), None if unnamed else tuple(names),
-             keys if isinstance(keys, (str, type(None))) else tuple(keys),
-             None if offsets is None else tuple(offsets), tuple(groups), noise, backend,
-             os.environ.get(backends.ENV_VAR))
+    rest = (keys if isinstance(keys, (str, type(None))) else tuple(keys),
+            None if offsets is None else tuple(offsets), tuple(groups), noise, backend,
+            os.environ.get(backends.ENV_VAR))
     try:
-        return _Key(parts)
+        if fingerprint is not None:
+            return _Key((fingerprint[0],) + rest, fingerprint[1])
+        if not plain and set(map(type, tensors)) - PLAIN_TYPES:
+            return None
+        unnamed = names.count(None) == len(names)
+        return _Key((tuple(map(id, tensors)), None if unnamed else tuple(names)) + rest)
     except TypeError:
         return None
 
 
-def lease(tensors, names, *, keys, offsets, groups, noise, backend, plain=False):
+def lease(tensors, names, *, keys, offsets, groups, noise, backend, plain=False, fingerprint=None):
     """(plan, key) for one in-place call on one device: a cached plan attached to ``tensors`` when the
     call and the tensors are unchanged, else a new validated Plan (which raises on bad input). Hand it
     back with :func:`give_back` when the call is over. ``plain``: the caller checked that every tensor
-    is a plain tensor or parameter."""
-    key = _key(tensors, names, keys, offsets, groups, noise, backend, plain)
+    is a plain tensor or parameter. ``fingerprint``: (bytes, digest) of fastmezo.plan.call_state for
+    these tensors and names, which then stands for their identities and state."""
+    key = _key(tensors, names, keys, offsets, groups, noise, backend, plain, fingerprint)
     entry = None
     if key is not None:
         with _lock:
             entry = _entries.pop(key, None)
-    if entry is not None and not entry.dead[0] and tensor_state(tensors) == entry.state:
+    checked = fingerprint is not None                 # the key itself holds the tensors' state
+    if entry is not None and not entry.dead[0] and (checked or tensor_state(tensors) == entry.state):
         entry.plan.tensors = tensors
         return entry.plan, (key, entry)
     plan = Plan(tensors, names, keys=keys, offsets=offsets, groups=list(groups), noise=noise, backend=backend,
@@ -97,7 +105,8 @@ def lease(tensors, names, *, keys, offsets, groups, noise, backend, plain=False)
         if held is not None and held.dead is dead:
             entries.pop(key, None)
 
-    return plan, (key, _Entry(plan, tensor_state(tensors), [weakref.ref(t, forget) for t in tensors], dead))
+    state = None if checked else tensor_state(tensors)
+    return plan, (key, _Entry(plan, state, [weakref.ref(t, forget) for t in tensors], dead))
 
 
 def give_back(plan, ticket) -> None:

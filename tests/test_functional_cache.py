@@ -9,7 +9,7 @@ import torch
 
 from fastmezo import functional as F
 from fastmezo import plan, plan_cache
-from fastmezo.noise import parse_noise
+from fastmezo.noise import key_from_name, parse_noise
 from fastmezo.oracle import noise as oracle_noise, pass_with_z
 
 BACKENDS = ["oracle", "native", "triton"]
@@ -39,16 +39,26 @@ def _empty_cache():
     plan_cache.clear()
 
 
+def _native_or_skip():
+    from fastmezo.backends import native
+    if native.load() is None:
+        pytest.skip(native.load_error())
+    return native.load()
+
+
 @pytest.fixture(params=["native", "python"])
 def state_reader(request, monkeypatch):
-    """Each way the cache reads the tensors' state: fastmezo._C's tensor_state, or the Python maps."""
+    """Each way the cache reads the call and the tensors' state: fastmezo._C's call_state and
+    tensor_state, or the Python split and maps."""
     if request.param == "native":
-        from fastmezo.backends import native
-        if native.load() is None:
-            pytest.skip(native.load_error())
-        monkeypatch.setattr(plan, "_read_state", native.load().tensor_state)
+        state, call = plan._readers()
+        if state is plan._state_in_python:
+            _native_or_skip()
+        monkeypatch.setattr(plan, "_read_state", state)
+        monkeypatch.setattr(plan, "_read_call", call)
     else:
         monkeypatch.setattr(plan, "_read_state", plan._state_in_python)
+        monkeypatch.setattr(plan, "_read_call", plan._no_call_state)
     return request.param
 
 
@@ -111,14 +121,17 @@ def test_dropping_one_tensor_drops_the_entry_and_a_new_list_is_validated():
     (lambda w, other: setattr(w[0], "data", w[0].data.to(torch.int32)), "dtype torch.int32"),
     (lambda w, other: setattr(w[0], "data", w[0].data.view(torch.int32)), "dtype torch.int32"),  # same address
 ])
-def test_a_tensor_changed_in_place_is_revalidated(mutate, error, state_reader):
+@pytest.mark.parametrize("named", [False, True], ids=["list", "named"])
+def test_a_tensor_changed_in_place_is_revalidated(mutate, error, named, state_reader):
     weights = _weights(5)
-    F.perturb_(weights, 1, 1e-2, backend="oracle")
-    F.perturb_(weights, 2, 1e-2, backend="oracle")          # cached
+    args = (lambda: [(f"layer.{i}", w) for i, w in enumerate(weights)]) if named else (lambda: weights)
+    F.perturb_(args(), 1, 1e-2, backend="oracle")
+    F.perturb_(args(), 2, 1e-2, backend="oracle")           # cached
+    assert len(plan_cache._entries) == 1
     mutate(weights, weights[1].view(-1))
     before = [w.clone() for w in weights]
     with pytest.raises((ValueError, TypeError), match=error):
-        F.perturb_(weights, 3, 1e-2, backend="oracle")
+        F.perturb_(args(), 3, 1e-2, backend="oracle")
     for w, b in zip(weights, before):                        # refused before anything moved
         assert torch.equal(w, b)
 
@@ -154,6 +167,62 @@ def test_a_resized_tensor_gets_the_noise_of_its_new_size(state_reader):
     start = weights[0].clone()
     F.perturb_(weights, 2, 1e-2, backend="oracle")
     torch.testing.assert_close(weights[0], start + 1e-2 * z_like(start, 2, 0), rtol=0, atol=1e-6)
+
+
+def test_a_renamed_tensor_gets_the_noise_of_its_new_name(state_reader):
+    """keys="name": the names are part of the call, so a cached plan is never reused under other names."""
+    weights, twins = _weights(8), _weights(8)
+    names = ["model.a.weight", "model.b.weight", "model.c.weight"]
+    for _ in range(2):                                       # a miss, then a hit
+        F.perturb_(list(zip(names, weights)), 1, 1e-2, keys="name", backend="oracle")
+    renamed = ["model.a.weight", "model.x.weight", "model.c.weight"]
+    F.perturb_(list(zip(renamed, weights)), 2, 1e-2, keys="name", backend="oracle")
+    for t, old, new in zip(twins, names, renamed):
+        t += 1e-2 * z_like(t, 1, key_from_name(old))
+        t += 1e-2 * z_like(t, 1, key_from_name(old))
+        t += 1e-2 * z_like(t, 2, key_from_name(new))
+    for w, t in zip(weights, twins):
+        torch.testing.assert_close(w, t, rtol=0, atol=1e-6)
+    assert len(plan_cache._entries) == 2
+
+
+def test_call_state_splits_and_fingerprints_the_fast_cases():
+    """fastmezo._C.call_state: the tensors and names of a list (or tuple) of plain tensors or of (name,
+    tensor) tuples, as the Python split gives them, and a fingerprint that is equal for the same call
+    (new list and name objects included) and differs when any tensor, its state, a name or the order
+    differs; None for every other argument."""
+    _native_or_skip()
+    from fastmezo.plan import _readers
+    state, call = _readers()
+    a, b = torch.randn(4, 6), torch.nn.Parameter(torch.randn(5))
+    names = ["enc.a", "dec.b"]
+
+    def named(ns=names, ts=(a, b)):
+        return [("".join(n), t) for n, t in zip(ns, ts)]    # fresh string objects every call
+
+    for items in ([a, b], (a, b), named(), tuple(named())):
+        got, got_names, fingerprint, digest = call(items)
+        assert got[0] is a and got[1] is b and type(got) is list
+        assert got_names == (None if type(items[0]) is not tuple else names)
+        again = call(type(items)(list(items)) if type(items[0]) is not tuple else named())
+        assert again[2] == fingerprint and again[3] == digest
+    first = call(named())[2]
+    changed = [named(["enc.a", "dec.c"]), named(ts=(b, a)), named(ts=(a.view(4, 6), b)),
+               [(n, t) for n, t in reversed(named())], named(["enc.a", "dec.bb"])]
+    prints = {call(c)[2] for c in changed}
+    assert first not in prints and len(prints) == len(changed)
+    assert call([a, b])[2] != first
+    mutations = (lambda: a.resize_(24), lambda: a.as_strided_((4, 6), (1, 4)),
+                 lambda: setattr(b, "data", b.data.double()))
+    for mutate in mutations:
+        before = call(named())[2]
+        mutate()
+        assert call(named())[2] != before
+    class Sub(torch.Tensor):
+        pass
+    for other in ([], [a, ("n", b)], [a.as_subclass(Sub)], [("n", a, 1)], [(1, a)], [("n", 3)], [3], {"n": a}, a,
+                  iter([a]), [["n", a]], [("\udc80", a)]):
+        assert call(other) is None, other
 
 
 def test_a_change_of_keys_offsets_or_noise_is_a_new_plan():

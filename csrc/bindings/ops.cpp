@@ -8,7 +8,12 @@
 //   tensor_state(tensors)
 //       what a cached plan relies on (fastmezo/plan_cache.py), as bytes: one call instead of five Python
 //       maps over the tensors, which cost more host time than a pass's launch on a large model.
+//   call_state(items, plain_types)
+//       a functional call's tensors argument split into tensors and names, with the fingerprint of the
+//       call's identity and state (fastmezo/plan.py call_state): the split, the cache key and the state
+//       check of a repeated call in one pass over the items.
 // Importing the module registers nothing: which backend serves a device is fastmezo's choice, made once.
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -17,6 +22,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include "bindings/args.h"
@@ -28,10 +34,10 @@
 #endif
 
 // What fastmezo/backends/native.py expects of this module: 3 = scale_add_noise and register_kernels, 4 = and
-// tensor_state. A library
+// tensor_state, 5 = and call_state. A library
 // built from older sources (an editable install does not rebuild by itself) is reported as unavailable with the
 // reason instead of failing on the first call.
-#define FASTMEZO_API_VERSION 4
+#define FASTMEZO_API_VERSION 5
 
 namespace fastmezo {
 namespace bindings {
@@ -140,19 +146,115 @@ void scale_add_noise_out_cpu(at::TensorList tensors, at::TensorList outs, at::Ar
 // int64 words. Two states are equal exactly when every tensor kept all of these (the words of a tensor
 // start with its dimension count, so the packing cannot line up two different lists). Tensors without
 // storage (meta) count as address 0.
-pybind11::bytes tensor_state(const std::vector<at::Tensor>& tensors) {
+void push_state(std::vector<int64_t>& words, const at::Tensor& t) {
+  const bool has_data = t.has_storage() && !t.is_meta();
+  words.push_back(has_data ? reinterpret_cast<int64_t>(t.const_data_ptr()) : 0);
+  words.push_back(static_cast<int64_t>(t.scalar_type()));
+  words.push_back((static_cast<int64_t>(t.device().type()) << 16) | static_cast<uint16_t>(t.device().index()));
+  words.push_back(t.dim());
+  for (const auto size : t.sizes()) words.push_back(size);
+  for (const auto stride : t.strides()) words.push_back(stride);
+}
+
+// A list or tuple is read in place (no vector of tensors is built from it: that conversion cost more than
+// the reads themselves); any other iterable of tensors through pybind11's conversion.
+pybind11::bytes tensor_state(pybind11::handle tensors) {
   std::vector<int64_t> words;
-  words.reserve(tensors.size() * 8);
-  for (const auto& t : tensors) {
-    const bool has_data = t.has_storage() && !t.is_meta();
-    words.push_back(has_data ? reinterpret_cast<int64_t>(t.const_data_ptr()) : 0);
-    words.push_back(static_cast<int64_t>(t.scalar_type()));
-    words.push_back((static_cast<int64_t>(t.device().type()) << 16) | static_cast<uint16_t>(t.device().index()));
-    words.push_back(t.dim());
-    for (const auto size : t.sizes()) words.push_back(size);
-    for (const auto stride : t.strides()) words.push_back(stride);
+  PyObject* seq = tensors.ptr();
+  if (PyList_CheckExact(seq) || PyTuple_CheckExact(seq)) {
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject** items = PySequence_Fast_ITEMS(seq);
+    words.reserve(static_cast<size_t>(n) * 8);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (!THPVariable_Check(items[i])) {
+        throw pybind11::type_error("tensor_state: item " + std::to_string(i) + " is not a tensor");
+      }
+      push_state(words, THPVariable_Unpack(items[i]));
+    }
+  } else {
+    for (const auto& t : tensors.cast<std::vector<at::Tensor>>()) push_state(words, t);
   }
   return pybind11::bytes(reinterpret_cast<const char*>(words.data()), words.size() * sizeof(int64_t));
+}
+
+// A 64-bit digest of 8-byte words (a multiply-xorshift mix per word): the dict hash of a call's
+// fingerprint, which Python would otherwise compute over tens of kilobytes with SipHash on every call.
+// Equal fingerprints are still compared byte for byte, so a collision costs a comparison, never a wrong hit.
+uint64_t mix(uint64_t h, uint64_t word) {
+  h = (h ^ word) * 0x9E3779B97F4A7C15ULL;
+  return h ^ (h >> 29);
+}
+
+// The fast cases of a functional call's tensors argument (fastmezo/functional.py _split): a list or tuple
+// of plain tensors (their exact type is one of plain_types), or of (str, plain tensor) tuples. Returns None
+// for anything else (the caller takes its general path), else (tensors, names or None, fingerprint,
+// digest). The fingerprint holds the number of tensors, then per tensor the address of its Python object
+// (its identity, as id()) and its state as tensor_state packs it, then the names' UTF-8 bytes, each after
+// its length (the dimension counts and the number of tensors make that layout unambiguous): equal fingerprints mean the same tensor objects, each with the state it had, under the same
+// names. The caller keeps the objects alive (the plan cache holds weak references that drop an entry
+// when one dies), so an equal address is the same object.
+pybind11::object call_state(pybind11::handle items, pybind11::handle plain_types) {
+  namespace py = pybind11;
+  PyObject* seq = items.ptr();
+  if (!(PyList_CheckExact(seq) || PyTuple_CheckExact(seq)) || !PyTuple_CheckExact(plain_types.ptr())) {
+    return py::none();
+  }
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  if (n == 0) return py::none();
+  PyObject** objects = PySequence_Fast_ITEMS(seq);
+  PyObject** types = PySequence_Fast_ITEMS(plain_types.ptr());
+  const Py_ssize_t n_types = PyTuple_GET_SIZE(plain_types.ptr());
+  const auto plain = [&](PyObject* obj) {
+    for (Py_ssize_t i = 0; i < n_types; ++i) {
+      if (reinterpret_cast<PyObject*>(Py_TYPE(obj)) == types[i]) return THPVariable_Check(obj);
+    }
+    return false;
+  };
+  const bool named = PyTuple_CheckExact(objects[0]);
+  py::list tensors(n);
+  py::object names = py::none();
+  py::list name_list(named ? n : 0);
+  std::vector<int64_t> words;
+  words.reserve(static_cast<size_t>(n) * 9 + 1);
+  words.push_back(n);
+  std::string text;
+  if (named) text.reserve(static_cast<size_t>(n) * 64);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = objects[i];
+    if (named) {
+      if (!PyTuple_CheckExact(obj) || PyTuple_GET_SIZE(obj) != 2) return py::none();
+      PyObject* name = PyTuple_GET_ITEM(obj, 0);
+      if (!PyUnicode_CheckExact(name)) return py::none();
+      Py_ssize_t length = 0;
+      const char* utf8 = PyUnicode_AsUTF8AndSize(name, &length);
+      if (utf8 == nullptr) {  // not encodable (a lone surrogate): the general path handles such a name
+        PyErr_Clear();
+        return py::none();
+      }
+      const int64_t size = length;
+      text.append(reinterpret_cast<const char*>(&size), sizeof(size));
+      text.append(utf8, static_cast<size_t>(length));
+      Py_INCREF(name);
+      PyList_SET_ITEM(name_list.ptr(), i, name);
+      obj = PyTuple_GET_ITEM(obj, 1);
+    }
+    if (!plain(obj)) return py::none();
+    Py_INCREF(obj);
+    PyList_SET_ITEM(tensors.ptr(), i, obj);
+    words.push_back(reinterpret_cast<int64_t>(obj));
+    push_state(words, THPVariable_Unpack(obj));
+  }
+  text.resize((text.size() + 7) / 8 * 8, '\0');
+  std::string fingerprint(reinterpret_cast<const char*>(words.data()), words.size() * sizeof(int64_t));
+  fingerprint += text;
+  uint64_t digest = 0x243F6A8885A308D3ULL;
+  for (size_t at = 0; at < fingerprint.size(); at += 8) {
+    uint64_t word;
+    std::memcpy(&word, fingerprint.data() + at, sizeof(word));
+    digest = mix(digest, word);
+  }
+  if (named) names = std::move(name_list);
+  return py::make_tuple(std::move(tensors), std::move(names), py::bytes(fingerprint), py::int_(digest));
 }
 
 }  // namespace bindings
@@ -175,6 +277,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("round_seed"), py::call_guard<py::gil_scoped_release>());
   m.def("register_kernels", &fastmezo::bindings::register_kernels, py::arg("device_type"));
   m.def("tensor_state", &fastmezo::bindings::tensor_state, py::arg("tensors"));
+  m.def("call_state", &fastmezo::bindings::call_state, py::arg("items"), py::arg("plain_types"));
   m.attr("WITH_CUDA") = FASTMEZO_WITH_CUDA;
   m.attr("WITH_OPENMP") = fastmezo::cpu::has_openmp() ? 1 : 0;
   m.attr("NOISE_VERSION") = fastmezo::kNoiseVersion;
