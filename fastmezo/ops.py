@@ -130,6 +130,21 @@ def _plain(tensors) -> bool:
     return not tracing() and plain(tensors)
 
 
+_bump = None        # the version-counter bump, chosen on first use
+
+
+def bump_versions(tensors) -> None:
+    """torch.autograd.graph.increment_version(tensors), by fastmezo._C's ``bump_versions`` when the
+    native library loads (it reads the list in place, which matters at hundreds of tensors a pass)."""
+    global _bump
+    if _bump is None:
+        from .backends import native
+
+        module = native.load()
+        _bump = module.bump_versions if module is not None else torch.autograd.graph.increment_version
+    _bump(tensors)
+
+
 def launch(prepared, written, a: float, b: float, seed: int, load_x: bool = True,
            round_seed: Optional[int] = None) -> None:
     """An in-place pass through a prepared launch (a backend's ``prepare``) that writes ``written``.
@@ -140,7 +155,7 @@ def launch(prepared, written, a: float, b: float, seed: int, load_x: bool = True
         torch.set_grad_enabled(False)
     try:
         prepared(a, b, seed, round_seed, load_x)
-        torch.autograd.graph.increment_version(written)
+        bump_versions(written)
     finally:
         if grad:
             torch.set_grad_enabled(True)
@@ -162,7 +177,7 @@ def run(backend, tensors, outs, a, b, seed: int, keys, offsets, noise: int, load
     try:
         if _plain(tensors) and (outs is None or _plain(outs)):
             backend.run(tensors, outs, a, b, seed, keys, offsets, noise, load_x, round_seed)
-            torch.autograd.graph.increment_version(written)
+            bump_versions(written)
             return
         install(tensors[0].device)
         if outs is None:

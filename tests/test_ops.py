@@ -104,6 +104,34 @@ def test_eager_pass_bumps_version_counters():
         h.sum().backward()
 
 
+@pytest.mark.parametrize("reader", ["native", "torch"])
+def test_bump_versions_is_torchs_increment_version(reader, monkeypatch):
+    """fastmezo.ops.bump_versions (fastmezo._C's in-place read of the list, or torch's own) adds one to
+    every tensor's version, views share their base's counter, and an inference tensor (which has no
+    counter) is skipped, as torch skips it."""
+    from fastmezo import ops
+    from fastmezo.backends import native
+    if reader == "native":
+        if native.load() is None:
+            pytest.skip(native.load_error())
+        monkeypatch.setattr(ops, "_bump", native.load().bump_versions)
+    else:
+        monkeypatch.setattr(ops, "_bump", torch.autograd.graph.increment_version)
+    base = torch.randn(6)
+    tensors = [torch.nn.Parameter(torch.randn(3)), base[:2], torch.randn(2, 2).t()]
+    for kind in (list, tuple):
+        before = [t._version for t in tensors] + [base._version]
+        ops.bump_versions(kind(tensors))
+        assert [t._version for t in tensors] + [base._version] == [v + 1 for v in before[:3]] + [before[3] + 1]
+    with torch.inference_mode():
+        frozen = torch.ones(2)
+    version = tensors[0]._version
+    ops.bump_versions([frozen, tensors[0]])
+    assert tensors[0]._version == version + 1
+    with pytest.raises((TypeError, RuntimeError), match="tensor"):
+        ops.bump_versions([base, 3])
+
+
 def test_grad_mode_comes_back_also_when_the_pass_raises(monkeypatch):
     """A pass runs with autograd off (it mutates leaves that require grad) and switches it back on,
     also when the backend raises."""

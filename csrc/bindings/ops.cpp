@@ -12,6 +12,8 @@
 //       a functional call's tensors argument split into tensors and names, with the fingerprint of the
 //       call's identity and state (fastmezo/plan.py call_state): the split, the cache key and the state
 //       check of a repeated call in one pass over the items.
+//   bump_versions(tensors)
+//       torch.autograd.graph.increment_version for a list of tensors, read in place (fastmezo/ops.py).
 // Importing the module registers nothing: which backend serves a device is fastmezo's choice, made once.
 #include <cstring>
 #include <memory>
@@ -34,10 +36,10 @@
 #endif
 
 // What fastmezo/backends/native.py expects of this module: 3 = scale_add_noise and register_kernels, 4 = and
-// tensor_state, 5 = and call_state. A library
+// tensor_state, 5 = and call_state, 6 = and bump_versions. A library
 // built from older sources (an editable install does not rebuild by itself) is reported as unavailable with the
 // reason instead of failing on the first call.
-#define FASTMEZO_API_VERSION 5
+#define FASTMEZO_API_VERSION 6
 
 namespace fastmezo {
 namespace bindings {
@@ -177,6 +179,29 @@ pybind11::bytes tensor_state(pybind11::handle tensors) {
   return pybind11::bytes(reinterpret_cast<const char*>(words.data()), words.size() * sizeof(int64_t));
 }
 
+// The version counter of every tensor bumped, as torch.autograd.graph.increment_version bumps it: an
+// inference tensor has no counter and is skipped. A list or tuple is read in place.
+void bump_versions(pybind11::handle tensors) {
+  PyObject* seq = tensors.ptr();
+  if (PyList_CheckExact(seq) || PyTuple_CheckExact(seq)) {
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject** items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (!THPVariable_Check(items[i])) {
+        throw pybind11::type_error("bump_versions: item " + std::to_string(i) + " is not a tensor");
+      }
+    }
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      const at::Tensor& t = THPVariable_Unpack(items[i]);
+      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+    }
+  } else {
+    for (const auto& t : tensors.cast<std::vector<at::Tensor>>()) {
+      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+    }
+  }
+}
+
 // A 64-bit digest of 8-byte words (a multiply-xorshift mix per word): the dict hash of a call's
 // fingerprint, which Python would otherwise compute over tens of kilobytes with SipHash on every call.
 // Equal fingerprints are still compared byte for byte, so a collision costs a comparison, never a wrong hit.
@@ -278,6 +303,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("register_kernels", &fastmezo::bindings::register_kernels, py::arg("device_type"));
   m.def("tensor_state", &fastmezo::bindings::tensor_state, py::arg("tensors"));
   m.def("call_state", &fastmezo::bindings::call_state, py::arg("items"), py::arg("plain_types"));
+  m.def("bump_versions", &fastmezo::bindings::bump_versions, py::arg("tensors"));
   m.attr("WITH_CUDA") = FASTMEZO_WITH_CUDA;
   m.attr("WITH_OPENMP") = fastmezo::cpu::has_openmp() ? 1 : 0;
   m.attr("NOISE_VERSION") = fastmezo::kNoiseVersion;

@@ -16,9 +16,9 @@ NAME = "native"
 _LIBRARY = "fastmezo._C"
 # The interface this file calls (csrc/bindings/ops.cpp FASTMEZO_API_VERSION): 3 = the direct call
 # scale_add_noise and register_kernels into the fastmezo namespace, 4 = and tensor_state (for
-# fastmezo.plan_cache), 5 = and call_state (fastmezo.plan). A library built from older sources is
-# reported, not half used.
-API_VERSION = 5
+# fastmezo.plan_cache), 5 = and call_state (fastmezo.plan), 6 = and bump_versions (fastmezo.ops). A
+# library built from older sources is reported, not half used.
+API_VERSION = 6
 
 _lock = threading.Lock()
 _module = None        # fastmezo._C once loaded
