@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paired_linear import _INTERPRETING, _NO_FMA_CONTRACTION, _blocks, _dot, paired_linear
+from kernels.paired_linear import (_INTERPRETING, _NO_FMA_CONTRACTION, _blocks, _dot, _sms, default_warps,
+                                   paired_linear)
 from kernels.philox import gaussian_block, gaussian_rows, round_to_nearest
 
 from .sweep_pass import queued_ms
@@ -175,7 +176,7 @@ def configs(m_half: int, n: int, k: int, device):
     """(label, mode, block_m, block_n, block_k, split, warps, stages, maxnreg): the library's shape for every
     mode, then launch shapes it does not take (fewer stages, a register cap, smaller row blocks)."""
     bm, bn, bk, split, _, stages = _blocks(m_half, n, k, 0, device, None, None, None)
-    warps = 4 if bm <= 32 else 8
+    warps = default_warps(bm)
     for mode in MODES:
         yield mode, mode, bm, bn, bk, split, warps, stages, None
     yield "full 2 stages", "full", bm, bn, bk, split, warps, 2, None
@@ -183,6 +184,12 @@ def configs(m_half: int, n: int, k: int, device):
     yield "full block_m 64 4 warps", "full", 64, bn, bk, split, 4, stages, None
     yield "full block_m 64 4 warps 2 stages", "full", 64, bn, bk, split, 4, 2, None
     yield "full block_m 64 8 warps", "full", 64, bn, bk, split, 8, stages, None
+    # 64-row blocks with the library's split rule (about two programs per SM) applied to their count.
+    bm64 = min(bm, 64)
+    programs = triton.cdiv(m_half, bm64) * triton.cdiv(n, bn)
+    split64 = max(1, min(triton.cdiv(2 * _sms(device), programs), triton.cdiv(k, bk) // 4))
+    yield "full block_m 64 4 warps, its own split", "full", bm64, bn, bk, split64, 4, stages, None
+    yield "full block_m 64 4 warps 2 stages, its own split", "full", bm64, bn, bk, split64, 4, 2, None
     for slab in (256, 512):
         for two_bn, two_split in ((bn, split), (128, split), (bn, max(1, split // 2))):
             yield (f"two-phase slab {slab} block_n {two_bn} split {two_split}", "two-phase", bm, two_bn, bk, two_split,
@@ -194,6 +201,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rows", type=int, default=128, help="rows of each half (batch x sequence)")
     p.add_argument("--layers", default="q_proj,fc1")
     p.add_argument("--only", default=None, help="'label:layer': one launch of that config, for ncu")
+    p.add_argument("--configs", default=None, help="';'-separated labels of the configs to time (default: all)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev = torch.device("cuda")
@@ -213,15 +221,17 @@ def main(argv=None) -> dict:
         prod = queued_ms(lambda: paired_linear(x, w, 1e-3, 7, 3))
         mm = queued_ms(lambda: torch.mm(x, w.t()))
         noise = queued_ms(lambda: torch.empty_like(w).normal_())
-        rows += [{"layer": layer, "config": "production paired_linear", "ms": prod},
-                 {"layer": layer, "config": "torch.mm (2 halves, one W)", "ms": mm},
-                 {"layer": layer, "config": "torch normal_ of W's size", "ms": noise}]
+        rows += [{"layer": layer, "rows": args.rows, "config": "production paired_linear", "ms": prod},
+                 {"layer": layer, "rows": args.rows, "config": "torch.mm (2 halves, one W)", "ms": mm},
+                 {"layer": layer, "rows": args.rows, "config": "torch normal_ of W's size", "ms": noise}]
         for cfg in configs(args.rows, n, k, dev):
+            if args.configs and cfg[0] not in args.configs.split(";"):
+                continue
             try:
                 ms = queued_ms(lambda: run_variant(x, w, ws, *cfg[1:]))
             except Exception as exc:                 # noqa: BLE001 - a launch shape that does not compile
                 ms, cfg = float("nan"), (f"{cfg[0]} ({type(exc).__name__}: {str(exc)[:60]})",) + cfg[1:]
-            rows.append({"layer": layer, "config": cfg[0], "ms": ms, "block": cfg[2:]})
+            rows.append({"layer": layer, "rows": args.rows, "config": cfg[0], "ms": ms, "block": cfg[2:]})
     for r in rows:
         print(f"{r['layer']:7} {r['config']:60} {r['ms']:8.4f} ms")
     if args.out:

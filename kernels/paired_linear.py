@@ -166,6 +166,12 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+def default_warps(block_m: int) -> int:
+    """Warps of a program: 4 up to 64 rows per half, where the two accumulators are small enough for a
+    second program to share the SM (docs/perf.md: 4 against 8 warps at 64-row blocks), else 8."""
+    return 4 if block_m <= 64 else 8
+
+
 def _blocks(m_half: int, n: int, k: int, noise: int, device: torch.device, block_n, block_k, split_k,
             elem: int = 2):
     block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(m_half)))
@@ -205,7 +211,7 @@ def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed: int
             x2d, weight, ws, h, n, k, k_per_split, float(eps),
             _i32(seed & 0xFFFFFFFF), _i32((seed >> 32) & 0xFFFFFFFF), _i32(key & 0xFFFFFFFF), offset,
             NOISE=noise, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            FAST=not _INTERPRETING, num_warps=num_warps or (4 if block_m <= 32 else 8), num_stages=stages,
+            FAST=not _INTERPRETING, num_warps=num_warps or default_warps(block_m), num_stages=stages,
             **_NO_FMA_CONTRACTION)
     y = ws[0] if split == 1 else ws.sum(0)
     if bias_plus is not None:
