@@ -32,8 +32,9 @@ _PASS_ARGS = {"proto_ptr": None, "table_ptr": "*i64", "starts_ptr": "*i64", "map
               "a": "fp32", "b": "fp32", "seed_lo": "i32", "seed_hi": "i32", "rseed_lo": "i32", "rseed_hi": "i32"}
 _REPLAY_ARGS = {"x_ptr": None, "n": "i32", "offset": "i32", "key": "i32", "steps_ptr": "*i32", "coef_ptr": "*fp32",
                 "rseed_ptr": "*i32", "n_steps": "i32"}
-_PAIRED_ARGS = {"x_ptr": None, "w_ptr": None, "ws_ptr": "*fp32", "M_HALF": "i32", "N": "i32", "K": "i32",
-                "k_per_split": "i32", "eps": "fp32", "seed_lo": "i32", "seed_hi": "i32", "key": "i32", "offset": "i32"}
+_PAIRED_ARGS = {"x_ptr": None, "w_ptr": None, "out_ptr": "*fp32", "bias_plus_ptr": None, "bias_minus_ptr": None,
+                "M_HALF": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "eps": "fp32", "seed_lo": "i32",
+                "seed_hi": "i32", "key": "i32", "offset": "i32"}
 
 
 def sass(fn, args: dict, constants: dict, arch: int, aligned, **options) -> str:
@@ -79,13 +80,14 @@ def variants():
                    dict(_REPLAY_ARGS, x_ptr=f"*{dtype}"), const, ("x_ptr", "steps_ptr", "coef_ptr", "rseed_ptr"),
                    dict(num_warps=4))
     # The sizes as a launch with OPT's layers specializes them (multiples of 16).
-    paired_aligned = ("x_ptr", "w_ptr", "ws_ptr", "M_HALF", "N", "K", "k_per_split")
+    paired_aligned = ("x_ptr", "w_ptr", "out_ptr", "M_HALF", "N", "K", "k_per_split")
     for dtype in ("fp16", "bf16"):
         for noise, name in ((0, "gaussian"), (1, "rademacher")):
-            const = dict(NOISE=noise, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64 if noise == 0 else 128, FAST=True)
+            const = dict(NOISE=noise, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64 if noise == 0 else 128, DIRECT=False,
+                         HAS_BIAS=False, FAST=True)
             yield (f"paired {dtype} {name} 128x64x{const['BLOCK_K']}", _paired_linear_kernel,
-                   dict(_PAIRED_ARGS, x_ptr=f"*{dtype}", w_ptr=f"*{dtype}"), const, paired_aligned,
-                   dict(num_warps=8, num_stages=3))
+                   dict(_PAIRED_ARGS, x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", bias_plus_ptr=f"*{dtype}",
+                        bias_minus_ptr=f"*{dtype}"), const, paired_aligned, dict(num_warps=8, num_stages=3))
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,9 @@ offsets are refused (:func:`unfusable_reason`); the caller materializes instead.
 Parallelism. One row block leaves few programs (N / BLOCK_N) for a GPU of ~130 SMs, so K is split
 into SPLIT ranges; each program writes its float32 partial sums to its own slice of a workspace
 [SPLIT, M, N], and torch sums the slices in a fixed order. No atomics: results are the same run to
-run. The bias (tiny, perturbed by the caller) is added in float32 before the one rounding of y.
+run. With one split (wide layers) the program writes y itself and no workspace is allocated: the
+largest layers (an lm_head over a vocabulary) would otherwise hold an [M, N] float32 copy of their
+output. The bias (tiny, perturbed by the caller) is added in float32 before the one rounding of y.
 
 Compiled kernels use the fast transcendentals of kernels.philox (FAST); the interpreter (tests on
 CPU) uses the accurate ones, rounds bfloat16 on bit patterns (its own conversion truncates) and
@@ -69,9 +71,10 @@ def _dot(x, w, acc, DTYPE: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["eps", "seed_lo", "seed_hi", "key", "offset", "k_per_split"])
-def _paired_linear_kernel(x_ptr, w_ptr, ws_ptr, M_HALF, N, K, k_per_split, eps, seed_lo, seed_hi, key, offset,
-                          NOISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, FAST: tl.constexpr):
+def _paired_linear_kernel(x_ptr, w_ptr, out_ptr, bias_plus_ptr, bias_minus_ptr, M_HALF, N, K, k_per_split, eps,
+                          seed_lo, seed_hi, key, offset, NOISE: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DIRECT: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, FAST: tl.constexpr):
     P: tl.constexpr = 4 if NOISE == 0 else 128
     CALLS_PER_ROW: tl.constexpr = BLOCK_K // P
     DTYPE = w_ptr.dtype.element_ty
@@ -109,10 +112,18 @@ def _paired_linear_kernel(x_ptr, w_ptr, ws_ptr, M_HALF, N, K, k_per_split, eps, 
         x_minus = tl.load(x_ptr + (rm + M_HALF)[:, None] * K + kk[None, :], mask=x_mask, other=0.0)
         acc_p = _dot(x_plus, w_plus, acc_p, DTYPE, FAST)
         acc_m = _dot(x_minus, w_minus, acc_m, DTYPE, FAST)
-    out = ws_ptr + pid_s * (2 * M_HALF * N) + rm[:, None] * N + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
-    tl.store(out, acc_p, mask=mask)
-    tl.store(out + M_HALF * N, acc_m, mask=mask)
+    if DIRECT:      # one split: y itself, the bias added in float32, then the one rounding
+        if HAS_BIAS:
+            acc_p += tl.load(bias_plus_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc_m += tl.load(bias_minus_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + rm[:, None] * N + rn[None, :]
+        tl.store(out, round_to_nearest(acc_p, DTYPE, FAST), mask=mask)
+        tl.store(out + M_HALF * N, round_to_nearest(acc_m, DTYPE, FAST), mask=mask)
+    else:           # this split's float32 partial sums
+        out = out_ptr + pid_s * (2 * M_HALF * N) + rm[:, None] * N + rn[None, :]
+        tl.store(out, acc_p, mask=mask)
+        tl.store(out + M_HALF * N, acc_m, mask=mask)
 
 
 def unfusable_reason(x2d: torch.Tensor, weight: torch.Tensor, noise: int, offset: int) -> str | None:
@@ -192,10 +203,13 @@ def _blocks(m_half: int, n: int, k: int, noise: int, device: torch.device, block
 
 def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed: int, key: int, noise: int = 0,
                   offset: int = 0, bias_plus=None, bias_minus=None, *, block_n: int | None = None,
-                  block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None):
+                  block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None,
+                  _direct: bool = True):
     """[M, N] in x2d's dtype: rows :M/2 of x2d times round(W + eps z)^T, rows M/2: times
     round(W - eps z)^T, plus bias_plus / bias_minus (already perturbed, or the same stored bias) added
-    in float32 before the one rounding. No autograd; the caller checks :func:`unfusable_reason`."""
+    in float32 before the one rounding. No autograd; the caller checks :func:`unfusable_reason`.
+    With one split the kernel writes y itself (no float32 workspace); ``_direct=False`` (tests) takes
+    the workspace path anyway, which must give the same bits."""
     reason = unfusable_reason(x2d, weight, noise, offset)
     if reason is not None:
         raise ValueError(f"paired_linear: {reason}")
@@ -204,20 +218,29 @@ def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed: int
     n, h = weight.shape[0], m // 2
     block_m, block_n, block_k, split, k_per_split, stages = _blocks(
         h, n, k, noise, weight.device, block_n, block_k, split_k, weight.element_size())
-    ws = _workspace(split, m, n, weight.device)
+    direct = split == 1 and _direct
+    out = _output(m, n, x2d.dtype, x2d.device) if direct else _workspace(split, m, n, weight.device)
+    has_bias = bias_plus is not None
     if m and n:
         grid = (triton.cdiv(h, block_m), triton.cdiv(n, block_n), split)
         _paired_linear_kernel[grid](
-            x2d, weight, ws, h, n, k, k_per_split, float(eps),
-            _i32(seed & 0xFFFFFFFF), _i32((seed >> 32) & 0xFFFFFFFF), _i32(key & 0xFFFFFFFF), offset,
-            NOISE=noise, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            FAST=not _INTERPRETING, num_warps=num_warps or default_warps(block_m), num_stages=stages,
-            **_NO_FMA_CONTRACTION)
-    y = ws[0] if split == 1 else ws.sum(0)
-    if bias_plus is not None:
+            x2d, weight, out, bias_plus if has_bias else weight, bias_minus if has_bias else weight, h, n, k,
+            k_per_split, float(eps), _i32(seed & 0xFFFFFFFF), _i32((seed >> 32) & 0xFFFFFFFF),
+            _i32(key & 0xFFFFFFFF), offset, NOISE=noise, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            DIRECT=direct, HAS_BIAS=has_bias, FAST=not _INTERPRETING,
+            num_warps=num_warps or default_warps(block_m), num_stages=stages, **_NO_FMA_CONTRACTION)
+    if direct:
+        return out
+    y = out[0] if split == 1 else out.sum(0)
+    if has_bias:
         y[:h] += bias_plus.float()
         y[h:] += bias_minus.float()
     return y.to(x2d.dtype)
+
+
+def _output(m: int, n: int, dtype, device) -> torch.Tensor:
+    """y of a one-split launch; every element is written by the kernel."""
+    return torch.empty((m, n), dtype=dtype, device=device)
 
 
 def _workspace(split: int, m: int, n: int, device) -> torch.Tensor:

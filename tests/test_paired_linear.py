@@ -38,8 +38,10 @@ def reference(x, w, eps, key, noise, offset, bias=None):
 @pytest.mark.parametrize("rows,split", [(26, 1), (300, 2)])
 def test_kernel_matches_the_oracle(monkeypatch, dtype, noise, k, offset, rows, split):
     # Odd shapes: rows per half 13 (inside one row block) or 150 (two blocks, the second partial),
-    # N = 37 and K not multiples of the blocks; the workspace is poisoned, so an unwritten element shows.
+    # N = 37 and K not multiples of the blocks; the workspace (several splits) and the output (one split,
+    # written by the kernel itself) are poisoned, so an unwritten element shows.
     monkeypatch.setattr(pl, "_workspace", lambda *a, **kw: torch.full(a[:3], float("nan"), device=DEVICE))
+    monkeypatch.setattr(pl, "_output", lambda m, n, dt, dev: torch.full((m, n), float("nan"), dtype=dt, device=dev))
     g = torch.Generator().manual_seed(rows + k + noise)
     w = (torch.randn(37, k, generator=g) * 0.5).to(dtype)
     x = torch.randn(rows, k, generator=g).to(dtype)
@@ -51,6 +53,25 @@ def test_kernel_matches_the_oracle(monkeypatch, dtype, noise, k, offset, rows, s
     plain = (x.double() @ w.double().T)
     h = rows // 2                       # each half did see its own perturbed weight
     assert ((y[:h].double() - plain[:h]).abs() > tol[:h]).any() and ((y[h:].double() - plain[h:]).abs() > tol[h:]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("noise", [0, 1])
+def test_one_split_writes_the_bits_of_the_workspace_path(monkeypatch, dtype, noise):
+    """With one split the kernel writes y itself, the bias added in float32 before its one rounding:
+    the bits of the float32 workspace path (partial sums, bias added by torch, then rounded), with and
+    without a bias; the direct output is poisoned first."""
+    monkeypatch.setattr(pl, "_output", lambda m, n, dt, dev: torch.full((m, n), float("nan"), dtype=dt, device=dev))
+    k, offset = (136, 40) if noise == 0 else (256, 128)
+    g = torch.Generator().manual_seed(noise + 7)
+    w = torch.randn(37, k, generator=g).to(dtype).to(DEVICE)
+    x = torch.randn(26, k, generator=g).to(dtype).to(DEVICE)
+    bias_plus, bias_minus = (torch.randn(37, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    for biases in ((), (bias_plus, bias_minus)):
+        direct = pl.paired_linear(x, w, 0.01, SEED, 5, noise, offset, *biases, split_k=1)
+        spilled = pl.paired_linear(x, w, 0.01, SEED, 5, noise, offset, *biases, split_k=1, _direct=False)
+        assert torch.isfinite(direct).all() and direct.dtype == dtype
+        assert torch.equal(direct.view(-1).view(torch.uint8), spilled.view(-1).view(torch.uint8)), (dtype, biases != ())
 
 
 def nearest_copy(plan, t, key, offset, eps, sign):
