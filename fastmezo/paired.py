@@ -45,6 +45,11 @@ from .paired_batch import PairedModeError, _half, _rows, _split, _stack
 from .paired_linear import _paused, fused_or_none, max_rows_of
 
 
+#: Trained tensors of at most this many elements are perturbed for both halves once per forward, up to
+#: SMALL_TOTAL elements in all (PairedPerturbation._small_copies).
+SMALL_NUMEL = 1 << 16
+SMALL_TOTAL = 1 << 24
+
 #: Module kinds whose forward is row-wise along every leading dimension (checked by the tests).
 KNOWN = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm) + (
     (torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ())
@@ -94,6 +99,7 @@ class PairedPerturbation:
                           "materialized W +- eps*z, their tensor arguments split along dim 0", stacklevel=3)
         self._active = None          # (plan, seed, {id(tensor): (key, offset, eps)}) during a forward
         self._half = None            # +1 or -1: the half a wrapped module is running now
+        self._small = None           # {id(tensor): (+ copy, - copy)} of the small tensors during a forward
         self._check_reads = bool(check_reads)
         self._checker = None
         #: Rows of the doubled batch of the running forward (set by PairedPatch); None: each wrapped
@@ -129,16 +135,18 @@ class PairedPerturbation:
         self.paths = {}
         self._active = (plan, seed, {id(t): (k, o, float(eps_of_group[g])) for t, k, o, g in
                                      zip(plan.tensors, plan.keys, plan.offsets, plan.groups) if t.numel()})
-        # The first forward is checked for reads of a stored weight that bypass its module (exact mode's check).
-        self._checker = None if not self._check_reads else _ReadCheck(self, {
-            (t.device, t.untyped_storage().data_ptr()): self.names.get(id(t), f"tensor {i}")
-            for i, t in enumerate(plan.tensors) if t.numel()})
         try:
+            self._small = self._small_copies(plan, seed, self._active[2])
+            # The first forward is checked for reads of a stored weight that bypass its module (exact mode's
+            # check).
+            self._checker = None if not self._check_reads else _ReadCheck(self, {
+                (t.device, t.untyped_storage().data_ptr()): self.names.get(id(t), f"tensor {i}")
+                for i, t in enumerate(plan.tensors) if t.numel()})
             with self._checker or contextlib.nullcontext():
                 yield
             self._check_reads = False
         finally:
-            self._active = self._checker = self._half = None
+            self._active = self._checker = self._half = self._small = None
 
     def _read_outside(self, name, func):
         raise PairedModeError(f"paired mode: parameter {name!r} was read by {getattr(func, '__name__', func)}() "
@@ -208,6 +216,18 @@ class PairedPerturbation:
         return self._copies(plan, seed, [p], [entry], [sign])[0]
 
     def _copies(self, plan, seed, tensors, entries, signs):
+        """round(t + sign * eps * z) of each tensor: small tensors from the copies made once for the whole
+        forward (:meth:`_small_copies`), the others by :meth:`_copies_of`."""
+        small = self._small
+        if small and any(id(t) in small for t in tensors):
+            rest = [i for i, t in enumerate(tensors) if id(t) not in small]
+            made = iter(self._copies_of(plan, seed, [tensors[i] for i in rest], [entries[i] for i in rest],
+                                        [signs[i] for i in rest]) if rest else ())
+            return [small[id(t)][0 if s > 0 else 1] if id(t) in small else next(made)
+                    for t, s in zip(tensors, signs)]
+        return self._copies_of(plan, seed, tensors, entries, signs)
+
+    def _copies_of(self, plan, seed, tensors, entries, signs):
         """round(t + sign * eps * z) of each tensor by ONE call of the contract's out-of-place pass (the
         arithmetic exact mode's copies have). z is generated again for the other half rather than
         kept: one copy in the tensor's dtype is the only memory per tensor, never a float32 eps*z."""
@@ -219,6 +239,27 @@ class PairedPerturbation:
                 [s * e[2] for s, e in zip(signs, entries)], seed, [e[0] for e in entries], [e[1] for e in entries],
                 plan.noise)
         return outs
+
+    def _small_copies(self, plan, seed, entries) -> dict:
+        """{id(tensor): (+ copy, - copy)} of the trained tensors of at most SMALL_NUMEL elements (biases,
+        norms' weights, adapters), made for both halves by one pass per device before the forward, up
+        to SMALL_TOTAL elements in all: a transformer has hundreds of them, and a pass launch per module
+        and half costs more host time than the copies' memory, a few megabytes, costs anything. The same
+        pass and arithmetic as a module's own copies, so the same bits."""
+        by_device: dict = {}
+        total = 0
+        for t in plan.tensors:
+            entry = entries.get(id(t))
+            if entry is not None and t.numel() <= SMALL_NUMEL and total + t.numel() <= SMALL_TOTAL:
+                by_device.setdefault(t.device, []).append((t, entry))
+                total += t.numel()
+        copies = {}
+        for items in by_device.values():
+            tensors, chosen = [t for t, _ in items], [e for _, e in items]
+            n = len(tensors)
+            made = self._copies_of(plan, seed, tensors + tensors, chosen + chosen, [+1] * n + [-1] * n)
+            copies.update((id(t), (made[i], made[n + i])) for i, t in enumerate(tensors))
+        return copies
 
     def _gathered_or_none(self, module, args, kwargs, rows):
         """A plain nn.Embedding's output with only the looked-up rows perturbed, or None. Row r of the

@@ -89,6 +89,28 @@ def test_paired_step_equals_exact_step(kind, dtype):
     assert moved
 
 
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_small_tensors_are_copied_once_per_forward_with_the_same_bits(kind, monkeypatch):
+    """Biases and norms' weights are perturbed for both halves by one pass before the forward, not by a
+    pass per module and half: the same steps (losses, gradients, weights, bit for bit) as with every copy
+    made by its module, in far fewer pass calls."""
+    from fastmezo import ops, paired
+
+    calls = []
+    real_run = ops.run
+    monkeypatch.setattr(ops, "run", lambda *a, **k: (calls.append(len(a[1])), real_run(*a, **k))[1])
+    results = []
+    for small_total in (paired.SMALL_TOTAL, 0):
+        monkeypatch.setattr(paired, "SMALL_TOTAL", small_total)
+        calls.clear()
+        model, records = run(kind, torch.float32, "paired", steps=2, fused=False)
+        results.append((records, [p.detach().clone() for p in model.parameters()], len(calls)))
+    (rec, weights, n_calls), (rec0, weights0, n_calls0) = results
+    assert rec == rec0
+    assert all(torch.equal(w, w0) for w, w0 in zip(weights, weights0))
+    assert n_calls < n_calls0 / 2, (n_calls, n_calls0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_stored_weights_bit_identical_after_null_steps(dtype):
     model = tiny("opt", dtype)
