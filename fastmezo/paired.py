@@ -244,8 +244,8 @@ class PairedPerturbation:
         """{id(tensor): (+ copy, - copy)} of the trained tensors of at most SMALL_NUMEL elements (biases,
         norms' weights, adapters), made for both halves by one pass per device before the forward, up
         to SMALL_TOTAL elements in all: a transformer has hundreds of them, and a pass launch per module
-        and half costs more host time than the copies' memory, a few megabytes, costs anything. The same
-        pass and arithmetic as a module's own copies, so the same bits."""
+        and half costs host time where holding a few megabytes of copies through the forward costs
+        little. The same pass and arithmetic as a module's own copies, so the same bits."""
         by_device: dict = {}
         total = 0
         for t in plan.tensors:

@@ -145,9 +145,9 @@ void scale_add_noise_out_cpu(at::TensorList tensors, at::TensorList outs, at::Ar
 }
 
 // Per tensor: data address, dtype, device type and index, number of dimensions, sizes, strides, packed as
-// int64 words. Two states are equal exactly when every tensor kept all of these (the words of a tensor
-// start with its dimension count, so the packing cannot line up two different lists). Tensors without
-// storage (meta) count as address 0.
+// int64 words. Two states are equal exactly when every tensor kept all of these (each tensor's words include
+// its dimension count, which says how many sizes and strides follow, so the packing cannot line up two
+// different lists). Tensors without storage (meta) count as address 0.
 void push_state(std::vector<int64_t>& words, const at::Tensor& t) {
   const bool has_data = t.has_storage() && !t.is_meta();
   words.push_back(has_data ? reinterpret_cast<int64_t>(t.const_data_ptr()) : 0);
@@ -158,48 +158,38 @@ void push_state(std::vector<int64_t>& words, const at::Tensor& t) {
   for (const auto stride : t.strides()) words.push_back(stride);
 }
 
-// A list or tuple is read in place (no vector of tensors is built from it: that conversion cost more than
-// the reads themselves); any other iterable of tensors through pybind11's conversion.
-pybind11::bytes tensor_state(pybind11::handle tensors) {
-  std::vector<int64_t> words;
+// f(tensor) for every tensor of ``tensors``, after checking that every item is one (nothing is applied
+// when one is not). A list or tuple is read in place: building a vector of tensors from it cost more than
+// the reads themselves. Any other iterable of tensors goes through pybind11's conversion.
+template <typename F>
+void for_each_tensor(pybind11::handle tensors, const char* what, F&& f) {
   PyObject* seq = tensors.ptr();
   if (PyList_CheckExact(seq) || PyTuple_CheckExact(seq)) {
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject** items = PySequence_Fast_ITEMS(seq);
-    words.reserve(static_cast<size_t>(n) * 8);
     for (Py_ssize_t i = 0; i < n; ++i) {
       if (!THPVariable_Check(items[i])) {
-        throw pybind11::type_error("tensor_state: item " + std::to_string(i) + " is not a tensor");
+        throw pybind11::type_error(std::string(what) + ": item " + std::to_string(i) + " is not a tensor");
       }
-      push_state(words, THPVariable_Unpack(items[i]));
     }
+    for (Py_ssize_t i = 0; i < n; ++i) f(THPVariable_Unpack(items[i]));
   } else {
-    for (const auto& t : tensors.cast<std::vector<at::Tensor>>()) push_state(words, t);
+    for (const auto& t : tensors.cast<std::vector<at::Tensor>>()) f(t);
   }
+}
+
+pybind11::bytes tensor_state(pybind11::handle tensors) {
+  std::vector<int64_t> words;
+  for_each_tensor(tensors, "tensor_state", [&](const at::Tensor& t) { push_state(words, t); });
   return pybind11::bytes(reinterpret_cast<const char*>(words.data()), words.size() * sizeof(int64_t));
 }
 
 // The version counter of every tensor bumped, as torch.autograd.graph.increment_version bumps it: an
-// inference tensor has no counter and is skipped. A list or tuple is read in place.
+// inference tensor has no counter and is skipped.
 void bump_versions(pybind11::handle tensors) {
-  PyObject* seq = tensors.ptr();
-  if (PyList_CheckExact(seq) || PyTuple_CheckExact(seq)) {
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject** items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      if (!THPVariable_Check(items[i])) {
-        throw pybind11::type_error("bump_versions: item " + std::to_string(i) + " is not a tensor");
-      }
-    }
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      const at::Tensor& t = THPVariable_Unpack(items[i]);
-      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
-    }
-  } else {
-    for (const auto& t : tensors.cast<std::vector<at::Tensor>>()) {
-      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
-    }
-  }
+  for_each_tensor(tensors, "bump_versions", [](const at::Tensor& t) {
+    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  });
 }
 
 // A 64-bit digest of 8-byte words (a multiply-xorshift mix per word): the dict hash of a call's
@@ -215,9 +205,10 @@ uint64_t mix(uint64_t h, uint64_t word) {
 // for anything else (the caller takes its general path), else (tensors, names or None, fingerprint,
 // digest). The fingerprint holds the number of tensors, then per tensor the address of its Python object
 // (its identity, as id()) and its state as tensor_state packs it, then the names' UTF-8 bytes, each after
-// its length (the dimension counts and the number of tensors make that layout unambiguous): equal fingerprints mean the same tensor objects, each with the state it had, under the same
-// names. The caller keeps the objects alive (the plan cache holds weak references that drop an entry
-// when one dies), so an equal address is the same object.
+// its length (the dimension counts and the number of tensors make that layout unambiguous): equal
+// fingerprints mean the same tensor objects, each with the state it had, under the same names. The caller
+// keeps the objects alive (the plan cache holds weak references that drop an entry when one dies), so an
+// equal address is the same object.
 pybind11::object call_state(pybind11::handle items, pybind11::handle plain_types) {
   namespace py = pybind11;
   PyObject* seq = items.ptr();
