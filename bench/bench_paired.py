@@ -91,7 +91,7 @@ def check(name: str, device, backend, log=print) -> dict:
 def sweep(device, layers, rows_list, warmup, reps, backend, log=print) -> dict:
     """Fused kernel vs materialize path on single layers at several row counts (kernel time, queued)."""
     from fastmezo.kernels.paired_linear import paired_linear
-    from fastmezo.paired import PairedPerturbation
+    from fastmezo.paired_copies import ForwardCopies
     from fastmezo.plan import Plan
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -100,15 +100,14 @@ def sweep(device, layers, rows_list, warmup, reps, backend, log=print) -> dict:
     for layer, (n, k) in layers.items():
         w = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(dtype)
         plan = Plan([w], keys=[11], backend=backend)
-        provider = PairedPerturbation(torch.nn.Linear(1, 1))
-        entry = (11, 0, EPS)
+        copies = ForwardCopies(plan, SEED, {id(w): (11, 0, EPS)})
         for rows in rows_list:
             x = torch.randn(rows, k, generator=gen, device=device).to(dtype)
             h = rows // 2
 
-            def materialize():
-                plus = torch.nn.functional.linear(x[:h], provider._copy(plan, SEED, w, entry, +1))
-                minus = torch.nn.functional.linear(x[h:], provider._copy(plan, SEED, w, entry, -1))
+            def materialize():          # as a module's two halves: both copies by one pair pass
+                plus = torch.nn.functional.linear(x[:h], copies.for_half(w, [w], +1)[0])
+                minus = torch.nn.functional.linear(x[h:], copies.for_half(w, [w], -1)[0])
                 return torch.cat([plus, minus])
 
             fused = lambda: paired_linear(x, w, EPS, SEED, 11, plan.noise)      # noqa: E731
@@ -152,6 +151,7 @@ def steps(name: str, configs, device, warmup, reps, backend, log=print, profile_
         for batch, tokens in configs:
             ids = make_batch(model.config.vocab_size, batch, tokens, device)
             closure = make_closure(model, ids)
+            first = len(rows)                  # this configuration's rows
 
             def measured(what, fn, **extra):
                 if cuda:
@@ -178,6 +178,11 @@ def steps(name: str, configs, device, warmup, reps, backend, log=print, profile_
                 if profile_dir is not None:
                     (profile_dir / f"profile_paired_{batch}x{tokens}.txt").write_text(
                         profile_table(lambda: handle.step({"input_ids": ids, "labels": ids}), device))
+            if paired["linear_paths"] != ["materialized"]:       # the same step without the fused kernel
+                with _patch(model, backend, mode="paired", fused=False) as handle:
+                    handle.step({"input_ids": ids, "labels": ids})
+                    materialized = measured("paired-materialized", lambda: handle.step({"input_ids": ids, "labels": ids}),
+                                            loss=handle.optimizer.loss_plus)
             with _patch(model, None) as handle:          # in place: the automatic backend
                 inplace = measured("inplace", lambda: handle.step(closure), loss=None)
                 inplace["loss"] = handle.optimizer.loss_plus
@@ -187,8 +192,9 @@ def steps(name: str, configs, device, warmup, reps, backend, log=print, profile_
             ref = BaselineStepper(model)
             reference = measured("reference", lambda: ref.step(closure), loss=None)
             reference["loss"] = ref.last_loss
-            for r in (paired, inplace):
-                r["speedup_vs_reference"] = reference["ms_median"] / r["ms_median"]
+            for r in rows[first:]:
+                if r["what"] not in ("forward", "reference"):
+                    r["speedup_vs_reference"] = reference["ms_median"] / r["ms_median"]
             for r in (paired, inplace, reference):
                 if r["loss"] is None or not math.isfinite(r["loss"]):
                     raise RuntimeError(f"{name} {batch}x{tokens} {r['what']}: loss {r['loss']}")

@@ -189,3 +189,42 @@ def run(backend, tensors, outs, a, b, seed: int, keys, offsets, noise: int, load
     finally:
         if grad:
             torch.set_grad_enabled(True)
+
+
+def _pair_delta(plus, minus):
+    """The element distance from every plus output to its minus output when it is one for all (one
+    dtype and device, the same byte distance), else None."""
+    p0, m0 = plus[0], minus[0]
+    size = p0.element_size()
+    delta = m0.data_ptr() - p0.data_ptr()
+    if delta % size:
+        return None
+    for p, m in zip(plus, minus):
+        if (p.dtype != p0.dtype or m.dtype != p0.dtype or p.device != p0.device or m.device != p0.device
+                or m.data_ptr() - p.data_ptr() != delta):
+            return None
+    return delta // size
+
+
+def run_pair(backend, tensors, plus, minus, b, seed: int, keys, offsets, noise: int,
+             round_seed: Optional[int] = None) -> None:
+    """plus[i] <- tensors[i] + b[i] * z_i and minus[i] <- tensors[i] - b[i] * z_i: the out-of-place pass
+    with b and with -b, bit for bit (b * z negated is exact), over validated, non-empty tensors of one
+    device. A backend that writes pairs (``PAIRS``) makes z once for both in one pass when every minus
+    output lies the same number of elements after its plus output; otherwise two passes."""
+    n = len(tensors)
+    ones = [1.0] * n
+    delta = _pair_delta(plus, minus) if getattr(backend, "PAIRS", False) else None
+    if delta is None or not (_plain(tensors) and plain(plus) and plain(minus)):
+        run(backend, tensors, plus, ones, b, seed, keys, offsets, noise, True, round_seed)
+        run(backend, tensors, minus, ones, [-x for x in b], seed, keys, offsets, noise, True, round_seed)
+        return
+    grad = torch.is_grad_enabled()
+    if grad:
+        torch.set_grad_enabled(False)
+    try:
+        backend.run(tensors, plus, ones, b, seed, keys, offsets, noise, True, round_seed, pair_delta=delta)
+        bump_versions(list(plus) + list(minus))
+    finally:
+        if grad:
+            torch.set_grad_enabled(True)

@@ -7,10 +7,9 @@ halves are l+ and l-. The stored weights are only read until the update pass, wh
 (fastmezo.exact): theta <- (1 - lr * wd) * theta - lr * g * z, so a step with lr = 0 leaves them
 bit-identical and nothing drifts.
 
-How z reaches the perturbed weights: per module call and half, the copy round(W +- eps*z) of each of
-its trained tensors is made by the contract's out-of-place pass (the plan's backend, the contract's
-seed, key and offset), the arithmetic exact mode's copies have; one copy is alive at a time and no
-float32 z of a whole tensor is ever stored (z is generated again for the other half). So a paired
+How z reaches the perturbed weights: per module call, the copies round(W +- eps*z) of its trained
+tensors are made by the contract's out-of-place pass, the arithmetic exact mode's copies have, both
+halves' copies by one pass that makes z once (fastmezo.paired_copies: what is alive when). So a paired
 step equals an exact-mode step up to the rounding of batch-size-dependent kernels. A plain
 nn.Embedding perturbs only the rows its ids look up (a row is a contiguous range of its stream); a
 tied use of the same weight (an lm_head) is its own module call and sees the whole perturbed weight.
@@ -42,13 +41,9 @@ from torch.utils import _pytree as pytree
 from . import ops
 from .exact_read_check import _ReadCheck
 from .paired_batch import PairedModeError, _half, _rows, _split, _stack
+from .paired_copies import ForwardCopies
 from .paired_linear import _paused, fused_or_none, max_rows_of
 
-
-#: Trained tensors of at most this many elements are perturbed for both halves once per forward, up to
-#: SMALL_TOTAL elements in all (PairedPerturbation._small_copies).
-SMALL_NUMEL = 1 << 16
-SMALL_TOTAL = 1 << 24
 
 #: Module kinds whose forward is row-wise along every leading dimension (checked by the tests).
 KNOWN = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm) + (
@@ -99,7 +94,7 @@ class PairedPerturbation:
                           "materialized W +- eps*z, their tensor arguments split along dim 0", stacklevel=3)
         self._active = None          # (plan, seed, {id(tensor): (key, offset, eps)}) during a forward
         self._half = None            # +1 or -1: the half a wrapped module is running now
-        self._small = None           # {id(tensor): (+ copy, - copy)} of the small tensors during a forward
+        self.copies = None           # the perturbed copies of the running forward (ForwardCopies)
         self._check_reads = bool(check_reads)
         self._checker = None
         #: Rows of the doubled batch of the running forward (set by PairedPatch); None: each wrapped
@@ -136,7 +131,7 @@ class PairedPerturbation:
         self._active = (plan, seed, {id(t): (k, o, float(eps_of_group[g])) for t, k, o, g in
                                      zip(plan.tensors, plan.keys, plan.offsets, plan.groups) if t.numel()})
         try:
-            self._small = self._small_copies(plan, seed, self._active[2])
+            self.copies = ForwardCopies(plan, seed, self._active[2])
             # The first forward is checked for reads of a stored weight that bypass its module (exact mode's
             # check).
             self._checker = None if not self._check_reads else _ReadCheck(self, {
@@ -146,7 +141,7 @@ class PairedPerturbation:
                 yield
             self._check_reads = False
         finally:
-            self._active = self._checker = self._half = self._small = None
+            self._active = self._checker = self._half = self.copies = None
 
     def _read_outside(self, name, func):
         raise PairedModeError(f"paired mode: parameter {name!r} was read by {getattr(func, '__name__', func)}() "
@@ -193,14 +188,14 @@ class PairedPerturbation:
         return paired_forward
 
     def _run_half(self, module, forward, sign, args, kwargs):
-        plan, seed, entries = self._active
+        entries = self._active[2]
         saved, outer = [], self._half
         try:
             names = [n for n in self._owned[module] if id(module._parameters[n]) in entries]
             if names:
                 with _paused(self._checker):   # fastmezo's own reads of the stored weights
                     stored = [module._parameters[n] for n in names]
-                    copies = self._copies(plan, seed, stored, [entries[id(p)] for p in stored], [sign] * len(stored))
+                    copies = self.copies.for_half(module, stored, sign)
                 for n, p, copy in zip(names, stored, copies):
                     saved.append((n, p))
                     module._parameters[n] = copy
@@ -210,56 +205,6 @@ class PairedPerturbation:
             self._half = outer
             for n, p in saved:
                 module._parameters[n] = p
-
-    def _copy(self, plan, seed, p, entry, sign):
-        """round(p + sign * eps * z) (see :meth:`_copies`)."""
-        return self._copies(plan, seed, [p], [entry], [sign])[0]
-
-    def _copies(self, plan, seed, tensors, entries, signs):
-        """round(t + sign * eps * z) of each tensor: small tensors from the copies made once for the whole
-        forward (:meth:`_small_copies`), the others by :meth:`_copies_of`."""
-        small = self._small
-        if small and any(id(t) in small for t in tensors):
-            rest = [i for i, t in enumerate(tensors) if id(t) not in small]
-            made = iter(self._copies_of(plan, seed, [tensors[i] for i in rest], [entries[i] for i in rest],
-                                        [signs[i] for i in rest]) if rest else ())
-            return [small[id(t)][0 if s > 0 else 1] if id(t) in small else next(made)
-                    for t, s in zip(tensors, signs)]
-        return self._copies_of(plan, seed, tensors, entries, signs)
-
-    def _copies_of(self, plan, seed, tensors, entries, signs):
-        """round(t + sign * eps * z) of each tensor by ONE call of the contract's out-of-place pass (the
-        arithmetic exact mode's copies have). z is generated again for the other half rather than
-        kept: one copy in the tensor's dtype is the only memory per tensor, never a float32 eps*z."""
-        device = tensors[0].device
-        if any(t.device != device for t in tensors):
-            return [self._copy(plan, seed, t, e, s) for t, e, s in zip(tensors, entries, signs)]
-        outs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
-        ops.run(plan.backend_of(device), [t.contiguous() for t in tensors], outs, [1.0] * len(tensors),
-                [s * e[2] for s, e in zip(signs, entries)], seed, [e[0] for e in entries], [e[1] for e in entries],
-                plan.noise)
-        return outs
-
-    def _small_copies(self, plan, seed, entries) -> dict:
-        """{id(tensor): (+ copy, - copy)} of the trained tensors of at most SMALL_NUMEL elements (biases,
-        norms' weights, adapters), made for both halves by one pass per device before the forward, up
-        to SMALL_TOTAL elements in all: a transformer has hundreds of them, and a pass launch per module
-        and half costs host time where holding a few megabytes of copies through the forward costs
-        little. The same pass and arithmetic as a module's own copies, so the same bits."""
-        by_device: dict = {}
-        total = 0
-        for t in plan.tensors:
-            entry = entries.get(id(t))
-            if entry is not None and t.numel() <= SMALL_NUMEL and total + t.numel() <= SMALL_TOTAL:
-                by_device.setdefault(t.device, []).append((t, entry))
-                total += t.numel()
-        copies = {}
-        for items in by_device.values():
-            tensors, chosen = [t for t, _ in items], [e for _, e in items]
-            n = len(tensors)
-            made = self._copies_of(plan, seed, tensors + tensors, chosen + chosen, [+1] * n + [-1] * n)
-            copies.update((id(t), (made[i], made[n + i])) for i, t in enumerate(tensors))
-        return copies
 
     def _gathered_or_none(self, module, args, kwargs, rows):
         """A plain nn.Embedding's output with only the looked-up rows perturbed, or None. Row r of the
@@ -274,7 +219,6 @@ class PairedPerturbation:
         if (entry is None or type(ids) is not torch.Tensor or not ids.dim() or ids.shape[0] % rows
                 or ids.is_floating_point() or weight.dim() != 2 or ops.tracing()):
             return None
-        plan, seed, _ = self._active
         key, offset, eps = entry
         width = weight.shape[1]
         uniq, inverse = torch.unique(ids, return_inverse=True)
@@ -283,15 +227,12 @@ class PairedPerturbation:
             return None                        # the materialize path raises the lookup's own error
         table = weight.detach()[uniq]
         h = ids.shape[0] // 2
-        halves = []
-        pieces, n = list(table.split(lengths)), len(lengths)
-        for sign, inv in ((+1, inverse[:h]), (-1, inverse[h:])):
-            out = torch.empty_like(table)
-            outs = list(out.split(lengths))
-            ops.run(plan.backend_of(weight.device), pieces, outs, [1.0] * n, [sign * eps] * n, seed, [key] * n,
-                    [offset + r * width for r in starts], plan.noise)
-            halves.append(torch.nn.functional.embedding(inv, out))
-        return torch.cat(halves)
+        n = len(lengths)
+        both = torch.empty((2,) + table.shape, dtype=table.dtype, device=table.device)
+        self.copies.pair_pass(list(table.split(lengths)), list(both[0].split(lengths)), list(both[1].split(lengths)),
+                              [key] * n, [offset + r * width for r in starts], [eps] * n)
+        return torch.cat([torch.nn.functional.embedding(inverse[:h], both[0]),
+                          torch.nn.functional.embedding(inverse[h:], both[1])])
 
     def remove(self) -> None:
         """Put the original forwards back. Idempotent."""

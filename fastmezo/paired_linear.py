@@ -84,7 +84,7 @@ def fused_or_none(provider, module, args, kwargs, rows: int, max_rows: int):
         bias_plus = bias_minus = bias
         b_entry = None if bias is None else entries.get(id(bias))
         if b_entry is not None:          # the bias is tiny: materialized, as the other path does
-            bias_plus, bias_minus = provider._copies(plan, seed, [bias, bias], [b_entry, b_entry], [+1, -1])
+            (bias_plus,), (bias_minus,) = provider.copies.pairs([bias])
         grad = torch.is_grad_enabled()
         torch.set_grad_enabled(False)
         try:

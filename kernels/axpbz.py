@@ -46,21 +46,8 @@ _X, _OUT, _N, _OFFSET, _KEY, _COLS = 0, 1, 2, 3, 4, 5
 
 
 @triton.jit
-def _pass_block(x_ptr, out_ptr, idx, mask, z, r, a, b, LOAD_X: tl.constexpr, SCALE_X: tl.constexpr,
-                ROUND: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr):
-    """Load x (masked or not), y = a * x + b * z in float32 (x + b * z when a is 1: the same bits), round
-    (stochastically by the draws r with ROUND), store to out."""
-    if LOAD_X:
-        if MASKED:
-            x = tl.load(x_ptr + idx, mask=mask).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + idx).to(tl.float32)
-        if SCALE_X:
-            y = a * x + b * z
-        else:
-            y = x + b * z
-    else:
-        y = b * z
+def _round_store(out_ptr, idx, mask, y, r, ROUND: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr):
+    """Round y (stochastically by the draws r with ROUND) and store it to out."""
     if ROUND:
         v = round_stochastic(y, r, out_ptr.dtype.element_ty, FAST)
     else:
@@ -71,12 +58,38 @@ def _pass_block(x_ptr, out_ptr, idx, mask, z, r, a, b, LOAD_X: tl.constexpr, SCA
         tl.store(out_ptr + idx, v)
 
 
+@triton.jit
+def _pass_block(x_ptr, out_ptr, idx, mask, z, r, a, b, pair_delta, LOAD_X: tl.constexpr, SCALE_X: tl.constexpr,
+                PAIR: tl.constexpr, ROUND: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr):
+    """Load x (masked or not), y = a * x + b * z in float32 (x + b * z when a is 1: the same bits), round
+    and store to out. PAIR: also a * x - b * z to out + pair_delta, the bits of a pass with -b (b * z
+    negated is exact), from the same z and rounding draws."""
+    bz = b * z
+    if LOAD_X:
+        if MASKED:
+            x = tl.load(x_ptr + idx, mask=mask).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + idx).to(tl.float32)
+        if SCALE_X:
+            x = a * x
+        y = x + bz
+    else:
+        y = bz
+    _round_store(out_ptr, idx, mask, y, r, ROUND, MASKED, FAST)
+    if PAIR:
+        if LOAD_X:
+            y = x + (-bz)
+        else:
+            y = -bz
+        _round_store(out_ptr + pair_delta, idx, mask, y, r, ROUND, MASKED, FAST)
+
+
 # Seeds, coefficients and table sizes are not specialized: they never cause a recompilation.
 @triton.jit(do_not_specialize=["a", "b", "seed_lo", "seed_hi", "rseed_lo", "rseed_hi", "total"])
 def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, map_ptr, total, a, b, seed_lo, seed_hi, rseed_lo,
-                        rseed_hi, NOISE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, LOOKUP: tl.constexpr,
+                        rseed_hi, pair_delta, NOISE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, LOOKUP: tl.constexpr,
                         LOG2T: tl.constexpr, LOAD_X: tl.constexpr, SCALE_X: tl.constexpr, OUT: tl.constexpr,
-                        ROUND: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr):
+                        PAIR: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr):
     G: tl.constexpr = 8 if NOISE == 0 else 128              # block alignment: z calls and rounding calls
     pid = tl.program_id(0).to(tl.int64)
     # The tensor of this program (LOOKUP 0: the only one). LOOKUP 1, Gaussian passes: read from a map
@@ -137,12 +150,12 @@ def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, map_ptr, total, a, b, 
             start = blk * BLOCK + c * CHUNK
             idx = start + lane
             if start + CHUNK <= n:
-                _pass_block(x_ptr, out_ptr, idx, idx < n, z, r, a, b, LOAD_X, SCALE_X, ROUND, False, FAST)
+                _pass_block(x_ptr, out_ptr, idx, idx < n, z, r, a, b, pair_delta, LOAD_X, SCALE_X, PAIR, ROUND, False, FAST)
             else:
-                _pass_block(x_ptr, out_ptr, idx, idx < n, z, r, a, b, LOAD_X, SCALE_X, ROUND, True, FAST)
+                _pass_block(x_ptr, out_ptr, idx, idx < n, z, r, a, b, pair_delta, LOAD_X, SCALE_X, PAIR, ROUND, True, FAST)
         else:
             idx = first_global - offset + lane     # index into x
-            _pass_block(x_ptr, out_ptr, idx, (idx >= 0) & (idx < n), z, r, a, b, LOAD_X, SCALE_X, ROUND, True, FAST)
+            _pass_block(x_ptr, out_ptr, idx, (idx >= 0) & (idx < n), z, r, a, b, pair_delta, LOAD_X, SCALE_X, PAIR, ROUND, True, FAST)
 
 
 # Triton reads TRITON_INTERPRET when it is imported, so it cannot change later: read it once here
@@ -178,12 +191,20 @@ class Launches:
     Valid while the tensors stay where they were (the caller re-prepares when they move)."""
 
     def __init__(self, tensors, keys, noise: int, offsets=None, outs=None, block: int | None = None,
-                 chunk: int | None = None):
+                 chunk: int | None = None, pair_delta: int | None = None):
         n_t = len(tensors)
         offsets = [0] * n_t if offsets is None else list(offsets)
         outs = list(tensors) if outs is None else list(outs)
-        self.out = any(o is not x for o, x in zip(outs, tensors))
+        self.out = pair_delta is not None or any(o is not x for o, x in zip(outs, tensors))
         self.noise = noise
+        # Pairs: every output has a second one pair_delta elements after it (a * x - b * z there), which
+        # needs one element size for the whole launch.
+        self.pair_delta = pair_delta
+        delta_bytes = 0
+        if pair_delta is not None and outs:
+            if len({o.dtype for o in outs}) > 1:
+                raise ValueError("a pair pass needs outputs of one dtype (pair_delta counts elements)")
+            delta_bytes = pair_delta * outs[0].element_size()
         g = _alignment(noise)
         groups: dict = {}
         # One walk over the tensors reads each one's numel and addresses once (host time per tensor
@@ -193,7 +214,7 @@ class Launches:
             if n == 0:
                 continue
             xp, op = x.data_ptr(), o.data_ptr()
-            aligned = off % g == 0 and xp % 16 == 0 and op % 16 == 0
+            aligned = off % g == 0 and xp % 16 == 0 and op % 16 == 0 and delta_bytes % 16 == 0
             groups.setdefault((x.dtype, aligned), []).append((o, xp, op, n, key, off))
         self.launches = []
         if not groups:
@@ -240,24 +261,25 @@ class Launches:
             _axpbz_table_kernel[(total,)](
                 proto, table, starts, mapping, total, float(a), float(b),
                 _as_i32(seed & 0xFFFFFFFF), _as_i32((seed >> 32) & 0xFFFFFFFF),
-                _as_i32(rseed & 0xFFFFFFFF), _as_i32((rseed >> 32) & 0xFFFFFFFF),
+                _as_i32(rseed & 0xFFFFFFFF), _as_i32((rseed >> 32) & 0xFFFFFFFF), self.pair_delta or 0,
                 NOISE=self.noise, BLOCK=self.block, CHUNK=self.chunk, LOOKUP=lookup, LOG2T=log2t, LOAD_X=load_x,
-                SCALE_X=float(a) != 1.0, OUT=self.out,
+                SCALE_X=float(a) != 1.0, OUT=self.out, PAIR=self.pair_delta is not None,
                 ROUND=round_seed is not None and low_precision, ALIGNED=aligned, FAST=not _INTERPRETING,
                 num_warps=num_warps, **_NO_FMA_CONTRACTION)
 
 
 def axpbz_multi_(tensors, a: float, b: float, seed: int, keys, noise: int, offsets=None, *, outs=None,
                  round_seed: int | None = None, load_x: bool = True, block: int | None = None,
-                 num_warps: int = 4, chunk: int | None = None) -> None:
+                 num_warps: int = 4, chunk: int | None = None, pair_delta: int | None = None) -> None:
     """One pass over several contiguous tensors of one device: out_i <- a * x_i + b * z(seed, key_i).
 
     Coefficients a and b are shared (the optimizer's passes have one (a, b) per param group). outs
     (default: in place), offsets (global index of each tensor's first element; default 0), round_seed
     (stochastic rounding of float16/bfloat16 results; default round to nearest). Tensors are grouped by
     dtype and alignment, one launch per group; the tables come from a cache keyed by their content.
+    pair_delta (outputs of one dtype): also a * x_i - b * z_i, pair_delta elements after out_i.
     """
-    Launches(tensors, keys, noise, offsets, outs, block, chunk)(a, b, seed, round_seed, load_x, num_warps)
+    Launches(tensors, keys, noise, offsets, outs, block, chunk, pair_delta)(a, b, seed, round_seed, load_x, num_warps)
 
 
 def axpbz_(x, a: float, b: float, seed: int, key: int, noise: int, offset: int = 0,

@@ -534,3 +534,39 @@ def test_table_cache_builds_each_table_once_and_holds_a_model_of_modules(triton_
     K.axpbz_multi_(xs[:2], 1.0, 0.5, 3, [0, 1], 0)
     assert K._tables.misses == before + 2
     assert K._tables.capacity >= 2048                    # a 70B model has ~1000 modules with parameters
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_pair_pass_stores_the_bits_of_two_passes(triton_device, dtype):
+    """The pair pass (paired mode's copies) writes x + b z and, pair_delta elements after each output,
+    x - b z: bit for bit the out-of-place passes with b and with -b, for both noises, nearest and
+    stochastic rounding, several tensors of one launch (aligned, unaligned, several programs each),
+    into poisoned outputs, and nothing outside them."""
+    from fastmezo.kernels.axpbz import axpbz_multi_
+
+    sizes, offsets, keys = [1000, 2100, 129, 7], [3, 0, 136, 8], [4, 5, 6, 7]
+    xs = [_rand((n,), dtype, seed=60 + n).to(triton_device) for n in sizes]
+    for pad in (0, 3):                                          # 3: the outputs are not 16-byte aligned
+        starts = [pad + sum(sizes[:i]) + 5 * i for i in range(len(sizes))]
+        delta = starts[-1] + sizes[-1] + 11
+        for noise in (0, 1):
+            for rseed in (None, 2**63 + 9):
+                buf = torch.full((2 * delta,), float("nan"), dtype=dtype, device=triton_device)
+                plus = [buf[s:s + n] for s, n in zip(starts, sizes)]
+                axpbz_multi_(xs, 1.0, 3e-3, 2**40 + 3, keys, noise, offsets, outs=plus, round_seed=rseed,
+                             block=1024, pair_delta=delta)
+                written = torch.zeros_like(buf, dtype=torch.bool)
+                for x, s, n, key, off in zip(xs, starts, sizes, keys, offsets):
+                    for sign, at in ((1, s), (-1, s + delta)):
+                        want = torch.empty_like(x)
+                        axpbz_multi_([x], 1.0, sign * 3e-3, 2**40 + 3, [key], noise, [off], outs=[want],
+                                     round_seed=rseed, block=1024)
+                        got = buf[at:at + n]
+                        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (pad, noise, rseed, sign)
+                        written[at:at + n] = True
+                    assert not torch.equal(buf[s:s + n], buf[s + delta:s + delta + n])
+                assert buf[~written].isnan().all()                 # nothing between the outputs was written
+    with pytest.raises(ValueError, match="one dtype"):
+        axpbz_multi_(xs[:2], 1.0, 1.0, 1, keys[:2], 0, offsets[:2],
+                     outs=[torch.empty_like(xs[0]), torch.empty(sizes[1], dtype=torch.float64, device=triton_device)],
+                     pair_delta=4)

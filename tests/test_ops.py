@@ -6,6 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastmezo import backends, functional as F, ops, oracle
+from conftest import backend_devices
 
 
 def test_schemas_declare_the_mutation():
@@ -160,3 +161,35 @@ def test_the_default_kernel_is_the_oracle():
     got = x.clone()
     ops._oracle_in_place([got], [0.5], [0.25], -21, [3], [7], 0)
     assert torch.equal(got, want) and not torch.equal(got, x)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_run_pair_is_the_pass_with_b_and_with_minus_b(backend, device, monkeypatch):
+    """ops.run_pair: the + and - outputs are the out-of-place passes with b and -b bit for bit, whatever
+    the backend and the outputs' layout; a backend that writes pairs does it in one call when every -
+    output lies the same distance after its + output, in two otherwise, and the outputs' version
+    counters are bumped either way."""
+    module = backends.by_name(backend)
+    xs = [torch.randn(n, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16).to(device)
+          for n in (100, 37, 8)]
+    keys, offsets, b = [3, 4, 5], [0, 16, 9], [2e-3, 2e-3, 5e-3]
+    calls = []
+    real = module.run
+    monkeypatch.setattr(module, "run", lambda *a, **k: (calls.append(k.get("pair_delta")), real(*a, **k))[1])
+    want = {}
+    for sign in (1, -1):
+        outs = [torch.empty_like(x) for x in xs]
+        real(xs, outs, [1.0] * 3, [sign * v for v in b], 77, keys, offsets, 0)
+        want[sign] = outs
+    buf = torch.full((2, 160), float("nan"), dtype=torch.bfloat16, device=device)
+    laid_out = ([buf[0, :100], buf[0, 100:137], buf[0, 140:148]], [buf[1, :100], buf[1, 100:137], buf[1, 140:148]])
+    apart = ([torch.empty_like(x) for x in xs], [torch.empty_like(x) for x in xs])
+    for plus, minus in (laid_out, apart):
+        calls.clear()
+        versions = [t._version for t in plus + minus]
+        ops.run_pair(module, xs, plus, minus, b, 77, keys, offsets, 0)
+        for got, ref in zip(plus + minus, want[1] + want[-1]):
+            assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
+        assert all(t._version > v for t, v in zip(plus + minus, versions))
+        pairs = getattr(module, "PAIRS", False) and plus is laid_out[0]
+        assert calls == ([160] if pairs else [None, None]), (backend, calls)

@@ -57,25 +57,64 @@ def run(kind, dtype, mode, lr=0.05, steps=1, **options):
     return model, records
 
 
-def test_copies_are_exact_modes_bit_for_bit():
-    # The per-half copies come from one z per tensor, with the fused pass's arithmetic.
+@pytest.mark.parametrize("backend", ["native", "oracle", "triton"])
+def test_copies_are_exact_modes_bit_for_bit(backend):
+    # Both halves' copies come from one z per tensor, with the fused pass's arithmetic: made as a pair
+    # (one pass, where the backend writes pairs) or alone, they are exact mode's copies bit for bit.
+    from fastmezo.paired_copies import ForwardCopies
+
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        w = torch.randn(37, 11, generator=torch.Generator().manual_seed(1)).to(dtype)
-        plan = Plan([w], keys=[5])
-        provider = PairedPerturbation(torch.nn.Linear(1, 1))
-        for sign in (1, -1):
-            mine = provider._copy(plan, 11, w, (5, 0, 0.003), sign)
-            theirs = perturbed(w, 11, sign * 0.003, keys=[5])
-            assert mine.dtype == dtype and torch.equal(mine, theirs), (dtype, sign)
-            assert not torch.equal(mine, w)
+        gen = torch.Generator().manual_seed(1)
+        ws = [torch.randn(37, 11, generator=gen).to(dtype), torch.randn(300, generator=gen).to(dtype),
+              torch.randn(70000, generator=gen).to(dtype)]          # the last above SMALL_NUMEL
+        plan = Plan(ws, keys=[5, 6, 7], offsets=[0, 8, 3], backend=backend)
+        copies = ForwardCopies(plan, 11, {id(w): (k, o, 0.003) for w, k, o in zip(ws, [5, 6, 7], [0, 8, 3])})
+        assert set(copies.small) == {id(ws[0]), id(ws[1])}
+        pairs = copies.pairs(ws)
+        for sign, made in ((1, pairs[0]), (-1, pairs[1])):
+            alone = copies.copies(ws, [sign] * 3)
+            for w, k, o, mine, single in zip(ws, [5, 6, 7], [0, 8, 3], made, alone):
+                theirs = perturbed(w, 11, sign * 0.003, keys=[k], offsets=[o], backend=backend)
+                assert mine.dtype == dtype and mine.shape == w.shape and torch.equal(mine, theirs), (dtype, sign)
+                assert torch.equal(single, theirs) and not torch.equal(mine, w)
+
+
+def test_a_module_makes_both_halves_copies_in_one_pass_and_holds_none_after(monkeypatch):
+    """The + half of a module makes its - copies too (one pass), the - half takes them, nothing is kept
+    after the call; a - half without a + half before it makes its own."""
+    from fastmezo import ops
+    from fastmezo.paired_copies import ForwardCopies
+
+    calls = []
+    for name in ("run", "run_pair"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _n=name, _r=real, **k: (calls.append(_n), _r(*a, **k))[1])
+    w = torch.randn(300, 300, generator=torch.Generator().manual_seed(2))
+    plan = Plan([w], keys=[5])
+    copies = ForwardCopies(plan, 11, {id(w): (5, 0, 0.003)})
+    module = object()
+    plus = copies.for_half(module, [w], +1)
+    minus = copies.for_half(module, [w], -1)
+    # (run_pair may call run itself, twice, on a backend without pairs)
+    assert calls.count("run_pair") == 1 and calls.index("run_pair") == 0 and copies.kept == {}
+    assert torch.equal(plus[0], perturbed(w, 11, 0.003, keys=[5]))
+    assert torch.equal(minus[0], perturbed(w, 11, -0.003, keys=[5]))
+    calls.clear()
+    again = copies.for_half(module, [w], -1)
+    assert calls == ["run"] and torch.equal(again[0], minus[0])
 
 
 @pytest.mark.parametrize("kind", ["opt", "llama"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paired_step_equals_exact_step(kind, dtype):
+@pytest.mark.parametrize("backend", [None, "triton"])      # triton: the pair pass makes both halves' copies
+def test_paired_step_equals_exact_step(kind, dtype, backend):
     lr = 0.05
-    exact, [(rlp, rlm, rg)] = run(kind, dtype, "exact", lr=lr)
-    paired, [(lp, lm, g)] = run(kind, dtype, "paired", lr=lr)
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if torch.cuda.is_available():      # CPU tensors reach Triton only through the interpreter
+            pytest.skip("the interpreter is off where CUDA is; test_paired_linear runs these steps on CUDA")
+    exact, [(rlp, rlm, rg)] = run(kind, dtype, "exact", lr=lr, backend=backend)
+    paired, [(lp, lm, g)] = run(kind, dtype, "paired", lr=lr, backend=backend, fused=False)
     assert lp != lm                                        # the halves did see different weights
     assert lp == pytest.approx(rlp, rel=LOSS_RTOL) and lm == pytest.approx(rlm, rel=LOSS_RTOL)
     assert abs(g - rg) <= 2 * LOSS_RTOL * max(abs(rlp), abs(rlm)) / (2 * EPS)
@@ -94,14 +133,15 @@ def test_small_tensors_are_copied_once_per_forward_with_the_same_bits(kind, monk
     """Biases and norms' weights are perturbed for both halves by one pass before the forward, not by a
     pass per module and half: the same steps (losses, gradients, weights, bit for bit) as with every copy
     made by its module, in far fewer pass calls."""
-    from fastmezo import ops, paired
+    from fastmezo import ops, paired_copies
 
     calls = []
-    real_run = ops.run
-    monkeypatch.setattr(ops, "run", lambda *a, **k: (calls.append(len(a[1])), real_run(*a, **k))[1])
+    for name in ("run", "run_pair"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _r=real, **k: (calls.append(len(a[1])), _r(*a, **k))[1])
     results = []
-    for small_total in (paired.SMALL_TOTAL, 0):
-        monkeypatch.setattr(paired, "SMALL_TOTAL", small_total)
+    for small_total in (paired_copies.SMALL_TOTAL, 0):
+        monkeypatch.setattr(paired_copies, "SMALL_TOTAL", small_total)
         calls.clear()
         model, records = run(kind, torch.float32, "paired", steps=2, fused=False)
         results.append((records, [p.detach().clone() for p in model.parameters()], len(calls)))
@@ -322,7 +362,9 @@ def test_a_module_without_batch_rows_is_refused():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
-def test_an_embedding_perturbs_only_its_looked_up_rows_as_the_whole_weight_would():
+def test_an_embedding_perturbs_only_its_looked_up_rows_as_the_whole_weight_would(monkeypatch):
+    from fastmezo import ops, paired_copies
+
     # Ids with runs of consecutive rows, repeats and a row at the end of the table; the lookup of each
     # half must be exactly the rows of exact mode's whole-weight copy, while only those rows are made.
     emb = torch.nn.Embedding(40, 23)          # odd rows: most start inside a Philox call of the stream
@@ -331,12 +373,14 @@ def test_an_embedding_perturbs_only_its_looked_up_rows_as_the_whole_weight_would
     ids = torch.tensor([[3, 4, 5, 39, 3], [0, 17, 17, 18, 1], [3, 4, 5, 39, 3], [9, 9, 30, 2, 1]])
     plan = Plan([emb.weight], keys=[5], offsets=[8])
     provider = PairedPerturbation(emb)
+    monkeypatch.setattr(paired_copies, "SMALL_TOTAL", 0)     # a table this small is otherwise copied whole
     made = []
-    original = provider._copy
-    provider._copy = lambda *a: made.append(a[2].shape) or original(*a)
+    real = ops.run_pair
+    monkeypatch.setattr(ops, "run_pair", lambda *a, **k: (made.append([t.shape for t in a[1]]), real(*a, **k))[1])
     with provider.perturbation(plan, 11, [0.003]):
         out = emb(ids)
-    assert provider.paths == {"<root>": "gathered"} and made == []          # no whole-weight copy
+    assert provider.paths == {"<root>": "gathered"}
+    assert made == [[(6, 23), (1, 23), (2, 23), (1, 23), (1, 23)]]   # runs of looked-up rows, one pass
     for sign, half in ((1, ids[:2]), (-1, ids[2:])):
         whole = perturbed(emb.weight.detach(), 11, sign * 0.003, keys=[5], offsets=[8])
         assert torch.equal(out[:2] if sign > 0 else out[2:], whole[half])

@@ -38,14 +38,17 @@ def unavailable_reason(device) -> str | None:
     return _import_error
 
 
-def run(tensors, outs, a, b, seed, keys, offsets, noise, load_x=True, round_seed=None) -> None:
+def run(tensors, outs, a, b, seed, keys, offsets, noise, load_x=True, round_seed=None, pair_delta=None) -> None:
+    """The pass (fastmezo.ops.run); pair_delta: also a * x - b * z, pair_delta elements after each output
+    (:func:`fastmezo.ops.run_pair`)."""
     if _launch is None:
         unavailable_reason(tensors[0].device)
     lock = _interpreter_lock if tensors[0].device.type == "cpu" else contextlib.nullcontext()
     with lock:
         # The optimizer's passes have one (a, b) per param group: one launch per distinct pair.
         if len(set(a)) == 1 and len(set(b)) == 1:
-            _launch(tensors, a[0], b[0], seed, keys, noise, offsets, outs=outs, round_seed=round_seed, load_x=load_x)
+            _launch(tensors, a[0], b[0], seed, keys, noise, offsets, outs=outs, round_seed=round_seed, load_x=load_x,
+                    pair_delta=pair_delta)
             return
         outs = list(tensors) if outs is None else list(outs)
         groups: dict = {}
@@ -53,7 +56,12 @@ def run(tensors, outs, a, b, seed, keys, offsets, noise, load_x=True, round_seed
             groups.setdefault(coef, []).append(i)
         for (a_i, b_i), idx in groups.items():
             _launch([tensors[i] for i in idx], a_i, b_i, seed, [keys[i] for i in idx], noise,
-                    [offsets[i] for i in idx], outs=[outs[i] for i in idx], round_seed=round_seed, load_x=load_x)
+                    [offsets[i] for i in idx], outs=[outs[i] for i in idx], round_seed=round_seed, load_x=load_x,
+                    pair_delta=pair_delta)
+
+
+#: This backend writes both outputs of a pair in one pass (fastmezo.ops.run_pair).
+PAIRS = True
 
 
 def prepare(tensors, keys, offsets, noise):
