@@ -42,7 +42,7 @@ from . import ops
 from .exact_read_check import _ReadCheck
 from .paired_batch import PairedModeError, _half, _rows, _split, _stack
 from .paired_copies import ForwardCopies
-from .paired_linear import _paused, fused_or_none, max_rows_of
+from .paired_linear import _paused, fused_or_none, materialized_or_none, max_rows_of
 
 
 #: Module kinds whose forward is row-wise along every leading dimension (checked by the tests).
@@ -95,6 +95,7 @@ class PairedPerturbation:
         self._active = None          # (plan, seed, {id(tensor): (key, offset, eps)}) during a forward
         self._half = None            # +1 or -1: the half a wrapped module is running now
         self.copies = None           # the perturbed copies of the running forward (ForwardCopies)
+        self._held: dict = {}        # the small tensors' copy buffers, held between forwards
         self._check_reads = bool(check_reads)
         self._checker = None
         #: Rows of the doubled batch of the running forward (set by PairedPatch); None: each wrapped
@@ -131,7 +132,7 @@ class PairedPerturbation:
         self._active = (plan, seed, {id(t): (k, o, float(eps_of_group[g])) for t, k, o, g in
                                      zip(plan.tensors, plan.keys, plan.offsets, plan.groups) if t.numel()})
         try:
-            self.copies = ForwardCopies(plan, seed, self._active[2])
+            self.copies = ForwardCopies(plan, seed, self._active[2], self._held)
             # The first forward is checked for reads of a stored weight that bypass its module (exact mode's
             # check).
             self._checker = None if not self._check_reads else _ReadCheck(self, {
@@ -164,6 +165,8 @@ class PairedPerturbation:
                                       "forward runs a doubled batch (an even number of rows along dim 0)")
             out = fused_or_none(self, module, args, kwargs, rows, self.max_rows)
             path = "fused"
+            if out is None:
+                out, path = materialized_or_none(self, module, args, kwargs, rows), "materialized"
             if out is None:
                 with _paused(self._checker):      # fastmezo's own reads of the stored weight
                     out, path = self._gathered_or_none(module, args, kwargs, rows), "gathered"
@@ -238,6 +241,7 @@ class PairedPerturbation:
         """Put the original forwards back. Idempotent."""
         if self._owned is None:
             return
+        self._held.clear()
         for module in self._owned:
             module.__dict__.pop("forward", None)
         self._owned = None

@@ -10,8 +10,9 @@ of a whole tensor is ever stored.
 What is alive when: a module's + half makes both halves' copies and keeps the - ones until its - half
 takes them (:meth:`ForwardCopies.for_half`), so a module holds two copies of its weights during its
 own call and none after. Small tensors (biases, norms' weights: at most SMALL_NUMEL elements) are
-made for the whole forward by one pass per device before it (a transformer has hundreds of them; a
-launch per module and half costs host time where a few megabytes of copies cost little).
+made for the whole forward by one pass per device before it, into buffers held from one forward to
+the next (a transformer has hundreds of them; a launch and views per module and half cost host time
+where a few megabytes of copies cost little).
 """
 from __future__ import annotations
 
@@ -29,14 +30,32 @@ SMALL_TOTAL = 1 << 24
 _ALIGN = 64
 
 
+#: Prepared pair launches by content (the backend, the tensors' addresses, sizes, keys and offsets):
+#: (prepared, split sizes, half length). A training loop perturbs the same tensors every forward.
+_prepared: dict = {}
+_CAPACITY = 4096
+
+
+def _layout(tensors):
+    """(split sizes, half length) of a pair buffer: each + copy at a multiple of _ALIGN elements, then
+    padding, the - copies likewise in the second half at the same offsets."""
+    sizes, total = [], 0
+    for t in tensors:
+        n = t.numel()
+        padded = -(-n // _ALIGN) * _ALIGN
+        sizes += (n, padded - n)
+        total += padded
+    return sizes + sizes, total
+
+
 class ForwardCopies:
     """The copies of one paired forward of ``plan`` at ``seed``; ``entries`` maps id(tensor) to its
     (key, offset, eps)."""
 
-    def __init__(self, plan, seed: int, entries: dict):
+    def __init__(self, plan, seed: int, entries: dict, held: dict | None = None):
         self.plan, self.seed, self.entries = plan, seed, entries
         self.kept: dict = {}          # module -> its - copies, made with its + ones, until its - half
-        self.small = self._small_copies()
+        self.small = self._small_copies({} if held is None else held)
 
     def for_half(self, module, tensors, sign: int) -> list:
         """The copies of ``module``'s ``tensors`` for one half: the + half makes both halves' copies and
@@ -80,25 +99,54 @@ class ForwardCopies:
                 [e[1] for e in entries], self.plan.noise)
         return outs
 
-    def _made_pairs(self, tensors):
+    def _made_pairs(self, tensors, held=None, keep=None):
         """Both copies of tensors of one device and dtype by one pair pass, carved from one buffer whose
         second half holds the - copies at the + copies' offsets (what the pair pass needs); otherwise
-        a pass per tensor group and sign."""
+        a pass per tensor group and sign. A backend that prepares pair passes gets its launch prepared
+        once per set of tensors (:data:`_prepared`): later forwards only launch it. ``held``: buffers
+        kept from the previous forward by content key, written again in place when the key is there;
+        ``keep`` receives this call's buffer to be held."""
         device, dtype = tensors[0].device, tensors[0].dtype
         if any(t.device != device or t.dtype != dtype for t in tensors):
             n = len(tensors)
             made = self._made(list(tensors) + list(tensors), [+1] * n + [-1] * n)
             return made[:n], made[n:]
-        starts, total = [], 0
-        for t in tensors:
-            starts.append(total)
-            total += -(-t.numel() // _ALIGN) * _ALIGN
-        buffer = torch.empty(2 * total, dtype=dtype, device=device)
-        plus = [buffer[s:s + t.numel()].view(t.shape) for s, t in zip(starts, tensors)]
-        minus = [buffer[total + s:total + s + t.numel()].view(t.shape) for s, t in zip(starts, tensors)]
         entries = [self.entries[id(t)] for t in tensors]
-        self.pair_pass([t.contiguous() for t in tensors], plus, minus, [e[0] for e in entries],
-                       [e[1] for e in entries], [e[2] for e in entries])
+        keys, offsets, eps = [e[0] for e in entries], [e[1] for e in entries], entries[0][2]
+        backend = self.plan.backend_of(device)
+        key = None
+        if (all(e[2] == eps for e in entries) and ops.plain(tensors) and not ops.tracing()
+                and all(t.is_contiguous() for t in tensors)):
+            # Everything a launch's table holds: where each tensor is, its size, key and offset.
+            key = (device, dtype, self.plan.noise, backend,
+                   tuple((t.data_ptr(), t.numel(), e[0], e[1]) for t, e in zip(tensors, entries)))
+        if key is not None and held is not None and key in held:
+            write, buffer, plus, minus = keep[key] = held[key]
+            write(eps, self.seed, buffer)
+            return plus, minus
+        hit = _prepared.get(key) if key is not None else None
+        sizes, total = hit[1:] if hit is not None else _layout(tensors)
+        buffer = torch.empty(2 * total, dtype=dtype, device=device)
+        parts = buffer.split(sizes)
+        n = len(tensors)
+        plus = [parts[2 * i].view(t.shape) for i, t in enumerate(tensors)]
+        minus = [parts[2 * (n + i)].view(t.shape) for i, t in enumerate(tensors)]
+        if key is None:
+            self.pair_pass([t.contiguous() for t in tensors], plus, minus, keys, offsets, [e[2] for e in entries])
+            return plus, minus
+        if hit is None and getattr(backend, "prepare_pair", None) is not None:
+            if len(_prepared) >= _CAPACITY:
+                _prepared.pop(next(iter(_prepared)))
+            hit = _prepared[key] = (backend.prepare_pair(tensors, plus, keys, offsets, self.plan.noise, total),
+                                    sizes, total)
+        if hit is not None:
+            write = hit[0]
+        else:                                # a backend without prepared pairs: these outputs only
+            def write(eps, seed, _buffer, noise=self.plan.noise):
+                ops.run_pair(backend, tensors, plus, minus, [eps] * n, seed, keys, offsets, noise)
+        write(eps, self.seed, buffer)
+        if keep is not None:
+            keep[key] = (write, buffer, plus, minus)
         return plus, minus
 
     def pair_pass(self, sources, plus, minus, keys, offsets, eps) -> None:
@@ -107,17 +155,22 @@ class ForwardCopies:
         ops.run_pair(self.plan.backend_of(sources[0].device), sources, plus, minus, eps, self.seed, keys, offsets,
                      self.plan.noise)
 
-    def _small_copies(self) -> dict:
+    def _small_copies(self, held: dict) -> dict:
         """{id(tensor): (+ copy, - copy)} of the trained tensors of at most SMALL_NUMEL elements, up to
-        SMALL_TOTAL elements in all, by one pair pass per device and dtype."""
+        SMALL_TOTAL elements in all, by one pair pass per device and dtype. Their buffers are ``held``
+        (the provider's, by content key) from one forward to the next and written again in place: the
+        launch alone, without carving hundreds of views every forward. The next forward's pass is
+        queued after this forward's reads on the same stream."""
         groups: dict = {}
         total = 0
         for t in self.plan.tensors:
             if id(t) in self.entries and t.numel() <= SMALL_NUMEL and total + t.numel() <= SMALL_TOTAL:
                 groups.setdefault((t.device, t.dtype), []).append(t)
                 total += t.numel()
-        copies = {}
+        copies, keep = {}, {}
         for tensors in groups.values():
-            plus, minus = self._made_pairs(tensors)
+            plus, minus = self._made_pairs(tensors, held, keep)
             copies.update((id(t), (p, m)) for t, p, m in zip(tensors, plus, minus))
+        held.clear()
+        held.update(keep)
         return copies

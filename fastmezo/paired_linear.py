@@ -98,6 +98,40 @@ def fused_or_none(provider, module, args, kwargs, rows: int, max_rows: int):
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def materialized_or_none(provider, module, args, kwargs, rows: int):
+    """The output of a plain ``nn.Linear`` on a doubled batch of ``rows`` rows from both halves' copies
+    (one pair pass) with one matmul per half written straight into the output, or None where the
+    generic path (the module's own forward once per half) must run it. The same products as that
+    path's F.linear per half (addmm on the flattened rows), without the halves' concatenation."""
+    if type(module).forward is not torch.nn.Linear.forward:
+        return None
+    x = args[0] if len(args) == 1 and not kwargs else kwargs.get("input") if not args and len(kwargs) == 1 else None
+    weight, bias = module.weight, module.bias
+    entries = provider._active[2]
+    if (id(weight) not in entries or type(x) is not torch.Tensor or x.dim() < 2 or x.shape[0] < 2
+            or x.shape[0] % rows or x.dtype != weight.dtype or x.device != weight.device or ops.tracing()
+            or torch.is_autocast_enabled(x.device.type)):
+        return None
+    with _paused(provider._checker):     # fastmezo's own reads of the stored weights
+        trained = [weight] if bias is None or id(bias) not in entries else [weight, bias]
+        plus, minus = provider.copies.pairs(trained)
+    x2d = x.reshape(-1, x.shape[-1])
+    h = x2d.shape[0] // 2
+    y = torch.empty(x2d.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    grad = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+    try:
+        for copies, rows_of in ((plus, slice(0, h)), (minus, slice(h, None))):
+            b = copies[1] if len(copies) == 2 else bias
+            if b is None:
+                torch.mm(x2d[rows_of], copies[0].t(), out=y[rows_of])
+            else:
+                torch.addmm(b, x2d[rows_of], copies[0].t(), out=y[rows_of])
+    finally:
+        torch.set_grad_enabled(grad)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 class _paused:
     """The first forward's read check (fastmezo.exact_read_check._ReadCheck) off for fastmezo's own reads (a
     plain class: entered once per module call, where a generator-based context costs more)."""

@@ -65,7 +65,7 @@ class MeZOPatch:
             raise RuntimeError("this fastmezo patch was removed; patch the model again to train")
         closure = self._closure(batch)
         modes = [(m, m.training) for m in self.model.modules()] if self.eval_mode else []
-        if self.eval_mode:
+        if any(training for _, training in modes):     # (a walk over every module: only when one trains)
             self.model.eval()
         try:
             return self.optimizer.step(closure)

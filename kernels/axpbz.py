@@ -191,7 +191,7 @@ class Launches:
     Valid while the tensors stay where they were (the caller re-prepares when they move)."""
 
     def __init__(self, tensors, keys, noise: int, offsets=None, outs=None, block: int | None = None,
-                 chunk: int | None = None, pair_delta: int | None = None):
+                 chunk: int | None = None, pair_delta: int | None = None, relocatable: bool = False):
         n_t = len(tensors)
         offsets = [0] * n_t if offsets is None else list(offsets)
         outs = list(tensors) if outs is None else list(outs)
@@ -245,19 +245,27 @@ class Launches:
             # In place, the prototype (whose address is the launch's base pointer) is held weakly: a
             # prepared launch must not keep its tensors alive (a cache of plans holds launches between
             # calls); out of place the output buffer is the launch's own.
-            ref = (lambda p=proto: p) if self.out else weakref.ref(proto)
+            # Relocatable (outputs of one dtype carved from one buffer, which each call names): nothing
+            # held, the group's first output found at its distance from the first output of all.
+            ref = None if relocatable else (lambda p=proto: p) if self.out else weakref.ref(proto)
+            shift = (base - outs[0].data_ptr()) // esize
             self.launches.append((ref, table, starts, starts if mapping is None else mapping, total, lookup,
-                                  log2t if lookup == 2 else 0, dtype != torch.float32, aligned))
+                                  log2t if lookup == 2 else 0, dtype != torch.float32, aligned, shift))
 
     def __call__(self, a: float, b: float, seed: int, round_seed: int | None = None, load_x: bool = True,
-                 num_warps: int = 4) -> None:
+                 num_warps: int = 4, outs_at=None) -> None:
         """out_i <- a * x_i + b * z(seed, key_i) for every prepared tensor (round_seed: stochastic rounding
-        of float16/bfloat16 results)."""
+        of float16/bfloat16 results). ``outs_at`` (relocatable launches: required): a 1-D tensor of the
+        outputs' dtype, 16-byte aligned, at which the first output now starts, the others at their
+        prepared distances from it."""
         rseed = 0 if round_seed is None else round_seed
-        for ref, table, starts, mapping, total, lookup, log2t, low_precision, aligned in self.launches:
-            proto = ref()
+        if outs_at is not None and outs_at.data_ptr() % 16:
+            raise ValueError("the outputs of a relocated launch must start 16-byte aligned")
+        for ref, table, starts, mapping, total, lookup, log2t, low_precision, aligned, shift in self.launches:
+            proto = outs_at[shift:] if outs_at is not None else None if ref is None else ref()
             if proto is None:
-                raise RuntimeError("the tensors of a prepared launch were freed; prepare it again")
+                raise RuntimeError("the tensors of a prepared launch were freed (or a relocatable launch was "
+                                   "called without outs_at); prepare it again")
             _axpbz_table_kernel[(total,)](
                 proto, table, starts, mapping, total, float(a), float(b),
                 _as_i32(seed & 0xFFFFFFFF), _as_i32((seed >> 32) & 0xFFFFFFFF),

@@ -64,6 +64,23 @@ def run(tensors, outs, a, b, seed, keys, offsets, noise, load_x=True, round_seed
 PAIRS = True
 
 
+def prepare_pair(sources, plus, keys, offsets, noise, pair_delta):
+    """The pair pass over ``sources`` (fastmezo.ops.run_pair with one b), prepared once and relocatable:
+    ``prepared(b, seed, outs_at)`` writes the + outputs at their prepared distances from ``outs_at`` (a
+    1-D tensor of their dtype) and the - outputs pair_delta elements after each. It holds no tensor;
+    valid while the sources stay where they are."""
+    if _Launches is None:
+        unavailable_reason(sources[0].device)
+    launches = _Launches(sources, keys, noise, offsets, outs=plus, pair_delta=pair_delta, relocatable=True)
+    if sources[0].device.type != "cpu":
+        return lambda b, seed, outs_at: launches(1.0, b, seed, outs_at=outs_at)
+
+    def interpreted(b, seed, outs_at):
+        with _interpreter_lock:
+            launches(1.0, b, seed, outs_at=outs_at)
+    return interpreted
+
+
 def prepare(tensors, keys, offsets, noise):
     """The launches of in-place passes over ``tensors`` with one (a, b), prepared once (their tables
     uploaded): ``prepared(a, b, seed, round_seed, load_x)`` is then a pass with no per-tensor host work.

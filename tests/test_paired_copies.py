@@ -1,0 +1,110 @@
+"""Paired mode's perturbed copies (fastmezo.paired_copies) and its materialized nn.Linear path
+(fastmezo.paired_linear.materialized_or_none): bit for bit what exact mode's copies and F.linear per half
+give, on every backend that runs here; the pair launch prepared once per set of tensors and relocated
+into each forward's buffer; the small tensors' buffers held between forwards and written again."""
+import pytest
+import torch
+
+import fastmezo
+from fastmezo import paired_copies
+from fastmezo.functional import perturbed
+from fastmezo.paired import PairedPerturbation
+from fastmezo.paired_copies import ForwardCopies
+from fastmezo.plan import Plan
+from conftest import HAS_TRITON, TRITON_DEVICE
+
+BACKENDS = [("native", "cpu"), ("oracle", "cpu")] + ([("triton", TRITON_DEVICE)] if HAS_TRITON else [])
+
+
+def weights(device, dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(300, 40), (40,), (8, 5), (70000,)]       # large, small, small, large
+    return [torch.randn(s, generator=gen).to(dtype).to(device) for s in shapes]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_prepared_pairs_relocate_into_each_forwards_buffer(backend, device):
+    """Three forwards at different seeds over the same tensors: every copy is exact mode's, the large
+    ones come from fresh buffers each time, the pair launch is prepared once (Triton), and the small
+    tensors' buffer is the same one, written again."""
+    ws = weights(device)
+    keys, offsets = [3, 4, 5, 6], [0, 8, 16, 24]
+    plan = Plan(ws, keys=keys, offsets=offsets, backend=backend)
+    entries = {id(w): (k, o, 0.01) for w, k, o in zip(ws, keys, offsets)}
+    held, small_ptrs, prepared = {}, set(), []
+    for seed in (5, 6, 2**63 + 1):
+        copies = ForwardCopies(plan, seed, entries, held)
+        plus, minus = copies.pairs(ws)
+        for w, k, o, p, m in zip(ws, keys, offsets, plus, minus):
+            for sign, got in ((1, p), (-1, m)):
+                want = perturbed(w, seed, sign * 0.01, keys=[k], offsets=[o], backend=backend)
+                assert got.shape == w.shape and torch.equal(got, want), (seed, sign, tuple(w.shape))
+        small_ptrs.add(plus[1].data_ptr())
+        prepared.append(len(paired_copies._prepared))
+    assert len(small_ptrs) == 1 and len(held) == 1          # the small ones: one held buffer, rewritten
+    if backend == "triton":
+        assert prepared[1] == prepared[2]                    # nothing prepared after the first forward
+
+
+def test_a_moved_tensor_gets_its_own_launch():
+    """The prepared launches are keyed by the tensors' addresses: a tensor replaced by another of the
+    same shape (another address) is perturbed from its own values, never from the old address."""
+    pytest.importorskip("triton")
+    w = torch.randn(300, 40, generator=torch.Generator().manual_seed(1)).to(TRITON_DEVICE)
+    plan = Plan([w], keys=[3], backend="triton")
+    first = ForwardCopies(plan, 5, {id(w): (3, 0, 0.01)}).pairs([w])[0][0].clone()
+    w2 = w * 2
+    plan2 = Plan([w2], keys=[3], backend="triton")
+    second = ForwardCopies(plan2, 5, {id(w2): (3, 0, 0.01)}).pairs([w2])[0][0]
+    assert torch.equal(second, perturbed(w2, 5, 0.01, keys=[3], backend="triton"))
+    assert not torch.equal(second, first)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("bias", ["trained", "frozen", None])
+def test_materialized_linear_is_f_linear_per_half_bit_for_bit(backend, device, bias):
+    """A plain nn.Linear on the materialized path: its output is F.linear of each half with exact mode's
+    copies (on the CPU bit for bit: the same addmm per half), for 3-D inputs, with a trained, a frozen
+    or no bias."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 10, bias=bias is not None).to(device)
+    if bias == "frozen":
+        layer.bias.requires_grad_(False)
+    trained = [p for p in layer.parameters() if p.requires_grad]
+    keys = list(range(7, 7 + len(trained)))
+    plan = Plan(trained, keys=keys, backend=backend)
+    provider = PairedPerturbation(layer, trained, fused=False)
+    x = torch.randn(4, 3, 24, generator=torch.Generator().manual_seed(2)).to(device)
+    with provider.perturbation(plan, 9, [0.02]):
+        y = layer(x)
+    assert provider.paths == {"<root>": "materialized"}
+    halves = []
+    for sign, rows in ((1, x[:2]), (-1, x[2:])):
+        w = perturbed(layer.weight.detach(), 9, sign * 0.02, keys=[7], backend=backend)
+        b = layer.bias
+        if bias == "trained":
+            b = perturbed(layer.bias.detach(), 9, sign * 0.02, keys=[8], backend=backend)
+        halves.append(torch.nn.functional.linear(rows, w, None if b is None else b.detach()))
+    if device == "cpu":
+        assert torch.equal(y, torch.cat(halves))
+    else:   # cuBLAS may pick another kernel for an output at an offset: float32 sums in another order
+        torch.testing.assert_close(y, torch.cat(halves), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_under_autocast_takes_the_generic_path():
+    # autocast changes what F.linear computes: the module's own forward must run it, once per half.
+    layer = torch.nn.Linear(8, 4)
+    plan = Plan(list(layer.parameters()), keys=[1, 2])
+    provider = PairedPerturbation(layer, fused=False)
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16), provider.perturbation(plan, 9, [0.02]):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+
+
+def test_patch_paired_uses_the_materialized_linear_path():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    with fastmezo.patch(model, mode="paired", fused=False, loss_fn=lambda m, b: m(b).pow(2).mean(1)) as handle:
+        handle.step(x)
+        assert handle.paired.paths == {"0": "materialized", "1": "materialized", "2": "materialized"}
