@@ -11,8 +11,8 @@ In order (a failed check stops the run before anything is timed, exit code 1):
    see the same weights: l+, l- within a relative ``CHECK_RTOL`` and the projected gradients within
    what that allows, ``2 * CHECK_RTOL * |l| / (2 eps)``.
 2. ``sweep``: on OPT-13B-shaped layers (q_proj 5120 x 5120 and fc1 20480 x 5120, float16), the fused
-   kernel against the materialize path (z once, two rounded copies, two matmuls: what paired mode does
-   without the kernel) at several row counts of the doubled batch, kernel time with calls queued;
+   kernel against the materialize path (one pass making z once and both rounded copies, a matmul per
+   half: what paired mode does without the kernel) at several row counts of the doubled batch, kernel time with calls queued;
    each point also compares the two outputs. ``suggested_max_rows``: the most rows at which the fused
    kernel is not slower on every layer (fastmezo.paired_linear.DEFAULT_MAX_ROWS comes from it).
 3. ``steps``: random OPT-13B float16 (bench/models.py), at each --configs batch x tokens: the public
@@ -105,12 +105,14 @@ def sweep(device, layers, rows_list, warmup, reps, backend, log=print) -> dict:
             x = torch.randn(rows, k, generator=gen, device=device).to(dtype)
             h = rows // 2
 
-            def materialize():          # as a module's two halves: both copies by one pair pass
-                plus = torch.nn.functional.linear(x[:h], copies.for_half(w, [w], +1)[0])
-                minus = torch.nn.functional.linear(x[h:], copies.for_half(w, [w], -1)[0])
-                return torch.cat([plus, minus])
+            def materialize(w=w, x=x, h=h):   # as paired mode's nn.Linear: one pair pass, a matmul per half
+                (plus,), (minus,) = copies.pairs([w])
+                y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+                torch.mm(x[:h], plus.t(), out=y[:h])
+                torch.mm(x[h:], minus.t(), out=y[h:])
+                return y
 
-            fused = lambda: paired_linear(x, w, EPS, SEED, 11, plan.noise)      # noqa: E731
+            fused = lambda w=w, x=x: paired_linear(x, w, EPS, SEED, 11, plan.noise)      # noqa: E731
             diff = (fused().float() - materialize().float()).abs().max().item()
             scale = materialize().float().abs().max().item()
             t_f = statistics.median(time_ms(fused, device, warmup, reps))
@@ -181,8 +183,11 @@ def steps(name: str, configs, device, warmup, reps, backend, log=print, profile_
             if paired["linear_paths"] != ["materialized"]:       # the same step without the fused kernel
                 with _patch(model, backend, mode="paired", fused=False) as handle:
                     handle.step({"input_ids": ids, "labels": ids})
-                    materialized = measured("paired-materialized", lambda: handle.step({"input_ids": ids, "labels": ids}),
-                                            loss=handle.optimizer.loss_plus)
+                    measured("paired-materialized", lambda: handle.step({"input_ids": ids, "labels": ids}),
+                             loss=handle.optimizer.loss_plus)
+                    if profile_dir is not None:
+                        (profile_dir / f"profile_paired-materialized_{batch}x{tokens}.txt").write_text(
+                            profile_table(lambda: handle.step({"input_ids": ids, "labels": ids}), device))
             with _patch(model, None) as handle:          # in place: the automatic backend
                 inplace = measured("inplace", lambda: handle.step(closure), loss=None)
                 inplace["loss"] = handle.optimizer.loss_plus
