@@ -183,7 +183,8 @@ def test_run_pair_is_the_pass_with_b_and_with_minus_b(backend, device, monkeypat
         want[sign] = outs
     buf = torch.full((2, 160), float("nan"), dtype=torch.bfloat16, device=device)
     laid_out = ([buf[0, :100], buf[0, 100:137], buf[0, 140:148]], [buf[1, :100], buf[1, 100:137], buf[1, 140:148]])
-    apart = ([torch.empty_like(x) for x in xs], [torch.empty_like(x) for x in xs])
+    # - outputs allocated in the reverse order: no common distance from their + outputs
+    apart = ([torch.empty_like(x) for x in xs], [torch.empty_like(x) for x in reversed(xs)][::-1])
     for plus, minus in (laid_out, apart):
         calls.clear()
         versions = [t._version for t in plus + minus]

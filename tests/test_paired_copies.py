@@ -11,9 +11,9 @@ from fastmezo.functional import perturbed
 from fastmezo.paired import PairedPerturbation
 from fastmezo.paired_copies import ForwardCopies
 from fastmezo.plan import Plan
-from conftest import HAS_TRITON, TRITON_DEVICE
+from conftest import backend_devices
 
-BACKENDS = [("native", "cpu"), ("oracle", "cpu")] + ([("triton", TRITON_DEVICE)] if HAS_TRITON else [])
+BACKENDS = backend_devices()
 
 
 def weights(device, dtype=torch.bfloat16):
@@ -50,6 +50,8 @@ def test_a_moved_tensor_gets_its_own_launch():
     """The prepared launches are keyed by the tensors' addresses: a tensor replaced by another of the
     same shape (another address) is perturbed from its own values, never from the old address."""
     pytest.importorskip("triton")
+    from conftest import TRITON_DEVICE
+
     w = torch.randn(300, 40, generator=torch.Generator().manual_seed(1)).to(TRITON_DEVICE)
     plan = Plan([w], keys=[3], backend="triton")
     first = ForwardCopies(plan, 5, {id(w): (3, 0, 0.01)}).pairs([w])[0][0].clone()
