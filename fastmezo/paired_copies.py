@@ -37,15 +37,13 @@ _CAPACITY = 4096
 
 
 def _layout(tensors):
-    """(split sizes, half length) of a pair buffer: each + copy at a multiple of _ALIGN elements, then
-    padding, the - copies likewise in the second half at the same offsets."""
-    sizes, total = [], 0
+    """(starts, half length) of a pair buffer: each + copy at a multiple of _ALIGN elements, the - copies
+    at the same offsets in the second half."""
+    starts, total = [], 0
     for t in tensors:
-        n = t.numel()
-        padded = -(-n // _ALIGN) * _ALIGN
-        sizes += (n, padded - n)
-        total += padded
-    return sizes + sizes, total
+        starts.append(total)
+        total += -(-t.numel() // _ALIGN) * _ALIGN
+    return starts, total
 
 
 class ForwardCopies:
@@ -84,8 +82,16 @@ class ForwardCopies:
         rest = [t for t in tensors if id(t) not in small]
         plus, minus = self._made_pairs(rest) if rest else ([], [])
         plus, minus = iter(plus), iter(minus)
-        pairs = [small[id(t)] if id(t) in small else (next(plus), next(minus)) for t in tensors]
+        pairs = [small[id(t)][:2] if id(t) in small else (next(plus), next(minus)) for t in tensors]
         return [p for p, _ in pairs], [m for _, m in pairs]
+
+    def stacked(self, t):
+        """Both copies of ``t`` as one [2, *t.shape] tensor (the + copy at 0), for batched matmuls; a view
+        of the pair buffer where there is one."""
+        made = self.small.get(id(t))
+        if made is None:
+            return self._made_pairs([t], stacked=True)[0]
+        return made[2] if made[2] is not None else torch.stack(made[:2])
 
     def _made(self, tensors, signs) -> list:
         """round(t + sign * eps * z) by one call of the out-of-place pass (per device)."""
@@ -99,18 +105,21 @@ class ForwardCopies:
                 [e[1] for e in entries], self.plan.noise)
         return outs
 
-    def _made_pairs(self, tensors, held=None, keep=None):
+    def _made_pairs(self, tensors, held=None, keep=None, stacked=False):
         """Both copies of tensors of one device and dtype by one pair pass, carved from one buffer whose
         second half holds the - copies at the + copies' offsets (what the pair pass needs); otherwise
-        a pass per tensor group and sign. A backend that prepares pair passes gets its launch prepared
-        once per set of tensors (:data:`_prepared`): later forwards only launch it. ``held``: buffers
-        kept from the previous forward by content key, written again in place when the key is there;
-        ``keep`` receives this call's buffer to be held."""
+        a pass per tensor group and sign. Returns (+ copies, - copies), or with ``stacked`` the
+        [2, *shape] view of each tensor's pair. A backend that prepares pair passes gets its launch
+        prepared once per set of tensors (:data:`_prepared`): later forwards only launch it.
+        ``held``: buffers kept from the previous forward by content key, written again in place when
+        the key is there; ``keep`` receives this call's buffer and views (both forms) to be held."""
         device, dtype = tensors[0].device, tensors[0].dtype
         if any(t.device != device or t.dtype != dtype for t in tensors):
             n = len(tensors)
             made = self._made(list(tensors) + list(tensors), [+1] * n + [-1] * n)
-            return made[:n], made[n:]
+            plus, minus = made[:n], made[n:]
+            both = [torch.stack(pm) for pm in zip(plus, minus)] if stacked or keep is not None else None
+            return both if stacked else (plus, minus) if keep is None else (plus, minus, both)
         entries = [self.entries[id(t)] for t in tensors]
         keys, offsets, eps = [e[0] for e in entries], [e[1] for e in entries], entries[0][2]
         backend = self.plan.backend_of(device)
@@ -121,33 +130,39 @@ class ForwardCopies:
             key = (device, dtype, self.plan.noise, backend,
                    tuple((t.data_ptr(), t.numel(), e[0], e[1]) for t, e in zip(tensors, entries)))
         if key is not None and held is not None and key in held:
-            write, buffer, plus, minus = keep[key] = held[key]
+            write, buffer, plus, minus, both = keep[key] = held[key]
             write(eps, self.seed, buffer)
-            return plus, minus
+            return (plus, minus, both)
         hit = _prepared.get(key) if key is not None else None
-        sizes, total = hit[1:] if hit is not None else _layout(tensors)
+        starts, total = hit[1:] if hit is not None else _layout(tensors)
         buffer = torch.empty(2 * total, dtype=dtype, device=device)
-        parts = buffer.split(sizes)
-        n = len(tensors)
-        plus = [parts[2 * i].view(t.shape) for i, t in enumerate(tensors)]
-        minus = [parts[2 * (n + i)].view(t.shape) for i, t in enumerate(tensors)]
+        halves = buffer.view(2, total)
+        both = [halves[:, s:s + t.numel()].view((2,) + tuple(t.shape)) for s, t in zip(starts, tensors)]
+        plus, minus = ([b[0] for b in both], [b[1] for b in both]) if keep is not None or not stacked else (None, None)
         if key is None:
+            if plus is None:
+                plus, minus = [b[0] for b in both], [b[1] for b in both]
             self.pair_pass([t.contiguous() for t in tensors], plus, minus, keys, offsets, [e[2] for e in entries])
-            return plus, minus
+            return both if stacked else (plus, minus) if keep is None else (plus, minus, both)
         if hit is None and getattr(backend, "prepare_pair", None) is not None:
             if len(_prepared) >= _CAPACITY:
                 _prepared.pop(next(iter(_prepared)))
-            hit = _prepared[key] = (backend.prepare_pair(tensors, plus, keys, offsets, self.plan.noise, total),
-                                    sizes, total)
+            layout_plus = plus if plus is not None else [b[0] for b in both]
+            hit = _prepared[key] = (backend.prepare_pair(tensors, layout_plus, keys, offsets, self.plan.noise, total),
+                                    starts, total)
         if hit is not None:
             write = hit[0]
         else:                                # a backend without prepared pairs: these outputs only
-            def write(eps, seed, _buffer, noise=self.plan.noise):
-                ops.run_pair(backend, tensors, plus, minus, [eps] * n, seed, keys, offsets, noise)
+            if plus is None:
+                plus, minus = [b[0] for b in both], [b[1] for b in both]
+
+            def write(eps, seed, _buffer, noise=self.plan.noise, plus=plus, minus=minus):
+                ops.run_pair(backend, tensors, plus, minus, [eps] * len(tensors), seed, keys, offsets, noise)
         write(eps, self.seed, buffer)
         if keep is not None:
-            keep[key] = (write, buffer, plus, minus)
-        return plus, minus
+            keep[key] = (write, buffer, plus, minus, both)
+            return plus, minus, both
+        return both if stacked else (plus, minus)
 
     def pair_pass(self, sources, plus, minus, keys, offsets, eps) -> None:
         """plus_i / minus_i <- round(source_i +- eps_i * z) over the stream of keys_i from offsets_i
@@ -156,7 +171,7 @@ class ForwardCopies:
                      self.plan.noise)
 
     def _small_copies(self, held: dict) -> dict:
-        """{id(tensor): (+ copy, - copy)} of the trained tensors of at most SMALL_NUMEL elements, up to
+        """{id(tensor): (+ copy, - copy, both stacked or None)} of the trained tensors of at most SMALL_NUMEL elements, up to
         SMALL_TOTAL elements in all, by one pair pass per device and dtype. Their buffers are ``held``
         (the provider's, by content key) from one forward to the next and written again in place: the
         launch alone, without carving hundreds of views every forward. The next forward's pass is
@@ -169,8 +184,8 @@ class ForwardCopies:
                 total += t.numel()
         copies, keep = {}, {}
         for tensors in groups.values():
-            plus, minus = self._made_pairs(tensors, held, keep)
-            copies.update((id(t), (p, m)) for t, p, m in zip(tensors, plus, minus))
+            plus, minus, both = self._made_pairs(tensors, held, keep)
+            copies.update((id(t), (p, m, b)) for t, p, m, b in zip(tensors, plus, minus, both))
         held.clear()
         held.update(keep)
         return copies

@@ -64,9 +64,9 @@ def test_a_moved_tensor_gets_its_own_launch():
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("bias", ["trained", "frozen", None])
-def test_materialized_linear_is_f_linear_per_half_bit_for_bit(backend, device, bias):
+def test_materialized_linear_is_f_linear_per_half(backend, device, bias):
     """A plain nn.Linear on the materialized path: its output is F.linear of each half with exact mode's
-    copies (on the CPU bit for bit: the same addmm per half), for 3-D inputs, with a trained, a frozen
+    copies (on the CPU bit for bit: one batched product of the halves), for 3-D inputs, with a trained, a frozen
     or no bias."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(24, 10, bias=bias is not None).to(device)
