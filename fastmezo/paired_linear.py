@@ -34,6 +34,11 @@ from . import ops
 #: default: the most rows of the sweep at which the fused kernel beat the materialize path (docs/perf.md).
 DEFAULT_MAX_ROWS = 512
 
+#: Elements of one copy of a weight made at a time on the materialized path: a larger weight (an
+#: lm_head over a large vocabulary) has its copies made and multiplied a slab of output rows at a
+#: time, which bounds the memory of the copies to 2 * MAX_PAIR_NUMEL elements.
+MAX_PAIR_NUMEL = 1 << 27
+
 
 def max_rows_of(fused) -> int:
     """The row threshold that ``fused`` (None, True, False or an int >= 0) stands for."""
@@ -114,22 +119,44 @@ def materialized_or_none(provider, module, args, kwargs, rows: int):
             or torch.is_autocast_enabled(x.device.type)):
         return None
     copies = provider.copies
-    with _paused(provider._checker):     # fastmezo's own reads of the stored weights
-        w2 = copies.stacked(weight)
-        b2 = bias if bias is None or id(bias) not in entries else copies.stacked(bias).unsqueeze(1)
+    n_out, k = weight.shape
+    slab = max(1, MAX_PAIR_NUMEL // k)      # output rows whose copies are made at a time
+    if n_out > slab:
+        with _paused(provider._checker):
+            if not weight.is_contiguous():
+                return None
     # dim 0 is a multiple of the doubled batch, batch-major: its first half is the + half's rows
-    x3 = x.reshape(2, -1, x.shape[-1])
-    y = torch.empty(2, x3.shape[1], weight.shape[0], dtype=x.dtype, device=x.device)
+    x3 = x.reshape(2, -1, k)
+    y = torch.empty(2, x3.shape[1], n_out, dtype=x.dtype, device=x.device)
     grad = torch.is_grad_enabled()
     torch.set_grad_enabled(False)
     try:
-        if b2 is None:
-            torch.bmm(x3, w2.transpose(1, 2), out=y)
-        else:
-            torch.baddbmm(b2, x3, w2.transpose(1, 2), out=y)
+        with _paused(provider._checker):     # fastmezo's own reads of the stored weights
+            b2 = bias if bias is None or id(bias) not in entries else copies.stacked(bias).unsqueeze(1)
+            if n_out <= slab:
+                _matmul(x3, copies.stacked(weight), b2, y)
+            else:                            # a large weight (an lm_head): its copies a slab of rows at a time
+                key, offset, eps = entries[id(weight)]
+                w = weight.detach()
+                for r0 in range(0, n_out, slab):
+                    r1 = min(n_out, r0 + slab)
+                    w2 = torch.empty(2, r1 - r0, k, dtype=w.dtype, device=w.device)
+                    copies.pair_pass([w[r0:r1]], [w2[0]], [w2[1]], [key], [offset + r0 * k], [eps])
+                    part = torch.empty(2, x3.shape[1], r1 - r0, dtype=x.dtype, device=x.device)
+                    _matmul(x3, w2, None if b2 is None else b2[..., r0:r1], part)
+                    y[..., r0:r1] = part
+                    del w2, part
     finally:
         torch.set_grad_enabled(grad)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y.view(*x.shape[:-1], n_out)
+
+
+def _matmul(x3, w2, b2, out) -> None:
+    """out <- x3 @ w2^T (+ b2) over the two halves, one batched call."""
+    if b2 is None:
+        torch.bmm(x3, w2.transpose(1, 2), out=out)
+    else:
+        torch.baddbmm(b2, x3, w2.transpose(1, 2), out=out)
 
 
 class _paused:
