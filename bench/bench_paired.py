@@ -20,7 +20,8 @@ In order (a failed check stops the run before anything is timed, exit code 1):
    in-place step (``fastmezo.patch(model)``) and the reference (bench/baseline.py), in this run, each
    timed as the user sees it (the GPU idle before each call, CUDA events around it), with the peak
    memory above the loaded model (``max_memory_allocated`` minus what the model holds) next to a
-   forward's, and which path each paired module took.
+   forward's, and which path each paired module took; also the paired step with every nn.Linear on
+   the other path (``paired-fused`` up to FUSED_COMPARE_ROWS rows, or ``paired-materialized``).
 
 Results: results.json and summary.md in --out.
 """
@@ -44,6 +45,7 @@ CHECK_RTOL = 5e-4          # float16: matmul outputs that round the other way, a
 SWEEP_LAYERS = {"q_proj": (5120, 5120), "fc1": (20480, 5120)}
 SWEEP_ROWS = (64, 128, 256, 512, 1024, 2048, 4096)
 SEED = 0x5EED_1234_ABCD_0042
+FUSED_COMPARE_ROWS = 512   # the fused kernel's steps are timed up to this many rows (beyond: far slower)
 
 
 def user_ms(fn, device, warmup: int, reps: int) -> float:
@@ -180,13 +182,15 @@ def steps(name: str, configs, device, warmup, reps, backend, log=print, profile_
                 if profile_dir is not None:
                     (profile_dir / f"profile_paired_{batch}x{tokens}.txt").write_text(
                         profile_table(lambda: handle.step({"input_ids": ids, "labels": ids}), device))
-            if paired["linear_paths"] != ["materialized"]:       # the same step without the fused kernel
-                with _patch(model, backend, mode="paired", fused=False) as handle:
+            # The other path for every nn.Linear, where the fused kernel is in its range.
+            other = "materialized" if paired["linear_paths"] != ["materialized"] else "fused"
+            if other == "materialized" or batch * tokens * 2 <= FUSED_COMPARE_ROWS:
+                with _patch(model, backend, mode="paired", fused=other == "fused") as handle:
                     handle.step({"input_ids": ids, "labels": ids})
-                    measured("paired-materialized", lambda: handle.step({"input_ids": ids, "labels": ids}),
+                    measured(f"paired-{other}", lambda: handle.step({"input_ids": ids, "labels": ids}),
                              loss=handle.optimizer.loss_plus)
                     if profile_dir is not None:
-                        (profile_dir / f"profile_paired-materialized_{batch}x{tokens}.txt").write_text(
+                        (profile_dir / f"profile_paired-{other}_{batch}x{tokens}.txt").write_text(
                             profile_table(lambda: handle.step({"input_ids": ids, "labels": ids}), device))
             with _patch(model, None) as handle:          # in place: the automatic backend
                 inplace = measured("inplace", lambda: handle.step(closure), loss=None)

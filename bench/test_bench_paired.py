@@ -22,9 +22,9 @@ def test_paired_smoke(tmp_path, capsys):
         assert p["fused_ms"] > 0 and p["materialize_ms"] > 0 and p["max_abs_diff"] <= 1e-5 * p["max_abs_output"]
     assert result["sweep"]["suggested_max_rows"] in {0} | {p["rows"] for p in result["sweep"]["points"]}
     rows = {r["what"]: r for r in result["steps"]}
-    assert set(rows) == {"forward", "paired", "paired-materialized", "inplace", "reference"}
-    assert rows["paired"]["linear_paths"] == ["fused"] and rows["paired"]["paths"]["fused"] >= 13
-    for what in ("paired", "paired-materialized", "inplace"):
+    assert set(rows) == {"forward", "paired", "paired-fused", "inplace", "reference"}
+    assert rows["paired"]["linear_paths"] == ["materialized"] and rows["paired"]["paths"]["materialized"] >= 13
+    for what in ("paired", "paired-fused", "inplace"):
         r = rows[what]
         assert r["speedup_vs_reference"] == rows["reference"]["ms_median"] / r["ms_median"]
     summary = (tmp_path / "summary.md").read_text()

@@ -1,23 +1,27 @@
-"""Paired mode's fused path for nn.Linear: both halves of the doubled batch in one read of the weight.
+"""Paired mode's nn.Linear: both halves of the doubled batch, by materialized copies or by the fused kernel.
 
 fastmezo.paired runs every module owning a trained parameter once per half with materialized copies
-round(W +- eps*z) (the *materialize* path: z made once per weight per module call, two copies
-written and read, two matmuls). For an ``nn.Linear`` whose doubled batch is small, the forward is
-bound by reading the weight, and the fused kernel (fastmezo.kernels.paired_linear) does both halves
-in one read of W with z generated in registers and no copy written: the *fused* path. With many rows
-the matmul is compute-bound and the kernel, which regenerates z for every block of rows, loses to the
-materialize path's cuBLAS matmuls; so the choice is by rows of the module's input (batch and sequence
-flattened): at most ``max_rows`` rows take the fused path.
+round(W +- eps*z). A plain ``nn.Linear`` takes one of two faster paths here:
+
+* *materialized* (the default, :func:`materialized_or_none`): one pass makes z once and writes both
+  copies into one buffer viewed as [2, out, in] (fastmezo.paired_copies), and ONE batched matmul
+  multiplies each half of the input by its copy, straight into the output. Its cost is a pass over W
+  that writes two copies plus cuBLAS reading them; it holds two copies of one weight at a time (a
+  weight above MAX_PAIR_NUMEL elements, an lm_head, a slab of output rows at a time).
+* *fused* (:func:`fused_or_none`, fastmezo.kernels.paired_linear): both halves in one read of W with
+  z generated in registers and no copy written; the least memory, but the kernel regenerates z for
+  every block of rows and runs far below cuBLAS's speed (docs/perf.md), so it is opt-in.
 
 ``fused`` (``fastmezo.patch(model, mode="paired", fused=...)``, ``PairedPerturbation(fused=...)``):
-None (default) picks by :data:`DEFAULT_MAX_ROWS`; an int is the row threshold; True fuses whatever the
-rows, False never. The fused path also needs: the plan's backend for the device is Triton (compiled on
-CUDA; the interpreter on CPU when the backend is forced to "triton" with TRITON_INTERPRET=1), a plain
-``nn.Linear`` forward with the input as its only argument, the weight trained, the input's dtype the
-weight's, and in-features and offset multiples of the elements per Philox call
+None (default) fuses up to :data:`DEFAULT_MAX_ROWS` rows of the module's input (batch and sequence
+flattened); an int is that row threshold; True fuses whatever the rows, False never. The fused path
+also needs: the plan's backend for the device is Triton (compiled on CUDA; the interpreter on CPU
+when the backend is forced to "triton" with TRITON_INTERPRET=1), a plain ``nn.Linear`` forward with
+the input as its only argument, the weight trained, the input's dtype the weight's, and in-features
+and offset multiples of the elements per Philox call
 (:func:`fastmezo.kernels.paired_linear.unfusable_reason`); otherwise the module is materialized.
-Under torch.compile or a dispatch mode the materialize path runs (the kernel is a plain,
-autograd-free call). :func:`fused_or_none` returns the module's output or None (materialize).
+Under torch.compile or a dispatch mode the generic path runs (the kernel and the batched matmul into
+a given output are plain, autograd-free calls).
 
 Both paths compute the same perturbed weights bit for bit (the kernel rounds each tile as the copies
 are rounded); their outputs differ only by the summation order of the matmul.
@@ -31,8 +35,9 @@ import torch
 from . import ops
 
 #: Rows (the doubled batch times the sequence) up to which an nn.Linear takes the fused kernel by
-#: default: the most rows of the sweep at which the fused kernel beat the materialize path (docs/perf.md).
-DEFAULT_MAX_ROWS = 512
+#: default: none, since the materialize path (one pair pass, one batched matmul) beat the fused kernel
+#: at every row count of the sweep but the smallest layer's smallest (docs/perf.md).
+DEFAULT_MAX_ROWS = 0
 
 #: Elements of one copy of a weight made at a time on the materialized path: a larger weight (an
 #: lm_head over a large vocabulary) has its copies made and multiplied a slab of output rows at a
