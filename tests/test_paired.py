@@ -14,6 +14,7 @@ import fastmezo
 from fastmezo.functional import perturbed
 from fastmezo.paired import PairedModeError, PairedPerturbation
 from fastmezo.plan import Plan
+from conftest import backend_devices
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,16 +58,16 @@ def run(kind, dtype, mode, lr=0.05, steps=1, **options):
     return model, records
 
 
-@pytest.mark.parametrize("backend", ["native", "oracle", "triton"])
-def test_copies_are_exact_modes_bit_for_bit(backend):
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_copies_are_exact_modes_bit_for_bit(backend, device):
     # Both halves' copies come from one z per tensor, with the fused pass's arithmetic: made as a pair
     # (one pass, where the backend writes pairs) or alone, they are exact mode's copies bit for bit.
     from fastmezo.paired_copies import ForwardCopies
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         gen = torch.Generator().manual_seed(1)
-        ws = [torch.randn(37, 11, generator=gen).to(dtype), torch.randn(300, generator=gen).to(dtype),
-              torch.randn(70000, generator=gen).to(dtype)]          # the last above SMALL_NUMEL
+        ws = [torch.randn(37, 11, generator=gen).to(dtype).to(device), torch.randn(300, generator=gen).to(dtype).to(device),
+              torch.randn(70000, generator=gen).to(dtype).to(device)]          # the last above SMALL_NUMEL
         plan = Plan(ws, keys=[5, 6, 7], offsets=[0, 8, 3], backend=backend)
         copies = ForwardCopies(plan, 11, {id(w): (k, o, 0.003) for w, k, o in zip(ws, [5, 6, 7], [0, 8, 3])})
         assert set(copies.small) == {id(ws[0]), id(ws[1])}
