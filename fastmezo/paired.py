@@ -16,8 +16,9 @@ tied use of the same weight (an lm_head) is its own module call and sees the who
 The alternative for nn.Linear, x W^T over the doubled batch plus +-eps * x z^T per half,
 would double the matmul FLOPs (a loss where large batches are compute-bound) and would not round the
 perturbed weight as exact mode does (in bfloat16 that rounding is of the order of eps*z itself).
-An nn.Linear with few rows (memory-bound) instead runs both halves in one fused kernel that reads W
-once and makes the same rounded tiles in registers (issue 18, item 1: fastmezo.paired_linear).
+A plain nn.Linear multiplies both halves by one batched matmul over its stacked copies, or, opt-in,
+by a fused kernel that reads W once and makes the same rounded tiles in registers
+(fastmezo.paired_linear).
 
 Any module works this way: nn.Linear, nn.Embedding, LayerNorm, RMSNorm and the modules of
 transformers are split along dim 0 of their tensor arguments; a module of another kind owning a
@@ -60,7 +61,8 @@ class PairedPerturbation:
     Wraps the forward of every module owning one of ``params`` (an instance attribute, removed by
     :meth:`remove`); outside :meth:`perturbation` the wrapped forwards are the original ones.
     ``fused``: when an nn.Linear takes the fused kernel instead of materialized copies (None: up to
-    fastmezo.paired_linear.DEFAULT_MAX_ROWS rows; an int: that many rows; True / False: always / never);
+    fastmezo.paired_linear.DEFAULT_MAX_ROWS rows, which is none; an int: that many rows; True / False:
+    always / never);
     :attr:`paths` says which path each module took in the last paired forward.
     """
 
