@@ -98,6 +98,7 @@ class PairedPerturbation:
         self._half = None            # +1 or -1: the half a wrapped module is running now
         self.copies = None           # the perturbed copies of the running forward (ForwardCopies)
         self._held: dict = {}        # the small tensors' copy buffers, held between forwards
+        self._order: list = []       # the large tensors in the order the last forward asked for them
         self._check_reads = bool(check_reads)
         self._checker = None
         #: Rows of the doubled batch of the running forward (set by PairedPatch); None: each wrapped
@@ -134,7 +135,7 @@ class PairedPerturbation:
         self._active = (plan, seed, {id(t): (k, o, float(eps_of_group[g])) for t, k, o, g in
                                      zip(plan.tensors, plan.keys, plan.offsets, plan.groups) if t.numel()})
         try:
-            self.copies = ForwardCopies(plan, seed, self._active[2], self._held)
+            self.copies = ForwardCopies(plan, seed, self._active[2], self._held, self._order)
             # The first forward is checked for reads of a stored weight that bypass its module (exact mode's
             # check).
             self._checker = None if not self._check_reads else _ReadCheck(self, {
@@ -143,6 +144,7 @@ class PairedPerturbation:
             with self._checker or contextlib.nullcontext():
                 yield
             self._check_reads = False
+            self._order = self.copies.asked
         finally:
             self._active = self._checker = self._half = self.copies = None
 
@@ -244,6 +246,7 @@ class PairedPerturbation:
         if self._owned is None:
             return
         self._held.clear()
+        self._order = []
         for module in self._owned:
             module.__dict__.pop("forward", None)
         self._owned = None

@@ -25,6 +25,9 @@ from . import ops
 SMALL_NUMEL = 1 << 16
 SMALL_TOTAL = 1 << 24
 
+#: Elements of one copy made ahead by one pass for a run of modules (:meth:`ForwardCopies.stacked`).
+GROUP_NUMEL = 1 << 27
+
 # Copies carved from one buffer start at multiples of this many elements (16-byte aligned in every
 # dtype), so the pass takes its vector path.
 _ALIGN = 64
@@ -50,10 +53,15 @@ class ForwardCopies:
     """The copies of one paired forward of ``plan`` at ``seed``; ``entries`` maps id(tensor) to its
     (key, offset, eps)."""
 
-    def __init__(self, plan, seed: int, entries: dict, held: dict | None = None):
+    def __init__(self, plan, seed: int, entries: dict, held: dict | None = None, order=()):
         self.plan, self.seed, self.entries = plan, seed, entries
         self.kept: dict = {}          # module -> its - copies, made with its + ones, until its - half
         self.small = self._small_copies({} if held is None else held)
+        #: the tensors asked for by :meth:`stacked`, in order (the next forward's ``order``)
+        self.asked: list = []
+        self._order = order
+        self._position = {id(t): i for i, t in enumerate(order)}
+        self._ready: dict = {}        # id(tensor) -> its stacked copies, made ahead with an earlier one
 
     def for_half(self, module, tensors, sign: int) -> list:
         """The copies of ``module``'s ``tensors`` for one half: the + half makes both halves' copies and
@@ -87,11 +95,30 @@ class ForwardCopies:
 
     def stacked(self, t):
         """Both copies of ``t`` as one [2, *t.shape] tensor (the + copy at 0), for batched matmuls; a view
-        of the pair buffer where there is one."""
+        of the pair buffer where there is one. The tensors asked for after ``t`` in the previous
+        forward (``order``) get their copies made by the same pass, up to GROUP_NUMEL elements a copy,
+        and wait for their own call: one launch for several modules (a transformer layer's attention
+        projections), whose host time is what a paired step is bound by. A tensor whose turn does not
+        come (another order this time) only costs its copies' memory until the forward ends."""
         made = self.small.get(id(t))
-        if made is None:
-            return self._made_pairs([t], stacked=True)[0]
-        return made[2] if made[2] is not None else torch.stack(made[:2])
+        if made is not None:
+            return made[2] if made[2] is not None else torch.stack(made[:2])
+        self.asked.append(t)
+        ready = self._ready.pop(id(t), None)
+        if ready is not None:
+            return ready
+        group, total = [t], t.numel()
+        i = self._position.get(id(t))
+        if i is not None:
+            for u in self._order[i + 1:]:
+                if (id(u) in self._ready or id(u) not in self.entries or u.device != t.device or u.dtype != t.dtype
+                        or total + u.numel() > GROUP_NUMEL):
+                    break
+                group.append(u)
+                total += u.numel()
+        both = self._made_pairs(group, stacked=True)
+        self._ready.update((id(u), b) for u, b in zip(group[1:], both[1:]))
+        return both[0]
 
     def _made(self, tensors, signs) -> list:
         """round(t + sign * eps * z) by one call of the out-of-place pass (per device)."""

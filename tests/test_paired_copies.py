@@ -115,3 +115,46 @@ def test_patch_paired_uses_the_materialized_linear_path():
     with fastmezo.patch(model, mode="paired", fused=False, loss_fn=lambda m, b: m(b).pow(2).mean(1)) as handle:
         handle.step(x)
         assert handle.paired.paths == {"0": "materialized", "1": "materialized", "2": "materialized"}
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_copies_of_a_run_of_modules_come_from_one_pass(backend, device, monkeypatch):
+    """After the first forward, the weights asked for after one (the previous forward's order) get their
+    copies from the same pass, up to GROUP_NUMEL elements: the same steps bit for bit as one pass per
+    module, in fewer passes; and a forward in another order is still right."""
+    from test_paired import batch, tiny
+
+    made = []
+    real = ForwardCopies._made_pairs
+    monkeypatch.setattr(ForwardCopies, "_made_pairs",
+                        lambda self, ts, *a, **k: (k.get("stacked") and made.append(len(ts)), real(self, ts, *a, **k))[1])
+    monkeypatch.setattr(paired_copies, "SMALL_NUMEL", 100)      # the tiny model's weights count as large
+    results = []
+    for group in (0, 1 << 27):
+        monkeypatch.setattr(paired_copies, "GROUP_NUMEL", group)
+        made.clear()
+        model = tiny("opt", torch.float32).to(device)
+        with fastmezo.patch(model, lr=0.05, eps=1e-2, seed=3, mode="paired", backend=backend) as handle:
+            steps = []
+            for _ in range(3):
+                handle.step({k: v.to(device) for k, v in batch().items()})
+                steps.append((handle.optimizer.loss_plus, handle.optimizer.loss_minus))
+        results.append((steps, [p.detach().clone() for p in model.parameters()], list(made)))
+    (steps0, weights0, made0), (steps1, weights1, made1) = results
+    assert steps0 == steps1 and all(torch.equal(a, b) for a, b in zip(weights0, weights1))
+    assert max(made0) == 1 and len(made1) < len(made0) and max(made1) > 4, (made0, made1)
+
+
+def test_copies_made_ahead_are_right_in_any_order(monkeypatch):
+    """The order of the previous forward is only a guess: asked for in another order, with a tensor asked
+    twice and one never, every stacked pair is still exact mode's copies."""
+    monkeypatch.setattr(paired_copies, "SMALL_NUMEL", 100)
+    gen = torch.Generator().manual_seed(6)
+    ws = [torch.randn(30, 20, generator=gen) for _ in range(4)]
+    plan = Plan(ws, keys=[1, 2, 3, 4])
+    copies = ForwardCopies(plan, 8, {id(w): (k, 0, 0.01) for w, k in zip(ws, [1, 2, 3, 4])}, order=ws)
+    for i in (2, 0, 1, 1):
+        both = copies.stacked(ws[i])
+        for sign, got in ((1, both[0]), (-1, both[1])):
+            assert torch.equal(got, perturbed(ws[i], 8, sign * 0.01, keys=[i + 1]))
+    assert [id(t) for t in copies.asked] == [id(ws[i]) for i in (2, 0, 1, 1)]
