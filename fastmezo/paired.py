@@ -43,7 +43,7 @@ from . import ops
 from .exact_read_check import _ReadCheck
 from .paired_batch import PairedModeError, _half, _rows, _split, _stack
 from .paired_copies import ForwardCopies
-from .paired_linear import _paused, fused_or_none, materialized_or_none, max_rows_of
+from .paired_linear import _paused, fused_or_none, layer_norm_or_none, materialized_or_none, max_rows_of
 
 
 #: Module kinds whose forward is row-wise along every leading dimension (checked by the tests).
@@ -171,6 +171,8 @@ class PairedPerturbation:
             path = "fused"
             if out is None:
                 out, path = materialized_or_none(self, module, args, kwargs, rows), "materialized"
+            if out is None:
+                out = layer_norm_or_none(self, module, args, kwargs, rows)
             if out is None:
                 with _paused(self._checker):      # fastmezo's own reads of the stored weight
                     out, path = self._gathered_or_none(module, args, kwargs, rows), "gathered"

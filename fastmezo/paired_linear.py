@@ -156,6 +156,28 @@ def materialized_or_none(provider, module, args, kwargs, rows: int):
     return y.view(*x.shape[:-1], n_out)
 
 
+def layer_norm_or_none(provider, module, args, kwargs, rows: int):
+    """The output of a plain ``nn.LayerNorm`` on a doubled batch: F.layer_norm of each half with its
+    copies (what the generic path computes, without swapping the module's parameters twice), or None."""
+    if type(module).forward is not torch.nn.LayerNorm.forward:
+        return None
+    x = args[0] if len(args) == 1 and not kwargs else kwargs.get("input") if not args and len(kwargs) == 1 else None
+    if type(x) is not torch.Tensor or x.dim() < 2 or x.shape[0] < 2 or x.shape[0] % rows or ops.tracing():
+        return None
+    entries = provider._active[2]
+    params = (module.weight, module.bias)
+    trained = [p for p in params if p is not None and id(p) in entries]
+    with _paused(provider._checker):     # fastmezo's own reads of the stored weights
+        plus, minus = provider.copies.pairs(trained)
+    made_plus, made_minus = dict(zip(map(id, trained), plus)), dict(zip(map(id, trained), minus))
+    h = x.shape[0] // 2
+    halves = []
+    for rows_of, made in ((x[:h], made_plus), (x[h:], made_minus)):
+        w, b = (None if p is None else made.get(id(p), p) for p in params)
+        halves.append(torch.nn.functional.layer_norm(rows_of, module.normalized_shape, w, b, module.eps))
+    return torch.cat(halves)
+
+
 def _matmul(x3, w2, b2, out) -> None:
     """out <- x3 @ w2^T (+ b2) over the two halves, one batched call."""
     if b2 is None:

@@ -158,3 +158,23 @@ def test_copies_made_ahead_are_right_in_any_order(monkeypatch):
         for sign, got in ((1, both[0]), (-1, both[1])):
             assert torch.equal(got, perturbed(ws[i], 8, sign * 0.01, keys=[i + 1]))
     assert [id(t) for t in copies.asked] == [id(ws[i]) for i in (2, 0, 1, 1)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm_is_f_layer_norm_per_half_bit_for_bit(bias):
+    norm = torch.nn.LayerNorm(12, bias=bias)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(3))
+    trained = list(norm.parameters())
+    plan = Plan(trained, keys=list(range(1, 1 + len(trained))))
+    provider = PairedPerturbation(norm)
+    x = torch.randn(4, 5, 12, generator=torch.Generator().manual_seed(4))
+    with provider.perturbation(plan, 9, [0.02]):
+        y = norm(x)
+    halves = []
+    for sign, rows in ((1, x[:2]), (-1, x[2:])):
+        w, b = (perturbed(p.detach(), 9, sign * 0.02, keys=[i + 1]) for i, p in enumerate(trained)) if bias else (
+            perturbed(norm.weight.detach(), 9, sign * 0.02, keys=[1]), None)
+        halves.append(torch.nn.functional.layer_norm(rows, (12,), w, b, norm.eps))
+    assert torch.equal(y, torch.cat(halves))
