@@ -25,7 +25,7 @@ def _table():
 def test_pass_kernel_needs_no_shared_memory_and_spills_nothing():
     table = _table()
     passes = {label: row for label, row in table.items() if label.startswith("pass ")}
-    assert len(passes) == 8 and any(label.startswith("paired ") for label in table)
+    assert len(passes) == 9 and any(label.startswith("paired ") for label in table)
     # The fused replay kernel with its per-pass choice of rounding compiles for the GPU too.
     assert {label for label in table if label.startswith("replay ")} == {
         f"replay {d} gaussian {r}" for d in ("fp16", "bf16") for r in ("nearest", "per-pass rounding")}
@@ -36,3 +36,6 @@ def test_pass_kernel_needs_no_shared_memory_and_spills_nothing():
         for noise in ("gaussian", "rademacher"):
             near, sto = passes[f"pass {dtype} {noise} nearest"], passes[f"pass {dtype} {noise} stochastic"]
             assert near["total"] < sto["total"]
+    # The pair pass (paired mode's copies) makes z once: a few more instructions than one pass, twice the stores.
+    pair, one = passes["pass fp16 gaussian nearest pair"], passes["pass fp16 gaussian nearest"]
+    assert one["total"] < pair["total"] < 1.5 * one["total"] and pair["STG"] == 2 * one["STG"]

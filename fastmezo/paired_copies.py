@@ -25,8 +25,10 @@ from . import ops
 SMALL_NUMEL = 1 << 16
 SMALL_TOTAL = 1 << 24
 
-#: Elements of one copy made ahead by one pass for a run of modules (:meth:`ForwardCopies.stacked`).
-GROUP_NUMEL = 1 << 27
+#: Bytes of one copy made at a time: of a run of modules' weights made ahead by one pass
+#: (:meth:`ForwardCopies.stacked`), or of a slab of a larger weight (fastmezo.paired_linear). With the
+#: other half's copy, the memory that copies add to a forward is at most twice this.
+MAX_COPY_BYTES = 1 << 28
 
 # Copies carved from one buffer start at multiples of this many elements (16-byte aligned in every
 # dtype), so the pass takes its vector path.
@@ -96,7 +98,7 @@ class ForwardCopies:
     def stacked(self, t):
         """Both copies of ``t`` as one [2, *t.shape] tensor (the + copy at 0), for batched matmuls; a view
         of the pair buffer where there is one. The tensors asked for after ``t`` in the previous
-        forward (``order``) get their copies made by the same pass, up to GROUP_NUMEL elements a copy,
+        forward (``order``) get their copies made by the same pass, up to MAX_COPY_BYTES a copy,
         and wait for their own call: one launch for several modules (a transformer layer's attention
         projections), whose host time is what a paired step is bound by. A tensor whose turn does not
         come (another order this time) only costs its copies' memory until the forward ends."""
@@ -107,15 +109,15 @@ class ForwardCopies:
         ready = self._ready.pop(id(t), None)
         if ready is not None:
             return ready
-        group, total = [t], t.numel()
+        group, total = [t], t.numel() * t.element_size()
         i = self._position.get(id(t))
         if i is not None:
             for u in self._order[i + 1:]:
                 if (id(u) in self._ready or id(u) not in self.entries or u.device != t.device or u.dtype != t.dtype
-                        or total + u.numel() > GROUP_NUMEL):
+                        or total + u.numel() * u.element_size() > MAX_COPY_BYTES):
                     break
                 group.append(u)
-                total += u.numel()
+                total += u.numel() * u.element_size()
         both = self._made_pairs(group, stacked=True)
         self._ready.update((id(u), b) for u, b in zip(group[1:], both[1:]))
         return both[0]

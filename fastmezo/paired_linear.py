@@ -7,7 +7,7 @@ round(W +- eps*z). A plain ``nn.Linear`` takes one of two faster paths here:
   copies into one buffer viewed as [2, out, in] (fastmezo.paired_copies), and ONE batched matmul
   multiplies each half of the input by its copy, straight into the output. Its cost is a pass over W
   that writes two copies plus cuBLAS reading them; it holds two copies of one weight at a time (a
-  weight above MAX_PAIR_NUMEL elements, an lm_head, a slab of output rows at a time).
+  weight above fastmezo.paired_copies.MAX_COPY_BYTES, an lm_head, a slab of output rows at a time).
 * *fused* (:func:`fused_or_none`, fastmezo.kernels.paired_linear): both halves in one read of W with
   z generated in registers and no copy written; the least memory, but the kernel regenerates z for
   every block of rows and runs far below cuBLAS's speed (docs/perf.md), so it is opt-in.
@@ -32,17 +32,12 @@ import sys
 
 import torch
 
-from . import ops
+from . import ops, paired_copies
 
 #: Rows (the doubled batch times the sequence) up to which an nn.Linear takes the fused kernel by
 #: default: none, since the materialize path (one pair pass, one batched matmul) beat the fused kernel
 #: at every row count of the sweep but the smallest layer's smallest (docs/perf.md).
 DEFAULT_MAX_ROWS = 0
-
-#: Elements of one copy of a weight made at a time on the materialized path: a larger weight (an
-#: lm_head over a large vocabulary) has its copies made and multiplied a slab of output rows at a
-#: time, which bounds the memory of the copies to 2 * MAX_PAIR_NUMEL elements.
-MAX_PAIR_NUMEL = 1 << 27
 
 
 def max_rows_of(fused) -> int:
@@ -125,7 +120,8 @@ def materialized_or_none(provider, module, args, kwargs, rows: int):
         return None
     copies = provider.copies
     n_out, k = weight.shape
-    slab = max(1, MAX_PAIR_NUMEL // k)      # output rows whose copies are made at a time
+    # A weight above MAX_COPY_BYTES (an lm_head over a large vocabulary): copies a slab of rows at a time.
+    slab = max(1, paired_copies.MAX_COPY_BYTES // (k * x.element_size()))   # x has the weight's dtype
     if n_out > slab:
         with _paused(provider._checker):
             if not weight.is_contiguous():

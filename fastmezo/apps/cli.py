@@ -65,6 +65,9 @@ def build_parser(parser=None):
     p.add_argument("--trainable", choices=TRAINABLE, default="all",
                    help="weights trained by mezo and mezo-nondiff (all: full-parameter); "
                         "mezo's lr follows it (bitfit 2e-3, top1 1e-3, all 1e-4)")
+    p.add_argument("--mezo-mode", choices=("inplace", "paired"), default="inplace",
+                   help="how mezo perturbs the weights: in place (default), or paired mode (both perturbed "
+                        "forwards as one forward over the doubled batch; fastmezo.patch(mode='paired'))")
     p.add_argument("--weight-decay", type=float, default=0.0, help="of MeZO and ft-adam")
     p.add_argument("--batch-size", type=int, help=_setting_help("batch_size", "examples per step"))
     p.add_argument("--seed", type=int, default=0, help="seed of MeZO's noise, batch sampling and inits")

@@ -142,7 +142,8 @@ def _run(args, device, methods, hps, rank):
         setup = Setup(splits=splits, template=template, label_texts=label_texts, model_path=model_path,
                       kind=args.kind,
                       device=str(device), seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
-                      trainable=args.trainable, weight_decay=args.weight_decay, dev_limit=dev_limit,
+                      trainable=args.trainable, mezo_mode=args.mezo_mode, weight_decay=args.weight_decay,
+                      dev_limit=dev_limit,
                       progress=lead and not args.no_progress, eval_every=args.eval_every, scratch_dir=scratch,
                       trajectory_dir=str(args.out), rank=rank, world_size=args.world_size)
         if lead:

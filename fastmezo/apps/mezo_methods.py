@@ -19,17 +19,22 @@ from .prompt_model import select_trainable
 from .training import _loop, batches
 
 
-def _mezo_trainer(clf, setup, hp, name, objective):
-    """train() for MeZO on clf's trainable (requires_grad) weights with the given objective."""
+def _mezo_trainer(clf, setup, hp, name, objective, mode="inplace"):
+    """train() for MeZO on clf's trainable (requires_grad) weights with the given objective. mode
+    "paired": ``objective`` gives one loss per example, and each step runs it once on the batch
+    stacked twice (its first half at theta + eps z, its second at theta - eps z)."""
     def train():
         # The run's trajectory (kilobytes): with the base weights it rebuilds every step's weights
         # (fastmezo.replay; the best checkpoint is the trajectory cut at its step).
         trajectory = None
         if setup.trajectory_dir is not None and setup.rank == 0:  # replicas: one trajectory is the run's
             trajectory = os.path.join(setup.trajectory_dir, f"trajectory-{name.split()[0]}.jsonl")
+        if mode == "paired":     # the texts are no tensors: the loss function stacks the batch itself
+            loss_fn = lambda model, batch: objective(list(batch[0]) * 2, list(batch[1]) * 2)  # noqa: E731
+        else:
+            loss_fn = lambda model, batch: objective(*batch)  # noqa: E731
         handle = fastmezo.patch(clf, lr=hp["lr"], eps=hp["eps"], weight_decay=setup.weight_decay,
-                                seed=setup.seed, loss_fn=lambda model, batch: objective(*batch),
-                                trajectory=trajectory)
+                                seed=setup.seed, loss_fn=loss_fn, trajectory=trajectory, mode=mode)
         if setup.world_size > 1:
             # One all-reduce of the two losses a step; the replicas compared at every dev evaluation.
             fastmezo.data_parallel(handle, check_every=setup.eval_every or None)
@@ -49,6 +54,9 @@ def _mezo_trainer(clf, setup, hp, name, objective):
 
 def _build_mezo(clf, setup, hp):
     select_trainable(clf.encoder, setup.trainable)
+    if setup.mezo_mode == "paired":
+        return clf, _mezo_trainer(clf, setup, hp, f"mezo ({setup.trainable}, paired)", clf.row_losses,
+                                  mode="paired"), clf.accuracy
     return clf, _mezo_trainer(clf, setup, hp, f"mezo ({setup.trainable})", clf.loss), clf.accuracy
 
 

@@ -114,6 +114,11 @@ class ScoreObjectives:
         scores = self(inputs)
         return F.cross_entropy(scores, torch.as_tensor(labels, device=scores.device))
 
+    def row_losses(self, inputs, labels):
+        """Cross-entropy of each example's label scores (one loss per row: paired mode's objective)."""
+        scores = self(inputs)
+        return F.cross_entropy(scores, torch.as_tensor(labels, device=scores.device), reduction="none")
+
     def error_rate(self, inputs, labels):
         """0-1 loss on the batch, 1 - accuracy: a non-differentiable objective that MeZO can still use."""
         pred = self(inputs).argmax(1)

@@ -40,6 +40,7 @@ class Setup:
     batch_size: int = 16
     temperature: float = 20.0
     trainable: str = "all"
+    mezo_mode: str = "inplace"    # "paired": mezo's two forwards as one over the doubled batch
     weight_decay: float = 0.0
     dev_limit: int | None = None
     progress: bool = True
