@@ -212,3 +212,22 @@ def test_default_task_is_tweets_on_the_causal_lm_with_its_settings():
     assert (args.k, args.n_test, hps["mezo-lora"]["steps"]) == (full["k"], full["n_test"], full["mezo_steps"])
     args, _, methods, _ = resolve("--task", "vader")
     assert args.kind == "encoder" and "icl" not in methods and args.k == settings.SETTINGS["quick"]["k"]
+
+
+def test_mezo_in_paired_mode_follows_the_in_place_run(tiny_lm, data_csv, tmp_path):
+    """--mezo-mode paired: the same MeZO run as in place (same z, the two losses from one forward over the
+    stacked batch), so the same losses step by step up to float rounding and the same accuracies."""
+    from fastmezo.__main__ import main
+    rows = {}
+    for mode in ("inplace", "paired"):
+        out = tmp_path / mode
+        rc = main(["finetune", "--model", str(tiny_lm), "--data", str(data_csv), "--text-column", "review",
+                   "--label-column", "sentiment", "--template", "{} label :", "--k", "4", "--steps", "4",
+                   "--batch-size", "4", "--methods", "mezo", "--mezo-mode", mode, "--set", "mezo.lr=0.05",
+                   "--set", "mezo.eps=0.01", "--out", str(out), "--no-progress"])
+        assert rc == 0
+        rows[mode] = json.loads((out / "results.json").read_text())["methods"][0]
+    inplace, paired = rows["inplace"], rows["paired"]
+    assert len(paired["losses"]) == 4 and paired["changed_tensors"] == inplace["changed_tensors"]
+    assert paired["losses"] == pytest.approx(inplace["losses"], rel=1e-4)
+    assert (paired["test_acc"], paired["dev_acc"]) == (inplace["test_acc"], inplace["dev_acc"])
