@@ -14,6 +14,8 @@ drift ||w_T - w_0|| / ||w_0|| after T null steps, for:
   exact       fastmezo.patch(holder, mode="exact"): W + eps z materialized for the forward, the stored
               weight written only by the (here: null) update; must stay bit-identical: asserted at
               every checkpoint
+  paired      fastmezo.patch(linear, mode="paired"): the weight as an nn.Linear of 64 in-features, both
+              perturbed forwards as one over a doubled batch; bit-identical, asserted likewise
 
 fastmezo's null steps are real MeZO steps (MeZO.step with lr 0 and a constant loss, so g = 0).
 
@@ -40,7 +42,8 @@ import fastmezo
 from bench.baseline import baseline_perturb
 from bench.common import DTYPES, environment, fastmezo_backend
 
-METHODS = ("reference", "inplace-rn", "inplace-update", "inplace-sr", "exact")
+METHODS = ("reference", "inplace-rn", "inplace-update", "inplace-sr", "exact", "paired")
+BIT_IDENTICAL = ("exact", "paired")      # the stored weights are written only by the update
 ROUNDING = {"inplace-rn": False, "inplace-update": "update", "inplace-sr": True}
 
 
@@ -85,6 +88,16 @@ def run_method(method, w0, steps, checkpoints, eps, seed, sync):
 
         def null_step(t):
             handle.step(None)
+    elif method == "paired":
+        holder = torch.nn.Linear(64, w.numel() // 64, bias=False, device=w.device, dtype=w.dtype)
+        holder.weight = torch.nn.Parameter(w.view(-1, 64))
+        handle = fastmezo.patch(holder, lr=0.0, eps=eps, seed=seed, mode="paired",
+                                loss_fn=lambda m, b: m(b).float().sum(1) * 0.0)   # one loss a row: g = 0
+        x = torch.ones(1, 64, dtype=w.dtype, device=w.device)
+        w = holder.weight.data.view(-1)
+
+        def null_step(t):
+            handle.step(x)
     else:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     try:
@@ -93,12 +106,12 @@ def run_method(method, w0, steps, checkpoints, eps, seed, sync):
             if t in checkpoints:
                 sync()
                 drift = relative_drift(w, w0)
-                if method == "exact" and not torch.equal(w, w0):
-                    raise AssertionError(f"exact mode changed the weights after {t} null steps "
+                if method in BIT_IDENTICAL and not torch.equal(w, w0):
+                    raise AssertionError(f"{method} mode changed the weights after {t} null steps "
                                          f"(relative drift {drift:.3g}): it must leave them bit-identical")
                 rows.append((t, drift, time.perf_counter() - t0))
     finally:
-        if method == "exact":
+        if method in BIT_IDENTICAL:
             handle.remove()
     return rows
 
@@ -119,10 +132,10 @@ def plot(rows, path, title):
                 if not pts:
                     continue
                 label = f"{method}, {numel:,} elements"
-                if method == "exact":
+                if method in BIT_IDENTICAL:
                     # Zero drift does not show on a log axis: note it in the legend instead.
                     assert all(d == 0 for _, d in pts)
-                    ax.plot([], [], "x", color=f"C{mi}", label=f"exact: 0 (bit-identical), {numel:,}")
+                    ax.plot([], [], "x", color=f"C{mi}", label=f"{method}: 0 (bit-identical), {numel:,}")
                     continue
                 ax.plot(*zip(*pts), styles[si % 4], marker="o", ms=3, color=f"C{mi}", label=label)
         ax.set(xscale="log", yscale="log", xlabel="null steps T", ylabel="||w_T - w_0|| / ||w_0||",

@@ -19,7 +19,7 @@ def test_drift_smoke(tmp_path, capsys):
     rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
     drift = {(r["method"], r["steps"]): r["rel_drift"] for r in rows}
     assert set(drift) == {(m, t) for m in bench_drift.METHODS for t in (1, 3)}
-    assert drift[("exact", 1)] == drift[("exact", 3)] == 0.0
+    assert drift[("exact", 1)] == drift[("exact", 3)] == drift[("paired", 1)] == drift[("paired", 3)] == 0.0
     for method in ("reference", "inplace-rn", "inplace-sr"):
         # One bf16 null step moves a weight ~N(0, 0.02) by a fraction of its ulp (bfloat16 keeps 8 bits).
         assert 1e-3 < drift[(method, 1)] < 2e-2, method
