@@ -217,9 +217,10 @@ class PairedPerturbation:
 
     def _gathered_or_none(self, module, args, kwargs, rows):
         """A plain nn.Embedding's output with only the looked-up rows perturbed, or None. Row r of the
-        weight is elements r*D .. r*D + D - 1 of its stream, so each run of consecutive looked-up rows is
-        perturbed by one tensor of the out-of-place pass with its own offset, exactly as the whole
-        weight would be there. A tied use of the weight elsewhere (an lm_head) is its own module call."""
+        weight is elements r*D .. r*D + D - 1 of its stream, so a looked-up row perturbed with that
+        offset is exactly the whole weight's perturbed row: on a backend with a rows pass, every looked-up
+        row where it lands; otherwise each run of consecutive distinct rows by one tensor of the pair
+        pass. A tied use of the weight elsewhere (an lm_head) is its own module call."""
         if type(module).forward is not torch.nn.Embedding.forward or module.max_norm is not None:
             return None
         ids = args[0] if len(args) == 1 and not kwargs else kwargs.get("input") if not args and len(kwargs) == 1 else None
@@ -230,6 +231,18 @@ class PairedPerturbation:
             return None
         key, offset, eps = entry
         width = weight.shape[1]
+        plan, seed, _ = self._active
+        backend = plan.backend_of(weight.device)
+        if getattr(backend, "rows_pass", None) is not None and ops.plain([weight, ids]):
+            # Every looked-up row (repeats too) perturbed where it lands, its offsets computed on the
+            # device: nothing waits for the GPU (torch.unique would, for the number of distinct ids).
+            flat = ids.reshape(-1)
+            out = torch.nn.functional.embedding(flat, weight.detach())    # the lookup's own index errors
+            h = flat.shape[0] // 2
+            offsets = flat * width + offset
+            backend.rows_pass(out[:h], eps, seed, key, offsets[:h], plan.noise)
+            backend.rows_pass(out[h:], -eps, seed, key, offsets[h:], plan.noise)
+            return out.view(*ids.shape, width)
         uniq, inverse = torch.unique(ids, return_inverse=True)
         starts, lengths = _runs(uniq.tolist())
         if not starts or starts[0] < 0 or starts[-1] + lengths[-1] > weight.shape[0]:

@@ -276,6 +276,35 @@ class Launches:
                 num_warps=num_warps, **_NO_FMA_CONTRACTION)
 
 
+def rows_pass_(rows, b: float, seed: int, key: int, offsets, noise: int, block: int | None = None) -> None:
+    """rows[i] <- rows[i] + b * z over the stream of ``key`` from ``offsets[i]``, in place, for the rows of
+    a contiguous 2-D tensor: the pass over rows gathered from a larger tensor (paired mode's embedding
+    lookups), whose global offsets are a device tensor. The launch table is built on the device from
+    ``offsets`` (int64, one per row), so nothing waits for the device; every row takes the masked path
+    (its offset need not be aligned)."""
+    n, width = rows.shape
+    if n == 0 or width == 0:
+        return
+    device = rows.device
+    g = _alignment(noise)
+    if block is None:
+        block = INTERPRETER_BLOCK if device.type == "cpu" else DEFAULT_BLOCK
+    block = max(block, g)
+    chunk = block if device.type == "cpu" else min(block, max(DEFAULT_CHUNK, g))
+    per_row = -(-(width + g - 1) // block)        # blocks of the longest row span (offset % g <= g - 1)
+    index = torch.arange(n, device=device, dtype=torch.int64)
+    table = torch.stack([rows.data_ptr() + index * (width * rows.element_size()), index * width,
+                         torch.full_like(index, width), offsets.to(device=device, dtype=torch.int64),
+                         torch.full_like(index, key & 0xFFFFFFFF)], dim=1).reshape(-1)
+    starts = index * per_row
+    mapping = (torch.arange(n * per_row, device=device, dtype=torch.int64) // per_row).to(torch.int32)
+    _axpbz_table_kernel[(n * per_row,)](
+        rows, table, starts, mapping, n * per_row, 1.0, float(b), _as_i32(seed & 0xFFFFFFFF),
+        _as_i32((seed >> 32) & 0xFFFFFFFF), 0, 0, 0, NOISE=noise, BLOCK=block, CHUNK=chunk, LOOKUP=1, LOG2T=0,
+        LOAD_X=True, SCALE_X=False, OUT=True, PAIR=False, ROUND=False, ALIGNED=False, FAST=not _INTERPRETING,
+        num_warps=4, **_NO_FMA_CONTRACTION)
+
+
 def axpbz_multi_(tensors, a: float, b: float, seed: int, keys, noise: int, offsets=None, *, outs=None,
                  round_seed: int | None = None, load_x: bool = True, block: int | None = None,
                  num_warps: int = 4, chunk: int | None = None, pair_delta: int | None = None) -> None:

@@ -570,3 +570,24 @@ def test_pair_pass_stores_the_bits_of_two_passes(triton_device, dtype):
         axpbz_multi_(xs[:2], 1.0, 1.0, 1, keys[:2], 0, offsets[:2],
                      outs=[torch.empty_like(xs[0]), torch.empty(sizes[1], dtype=torch.float64, device=triton_device)],
                      pair_delta=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("noise", [0, 1])
+def test_rows_pass_is_the_whole_tensors_pass_at_each_row(triton_device, dtype, noise):
+    """rows_pass_ (paired mode's embedding lookups): rows gathered from a table, repeats and neighbours
+    included, perturbed over their own stretch of the table's stream with offsets given on the device,
+    equal the rows of the whole table's pass bit for bit; nothing else is written."""
+    from fastmezo.kernels.axpbz import axpbz_multi_, rows_pass_
+
+    width, table_offset = 23, 40                          # odd width: rows start inside a Philox call
+    table = _rand((50, width), dtype, seed=9).to(triton_device)
+    ids = torch.tensor([3, 4, 5, 49, 3, 0, 17, 17], device=triton_device)
+    whole = table.clone()
+    axpbz_multi_([whole], 1.0, -4e-3, 2**40 + 1, [12], noise, [table_offset], block=256)
+    buf = torch.full((ids.numel() + 2, width), float("nan"), dtype=dtype, device=triton_device)
+    rows = buf[1:-1]
+    rows.copy_(table[ids])
+    rows_pass_(rows, -4e-3, 2**40 + 1, 12, table_offset + ids * width, noise, block=256)
+    assert torch.equal(rows.view(torch.uint8), whole[ids].view(torch.uint8))
+    assert buf[0].isnan().all() and buf[-1].isnan().all()

@@ -64,6 +64,15 @@ def run(tensors, outs, a, b, seed, keys, offsets, noise, load_x=True, round_seed
 PAIRS = True
 
 
+def rows_pass(rows, b, seed, key, offsets, noise) -> None:
+    """rows[i] <- rows[i] + b * z(seed, key) from the global index offsets[i] (a device tensor), in place
+    (fastmezo.kernels.axpbz.rows_pass_: the launch table is built on the device)."""
+    from ..kernels.axpbz import rows_pass_
+    lock = _interpreter_lock if rows.device.type == "cpu" else contextlib.nullcontext()
+    with lock:
+        rows_pass_(rows, b, seed, key, offsets, noise)
+
+
 def prepare_pair(sources, plus, keys, offsets, noise, pair_delta):
     """The pair pass over ``sources`` (fastmezo.ops.run_pair with one b), prepared once and relocatable:
     ``prepared(b, seed, outs_at)`` writes the + outputs at their prepared distances from ``outs_at`` (a
