@@ -90,8 +90,8 @@ class ForwardCopies:
         """(+ copies, - copies) of the tensors, the large ones by one pair pass."""
         small = self.small
         rest = [t for t in tensors if id(t) not in small]
-        plus, minus = self._made_pairs(rest) if rest else ([], [])
-        plus, minus = iter(plus), iter(minus)
+        made = self._made_pairs(rest) if rest else []
+        plus, minus = iter([b[0] for b in made]), iter([b[1] for b in made])
         pairs = [small[id(t)][:2] if id(t) in small else (next(plus), next(minus)) for t in tensors]
         return [p for p, _ in pairs], [m for _, m in pairs]
 
@@ -104,7 +104,7 @@ class ForwardCopies:
         come (another order this time) only costs its copies' memory until the forward ends."""
         made = self.small.get(id(t))
         if made is not None:
-            return made[2] if made[2] is not None else torch.stack(made[:2])
+            return made[2]
         self.asked.append(t)
         ready = self._ready.pop(id(t), None)
         if ready is not None:
@@ -118,7 +118,7 @@ class ForwardCopies:
                     break
                 group.append(u)
                 total += u.numel() * u.element_size()
-        both = self._made_pairs(group, stacked=True)
+        both = self._made_pairs(group)
         self._ready.update((id(u), b) for u, b in zip(group[1:], both[1:]))
         return both[0]
 
@@ -134,64 +134,66 @@ class ForwardCopies:
                 [e[1] for e in entries], self.plan.noise)
         return outs
 
-    def _made_pairs(self, tensors, held=None, keep=None, stacked=False):
-        """Both copies of tensors of one device and dtype by one pair pass, carved from one buffer whose
-        second half holds the - copies at the + copies' offsets (what the pair pass needs); otherwise
-        a pass per tensor group and sign. Returns (+ copies, - copies), or with ``stacked`` the
-        [2, *shape] view of each tensor's pair. A backend that prepares pair passes gets its launch
-        prepared once per set of tensors (:data:`_prepared`): later forwards only launch it.
-        ``held``: buffers kept from the previous forward by content key, written again in place when
-        the key is there; ``keep`` receives this call's buffer and views (both forms) to be held."""
+    def _made_pairs(self, tensors) -> list:
+        """Both copies of each tensor as one [2, *shape] tensor (the + copy at 0) by one pair pass: views
+        of one buffer whose second half holds the - copies at the + copies' offsets (what the pair pass
+        needs), or stacked copies where the tensors mix devices or dtypes."""
         device, dtype = tensors[0].device, tensors[0].dtype
         if any(t.device != device or t.dtype != dtype for t in tensors):
             n = len(tensors)
             made = self._made(list(tensors) + list(tensors), [+1] * n + [-1] * n)
-            plus, minus = made[:n], made[n:]
-            both = [torch.stack(pm) for pm in zip(plus, minus)] if stacked or keep is not None else None
-            return both if stacked else (plus, minus) if keep is None else (plus, minus, both)
-        entries = [self.entries[id(t)] for t in tensors]
-        keys, offsets, eps = [e[0] for e in entries], [e[1] for e in entries], entries[0][2]
-        backend = self.plan.backend_of(device)
-        key = None
-        if (all(e[2] == eps for e in entries) and ops.plain(tensors) and not ops.tracing()
-                and all(t.is_contiguous() for t in tensors)):
-            # Everything a launch's table holds: where each tensor is, its size, key and offset.
-            key = (device, dtype, self.plan.noise, backend,
-                   tuple((t.data_ptr(), t.numel(), e[0], e[1]) for t, e in zip(tensors, entries)))
-        if key is not None and held is not None and key in held:
-            write, buffer, plus, minus, both = keep[key] = held[key]
-            write(eps, self.seed, buffer)
-            return (plus, minus, both)
-        hit = _prepared.get(key) if key is not None else None
-        starts, total = hit[1:] if hit is not None else _layout(tensors)
-        buffer = torch.empty(2 * total, dtype=dtype, device=device)
-        halves = buffer.view(2, total)
-        both = [halves[:, s:s + t.numel()].view((2,) + tuple(t.shape)) for s, t in zip(starts, tensors)]
-        plus, minus = ([b[0] for b in both], [b[1] for b in both]) if keep is not None or not stacked else (None, None)
+            return [torch.stack(pm) for pm in zip(made[:n], made[n:])]
+        key = self._content_key(tensors)
         if key is None:
-            if plus is None:
-                plus, minus = [b[0] for b in both], [b[1] for b in both]
-            self.pair_pass([t.contiguous() for t in tensors], plus, minus, keys, offsets, [e[2] for e in entries])
-            return both if stacked else (plus, minus) if keep is None else (plus, minus, both)
+            entries = [self.entries[id(t)] for t in tensors]
+            both = self._buffer_views(tensors, *_layout(tensors))[1]
+            self.pair_pass([t.contiguous() for t in tensors], [b[0] for b in both], [b[1] for b in both],
+                           [e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries])
+            return both
+        write, buffer, both = self._pair_buffer(tensors, key)
+        write(self.entries[id(tensors[0])][2], self.seed, buffer)
+        return both
+
+    def _content_key(self, tensors):
+        """The key of a pair launch over ``tensors`` (one device and dtype): everything its table holds
+        (where each tensor is, its size, key and offset); None where it cannot be prepared and kept
+        (eps differs between them, a subclass, tracing, a non-contiguous tensor)."""
+        entries = [self.entries[id(t)] for t in tensors]
+        if (any(e[2] != entries[0][2] for e in entries) or not ops.plain(tensors) or ops.tracing()
+                or not all(t.is_contiguous() for t in tensors)):
+            return None
+        return (tensors[0].device, tensors[0].dtype, self.plan.noise, self.plan.backend_of(tensors[0].device),
+                tuple((t.data_ptr(), t.numel(), e[0], e[1]) for t, e in zip(tensors, entries)))
+
+    @staticmethod
+    def _buffer_views(tensors, starts, total):
+        """(a new pair buffer, the [2, *shape] view of each tensor's pair in it)."""
+        buffer = torch.empty(2 * total, dtype=tensors[0].dtype, device=tensors[0].device)
+        halves = buffer.view(2, total)
+        return buffer, [halves[:, s:s + t.numel()].view((2,) + tuple(t.shape)) for s, t in zip(starts, tensors)]
+
+    def _pair_buffer(self, tensors, key):
+        """(write, buffer, views): a new pair buffer for ``tensors`` and ``write(eps, seed, buffer)``,
+        which fills it. A backend that prepares pair passes gets its launch prepared once per key
+        (:data:`_prepared`) and relocated into each buffer; another runs ops.run_pair into these views."""
+        backend = self.plan.backend_of(tensors[0].device)
+        hit = _prepared.get(key)
+        starts, total = hit[1:] if hit is not None else _layout(tensors)
+        buffer, both = self._buffer_views(tensors, starts, total)
+        entries = [self.entries[id(t)] for t in tensors]
+        keys, offsets = [e[0] for e in entries], [e[1] for e in entries]
         if hit is None and getattr(backend, "prepare_pair", None) is not None:
             if len(_prepared) >= _CAPACITY:
                 _prepared.pop(next(iter(_prepared)))
-            layout_plus = plus if plus is not None else [b[0] for b in both]
-            hit = _prepared[key] = (backend.prepare_pair(tensors, layout_plus, keys, offsets, self.plan.noise, total),
-                                    starts, total)
+            prepared = backend.prepare_pair(tensors, [b[0] for b in both], keys, offsets, self.plan.noise, total)
+            hit = _prepared[key] = (prepared, starts, total)
         if hit is not None:
-            write = hit[0]
-        else:                                # a backend without prepared pairs: these outputs only
-            if plus is None:
-                plus, minus = [b[0] for b in both], [b[1] for b in both]
+            return hit[0], buffer, both
+        plus, minus, noise = [b[0] for b in both], [b[1] for b in both], self.plan.noise
 
-            def write(eps, seed, _buffer, noise=self.plan.noise, plus=plus, minus=minus):
-                ops.run_pair(backend, tensors, plus, minus, [eps] * len(tensors), seed, keys, offsets, noise)
-        write(eps, self.seed, buffer)
-        if keep is not None:
-            keep[key] = (write, buffer, plus, minus, both)
-            return plus, minus, both
-        return both if stacked else (plus, minus)
+        def write(eps, seed, _buffer):
+            ops.run_pair(backend, tensors, plus, minus, [eps] * len(tensors), seed, keys, offsets, noise)
+        return write, buffer, both
 
     def pair_pass(self, sources, plus, minus, keys, offsets, eps) -> None:
         """plus_i / minus_i <- round(source_i +- eps_i * z) over the stream of keys_i from offsets_i
@@ -200,11 +202,11 @@ class ForwardCopies:
                      self.plan.noise)
 
     def _small_copies(self, held: dict) -> dict:
-        """{id(tensor): (+ copy, - copy, both stacked or None)} of the trained tensors of at most SMALL_NUMEL elements, up to
-        SMALL_TOTAL elements in all, by one pair pass per device and dtype. Their buffers are ``held``
-        (the provider's, by content key) from one forward to the next and written again in place: the
-        launch alone, without carving hundreds of views every forward. The next forward's pass is
-        queued after this forward's reads on the same stream."""
+        """{id(tensor): (+ copy, - copy, both stacked)} of the trained tensors of at most SMALL_NUMEL
+        elements, up to SMALL_TOTAL elements in all, by one pair pass per device and dtype. Their buffers
+        are ``held`` (the provider's, by content key) from one forward to the next and written again in
+        place: the launch alone, without carving hundreds of views every forward. The next forward's pass
+        is queued after this forward's reads on the same stream."""
         groups: dict = {}
         total = 0
         for t in self.plan.tensors:
@@ -213,8 +215,19 @@ class ForwardCopies:
                 total += t.numel()
         copies, keep = {}, {}
         for tensors in groups.values():
-            plus, minus, both = self._made_pairs(tensors, held, keep)
-            copies.update((id(t), (p, m, b)) for t, p, m, b in zip(tensors, plus, minus, both))
+            key = self._content_key(tensors)
+            if key is None:
+                made = {id(t): (b[0], b[1], b) for t, b in zip(tensors, self._made_pairs(tensors))}
+            else:
+                entry = keep[key] = held.get(key) or self._held_entry(tensors, key)
+                write, buffer, made = entry
+                write(self.entries[id(tensors[0])][2], self.seed, buffer)
+            copies.update(made)
         held.clear()
         held.update(keep)
         return copies
+
+    def _held_entry(self, tensors, key):
+        """(write, buffer, {id(tensor): (+ copy, - copy, both)}) of a new held buffer."""
+        write, buffer, both = self._pair_buffer(tensors, key)
+        return write, buffer, {id(t): (b[0], b[1], b) for t, b in zip(tensors, both)}
