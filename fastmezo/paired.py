@@ -43,7 +43,8 @@ from . import ops
 from .exact_read_check import _ReadCheck
 from .paired_batch import PairedModeError, _half, _rows, _split, _stack
 from .paired_copies import ForwardCopies
-from .paired_linear import _paused, fused_or_none, layer_norm_or_none, materialized_or_none, max_rows_of
+from .paired_linear import (_paused, fused_or_none, layer_norm_or_none, materialized_or_none, max_rows_of,
+                            only_input)
 
 
 #: Module kinds whose forward is row-wise along every leading dimension (checked by the tests).
@@ -223,7 +224,7 @@ class PairedPerturbation:
         pass. A tied use of the weight elsewhere (an lm_head) is its own module call."""
         if type(module).forward is not torch.nn.Embedding.forward or module.max_norm is not None:
             return None
-        ids = args[0] if len(args) == 1 and not kwargs else kwargs.get("input") if not args and len(kwargs) == 1 else None
+        ids = only_input(args, kwargs)
         weight = module.weight
         entry = self._active[2].get(id(weight))
         if (entry is None or type(ids) is not torch.Tensor or not ids.dim() or ids.shape[0] % rows

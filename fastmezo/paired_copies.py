@@ -36,7 +36,7 @@ _ALIGN = 64
 
 
 #: Prepared pair launches by content (the backend, the tensors' addresses, sizes, keys and offsets):
-#: (prepared, split sizes, half length). A training loop perturbs the same tensors every forward.
+#: (prepared, starts of the copies in a half, half length). A training loop perturbs the same tensors every forward.
 _prepared: dict = {}
 _CAPACITY = 4096
 

@@ -64,12 +64,19 @@ def _kernel():
     return _modules["kernel"], _modules["backend"]
 
 
+def only_input(args, kwargs):
+    """The one argument of a module call made with only its input (positional or ``input=``), else None."""
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    return kwargs.get("input") if not args and len(kwargs) == 1 else None
+
+
 def fused_or_none(provider, module, args, kwargs, rows: int, max_rows: int):
     """The output of ``module`` on a doubled batch of ``rows`` rows by the fused kernel, or None where
     the materialize path must run it (see the module docstring for when)."""
     if max_rows <= 0 or type(module).forward is not torch.nn.Linear.forward:
         return None
-    x = args[0] if len(args) == 1 and not kwargs else kwargs.get("input") if not args and len(kwargs) == 1 else None
+    x = only_input(args, kwargs)
     plan, seed, entries = provider._active
     weight, bias = module.weight, module.bias
     entry = entries.get(id(weight))
@@ -111,7 +118,7 @@ def materialized_or_none(provider, module, args, kwargs, rows: int):
     batched kernel (float rounding may differ), without a concatenation."""
     if type(module).forward is not torch.nn.Linear.forward:
         return None
-    x = args[0] if len(args) == 1 and not kwargs else kwargs.get("input") if not args and len(kwargs) == 1 else None
+    x = only_input(args, kwargs)
     weight, bias = module.weight, module.bias
     entries = provider._active[2]
     if (id(weight) not in entries or type(x) is not torch.Tensor or x.dim() < 2 or x.shape[0] < 2
@@ -157,7 +164,7 @@ def layer_norm_or_none(provider, module, args, kwargs, rows: int):
     copies (what the generic path computes, without swapping the module's parameters twice), or None."""
     if type(module).forward is not torch.nn.LayerNorm.forward:
         return None
-    x = args[0] if len(args) == 1 and not kwargs else kwargs.get("input") if not args and len(kwargs) == 1 else None
+    x = only_input(args, kwargs)
     if type(x) is not torch.Tensor or x.dim() < 2 or x.shape[0] < 2 or x.shape[0] % rows or ops.tracing():
         return None
     entries = provider._active[2]

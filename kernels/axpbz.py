@@ -184,6 +184,19 @@ def _alignment(noise: int) -> int:
 _tables = TableCache()
 
 
+def _block_and_chunk(device, g: int, block: int | None = None, chunk: int | None = None):
+    """(elements per program, elements computed at a time) of a pass on ``device`` with alignment g:
+    the defaults unless given, the block at least g, the chunk dividing it."""
+    if block is None:
+        block = INTERPRETER_BLOCK if device.type == "cpu" else DEFAULT_BLOCK
+    block = max(block, g)
+    if chunk is None:
+        chunk = block if device.type == "cpu" else min(block, max(DEFAULT_CHUNK, g))
+    if chunk % g or block % chunk:
+        raise ValueError(f"chunk {chunk} must divide the block {block} and be a multiple of {g}")
+    return block, chunk
+
+
 class Launches:
     """The launches of one pass over a fixed set of tensors, prepared once: the tensors grouped by
     dtype and alignment, each group's table on the device. A training loop passes the same tensors
@@ -220,14 +233,7 @@ class Launches:
         if not groups:
             return
         device = tensors[0].device
-        if block is None:
-            block = INTERPRETER_BLOCK if device.type == "cpu" else DEFAULT_BLOCK
-        self.block = max(block, g)
-        if chunk is None:
-            chunk = self.block if device.type == "cpu" else min(self.block, max(DEFAULT_CHUNK, g))
-        if chunk % g or self.block % chunk:
-            raise ValueError(f"chunk {chunk} must divide the block {self.block} and be a multiple of {g}")
-        self.chunk = chunk
+        self.block, self.chunk = _block_and_chunk(device, g, block, chunk)
         for (dtype, aligned), members in groups.items():
             rows, blocks = [], []
             proto = members[0][0]                              # the first output: offsets count from it
@@ -287,10 +293,7 @@ def rows_pass_(rows, b: float, seed: int, key: int, offsets, noise: int, block: 
         return
     device = rows.device
     g = _alignment(noise)
-    if block is None:
-        block = INTERPRETER_BLOCK if device.type == "cpu" else DEFAULT_BLOCK
-    block = max(block, g)
-    chunk = block if device.type == "cpu" else min(block, max(DEFAULT_CHUNK, g))
+    block, chunk = _block_and_chunk(device, g, block)
     per_row = -(-(width + g - 1) // block)        # blocks of the longest row span (offset % g <= g - 1)
     index = torch.arange(n, device=device, dtype=torch.int64)
     table = torch.stack([rows.data_ptr() + index * (width * rows.element_size()), index * width,
