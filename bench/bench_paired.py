@@ -21,7 +21,9 @@ In order (a failed check stops the run before anything is timed, exit code 1):
    timed as the user sees it (the GPU idle before each call, CUDA events around it), with the peak
    memory above the loaded model (``max_memory_allocated`` minus what the model holds) next to a
    forward's, and which path each paired module took; also the paired step with every nn.Linear on
-   the other path (``paired-fused`` up to FUSED_COMPARE_ROWS rows, or ``paired-materialized``).
+   the other path (``paired-fused`` up to FUSED_COMPARE_ROWS rows, or ``paired-materialized``) and, on
+   CUDA, the default paired step without CUDA graphs (``paired-eager``; the default one is captured on
+   its first timed warm-up step, and its row says how many steps were captured and replayed).
 
 Results: results.json and summary.md in --out.
 """
@@ -130,6 +132,13 @@ def sweep(device, layers, rows_list, warmup, reps, backend, log=print) -> dict:
     return dict(points=points, suggested_max_rows=max(wins, default=0))
 
 
+def _private_pool_bytes() -> int:
+    """Bytes the CUDA graphs' private memory pools hold: reserved for the replays' intermediates, which
+    ``max_memory_allocated`` counts while a graph is captured but not while it is replayed."""
+    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+               if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+
+
 def profile_table(fn, device, rows: int = 25) -> str:
     """One call of ``fn`` under torch.profiler: the kernels and ops that took the most device time
     (CUDA when available), as torch's key_averages table."""
@@ -179,9 +188,18 @@ def steps(name: str, configs, device, warmup, reps, backend, log=print, profile_
                 linear = sorted({paths[n] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
                 paired = measured("paired", lambda: handle.step({"input_ids": ids, "labels": ids}),
                                   paths=counts, linear_paths=linear, loss=handle.optimizer.loss_plus)
+                if handle.graphs is not None:        # captured on the first timed warm-up step, then replayed
+                    g = handle.graphs
+                    paired["cuda_graphs"] = dict(captured=g.captured, replayed=g.replayed, failed=g.failed,
+                                                 pool_bytes=_private_pool_bytes())
                 if profile_dir is not None:
                     (profile_dir / f"profile_paired_{batch}x{tokens}.txt").write_text(
                         profile_table(lambda: handle.step({"input_ids": ids, "labels": ids}), device))
+            if cuda:                                   # the same step without CUDA graphs
+                with _patch(model, backend, mode="paired", cuda_graphs=False) as handle:
+                    handle.step({"input_ids": ids, "labels": ids})
+                    measured("paired-eager", lambda: handle.step({"input_ids": ids, "labels": ids}),
+                             loss=handle.optimizer.loss_plus)
             # The other path for every nn.Linear, where the fused kernel is in its range.
             other = "materialized" if paired["linear_paths"] != ["materialized"] else "fused"
             if other == "materialized" or batch * tokens * 2 <= FUSED_COMPARE_ROWS:
@@ -223,7 +241,8 @@ def summary_md(result: dict) -> str:
     for r in result["steps"]:
         speed = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else ""
         lines.append(f"| {r['batch']}x{r['tokens']} | {r['what']} | {r['ms_median']:.2f} | {speed} | "
-                     f"{fmt_mib(r['peak_above_model_bytes'])} | {r.get('paths', '')} |")
+                     f"{fmt_mib(r['peak_above_model_bytes'])} | {r.get('paths', '')}"
+                     f"{' CUDA graphs: ' + str(r['cuda_graphs']) if 'cuda_graphs' in r else ''} |")
     if "sweep" in result:
         lines += ["", "| layer | rows | fused ms | materialize ms | ratio |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {p['layer']} | {p['rows']} | {p['fused_ms']:.3f} | {p['materialize_ms']:.3f} | "

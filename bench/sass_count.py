@@ -29,7 +29,8 @@ COUNTED = ("STS", "LDS", "BAR", "STL", "LDL", "MUFU", "FRND", "LDG", "STG", "HGM
 _OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
 
 _PASS_ARGS = {"proto_ptr": None, "table_ptr": "*i64", "starts_ptr": "*i64", "map_ptr": "*i32", "total": "i32",
-              "a": "fp32", "b": "fp32", "seed_lo": "i32", "seed_hi": "i32", "rseed_lo": "i32", "rseed_hi": "i32",
+              "a": "fp32", "b": "fp32", "seed_lo": "i32", "seed_hi": "i32", "seed_ptr": "*i64",
+              "rseed_lo": "i32", "rseed_hi": "i32",
               "pair_delta": "i32"}
 _REPLAY_ARGS = {"x_ptr": None, "n": "i32", "offset": "i32", "key": "i32", "steps_ptr": "*i32", "coef_ptr": "*fp32",
                 "rseed_ptr": "*i32", "n_steps": "i32"}
@@ -69,12 +70,12 @@ def variants():
             for rnd in (False, True):
                 const = dict(NOISE=noise, BLOCK=DEFAULT_BLOCK, CHUNK=DEFAULT_CHUNK, LOOKUP=lookup,
                              LOG2T=4 if lookup == 2 else 0, LOAD_X=True, SCALE_X=False, OUT=False, PAIR=False,
-                             ROUND=rnd, ALIGNED=True, FAST=True)
+                             ROUND=rnd, ALIGNED=True, FAST=True, SEED_AT=False)
                 yield (f"pass {dtype} {name} {'stochastic' if rnd else 'nearest'}", _axpbz_table_kernel,
                        dict(_PASS_ARGS, proto_ptr=f"*{dtype}"), const, ("proto_ptr",), dict(num_warps=4))
     # Paired mode's copies: both outputs of a pair from one z (a multiple of 16 elements apart).
     const = dict(NOISE=0, BLOCK=DEFAULT_BLOCK, CHUNK=DEFAULT_CHUNK, LOOKUP=1, LOG2T=0, LOAD_X=True, SCALE_X=False,
-                 OUT=True, PAIR=True, ROUND=False, ALIGNED=True, FAST=True)
+                 OUT=True, PAIR=True, ROUND=False, ALIGNED=True, FAST=True, SEED_AT=False)
     yield ("pass fp16 gaussian nearest pair", _axpbz_table_kernel, dict(_PASS_ARGS, proto_ptr="*fp16"), const,
            ("proto_ptr", "pair_delta"), dict(num_warps=4))
     from kernels.replay import _replay_kernel

@@ -179,6 +179,9 @@ def run(backend, tensors, outs, a, b, seed: int, keys, offsets, noise: int, load
             backend.run(tensors, outs, a, b, seed, keys, offsets, noise, load_x, round_seed)
             bump_versions(written)
             return
+        if isinstance(seed, torch.Tensor):
+            raise TypeError("a seed in device memory (a CUDA graph's) is for a backend's own launches on plain "
+                            "tensors, not for the fastmezo operators")
         install(tensors[0].device)
         if outs is None:
             torch.ops.fastmezo.scale_add_noise_(tensors, a, b, _schema_int(seed), keys, offsets, noise, load_x,

@@ -145,9 +145,27 @@ class PairedPerturbation:
             with self._checker or contextlib.nullcontext():
                 yield
             self._check_reads = False
-            self._order = self.copies.asked
+            if self.copies.asked:            # a replayed CUDA graph asks for nothing
+                self._order = self.copies.asked
         finally:
             self._active = self._checker = self._half = self.copies = None
+
+    @contextlib.contextmanager
+    def seeded_from(self, words):
+        """Within :meth:`perturbation`: the noise of the forwards inside seeded by ``words``, an int32
+        tensor of the seed's two words on the device (fastmezo.kernels.axpbz.seed_words), which the
+        launches read when they run rather than when they are made: what a CUDA graph captures, so
+        that its replay with another step's words in that tensor makes that step's copies
+        (fastmezo.paired_graphs)."""
+        plan, seed, entries = self._active
+        outer = self.copies
+        self._active = (plan, words, entries)
+        self.copies = ForwardCopies(plan, words, entries, self._held, self._order)
+        try:
+            yield
+        finally:
+            outer.asked = self.copies.asked
+            self._active, self.copies = (plan, seed, entries), outer
 
     def _read_outside(self, name, func):
         raise PairedModeError(f"paired mode: parameter {name!r} was read by {getattr(func, '__name__', func)}() "

@@ -55,15 +55,26 @@ class ForwardCopies:
     """The copies of one paired forward of ``plan`` at ``seed``; ``entries`` maps id(tensor) to its
     (key, offset, eps)."""
 
-    def __init__(self, plan, seed: int, entries: dict, held: dict | None = None, order=()):
+    def __init__(self, plan, seed, entries: dict, held: dict | None = None, order=()):
+        # seed: the step's uint64, or an int32 tensor of its words on the device (a CUDA graph's
+        # capture: fastmezo.paired_graphs), for the backend's launches to read
         self.plan, self.seed, self.entries = plan, seed, entries
         self.kept: dict = {}          # module -> its - copies, made with its + ones, until its - half
-        self.small = self._small_copies({} if held is None else held)
+        self._held = {} if held is None else held
+        self._small = None
         #: the tensors asked for by :meth:`stacked`, in order (the next forward's ``order``)
         self.asked: list = []
         self._order = order
         self._position = {id(t): i for i, t in enumerate(order)}
         self._ready: dict = {}        # id(tensor) -> its stacked copies, made ahead with an earlier one
+
+    @property
+    def small(self) -> dict:
+        """The small tensors' copies, made by the forward's first call that asks for any copy (so that
+        whatever runs the forward, a CUDA graph's capture too, runs their pass)."""
+        if self._small is None:
+            self._small = self._small_copies(self._held)
+        return self._small
 
     def for_half(self, module, tensors, sign: int) -> list:
         """The copies of ``module``'s ``tensors`` for one half: the + half makes both halves' copies and

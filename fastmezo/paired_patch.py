@@ -10,6 +10,7 @@ import torch
 
 from .paired import PairedPerturbation
 from .paired_batch import _rows, double, half_losses, split_losses
+from .paired_graphs import ForwardGraphs
 from .patch_handle import MeZOPatch
 
 
@@ -17,13 +18,16 @@ class PairedPatch(MeZOPatch):
     """Handle of ``fastmezo.patch(model, mode="paired")``: ``step(batch)`` runs the batch doubled, once.
 
     ``loss_fn(model, doubled_batch)`` returns (l+, l-) or one loss per row; without it a dict batch's
-    ``labels`` give the loss of each half (:func:`half_losses`). A closure given instead of a batch runs
-    its own paired forward and returns (l+, l-)."""
+    ``labels`` give the loss of each half (:func:`half_losses`), and on CUDA the forward is captured in a
+    CUDA graph and replayed (``cuda_graphs``; fastmezo.paired_graphs, :attr:`graphs`). A closure given
+    instead of a batch runs its own paired forward and returns (l+, l-)."""
 
-    def __init__(self, model, optimizer, provider, loss_fn=None, eval_mode: bool = True):
+    def __init__(self, model, optimizer, provider, loss_fn=None, eval_mode: bool = True, cuda_graphs: bool = True):
         super().__init__(model, optimizer, loss_fn=loss_fn, eval_mode=eval_mode, exact=provider)
         self.paired = provider
         self.mode = "paired"
+        #: The CUDA graphs of this handle's forwards (None: ``cuda_graphs=False``).
+        self.graphs = ForwardGraphs(provider, model) if cuda_graphs else None
 
     def _closure(self, batch):
         if callable(batch) and not isinstance(batch, torch.nn.Module):
@@ -39,7 +43,15 @@ class PairedPatch(MeZOPatch):
         labels = inputs["labels"]
         if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             del inputs["labels"]                 # the whole doubled batch's loss is not needed
-        return lambda: self._rows_of(labels.shape[0], lambda: half_losses(model, model(**inputs), labels))
+        forward = lambda inputs, labels: half_losses(model, model(**inputs), labels)      # noqa: E731
+        if self.graphs is not None:
+            return lambda: self._rows_of(labels.shape[0], lambda: self.graphs.losses(inputs, labels, forward))
+        return lambda: self._rows_of(labels.shape[0], lambda: forward(inputs, labels))
+
+    def remove(self) -> None:
+        if self.graphs is not None:
+            self.graphs.clear()
+        super().remove()
 
     def _rows_of(self, rows, run):
         self.paired.rows = rows
@@ -49,7 +61,8 @@ class PairedPatch(MeZOPatch):
             self.paired.rows = None
 
 
-def paired_patch(model, groups, *, loss_fn=None, eval_mode=True, fused=None, **options) -> PairedPatch:
+def paired_patch(model, groups, *, loss_fn=None, eval_mode=True, fused=None, cuda_graphs=True,
+                 **options) -> PairedPatch:
     """The handle of ``fastmezo.patch(model, mode="paired")`` over the param groups ``groups``."""
     from .optim import MeZO
     provider = PairedPerturbation(model, [p for g in groups for _, p in g["params"]], fused=fused)
@@ -58,4 +71,4 @@ def paired_patch(model, groups, *, loss_fn=None, eval_mode=True, fused=None, **o
     except BaseException:
         provider.remove()           # a rejected option leaves no wrapped forward behind
         raise
-    return PairedPatch(model, optimizer, provider, loss_fn=loss_fn, eval_mode=eval_mode)
+    return PairedPatch(model, optimizer, provider, loss_fn=loss_fn, eval_mode=eval_mode, cuda_graphs=cuda_graphs)

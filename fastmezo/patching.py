@@ -34,7 +34,8 @@ MODES = ("inplace", "exact", "paired")
 def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
           seed: int = 0, noise: str = "gaussian", loss_fn=None, eval_mode: bool = True,
           keys: str = "auto", no_decay=NO_DECAY, mode: str = "inplace",
-          group_bytes: int | None = None, fused=None, **optimizer_options) -> MeZOPatch:
+          group_bytes: int | None = None, fused=None, cuda_graphs: bool | None = None,
+          **optimizer_options) -> MeZOPatch:
     """Bind MeZO to the trainable (requires_grad) parameters of ``model``; returns a :class:`MeZOPatch`.
 
     Weight decay skips bias and normalization parameters (the reference's rule, see
@@ -56,6 +57,8 @@ def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight
     ``fused`` (paired mode only): when an nn.Linear runs paired mode's fused kernel rather than
     materialized copies: None (automatic, by rows), a number of rows, True or False
     (fastmezo.paired_linear).
+    ``cuda_graphs`` (paired mode only; default True): on CUDA, the paired forward of a batch with labels
+    is captured once per batch shape and replayed (fastmezo.paired_graphs); False runs it eagerly.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fastmezo.patch takes a torch.nn.Module, not {type(model).__name__}")
@@ -65,6 +68,8 @@ def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight
         raise ValueError("group_bytes applies to mode='exact' only (in-place mode materializes nothing)")
     if fused is not None and mode != "paired":
         raise ValueError("fused applies to mode='paired' only")
+    if cuda_graphs is not None and mode != "paired":
+        raise ValueError("cuda_graphs applies to mode='paired' only")
     if "perturbation" in optimizer_options:
         raise TypeError("fastmezo.patch chooses the perturbation from mode='inplace'|'exact'; do not pass "
                         "perturbation= as well")
@@ -76,7 +81,8 @@ def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight
     groups = param_groups(model, weight_decay, no_decay=no_decay)
     if mode == "paired":
         handle = paired_patch(model, groups, lr=lr, eps=eps, seed=seed, noise=noise, keys=keys, loss_fn=loss_fn,
-                              eval_mode=eval_mode, fused=fused, **optimizer_options)
+                              eval_mode=eval_mode, fused=fused, cuda_graphs=cuda_graphs is not False,
+                              **optimizer_options)
         object.__setattr__(model, _HANDLE, handle)
         object.__setattr__(model, _ATTRIBUTE, handle.step)
         return handle

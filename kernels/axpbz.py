@@ -86,11 +86,15 @@ def _pass_block(x_ptr, out_ptr, idx, mask, z, r, a, b, pair_delta, LOAD_X: tl.co
 
 # Seeds, coefficients and table sizes are not specialized: they never cause a recompilation.
 @triton.jit(do_not_specialize=["a", "b", "seed_lo", "seed_hi", "rseed_lo", "rseed_hi", "total"])
-def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, map_ptr, total, a, b, seed_lo, seed_hi, rseed_lo,
+def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, map_ptr, total, a, b, seed_lo, seed_hi, seed_ptr, rseed_lo,
                         rseed_hi, pair_delta, NOISE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, LOOKUP: tl.constexpr,
                         LOG2T: tl.constexpr, LOAD_X: tl.constexpr, SCALE_X: tl.constexpr, OUT: tl.constexpr,
-                        PAIR: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr):
+                        PAIR: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr,
+                        SEED_AT: tl.constexpr):
     G: tl.constexpr = 8 if NOISE == 0 else 128              # block alignment: z calls and rounding calls
+    if SEED_AT:      # the seed's two words in device memory (a CUDA graph's replay writes each step's there)
+        seed_lo = tl.load(seed_ptr)
+        seed_hi = tl.load(seed_ptr + 1)
     pid = tl.program_id(0).to(tl.int64)
     # The tensor of this program (LOOKUP 0: the only one). LOOKUP 1, Gaussian passes: read from a map
     # of one int32 per program, one load. LOOKUP 2, Rademacher passes: the last t with starts[t] <= pid,
@@ -177,6 +181,45 @@ def _as_i32(word: int) -> int:
 _NO_FMA_CONTRACTION = {} if _INTERPRETING else {"enable_fp_fusion": False}
 
 
+def seed_words(seed: int) -> list[int]:
+    """The (low, high) words of a uint64 seed as int32 values: what a device seed tensor holds."""
+    return [_as_i32(seed & 0xFFFFFFFF), _as_i32((seed >> 32) & 0xFFFFFFFF)]
+
+
+def _seed_args(seed, dummy):
+    """(seed_lo, seed_hi, seed_ptr, SEED_AT) of a launch: ``seed`` a uint64, or an int32 tensor of its
+    two words (:func:`seed_words`) on the launch's device, which the kernel reads when it runs (a captured
+    launch then takes whatever seed is written there before a replay)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int32 or seed.numel() != 2 or seed.device != dummy.device:
+            raise ValueError(f"a device seed is an int32 tensor of 2 words on {dummy.device}, got "
+                             f"{seed.dtype} x {seed.numel()} on {seed.device}")
+        return 0, 0, seed, True
+    lo, hi = seed_words(seed)
+    return lo, hi, dummy, False
+
+
+#: Prepared launches called while this list is set (:func:`keeping`) are appended to it: a CUDA graph
+#: that captured them reads their device tables and must keep them alive.
+_kept = None
+
+
+class keeping:
+    """Within the context, every called Launches is appended to ``kept`` (a CUDA graph's capture)."""
+
+    def __init__(self, kept: list):
+        self.kept = kept
+
+    def __enter__(self):
+        global _kept
+        self.outer, _kept = _kept, self.kept
+        return self.kept
+
+    def __exit__(self, *exc):
+        global _kept
+        _kept = self.outer
+
+
 def _alignment(noise: int) -> int:
     return 8 if noise == 0 else 128
 
@@ -184,11 +227,15 @@ def _alignment(noise: int) -> int:
 _tables = TableCache()
 
 
-def _block_and_chunk(device, g: int, block: int | None = None, chunk: int | None = None):
+def _block_and_chunk(device, g: int, block: int | None = None, chunk: int | None = None, span: int | None = None):
     """(elements per program, elements computed at a time) of a pass on ``device`` with alignment g:
-    the defaults unless given, the block at least g, the chunk dividing it."""
+    the defaults unless given, the block at least g, the chunk dividing it. ``span``: the most elements
+    one tensor of the pass spans from an aligned start; the interpreter, which computes every element of a
+    program's block, masked or not, takes no larger block than that needs."""
     if block is None:
         block = INTERPRETER_BLOCK if device.type == "cpu" else DEFAULT_BLOCK
+        if span is not None and device.type == "cpu":
+            block = min(block, 1 << max(span - 1, 1).bit_length())
     block = max(block, g)
     if chunk is None:
         chunk = block if device.type == "cpu" else min(block, max(DEFAULT_CHUNK, g))
@@ -233,7 +280,8 @@ class Launches:
         if not groups:
             return
         device = tensors[0].device
-        self.block, self.chunk = _block_and_chunk(device, g, block, chunk)
+        span = max(m[3] + m[5] % g for members in groups.values() for m in members)
+        self.block, self.chunk = _block_and_chunk(device, g, block, chunk, span)
         for (dtype, aligned), members in groups.items():
             rows, blocks = [], []
             proto = members[0][0]                              # the first output: offsets count from it
@@ -258,42 +306,44 @@ class Launches:
             self.launches.append((ref, table, starts, starts if mapping is None else mapping, total, lookup,
                                   log2t if lookup == 2 else 0, dtype != torch.float32, aligned, shift))
 
-    def __call__(self, a: float, b: float, seed: int, round_seed: int | None = None, load_x: bool = True,
+    def __call__(self, a: float, b: float, seed, round_seed: int | None = None, load_x: bool = True,
                  num_warps: int = 4, outs_at=None) -> None:
         """out_i <- a * x_i + b * z(seed, key_i) for every prepared tensor (round_seed: stochastic rounding
-        of float16/bfloat16 results). ``outs_at`` (relocatable launches: required): a 1-D tensor of the
-        outputs' dtype, 16-byte aligned, at which the first output now starts, the others at their
-        prepared distances from it."""
+        of float16/bfloat16 results; seed: a uint64 or a device tensor of its words, :func:`_seed_args`).
+        ``outs_at`` (relocatable launches: required): a 1-D tensor of the outputs' dtype, 16-byte aligned,
+        at which the first output now starts, the others at their prepared distances from it."""
         rseed = 0 if round_seed is None else round_seed
         if outs_at is not None and outs_at.data_ptr() % 16:
             raise ValueError("the outputs of a relocated launch must start 16-byte aligned")
+        if _kept is not None:
+            _kept.append(self)
         for ref, table, starts, mapping, total, lookup, log2t, low_precision, aligned, shift in self.launches:
             proto = outs_at[shift:] if outs_at is not None else None if ref is None else ref()
             if proto is None:
                 raise RuntimeError("the tensors of a prepared launch were freed (or a relocatable launch was "
                                    "called without outs_at); prepare it again")
+            seed_lo, seed_hi, seed_ptr, seed_at = _seed_args(seed, table)
             _axpbz_table_kernel[(total,)](
-                proto, table, starts, mapping, total, float(a), float(b),
-                _as_i32(seed & 0xFFFFFFFF), _as_i32((seed >> 32) & 0xFFFFFFFF),
+                proto, table, starts, mapping, total, float(a), float(b), seed_lo, seed_hi, seed_ptr,
                 _as_i32(rseed & 0xFFFFFFFF), _as_i32((rseed >> 32) & 0xFFFFFFFF), self.pair_delta or 0,
                 NOISE=self.noise, BLOCK=self.block, CHUNK=self.chunk, LOOKUP=lookup, LOG2T=log2t, LOAD_X=load_x,
                 SCALE_X=float(a) != 1.0, OUT=self.out, PAIR=self.pair_delta is not None,
                 ROUND=round_seed is not None and low_precision, ALIGNED=aligned, FAST=not _INTERPRETING,
-                num_warps=num_warps, **_NO_FMA_CONTRACTION)
+                SEED_AT=seed_at, num_warps=num_warps, **_NO_FMA_CONTRACTION)
 
 
-def rows_pass_(rows, b: float, seed: int, key: int, offsets, noise: int, block: int | None = None) -> None:
+def rows_pass_(rows, b: float, seed, key: int, offsets, noise: int, block: int | None = None) -> None:
     """rows[i] <- rows[i] + b * z over the stream of ``key`` from ``offsets[i]``, in place, for the rows of
     a contiguous 2-D tensor: the pass over rows gathered from a larger tensor (paired mode's embedding
     lookups), whose global offsets are a device tensor. The launch table is built on the device from
     ``offsets`` (int64, one per row), so nothing waits for the device; every row takes the masked path
-    (its offset need not be aligned)."""
+    (its offset need not be aligned). ``seed`` as for :meth:`Launches.__call__`."""
     n, width = rows.shape
     if n == 0 or width == 0:
         return
     device = rows.device
     g = _alignment(noise)
-    block, chunk = _block_and_chunk(device, g, block)
+    block, chunk = _block_and_chunk(device, g, block, span=width + g - 1)
     per_row = -(-(width + g - 1) // block)        # blocks of the longest row span (offset % g <= g - 1)
     index = torch.arange(n, device=device, dtype=torch.int64)
     table = torch.stack([rows.data_ptr() + index * (width * rows.element_size()), index * width,
@@ -301,11 +351,11 @@ def rows_pass_(rows, b: float, seed: int, key: int, offsets, noise: int, block: 
                          torch.full_like(index, key & 0xFFFFFFFF)], dim=1).reshape(-1)
     starts = index * per_row
     mapping = (torch.arange(n * per_row, device=device, dtype=torch.int64) // per_row).to(torch.int32)
+    seed_lo, seed_hi, seed_ptr, seed_at = _seed_args(seed, table)
     _axpbz_table_kernel[(n * per_row,)](
-        rows, table, starts, mapping, n * per_row, 1.0, float(b), _as_i32(seed & 0xFFFFFFFF),
-        _as_i32((seed >> 32) & 0xFFFFFFFF), 0, 0, 0, NOISE=noise, BLOCK=block, CHUNK=chunk, LOOKUP=1, LOG2T=0,
-        LOAD_X=True, SCALE_X=False, OUT=True, PAIR=False, ROUND=False, ALIGNED=False, FAST=not _INTERPRETING,
-        num_warps=4, **_NO_FMA_CONTRACTION)
+        rows, table, starts, mapping, n * per_row, 1.0, float(b), seed_lo, seed_hi, seed_ptr, 0, 0, 0, NOISE=noise,
+        BLOCK=block, CHUNK=chunk, LOOKUP=1, LOG2T=0, LOAD_X=True, SCALE_X=False, OUT=True, PAIR=False, ROUND=False,
+        ALIGNED=False, FAST=not _INTERPRETING, SEED_AT=seed_at, num_warps=4, **_NO_FMA_CONTRACTION)
 
 
 def axpbz_multi_(tensors, a: float, b: float, seed: int, keys, noise: int, offsets=None, *, outs=None,

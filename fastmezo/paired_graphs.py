@@ -1,0 +1,165 @@
+"""CUDA graphs of paired forwards: one launch for the whole forward instead of thousands.
+
+At small batches a paired step is bound by host time: the Python of every wrapped module, a pair pass
+and a batched matmul per module call, each a kernel launch (docs/perf.md). The GPU work of a paired
+forward is the same every step but for the seed, so :class:`ForwardGraphs` captures it once per batch
+signature and replays it. The step's seed goes into a device tensor that every captured launch of the
+copies reads when it runs (PairedPerturbation.seeded_from), the batch into the graph's static inputs;
+the replay makes bit for bit the copies an eager forward at that seed makes.
+
+When: PairedPatch's own loss (a dict batch with labels, fastmezo.paired_batch.half_losses), every
+tensor of the batch and of the plan on one CUDA device, the Triton backend, the fused kernel off. A user's
+``loss_fn`` or closure runs eagerly: it may hold host state that a replay would not see. The first step
+of a signature runs eagerly (it fills the caches: launch tables, cuBLAS handles, the first forward's
+read check), the second captures and replays, later ones replay. A capture that fails (something in
+the forward waits for the GPU or reads a value on the host) touched no weight, since a paired forward
+writes none: that signature runs eagerly from then on, after a one-line notice.
+
+A graph holds what it reads: its static inputs, the seed tensor, the forward's intermediates (its memory
+pool), the prepared launches it captured (their device tables) and the small tensors' held copies. It
+is valid while the model's tensors stay where they are: its key holds the address of every parameter
+and buffer, the plan, every tensor's eps, the batch's shapes, strides and dtypes, and the grad and
+autocast state.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import torch
+
+from .paired_linear import _paused
+
+#: Graphs kept at most (one per batch signature, least recently used dropped): each holds its forward's
+#: intermediates, so batches of many lengths are better padded to a few.
+MAX_GRAPHS = 8
+
+_MISSING = object()
+
+
+class _Captured:
+    """A captured paired forward and what its replay reads and writes."""
+
+    def __init__(self, graph, inputs, labels, words, out, kept, held, plan, paths):
+        self.graph, self.inputs, self.labels, self.words, self.out = graph, inputs, labels, words, out
+        self.kept, self.held, self.plan, self.paths = kept, held, plan, paths
+        # The seed's words go through pinned memory: a copy that needs no wait for the stream.
+        self.host_words = torch.empty(2, dtype=torch.int32, pin_memory=words.device.type == "cuda")
+
+    def replay(self, inputs: dict, labels, seed: int):
+        from .kernels.axpbz import seed_words
+        for name, static in self.inputs.items():
+            if isinstance(static, torch.Tensor):
+                static.copy_(inputs[name], non_blocking=True)
+        self.labels.copy_(labels, non_blocking=True)
+        # Each step reads its losses on the host before the next one starts, so this step's copy out of
+        # host_words has run before they are written again.
+        self.host_words.numpy()[:] = seed_words(seed)
+        self.words.copy_(self.host_words, non_blocking=True)
+        self.graph.replay()
+        return tuple(o.clone() for o in self.out)
+
+
+def _cuda_capture(run, pool):
+    """(graph, outputs) of ``run`` captured on the current CUDA device."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+    return graph, out
+
+
+def _signature(value):
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.stride(), value.dtype, value.device)
+    hash(value)                 # a value that cannot be hashed cannot be compared with a captured one
+    return ("value", type(value), value)
+
+
+class ForwardGraphs:
+    """The CUDA graphs of a paired-mode provider's forwards (see the module docstring).
+
+    ``capture(run, pool) -> (graph, outputs)`` is how a graph is made (default: torch.cuda.graph) and
+    ``device_types`` where (tests give a stand-in that runs on the CPU); a graph has ``replay()``.
+    :attr:`captured`, :attr:`replayed`, :attr:`failed` count what happened."""
+
+    def __init__(self, provider, model, capture=None, device_types=("cuda",)):
+        self.provider, self.model, self.device_types = provider, model, tuple(device_types)
+        self.graphs: OrderedDict = OrderedDict()     # key -> _Captured, or None where the capture failed
+        self._warm: set = set()
+        self._capture = _cuda_capture if capture is None else capture
+        self._pool = None
+        self.captured = self.replayed = self.failed = 0
+
+    def losses(self, inputs: dict, labels, forward):
+        """(l+, l-) of ``forward(inputs, labels)`` (the doubled batch), run eagerly, captured or replayed;
+        called inside the provider's perturbation."""
+        key = self._key(inputs, labels)
+        if key is None:
+            return forward(inputs, labels)
+        entry = self.graphs.get(key, _MISSING)
+        if entry is _MISSING:
+            if key not in self._warm:
+                self._warm.add(key)
+                return forward(inputs, labels)
+            entry = self._captured(key, inputs, labels, forward)
+        if entry is None:
+            return forward(inputs, labels)
+        self.graphs.move_to_end(key)
+        self.provider.paths = dict(entry.paths)
+        self.replayed += 1
+        return entry.replay(inputs, labels, self.provider._active[1])
+
+    def clear(self) -> None:
+        """Drop every graph (and what it holds)."""
+        self.graphs.clear()
+        self._warm.clear()
+
+    def _key(self, inputs, labels):
+        """The key of a graph of this forward, or None where it runs eagerly."""
+        provider = self.provider
+        plan, seed, entries = provider._active
+        if provider.max_rows > 0 or not isinstance(seed, int) or not isinstance(labels, torch.Tensor):
+            return None
+        device = labels.device
+        tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+        if (device.type not in self.device_types or any(t.device != device for t in tensors)
+                or any(t.device != device for t in plan.tensors)
+                or getattr(plan.backend_of(device), "NAME", None) != "triton"):
+            return None
+        try:
+            batch = tuple((name, _signature(v)) for name, v in inputs.items())
+        except TypeError:
+            return None
+        model = self.model
+        with _paused(provider._checker):       # the first forward's read check: these are fastmezo's reads
+            places = tuple(t.data_ptr() for t in model.parameters()) + tuple(t.data_ptr() for t in model.buffers())
+        return (batch, _signature(labels), id(plan), plan.noise, tuple(e[2] for e in entries.values()), places,
+                torch.is_grad_enabled(), torch.is_autocast_enabled(device.type))
+
+    def _captured(self, key, inputs, labels, forward):
+        from .kernels.axpbz import keeping, seed_words
+        provider = self.provider
+        plan, seed, _ = provider._active
+        static = {name: v.clone() if isinstance(v, torch.Tensor) else v for name, v in inputs.items()}
+        static_labels = labels.clone()
+        words = torch.tensor(seed_words(seed), dtype=torch.int32).to(labels.device)
+        kept: list = []
+        if self._pool is None and labels.device.type == "cuda":
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            with provider.seeded_from(words), keeping(kept):
+                graph, out = self._capture(lambda: forward(static, static_labels), self._pool)
+        except Exception as exc:  # noqa: BLE001  (whatever the forward raised while captured: it runs eagerly)
+            self.graphs[key] = None
+            self.failed += 1
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            warnings.warn(f"paired mode: this batch's forward could not be captured in a CUDA graph "
+                          f"({type(exc).__name__}: {reason[:200]}); it runs eagerly", stacklevel=4)
+            return None
+        entry = _Captured(graph, static, static_labels, words, tuple(out), kept, list(provider._held.values()),
+                          plan, dict(provider.paths))
+        self.graphs[key] = entry
+        self.captured += 1
+        while len(self.graphs) > MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+        return entry
