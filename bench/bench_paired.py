@@ -167,15 +167,19 @@ def steps(name: str, configs, device, warmup, reps, backend, log=print, profile_
             first = len(rows)                  # this configuration's rows
 
             def measured(what, fn, **extra):
+                before = None
                 if cuda:
+                    free_memory(device)
+                    # what earlier rows left allocated (a leak would show here, and inflate every peak)
+                    before = torch.cuda.memory_allocated(device) - model_bytes
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats(device)
                 ms = user_ms(fn, device, warmup, reps)
                 peak = torch.cuda.max_memory_allocated(device) - model_bytes if cuda else None
                 row = dict(model=name, batch=batch, tokens=tokens, what=what, ms_median=ms, reps=reps,
-                           peak_above_model_bytes=peak, **extra)
+                           peak_above_model_bytes=peak, allocated_before_bytes=before, **extra)
                 log(f"[{name}] {batch}x{tokens} {what:9s} {row['ms_median']:9.2f} ms  memory above the model "
-                    f"{fmt_mib(peak)}  {extra.get('paths', '')}")
+                    f"{fmt_mib(peak)} (allocated before: {fmt_mib(before)})  {extra.get('paths', '')}")
                 rows.append(row)
                 return row
 

@@ -8,8 +8,9 @@ copies reads when it runs (PairedPerturbation.seeded_from), the batch into the g
 the replay makes bit for bit the copies an eager forward at that seed makes.
 
 When: PairedPatch's own loss (a dict batch with labels, fastmezo.paired_batch.half_losses), every
-tensor of the batch and of the plan on one CUDA device, the Triton backend, the fused kernel off. A user's
-``loss_fn`` or closure runs eagerly: it may hold host state that a replay would not see. The first step
+tensor of the batch and of the plan on one CUDA device, the Triton backend, the fused kernel off, at
+most MAX_TOKENS labels in the doubled batch (small batches, where the host is what a step waits for). A
+user's ``loss_fn`` or closure runs eagerly: it may hold host state that a replay would not see. The first step
 of a signature runs eagerly (it fills the caches: launch tables, cuBLAS handles, the first forward's
 read check), the second captures and replays, later ones replay. A capture that fails (something in
 the forward waits for the GPU or reads a value on the host) touched no weight, since a paired forward
@@ -29,6 +30,12 @@ from collections import OrderedDict
 import torch
 
 from .paired_linear import _paused
+
+#: Doubled batches of more elements in their labels (rows x tokens) run eagerly: there the forward's
+#: matmuls keep the GPU busy longer than the host takes to launch them, so a graph saves nothing, while
+#: its memory pool holds the forward's intermediates between steps and transformers builds an explicit
+#: attention mask while a stream captures (docs/perf.md).
+MAX_TOKENS = 4096
 
 #: Graphs kept at most (one per batch signature, least recently used dropped): each holds its forward's
 #: intermediates, so batches of many lengths are better padded to a few.
@@ -80,10 +87,12 @@ class ForwardGraphs:
 
     ``capture(run, pool) -> (graph, outputs)`` is how a graph is made (default: torch.cuda.graph) and
     ``device_types`` where (tests give a stand-in that runs on the CPU); a graph has ``replay()``.
+    ``max_tokens``: the most labels of a doubled batch that is captured.
     :attr:`captured`, :attr:`replayed`, :attr:`failed` count what happened."""
 
-    def __init__(self, provider, model, capture=None, device_types=("cuda",)):
+    def __init__(self, provider, model, capture=None, device_types=("cuda",), max_tokens: int = MAX_TOKENS):
         self.provider, self.model, self.device_types = provider, model, tuple(device_types)
+        self.max_tokens = max_tokens
         self.graphs: OrderedDict = OrderedDict()     # key -> _Captured, or None where the capture failed
         self._warm: set = set()
         self._capture = _cuda_capture if capture is None else capture
@@ -118,7 +127,8 @@ class ForwardGraphs:
         """The key of a graph of this forward, or None where it runs eagerly."""
         provider = self.provider
         plan, seed, entries = provider._active
-        if provider.max_rows > 0 or not isinstance(seed, int) or not isinstance(labels, torch.Tensor):
+        if (provider.max_rows > 0 or not isinstance(seed, int) or not isinstance(labels, torch.Tensor)
+                or labels.numel() > self.max_tokens):
             return None
         device = labels.device
         tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]

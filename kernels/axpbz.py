@@ -199,13 +199,15 @@ def _seed_args(seed, dummy):
     return lo, hi, dummy, False
 
 
-#: Prepared launches called while this list is set (:func:`keeping`) are appended to it: a CUDA graph
-#: that captured them reads their device tables and must keep them alive.
+#: While this list is set (:func:`keeping`), the device tables of every called launch are appended to
+#: it: a CUDA graph that captured the launch reads them at each replay and must keep them alive (and
+#: only them: an output buffer of the capture is the graph's memory pool's).
 _kept = None
 
 
 class keeping:
-    """Within the context, every called Launches is appended to ``kept`` (a CUDA graph's capture)."""
+    """Within the context, the tables of every called Launches are appended to ``kept`` (a CUDA graph's
+    capture)."""
 
     def __init__(self, kept: list):
         self.kept = kept
@@ -316,7 +318,7 @@ class Launches:
         if outs_at is not None and outs_at.data_ptr() % 16:
             raise ValueError("the outputs of a relocated launch must start 16-byte aligned")
         if _kept is not None:
-            _kept.append(self)
+            _kept.extend(launch[1:4] for launch in self.launches)
         for ref, table, starts, mapping, total, lookup, log2t, low_precision, aligned, shift in self.launches:
             proto = outs_at[shift:] if outs_at is not None else None if ref is None else ref()
             if proto is None:

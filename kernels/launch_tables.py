@@ -31,6 +31,10 @@ class TableCache:
         key = (device, rows, blocks)
         hit = self.entries.pop(key, None)
         if hit is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # A CUDA graph would copy the host buffer at every replay, long after it is reused.
+                raise RuntimeError("a launch table was built while a CUDA graph captured; run the launch "
+                                   "once eagerly first (its table is then cached)")
             self.misses += 1
             n_t = len(blocks)
             log2t = max(1, n_t.bit_length())                # 2**log2t > number of tensors

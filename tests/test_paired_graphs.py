@@ -100,7 +100,7 @@ class _Replayer:
 def _steps(model, data, graphs, **options):
     with fastmezo.patch(model, lr=0.05, eps=EPS, seed=5, mode="paired", backend="triton", **options) as handle:
         if graphs:
-            handle.graphs = ForwardGraphs(handle.paired, model, capture=_Replayer(handle), device_types=("cpu",))
+            handle.graphs = ForwardGraphs(handle.paired, model, capture=_Replayer(handle), device_types=(TRITON_DEVICE,))
         records = []
         for b in data:
             loss = handle.step(b)
@@ -110,9 +110,9 @@ def _steps(model, data, graphs, **options):
 
 
 def test_replayed_forwards_make_the_eager_steps_bit_for_bit():
-    data = batches("cpu")
-    _, want, want_params = _steps(tiny_opt(), data, graphs=False, cuda_graphs=False)
-    graphs, got, got_params = _steps(tiny_opt(), data, graphs=True)
+    data = batches(TRITON_DEVICE)
+    _, want, want_params = _steps(tiny_opt(device=TRITON_DEVICE), data, graphs=False, cuda_graphs=False)
+    graphs, got, got_params = _steps(tiny_opt(device=TRITON_DEVICE), data, graphs=True)
     assert got == want                                       # every step's losses and gradient
     assert all(torch.equal(a, b) for a, b in zip(got_params, want_params))
     # two shapes: each ran eagerly once, was captured (and replayed) on its second step, replayed after
@@ -120,11 +120,11 @@ def test_replayed_forwards_make_the_eager_steps_bit_for_bit():
     assert len({r[3] for r in got}) == len(got)              # new seeds every step, not one replayed z
 
 
-def test_a_new_eps_or_moved_weights_take_a_new_graph():
-    model = tiny_opt()
-    data = batches("cpu", shapes=((2, 8),) * 6)
+def test_a_new_eps_takes_a_new_graph_and_a_large_batch_none():
+    model = tiny_opt(device=TRITON_DEVICE)
+    data = batches(TRITON_DEVICE, shapes=((2, 8),) * 5 + ((3, 8),) * 2)
     with fastmezo.patch(model, lr=0.0, eps=EPS, seed=5, mode="paired", backend="triton") as handle:
-        handle.graphs = graphs = ForwardGraphs(handle.paired, model, capture=_Replayer(handle), device_types=("cpu",))
+        handle.graphs = graphs = ForwardGraphs(handle.paired, model, capture=_Replayer(handle), device_types=(TRITON_DEVICE,))
         for b in data[:3]:
             handle.step(b)
         assert (graphs.captured, graphs.replayed) == (1, 2)
@@ -133,18 +133,22 @@ def test_a_new_eps_or_moved_weights_take_a_new_graph():
         assert (graphs.captured, graphs.replayed) == (1, 2)      # its first step runs eagerly
         handle.step(data[4])
         assert (graphs.captured, graphs.replayed) == (2, 3)
+        graphs.max_tokens = 2 * 3 * 8 - 1        # the doubled batch's labels: one too many
+        for b in data[5:]:
+            handle.step(b)
+        assert (graphs.captured, graphs.replayed) == (2, 3)
 
 
 def test_a_forward_that_cannot_be_captured_runs_eagerly_after_a_notice():
-    model = tiny_opt()
-    data = batches("cpu", shapes=((2, 8),) * 4)
+    model = tiny_opt(device=TRITON_DEVICE)
+    data = batches(TRITON_DEVICE, shapes=((2, 8),) * 4)
 
     def failing(run, pool):
         raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
 
-    _, want, want_params = _steps(tiny_opt(), data, graphs=False, cuda_graphs=False)
+    _, want, want_params = _steps(tiny_opt(device=TRITON_DEVICE), data, graphs=False, cuda_graphs=False)
     with fastmezo.patch(model, lr=0.05, eps=EPS, seed=5, mode="paired", backend="triton") as handle:
-        handle.graphs = graphs = ForwardGraphs(handle.paired, model, capture=failing, device_types=("cpu",))
+        handle.graphs = graphs = ForwardGraphs(handle.paired, model, capture=failing, device_types=(TRITON_DEVICE,))
         got = []
         handle.step(data[0])
         got.append(handle.optimizer.projected_grad)
