@@ -10,9 +10,9 @@ the replay makes bit for bit the copies an eager forward at that seed makes.
 When: PairedPatch's own loss (a dict batch with labels, fastmezo.paired_batch.half_losses), every
 tensor of the batch and of the plan on one CUDA device, the Triton backend, the fused kernel off, at
 most MAX_TOKENS labels in the doubled batch (small batches, where the host is what a step waits for). A
-user's ``loss_fn`` or closure runs eagerly: it may hold host state that a replay would not see. The first step
-of a signature runs eagerly (it fills the caches: launch tables, cuBLAS handles, the first forward's
-read check), the second captures and replays, later ones replay. A capture that fails (something in
+user's ``loss_fn`` or closure runs eagerly: it may hold host state that a replay would not see. The first
+WARMUP_STEPS steps of a signature run eagerly (they fill the caches: launch tables, cuBLAS handles, the
+first forward's read check), the next one captures and replays, later ones replay. A capture that fails (something in
 the forward waits for the GPU or reads a value on the host) touched no weight, since a paired forward
 writes none: that signature runs eagerly from then on, after a one-line notice.
 
@@ -36,6 +36,12 @@ from .paired_linear import _paused
 #: its memory pool holds the forward's intermediates between steps and transformers builds an explicit
 #: attention mask while a stream captures (docs/perf.md).
 MAX_TOKENS = 4096
+
+#: Eager steps of a signature before it is captured: the first forward of a provider makes each large
+#: tensor's copies by a pass of its own and records the order in which they are asked for; from the
+#: second on, copies are made in groups by that order (fastmezo.paired_copies), whose launches are then
+#: prepared, so that a capture finds every launch table made.
+WARMUP_STEPS = 2
 
 #: Graphs kept at most (one per batch signature, least recently used dropped): each holds its forward's
 #: intermediates, so batches of many lengths are better padded to a few.
@@ -87,14 +93,16 @@ class ForwardGraphs:
 
     ``capture(run, pool) -> (graph, outputs)`` is how a graph is made (default: torch.cuda.graph) and
     ``device_types`` where (tests give a stand-in that runs on the CPU); a graph has ``replay()``.
-    ``max_tokens``: the most labels of a doubled batch that is captured.
+    ``max_tokens``: the most labels of a doubled batch that is captured; ``warmup``: eager steps of a
+    signature before its capture.
     :attr:`captured`, :attr:`replayed`, :attr:`failed` count what happened."""
 
-    def __init__(self, provider, model, capture=None, device_types=("cuda",), max_tokens: int = MAX_TOKENS):
+    def __init__(self, provider, model, capture=None, device_types=("cuda",), max_tokens: int = MAX_TOKENS,
+                 warmup: int = WARMUP_STEPS):
         self.provider, self.model, self.device_types = provider, model, tuple(device_types)
-        self.max_tokens = max_tokens
+        self.max_tokens, self.warmup = max_tokens, warmup
         self.graphs: OrderedDict = OrderedDict()     # key -> _Captured, or None where the capture failed
-        self._warm: set = set()
+        self._warm: dict = {}                        # key -> eager steps so far
         self._capture = _cuda_capture if capture is None else capture
         self._pool = None
         self.captured = self.replayed = self.failed = 0
@@ -107,8 +115,8 @@ class ForwardGraphs:
             return forward(inputs, labels)
         entry = self.graphs.get(key, _MISSING)
         if entry is _MISSING:
-            if key not in self._warm:
-                self._warm.add(key)
+            if self._warm.get(key, 0) < self.warmup:
+                self._warm[key] = self._warm.get(key, 0) + 1
                 return forward(inputs, labels)
             entry = self._captured(key, inputs, labels, forward)
         if entry is None:

@@ -86,9 +86,9 @@ def _pass_block(x_ptr, out_ptr, idx, mask, z, r, a, b, pair_delta, LOAD_X: tl.co
 
 # Seeds, coefficients and table sizes are not specialized: they never cause a recompilation.
 @triton.jit(do_not_specialize=["a", "b", "seed_lo", "seed_hi", "rseed_lo", "rseed_hi", "total"])
-def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, map_ptr, total, a, b, seed_lo, seed_hi, seed_ptr, rseed_lo,
-                        rseed_hi, pair_delta, NOISE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, LOOKUP: tl.constexpr,
-                        LOG2T: tl.constexpr, LOAD_X: tl.constexpr, SCALE_X: tl.constexpr, OUT: tl.constexpr,
+def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, map_ptr, total, a, b, seed_lo, seed_hi, seed_ptr,
+                        rseed_lo, rseed_hi, pair_delta, NOISE: tl.constexpr, BLOCK: tl.constexpr,
+                        CHUNK: tl.constexpr, LOOKUP: tl.constexpr, LOG2T: tl.constexpr, LOAD_X: tl.constexpr, SCALE_X: tl.constexpr, OUT: tl.constexpr,
                         PAIR: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr,
                         SEED_AT: tl.constexpr):
     G: tl.constexpr = 8 if NOISE == 0 else 128              # block alignment: z calls and rounding calls
