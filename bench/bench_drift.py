@@ -125,6 +125,7 @@ def plot(rows, path, title):
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.2), squeeze=False)
     styles = ["-", "--", ":", "-."]
     for ax, dtype in zip(axes[0], dtypes):
+        drifting = False           # a log axis needs some positive drift to show
         for mi, method in enumerate(METHODS):
             for si, numel in enumerate(sizes):
                 pts = [(r["steps"], r["rel_drift"]) for r in rows
@@ -138,8 +139,9 @@ def plot(rows, path, title):
                     ax.plot([], [], "x", color=f"C{mi}", label=f"{method}: 0 (bit-identical), {numel:,}")
                     continue
                 ax.plot(*zip(*pts), styles[si % 4], marker="o", ms=3, color=f"C{mi}", label=label)
-        ax.set(xscale="log", yscale="log", xlabel="null steps T", ylabel="||w_T - w_0|| / ||w_0||",
-               title=f"{dtype}")
+                drifting = True
+        ax.set(xscale="log", yscale="log" if drifting else "linear", xlabel="null steps T",
+               ylabel="||w_T - w_0|| / ||w_0||", title=f"{dtype}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)

@@ -22,8 +22,10 @@ In order (a failed check stops the run before anything is timed, exit code 1):
    memory above the loaded model (``max_memory_allocated`` minus what the model holds) next to a
    forward's, and which path each paired module took; also the paired step with every nn.Linear on
    the other path (``paired-fused`` up to FUSED_COMPARE_ROWS rows, or ``paired-materialized``) and, on
-   CUDA, the default paired step without CUDA graphs (``paired-eager``; the default one is captured on
-   its first timed warm-up step, and its row says how many steps were captured and replayed).
+   CUDA, the default paired step the other way: without CUDA graphs (``paired-eager``) where the default
+   captures its forward (after its warm-up steps; the row says how many steps were captured and
+   replayed, and the bytes the graphs' memory pool holds), with them (``paired-graphs``) above
+   fastmezo.paired_graphs.MAX_TOKENS, where the default runs eagerly.
 
 Results: results.json and summary.md in --out.
 """
@@ -132,6 +134,12 @@ def sweep(device, layers, rows_list, warmup, reps, backend, log=print) -> dict:
     return dict(points=points, suggested_max_rows=max(wins, default=0))
 
 
+def _graph_stats(graphs) -> dict:
+    """What a handle's CUDA graphs did, and the memory their pools hold."""
+    return dict(captured=graphs.captured, replayed=graphs.replayed, failed=graphs.failed,
+                pool_bytes=_private_pool_bytes())
+
+
 def _private_pool_bytes() -> int:
     """Bytes the CUDA graphs' private memory pools hold: reserved for the replays' intermediates, which
     ``max_memory_allocated`` counts while a graph is captured but not while it is replayed."""
@@ -192,18 +200,22 @@ def steps(name: str, configs, device, warmup, reps, backend, log=print, profile_
                 linear = sorted({paths[n] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
                 paired = measured("paired", lambda: handle.step({"input_ids": ids, "labels": ids}),
                                   paths=counts, linear_paths=linear, loss=handle.optimizer.loss_plus)
-                if handle.graphs is not None:        # captured on the first timed warm-up step, then replayed
-                    g = handle.graphs
-                    paired["cuda_graphs"] = dict(captured=g.captured, replayed=g.replayed, failed=g.failed,
-                                                 pool_bytes=_private_pool_bytes())
+                if cuda:           # captured after the warm-up steps and replayed, below MAX_TOKENS
+                    paired["cuda_graphs"] = _graph_stats(handle.graphs)
                 if profile_dir is not None:
                     (profile_dir / f"profile_paired_{batch}x{tokens}.txt").write_text(
                         profile_table(lambda: handle.step({"input_ids": ids, "labels": ids}), device))
-            if cuda:                                   # the same step without CUDA graphs
-                with _patch(model, backend, mode="paired", cuda_graphs=False) as handle:
+            if cuda:         # the same step the other way: eager, or (above MAX_TOKENS) captured anyway
+                captured = paired["cuda_graphs"]["captured"] > 0
+                with _patch(model, backend, mode="paired", cuda_graphs=not captured) as handle:
+                    if not captured:
+                        handle.graphs.max_tokens = 1 << 62
                     handle.step({"input_ids": ids, "labels": ids})
-                    measured("paired-eager", lambda: handle.step({"input_ids": ids, "labels": ids}),
-                             loss=handle.optimizer.loss_plus)
+                    row = measured("paired-eager" if captured else "paired-graphs",
+                                   lambda: handle.step({"input_ids": ids, "labels": ids}),
+                                   loss=handle.optimizer.loss_plus)
+                    if not captured:
+                        row["cuda_graphs"] = _graph_stats(handle.graphs)
             # The other path for every nn.Linear, where the fused kernel is in its range.
             other = "materialized" if paired["linear_paths"] != ["materialized"] else "fused"
             if other == "materialized" or batch * tokens * 2 <= FUSED_COMPARE_ROWS:
@@ -246,7 +258,7 @@ def summary_md(result: dict) -> str:
         speed = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else ""
         lines.append(f"| {r['batch']}x{r['tokens']} | {r['what']} | {r['ms_median']:.2f} | {speed} | "
                      f"{fmt_mib(r['peak_above_model_bytes'])} | {r.get('paths', '')}"
-                     f"{' CUDA graphs: ' + str(r['cuda_graphs']) if 'cuda_graphs' in r else ''} |")
+                     f"{_graphs_md(r.get('cuda_graphs'))} |")
     if "sweep" in result:
         lines += ["", "| layer | rows | fused ms | materialize ms | ratio |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {p['layer']} | {p['rows']} | {p['fused_ms']:.3f} | {p['materialize_ms']:.3f} | "
@@ -255,6 +267,13 @@ def summary_md(result: dict) -> str:
                   f"(fastmezo.paired_linear.DEFAULT_MAX_ROWS = {result['default_max_rows']})"]
     lines.append("")
     return "\n".join(lines)
+
+
+def _graphs_md(stats) -> str:
+    if not stats:
+        return ""
+    return (f" CUDA graphs: {stats['captured']} captured, {stats['replayed']} replays, {stats['failed']} failed, "
+            f"pool {fmt_mib(stats['pool_bytes'])}")
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:

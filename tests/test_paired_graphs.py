@@ -217,12 +217,13 @@ def test_a_forward_that_syncs_falls_back_to_eager_on_cuda():
     model = tiny_opt(torch.float32, "cuda")
     # a hook that reads a value on the host: a forward that cannot be captured
     model.lm_head.register_forward_pre_hook(lambda module, args: None if float(args[0].abs().max()) >= 0 else args)
-    data = batches("cuda", shapes=((2, 8),) * 4)
+    data = batches("cuda", shapes=((2, 8),) * 5)
     with fastmezo.patch(model, lr=0.05, eps=EPS, seed=5, mode="paired") as handle:
-        handle.step(data[0])
+        for b in data[:handle.graphs.warmup]:
+            handle.step(b)
         with pytest.warns(UserWarning, match="could not be captured"):
-            handle.step(data[1])
-        for b in data[2:]:
+            handle.step(data[handle.graphs.warmup])
+        for b in data[handle.graphs.warmup + 1:]:
             handle.step(b)
         assert (handle.graphs.captured, handle.graphs.failed) == (0, 1)
         assert all(torch.isfinite(p).all() for p in model.parameters())
