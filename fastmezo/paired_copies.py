@@ -10,9 +10,9 @@ of a whole tensor is ever stored.
 What is alive when: a module's + half makes both halves' copies and keeps the - ones until its - half
 takes them (:meth:`ForwardCopies.for_half`), so a module holds two copies of its weights during its
 own call and none after. Small tensors (biases, norms' weights: at most SMALL_NUMEL elements) are
-made for the whole forward by one pass per device before it, into buffers held from one forward to
-the next (a transformer has hundreds of them; a launch and views per module and half cost host time
-where a few megabytes of copies cost little).
+made for the whole forward by one pass per device at its first request for a copy, into buffers held
+from one forward to the next (a transformer has hundreds of them; a launch and views per module and
+half cost host time where a few megabytes of copies cost little).
 """
 from __future__ import annotations
 

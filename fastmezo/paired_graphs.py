@@ -35,7 +35,7 @@ from .paired_linear import _paused
 #: matmuls keep the GPU busy longer than the host takes to launch them, so a graph saves nothing, while
 #: its memory pool holds the forward's intermediates between steps and transformers builds an explicit
 #: attention mask while a stream captures (docs/perf.md).
-MAX_TOKENS = 4096
+MAX_TOKENS = 2048
 
 #: Eager steps of a signature before it is captured: the first forward of a provider makes each large
 #: tensor's copies by a pass of its own and records the order in which they are asked for; from the
