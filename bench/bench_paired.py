@@ -19,7 +19,8 @@ In order (a failed check stops the run before anything is timed, exit code 1):
    API's default paired step (``fastmezo.patch(model, mode="paired")``, its ``step``), the default
    in-place step (``fastmezo.patch(model)``) and the reference (bench/baseline.py), in this run, each
    timed as the user sees it (the GPU idle before each call, CUDA events around it), with the peak
-   memory above the loaded model (``max_memory_allocated`` minus what the model holds) next to a
+   memory above the loaded model (``max_memory_allocated`` minus what the model holds, and
+   ``max_memory_reserved`` likewise: what the caching allocator held, a graph's pool included) next to a
    forward's, and which path each paired module took; also the paired step with every nn.Linear on
    the other path (``paired-fused`` up to FUSED_COMPARE_ROWS rows, or ``paired-materialized``) and, on
    CUDA, the default paired step the other way: without CUDA graphs (``paired-eager``) where the default
@@ -184,10 +185,14 @@ def steps(name: str, configs, device, warmup, reps, backend, log=print, profile_
                     torch.cuda.reset_peak_memory_stats(device)
                 ms = user_ms(fn, device, warmup, reps)
                 peak = torch.cuda.max_memory_allocated(device) - model_bytes if cuda else None
+                # reserved: what the caching allocator held, a CUDA graph's pool included
+                reserved = torch.cuda.max_memory_reserved(device) - model_bytes if cuda else None
                 row = dict(model=name, batch=batch, tokens=tokens, what=what, ms_median=ms, reps=reps,
-                           peak_above_model_bytes=peak, allocated_before_bytes=before, **extra)
+                           peak_above_model_bytes=peak, peak_reserved_above_model_bytes=reserved,
+                           allocated_before_bytes=before, **extra)
                 log(f"[{name}] {batch}x{tokens} {what:9s} {row['ms_median']:9.2f} ms  memory above the model "
-                    f"{fmt_mib(peak)} (allocated before: {fmt_mib(before)})  {extra.get('paths', '')}")
+                    f"{fmt_mib(peak)}, reserved {fmt_mib(reserved)} (allocated before: {fmt_mib(before)})  "
+                    f"{extra.get('paths', '')}")
                 rows.append(row)
                 return row
 
@@ -253,11 +258,13 @@ def summary_md(result: dict) -> str:
     c = result["check"]
     lines += [f"Check ({c['model']}): fused l+ {c['loss_plus']:.6f} / l- {c['loss_minus']:.6f} / g {c['grad']:.4f}; "
               f"materialized {c['ref_loss_plus']:.6f} / {c['ref_loss_minus']:.6f} / {c['ref_grad']:.4f}", ""]
-    lines += ["| config | step | ms | vs reference | memory above model | paths |", "|---|---|---:|---:|---:|---|"]
+    lines += ["| config | step | ms | vs reference | memory above model | reserved above model | paths |",
+              "|---|---|---:|---:|---:|---:|---|"]
     for r in result["steps"]:
         speed = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else ""
         lines.append(f"| {r['batch']}x{r['tokens']} | {r['what']} | {r['ms_median']:.2f} | {speed} | "
-                     f"{fmt_mib(r['peak_above_model_bytes'])} | {r.get('paths', '')}"
+                     f"{fmt_mib(r['peak_above_model_bytes'])} | {fmt_mib(r.get('peak_reserved_above_model_bytes'))} | "
+                     f"{r.get('paths', '')}"
                      f"{_graphs_md(r.get('cuda_graphs'))} |")
     if "sweep" in result:
         lines += ["", "| layer | rows | fused ms | materialize ms | ratio |", "|---|---:|---:|---:|---:|"]

@@ -41,6 +41,19 @@ _prepared: dict = {}
 _CAPACITY = 4096
 
 
+def pair_buffer(half: int, dtype, device) -> torch.Tensor:
+    """A 1-D buffer for two copies of ``half`` elements each (at least 2 * half elements). While a CUDA
+    graph captures, a large one (a copy above MAX_COPY_BYTES / 2) takes the size of the largest,
+    2 * MAX_COPY_BYTES: a graph's memory pool keeps a block of every size it ever held, so one size
+    lets one block serve every large pair of the forward in turn (fastmezo.paired_graphs)."""
+    size = dtype.itemsize
+    elements = 2 * half
+    if (2 * half * size > MAX_COPY_BYTES and torch.device(device).type == "cuda"
+            and torch.cuda.is_current_stream_capturing()):
+        elements = max(elements, 2 * MAX_COPY_BYTES // size)
+    return torch.empty(elements, dtype=dtype, device=device)
+
+
 def _layout(tensors):
     """(starts, half length) of a pair buffer: each + copy at a multiple of _ALIGN elements, the - copies
     at the same offsets in the second half."""
@@ -179,8 +192,8 @@ class ForwardCopies:
     @staticmethod
     def _buffer_views(tensors, starts, total):
         """(a new pair buffer, the [2, *shape] view of each tensor's pair in it)."""
-        buffer = torch.empty(2 * total, dtype=tensors[0].dtype, device=tensors[0].device)
-        halves = buffer.view(2, total)
+        buffer = pair_buffer(total, tensors[0].dtype, tensors[0].device)
+        halves = buffer[:2 * total].view(2, total)
         return buffer, [halves[:, s:s + t.numel()].view((2,) + tuple(t.shape)) for s, t in zip(starts, tensors)]
 
     def _pair_buffer(self, tensors, key):

@@ -148,7 +148,8 @@ def materialized_or_none(provider, module, args, kwargs, rows: int):
                 w = weight.detach()
                 for r0 in range(0, n_out, slab):
                     r1 = min(n_out, r0 + slab)
-                    w2 = torch.empty(2, r1 - r0, k, dtype=w.dtype, device=w.device)
+                    w2 = paired_copies.pair_buffer((r1 - r0) * k, w.dtype, w.device)[:2 * (r1 - r0) * k]
+                    w2 = w2.view(2, r1 - r0, k)
                     copies.pair_pass([w[r0:r1]], [w2[0]], [w2[1]], [key], [offset + r0 * k], [eps])
                     part = torch.empty(2, x3.shape[1], r1 - r0, dtype=x.dtype, device=x.device)
                     _matmul(x3, w2, None if b2 is None else b2[..., r0:r1], part)

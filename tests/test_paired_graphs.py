@@ -227,3 +227,17 @@ def test_a_forward_that_syncs_falls_back_to_eager_on_cuda():
             handle.step(b)
         assert (handle.graphs.captured, handle.graphs.failed) == (0, 1)
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_large_pair_buffers_take_one_size_while_a_graph_captures(monkeypatch):
+    import fastmezo.paired_copies as copies
+    monkeypatch.setattr(copies, "MAX_COPY_BYTES", 1 << 20)
+    halves = (100, 300_000, 500_000)        # float16 copies of 200 B, 600 KB (above MAX / 2) and 1 MB
+    # eager: exactly two copies' elements
+    assert [copies.pair_buffer(h, torch.float16, TRITON_DEVICE).numel() for h in halves] == [2 * h for h in halves]
+    if not HAS_CUDA:
+        return
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = [copies.pair_buffer(h, torch.float16, "cuda").numel() for h in halves]
+    assert captured == [200, 1 << 20, 1 << 20]          # the large ones: 2 * MAX_COPY_BYTES of float16
