@@ -29,7 +29,8 @@ other.
 
 This module holds the perturbation provider (the wrapped forwards and the perturbed copies). The rows
 of the doubled batch and the loss of each half are fastmezo.paired_batch; the handle of
-``fastmezo.patch(model, mode="paired")`` is fastmezo.paired_patch.
+``fastmezo.patch(model, mode="paired")`` is fastmezo.paired_patch, and the CUDA graphs of its forwards
+fastmezo.paired_graphs.
 """
 from __future__ import annotations
 

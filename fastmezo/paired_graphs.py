@@ -25,7 +25,6 @@ autocast state.
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 
 import torch
 
@@ -43,9 +42,11 @@ MAX_TOKENS = 2048
 #: prepared, so that a capture finds every launch table made.
 WARMUP_STEPS = 2
 
-#: Graphs kept at most (one per batch signature, least recently used dropped): each holds its forward's
-#: intermediates, so batches of many lengths are better padded to a few.
-MAX_GRAPHS = 8
+#: Batch signatures (shapes) a handle tracks: each of the first MAX_SHAPES gets its graph, later ones run
+#: eagerly (a loader of many lengths would otherwise pay warm-up steps and a capture for shapes that
+#: may never come again). The graphs of a handle share one memory pool, so more of them cost their static
+#: inputs, not another forward's intermediates.
+MAX_SHAPES = 16
 
 _MISSING = object()
 
@@ -94,18 +95,19 @@ class ForwardGraphs:
     ``capture(run, pool) -> (graph, outputs)`` is how a graph is made (default: torch.cuda.graph) and
     ``device_types`` where (tests give a stand-in that runs on the CPU); a graph has ``replay()``.
     ``max_tokens``: the most labels of a doubled batch that is captured; ``warmup``: eager steps of a
-    signature before its capture.
+    signature before its capture; ``max_shapes``: signatures tracked (later ones run eagerly).
     :attr:`captured`, :attr:`replayed`, :attr:`failed` count what happened."""
 
     def __init__(self, provider, model, capture=None, device_types=("cuda",), max_tokens: int = MAX_TOKENS,
-                 warmup: int = WARMUP_STEPS):
+                 warmup: int = WARMUP_STEPS, max_shapes: int = MAX_SHAPES):
         self.provider, self.model, self.device_types = provider, model, tuple(device_types)
-        self.max_tokens, self.warmup = max_tokens, warmup
-        self.graphs: OrderedDict = OrderedDict()     # key -> _Captured, or None where the capture failed
-        self._warm: dict = {}                        # key -> eager steps so far
+        self.max_tokens, self.warmup, self.max_shapes = max_tokens, warmup, max_shapes
+        self.graphs: dict = {}                       # key -> _Captured, or None where the capture failed
+        self._seen: dict = {}                        # key -> its eager steps so far: the tracked signatures
         self._capture = _cuda_capture if capture is None else capture
         self._pool = None
         self.captured = self.replayed = self.failed = 0
+        self.shapes_full = False                     # max_shapes signatures tracked: new ones run eagerly
 
     def losses(self, inputs: dict, labels, forward):
         """(l+, l-) of ``forward(inputs, labels)`` (the doubled batch), run eagerly, captured or replayed;
@@ -115,13 +117,19 @@ class ForwardGraphs:
             return forward(inputs, labels)
         entry = self.graphs.get(key, _MISSING)
         if entry is _MISSING:
-            if self._warm.get(key, 0) < self.warmup:
-                self._warm[key] = self._warm.get(key, 0) + 1
+            seen = self._seen.get(key)
+            if seen is None and len(self._seen) >= self.max_shapes:
+                if not self.shapes_full:
+                    self.shapes_full = True
+                    warnings.warn(f"paired mode: more than {self.max_shapes} batch shapes; new ones run without "
+                                  "CUDA graphs (pad batches to a few lengths to keep them)", stacklevel=4)
+                return forward(inputs, labels)
+            if (seen or 0) < self.warmup:
+                self._seen[key] = (seen or 0) + 1
                 return forward(inputs, labels)
             entry = self._captured(key, inputs, labels, forward)
         if entry is None:
             return forward(inputs, labels)
-        self.graphs.move_to_end(key)
         self.provider.paths = dict(entry.paths)
         self.replayed += 1
         return entry.replay(inputs, labels, self.provider._active[1])
@@ -129,7 +137,8 @@ class ForwardGraphs:
     def clear(self) -> None:
         """Drop every graph (and what it holds)."""
         self.graphs.clear()
-        self._warm.clear()
+        self._seen.clear()
+        self.shapes_full = False
 
     def _key(self, inputs, labels):
         """The key of a graph of this forward, or None where it runs eagerly."""
@@ -178,6 +187,4 @@ class ForwardGraphs:
                           plan, dict(provider.paths))
         self.graphs[key] = entry
         self.captured += 1
-        while len(self.graphs) > MAX_GRAPHS:
-            self.graphs.popitem(last=False)
         return entry

@@ -144,6 +144,23 @@ def test_a_new_eps_takes_a_new_graph_and_a_large_batch_none():
         assert (graphs.captured, graphs.replayed) == (2, 3)
 
 
+def test_shapes_beyond_the_tracked_ones_run_eagerly_after_a_notice():
+    model = tiny_opt(device=TRITON_DEVICE)
+    data = batches(TRITON_DEVICE, shapes=((2, 8), (2, 6), (2, 4), (2, 8), (2, 6), (2, 4), (2, 8)))
+    with fastmezo.patch(model, lr=0.0, eps=EPS, seed=5, mode="paired", backend="triton") as handle:
+        handle.graphs = graphs = _graphs(handle, model, _Replayer(handle))
+        graphs.max_shapes = 2
+        for b in data[:2]:
+            handle.step(b)
+        with pytest.warns(UserWarning, match="more than 2 batch shapes; new ones run without CUDA graphs"):
+            handle.step(data[2])
+        for b in data[3:]:
+            handle.step(b)
+        # (2, 8) and (2, 6) captured on their second step, (2, 8) replayed once more; (2, 4) always eager
+        assert (graphs.captured, graphs.replayed) == (2, 3) and graphs.shapes_full
+    assert not graphs.graphs and not graphs.shapes_full        # remove() drops them
+
+
 def test_a_forward_that_cannot_be_captured_runs_eagerly_after_a_notice():
     model = tiny_opt(device=TRITON_DEVICE)
     data = batches(TRITON_DEVICE, shapes=((2, 8),) * 4)
