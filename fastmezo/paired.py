@@ -164,8 +164,8 @@ class PairedPerturbation:
         self.copies = ForwardCopies(plan, words, entries, self._held, self._order)
         try:
             yield
+            outer.asked = self.copies.asked      # the order of a forward that ran to its end
         finally:
-            outer.asked = self.copies.asked
             self._active, self.copies = (plan, seed, entries), outer
 
     def _read_outside(self, name, func):

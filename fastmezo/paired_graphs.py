@@ -54,6 +54,8 @@ _MISSING = object()
 class _Captured:
     """A captured paired forward and what its replay reads and writes."""
 
+    # kept: the device tables of its launches; held: the small tensors' copy buffers it writes; plan:
+    # held so that no other plan takes its id, which the graph's key holds.
     def __init__(self, graph, inputs, labels, words, out, kept, held, plan, paths):
         self.graph, self.inputs, self.labels, self.words, self.out = graph, inputs, labels, words, out
         self.kept, self.held, self.plan, self.paths = kept, held, plan, paths

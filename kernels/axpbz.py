@@ -88,9 +88,9 @@ def _pass_block(x_ptr, out_ptr, idx, mask, z, r, a, b, pair_delta, LOAD_X: tl.co
 @triton.jit(do_not_specialize=["a", "b", "seed_lo", "seed_hi", "rseed_lo", "rseed_hi", "total"])
 def _axpbz_table_kernel(proto_ptr, table_ptr, starts_ptr, map_ptr, total, a, b, seed_lo, seed_hi, seed_ptr,
                         rseed_lo, rseed_hi, pair_delta, NOISE: tl.constexpr, BLOCK: tl.constexpr,
-                        CHUNK: tl.constexpr, LOOKUP: tl.constexpr, LOG2T: tl.constexpr, LOAD_X: tl.constexpr, SCALE_X: tl.constexpr, OUT: tl.constexpr,
-                        PAIR: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr,
-                        SEED_AT: tl.constexpr):
+                        CHUNK: tl.constexpr, LOOKUP: tl.constexpr, LOG2T: tl.constexpr, LOAD_X: tl.constexpr,
+                        SCALE_X: tl.constexpr, OUT: tl.constexpr, PAIR: tl.constexpr, ROUND: tl.constexpr,
+                        ALIGNED: tl.constexpr, FAST: tl.constexpr, SEED_AT: tl.constexpr):
     G: tl.constexpr = 8 if NOISE == 0 else 128              # block alignment: z calls and rounding calls
     if SEED_AT:      # the seed's two words in device memory (a CUDA graph's replay writes each step's there)
         seed_lo = tl.load(seed_ptr)
@@ -314,9 +314,12 @@ class Launches:
         of float16/bfloat16 results; seed: a uint64 or a device tensor of its words, :func:`_seed_args`).
         ``outs_at`` (relocatable launches: required): a 1-D tensor of the outputs' dtype, 16-byte aligned,
         at which the first output now starts, the others at their prepared distances from it."""
-        rseed = 0 if round_seed is None else round_seed
         if outs_at is not None and outs_at.data_ptr() % 16:
             raise ValueError("the outputs of a relocated launch must start 16-byte aligned")
+        if not self.launches:
+            return
+        rseed_lo, rseed_hi = seed_words(0 if round_seed is None else round_seed)
+        seed_lo, seed_hi, seed_ptr, seed_at = _seed_args(seed, self.launches[0][1])
         if _kept is not None:
             _kept.extend(launch[1:4] for launch in self.launches)
         for ref, table, starts, mapping, total, lookup, log2t, low_precision, aligned, shift in self.launches:
@@ -324,10 +327,9 @@ class Launches:
             if proto is None:
                 raise RuntimeError("the tensors of a prepared launch were freed (or a relocatable launch was "
                                    "called without outs_at); prepare it again")
-            seed_lo, seed_hi, seed_ptr, seed_at = _seed_args(seed, table)
             _axpbz_table_kernel[(total,)](
                 proto, table, starts, mapping, total, float(a), float(b), seed_lo, seed_hi, seed_ptr,
-                _as_i32(rseed & 0xFFFFFFFF), _as_i32((rseed >> 32) & 0xFFFFFFFF), self.pair_delta or 0,
+                rseed_lo, rseed_hi, self.pair_delta or 0,
                 NOISE=self.noise, BLOCK=self.block, CHUNK=self.chunk, LOOKUP=lookup, LOG2T=log2t, LOAD_X=load_x,
                 SCALE_X=float(a) != 1.0, OUT=self.out, PAIR=self.pair_delta is not None,
                 ROUND=round_seed is not None and low_precision, ALIGNED=aligned, FAST=not _INTERPRETING,
