@@ -39,6 +39,9 @@ from . import ops, paired_copies
 #: at every row count of the sweep but the smallest layer's smallest (docs/perf.md).
 DEFAULT_MAX_ROWS = 0
 
+#: An lm_head's slabs of output rows (materialize path) are multiples of this many rows.
+SLAB_ALIGN = 128
+
 
 def max_rows_of(fused) -> int:
     """The row threshold that ``fused`` (None, True, False or an int >= 0) stands for."""
@@ -127,8 +130,10 @@ def materialized_or_none(provider, module, args, kwargs, rows: int):
         return None
     copies = provider.copies
     n_out, k = weight.shape
-    # A weight above MAX_COPY_BYTES (an lm_head over a large vocabulary): copies a slab of rows at a time.
-    slab = max(1, paired_copies.MAX_COPY_BYTES // (k * x.element_size()))   # x has the weight's dtype
+    # A weight above MAX_COPY_BYTES (an lm_head over a large vocabulary): copies a slab of rows at a time,
+    # a multiple of SLAB_ALIGN rows (cuBLAS's fast kernels want each slab's rows 16-byte aligned).
+    slab = paired_copies.MAX_COPY_BYTES // (k * x.element_size())         # x has the weight's dtype
+    slab = max(1, slab - slab % SLAB_ALIGN if slab >= SLAB_ALIGN else slab)
     if n_out > slab:
         with _paused(provider._checker):
             if not weight.is_contiguous():
@@ -140,7 +145,7 @@ def materialized_or_none(provider, module, args, kwargs, rows: int):
     torch.set_grad_enabled(False)
     try:
         with _paused(provider._checker):     # fastmezo's own reads of the stored weights
-            b2 = bias if bias is None or id(bias) not in entries else copies.stacked(bias).unsqueeze(1)
+            b2 = bias if bias is None or id(bias) not in entries else copies.stacked(bias)   # [out] or [2, out]
             if n_out <= slab:
                 _matmul(x3, copies.stacked(weight), b2, y)
             else:                            # a large weight (an lm_head): its copies a slab of rows at a time
@@ -183,11 +188,15 @@ def layer_norm_or_none(provider, module, args, kwargs, rows: int):
 
 
 def _matmul(x3, w2, b2, out) -> None:
-    """out <- x3 @ w2^T (+ b2) over the two halves, one batched call."""
+    """out <- x3 @ w2^T (+ b2) over the two halves: one batched call without a bias; with one (``b2`` of
+    [out] for both halves or [2, out], one per half) a call per half, whose bias cuBLAS adds in the
+    GEMM's epilogue (baddbmm would first write the bias broadcast into all of ``out``, then read it
+    back: a copy of the output per module)."""
     if b2 is None:
         torch.bmm(x3, w2.transpose(1, 2), out=out)
-    else:
-        torch.baddbmm(b2, x3, w2.transpose(1, 2), out=out)
+        return
+    for h in range(2):
+        torch.addmm(b2[h] if b2.dim() == 2 else b2, x3[h], w2[h].t(), out=out[h])
 
 
 class _paused:

@@ -96,6 +96,29 @@ def test_materialized_linear_is_f_linear_per_half(backend, device, bias, slab, m
         torch.testing.assert_close(y, torch.cat(halves), rtol=1e-5, atol=1e-6)
 
 
+def test_lm_head_slabs_are_aligned_rows(monkeypatch):
+    """A weight above MAX_COPY_BYTES gets its copies a slab of output rows at a time, each slab a multiple
+    of SLAB_ALIGN rows (cuBLAS's fast kernels need aligned rows): 10 rows of which 7 fit -> 4 + 4 + 2,
+    and the output is still F.linear of each half with exact mode's copies."""
+    from fastmezo import paired_linear
+    monkeypatch.setattr(paired_copies, "MAX_COPY_BYTES", 7 * 24 * 4)      # 7 float32 rows of 24
+    monkeypatch.setattr(paired_linear, "SLAB_ALIGN", 4)
+    layer = torch.nn.Linear(24, 10, bias=False)
+    plan = Plan([layer.weight], keys=[7])
+    provider = PairedPerturbation(layer, fused=False)
+    offsets = []
+    original = ForwardCopies.pair_pass
+    monkeypatch.setattr(ForwardCopies, "pair_pass",
+                        lambda self, src, *rest: (offsets.append(rest[3][0]), original(self, src, *rest))[1])
+    x = torch.randn(4, 24, generator=torch.Generator().manual_seed(2))
+    with provider.perturbation(plan, 9, [0.02]):
+        y = layer(x)
+    assert offsets == [0, 4 * 24, 8 * 24]
+    halves = [torch.nn.functional.linear(rows, perturbed(layer.weight.detach(), 9, sign * 0.02, keys=[7]))
+              for sign, rows in ((1, x[:2]), (-1, x[2:]))]
+    torch.testing.assert_close(y, torch.cat(halves), rtol=1e-5, atol=1e-6)
+
+
 def test_linear_under_autocast_takes_the_generic_path():
     # autocast changes what F.linear computes: the module's own forward must run it, once per half.
     layer = torch.nn.Linear(8, 4)
