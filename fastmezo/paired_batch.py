@@ -80,23 +80,21 @@ def half_losses(model, output, labels):
     if labels.shape[0] != rows or rows % 2:
         raise PairedModeError(f"paired mode: {rows} rows of logits and {labels.shape[0]} of labels; expected "
                               "one doubled batch (an even number of rows)")
-    logits = logits.float()
     name = type(model).__name__
     config = getattr(model, "config", None)
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
-        logits, labels = logits[:, :-1], labels[:, 1:]
+    if name.endswith(("ForCausalLM", "LMHeadModel")) and logits.dim() == 3:
+        # Position t predicts token t + 1; the last position of a row predicts nothing (label -100), so
+        # the logits stay one contiguous [tokens, vocabulary] matrix that the loss reads in chunks.
+        labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
     problem = getattr(config, "problem_type", None)
     if problem is None and logits.dim() == 2:       # Hugging Face's rule for sequence classification
         problem = ("regression" if logits.shape[-1] == 1 else "single_label_classification"
                    if not labels.is_floating_point() else "multi_label_classification")
     if logits.dim() == 3 or problem == "single_label_classification":      # tokens or classes
-        # Rows of classes, never [batch, classes, tokens]: cross_entropy takes that layout with a
-        # "spatial" softmax kernel that is slow for a vocabulary of tens of thousands.
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.long().reshape(-1),
-                                                 reduction="none", ignore_index=-100)
-        loss, counted = loss.reshape(rows, -1), (labels.reshape(rows, -1) != -100)
+        loss, counted = _cross_entropy(logits, labels).reshape(rows, -1), (labels.reshape(rows, -1) != -100)
         h = rows // 2
         return tuple(loss[s].sum() / counted[s].sum() for s in (slice(0, h), slice(h, rows)))
+    logits = logits.float()
     if problem == "regression":
         loss = torch.nn.functional.mse_loss(logits.squeeze(-1) if labels.dim() < logits.dim() else logits,
                                             labels.float(), reduction="none")
@@ -108,6 +106,26 @@ def half_losses(model, output, labels):
     loss = loss.reshape(rows, -1)
     h = rows // 2
     return loss[:h].mean(), loss[h:].mean()
+
+
+#: Float32 logits the loss holds at a time (with their log-softmax): a doubled batch's logits over a
+#: vocabulary of tens of thousands would otherwise be copied to float32 whole, twice.
+LOSS_CHUNK_BYTES = 1 << 28
+
+
+def _cross_entropy(logits, labels):
+    """Float32 cross-entropy of every row of classes (labels -100: 0), as rows of [..., classes]: never
+    [batch, classes, tokens], which cross_entropy takes with a "spatial" softmax kernel that is slow for a
+    vocabulary of tens of thousands; in chunks of LOSS_CHUNK_BYTES of float32 logits (each row's loss
+    does not depend on the chunk)."""
+    classes = logits.shape[-1]
+    flat, targets = logits.reshape(-1, classes), labels.long().reshape(-1)
+    loss = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    chunk = max(1, LOSS_CHUNK_BYTES // (4 * classes))
+    for a in range(0, flat.shape[0], chunk):
+        loss[a:a + chunk] = torch.nn.functional.cross_entropy(flat[a:a + chunk].float(), targets[a:a + chunk],
+                                                              reduction="none", ignore_index=-100)
+    return loss
 
 
 def split_losses(losses):

@@ -156,10 +156,9 @@ def materialized_or_none(provider, module, args, kwargs, rows: int):
                     w2 = paired_copies.pair_buffer((r1 - r0) * k, w.dtype, w.device)[:2 * (r1 - r0) * k]
                     w2 = w2.view(2, r1 - r0, k)
                     copies.pair_pass([w[r0:r1]], [w2[0]], [w2[1]], [key], [offset + r0 * k], [eps])
-                    part = torch.empty(2, x3.shape[1], r1 - r0, dtype=x.dtype, device=x.device)
-                    _matmul(x3, w2, None if b2 is None else b2[..., r0:r1], part)
-                    y[..., r0:r1] = part
-                    del w2, part
+                    # Into the slab's columns of y (rows of stride n_out, which cuBLAS writes as they are).
+                    _matmul_halves(x3, w2, None if b2 is None else b2[..., r0:r1], y[..., r0:r1])
+                    del w2
     finally:
         torch.set_grad_enabled(grad)
     return y.view(*x.shape[:-1], n_out)
@@ -194,9 +193,17 @@ def _matmul(x3, w2, b2, out) -> None:
     back: a copy of the output per module)."""
     if b2 is None:
         torch.bmm(x3, w2.transpose(1, 2), out=out)
-        return
+    else:
+        _matmul_halves(x3, w2, b2, out)
+
+
+def _matmul_halves(x3, w2, b2, out) -> None:
+    """:func:`_matmul` by one call per half (``out`` may be a slab of columns of a larger output)."""
     for h in range(2):
-        torch.addmm(b2[h] if b2.dim() == 2 else b2, x3[h], w2[h].t(), out=out[h])
+        if b2 is None:
+            torch.mm(x3[h], w2[h].t(), out=out[h])
+        else:
+            torch.addmm(b2[h] if b2.dim() == 2 else b2, x3[h], w2[h].t(), out=out[h])
 
 
 class _paused:

@@ -254,8 +254,14 @@ def test_other_module_kinds_get_a_notice_and_still_match_exact_mode():
 
 
 @pytest.mark.parametrize("head", ["causal", "single_label", "regression", "multi_label", "tokens"])
-def test_half_losses_are_the_models_own_loss_of_each_half(head):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_half_losses_are_the_models_own_loss_of_each_half(head, chunked, monkeypatch):
+    """l+ and l- are each half's own loss; with ``chunked`` the cross-entropy reads one row of classes at
+    a time."""
+    from fastmezo import paired_batch
     from fastmezo.paired_batch import double, half_losses
+    if chunked:
+        monkeypatch.setattr(paired_batch, "LOSS_CHUNK_BYTES", 1)
     g = torch.Generator().manual_seed(3)
     b = batch()
     ids, mask = b["input_ids"], b["attention_mask"]
