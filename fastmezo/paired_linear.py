@@ -28,6 +28,7 @@ are rounded); their outputs differ only by the summation order of the matmul.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -57,14 +58,16 @@ def max_rows_of(fused) -> int:
 _modules = {}
 
 
-def _kernel():
-    """kernels.paired_linear and backends.triton, imported on first use (triton may be missing) and
+def _kernel(name: str = "paired_linear"):
+    """(fastmezo.kernels.<name>, backends.triton), imported on first use (triton may be missing) and
     kept: a forward calls this once per module."""
-    if not _modules:
+    if name not in _modules:
+        import importlib
+
         from .backends import triton as triton_backend
-        from .kernels import paired_linear as kernel
-        _modules.update(kernel=kernel, backend=triton_backend)
-    return _modules["kernel"], _modules["backend"]
+        _modules[name] = importlib.import_module(f".kernels.{name}", __package__)
+        _modules["backend"] = triton_backend
+    return _modules[name], _modules["backend"]
 
 
 def only_input(args, kwargs):
@@ -165,16 +168,34 @@ def materialized_or_none(provider, module, args, kwargs, rows: int):
 
 
 def layer_norm_or_none(provider, module, args, kwargs, rows: int):
-    """The output of a plain ``nn.LayerNorm`` on a doubled batch: F.layer_norm of each half with its
-    copies (what the generic path computes, without swapping the module's parameters twice), or None."""
+    """The output of a plain ``nn.LayerNorm`` on a doubled batch, or None. Where the plan's backend is
+    Triton: both halves with their copies by one launch of fastmezo.kernels.paired_layer_norm; else
+    F.layer_norm of each half with its copies and a concatenation (what the generic path computes,
+    without swapping the module's parameters twice)."""
     if type(module).forward is not torch.nn.LayerNorm.forward:
         return None
     x = only_input(args, kwargs)
     if type(x) is not torch.Tensor or x.dim() < 2 or x.shape[0] < 2 or x.shape[0] % rows or ops.tracing():
         return None
-    entries = provider._active[2]
+    plan, _, entries = provider._active
     params = (module.weight, module.bias)
     trained = [p for p in params if p is not None and id(p) in entries]
+    kernel = None
+    if getattr(plan.backend_of(x.device), "NAME", None) == "triton" and not torch.is_autocast_enabled(x.device.type):
+        kernel, triton_backend = _kernel("paired_layer_norm")
+    if kernel is not None:
+        # Both halves in one launch, no concatenation (kernels/paired_layer_norm.py)
+        with _paused(provider._checker):     # fastmezo's own reads of the stored weights
+            if kernel.unfusable_reason(x, module.normalized_shape, *params) is None:
+                w2, b2 = (None if p is None else provider.copies.stacked(p) if id(p) in entries else p.detach()
+                          for p in params)
+                grad = torch.is_grad_enabled()
+                torch.set_grad_enabled(False)
+                try:
+                    with triton_backend._interpreter_lock if x.device.type == "cpu" else contextlib.nullcontext():
+                        return kernel.paired_layer_norm(x, module.normalized_shape, w2, b2, module.eps)
+                finally:
+                    torch.set_grad_enabled(grad)
     with _paused(provider._checker):     # fastmezo's own reads of the stored weights
         plus, minus = provider.copies.pairs(trained)
     made_plus, made_minus = dict(zip(map(id, trained), plus)), dict(zip(map(id, trained), minus))
