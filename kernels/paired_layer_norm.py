@@ -26,8 +26,8 @@ MAX_ELEMENTS = 1 << 15
 
 
 @triton.jit(do_not_specialize=["half_rows", "eps"])
-def _paired_layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, half_rows, N, W_STRIDE, eps, HAS_W: tl.constexpr,
-                              HAS_B: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
+def _paired_layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, half_rows, N, W_STRIDE, B_STRIDE, eps,
+                              HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -36,11 +36,11 @@ def _paired_layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, half_rows, N, W_STRIDE
     d = tl.where(ok, x - mean, 0.0)
     var = tl.sum(d * d, axis=0) / N
     y = d * (1.0 / tl.sqrt_rn(var + eps))
-    affine = (row >= half_rows).to(tl.int64) * W_STRIDE          # the - half's copies follow the + half's
+    minus = (row >= half_rows).to(tl.int64)          # a - half's row: its parameters' second copy
     if HAS_W:
-        y = y * tl.load(w_ptr + affine + cols, mask=ok, other=0.0).to(tl.float32)
+        y = y * tl.load(w_ptr + minus * W_STRIDE + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_B:
-        y = y + tl.load(b_ptr + affine + cols, mask=ok, other=0.0).to(tl.float32)
+        y = y + tl.load(b_ptr + minus * B_STRIDE + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * N + cols, round_to_nearest(y, y_ptr.dtype.element_ty, FAST), mask=ok)
 
 
@@ -74,17 +74,29 @@ def paired_layer_norm(x: torch.Tensor, normalized_shape, weight=None, bias=None,
         n *= int(s)
     x2 = x.contiguous().view(-1, n)
     y = _output(x2)
-    params = [p for p in (weight, bias) if p is not None]
-    # One stride for both: where either parameter has a copy per half, a shared one is given both rows.
-    per_half = any(p.numel() == 2 * n for p in params)
-    w, b = (None if p is None else (p.reshape(-1, n).expand(2, n) if per_half else p.reshape(n)).contiguous()
-            for p in (weight, bias))
+    (w, w_stride), (b, b_stride) = (_halves(p, n) for p in (weight, bias))
     block = triton.next_power_of_2(n)
     _paired_layer_norm_kernel[(x2.shape[0],)](
-        x2, x2 if w is None else w, x2 if b is None else b, y, x2.shape[0] // 2, n, n if per_half else 0,
+        x2, x2 if w is None else w, x2 if b is None else b, y, x2.shape[0] // 2, n, w_stride, b_stride,
         float(eps), HAS_W=w is not None, HAS_B=b is not None, BLOCK=block, FAST=not _INTERPRETING,
         num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
     return y.view(x.shape)
+
+
+def _halves(p, n: int):
+    """(tensor, elements from the + half's row to the - half's): a parameter with one copy per half as a
+    [2, n] view (the copies of a pair buffer need not be adjacent), a shared one as [n] with 0; (None, 0)."""
+    if p is None:
+        return None, 0
+    if p.numel() == n:
+        return p.reshape(n).contiguous(), 0
+    try:
+        rows = p.view(2, n)
+    except RuntimeError:                 # the copy's own elements not one contiguous run
+        rows = p.reshape(2, n).contiguous()
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows, rows.stride(0)
 
 
 def _output(x2: torch.Tensor) -> torch.Tensor:

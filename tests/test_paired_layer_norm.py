@@ -125,3 +125,19 @@ def test_paired_layer_norm_module_is_each_halfs_layer_norm_with_its_copies(dtype
     expected = original_cat(halves)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7}[dtype]
     torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
+
+
+def test_kernel_reads_copies_that_are_not_adjacent(monkeypatch):
+    """The two copies of a parameter lie where a pair buffer put them (a [2, n] view whose rows are apart):
+    the kernel reads them there, with the same result as from adjacent rows."""
+    _poisoned(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 40, generator=g).to(DEVICE)
+    w_buffer = torch.randn(2, 56, generator=g).to(DEVICE)
+    b_buffer = torch.randn(2, 72, generator=g).to(DEVICE)
+    w, b = w_buffer[:, 8:48], b_buffer[:, 16:56]
+    assert not w.is_contiguous() and w.stride(0) != b.stride(0)
+    y = pln.paired_layer_norm(x, (40,), w, b, 1e-5)
+    assert torch.equal(y, pln.paired_layer_norm(x, (40,), w.contiguous(), b.contiguous(), 1e-5))
+    err = (y.cpu().double() - reference(x.cpu(), (40,), w.cpu(), b.cpu(), 1e-5)).abs()
+    assert float(err.max()) < 1e-4
