@@ -5,7 +5,8 @@ round(W +- eps*z). A plain ``nn.Linear`` takes one of two faster paths here:
 
 * *materialized* (the default, :func:`materialized_or_none`): one pass makes z once and writes both
   copies into one buffer viewed as [2, out, in] (fastmezo.paired_copies), and ONE batched matmul
-  multiplies each half of the input by its copy, straight into the output. Its cost is a pass over W
+  multiplies each half of the input by its copy, straight into the output (with a bias, one matmul per
+  half, whose epilogue adds that half's bias). Its cost is a pass over W
   that writes two copies plus cuBLAS reading them; it holds two copies of one weight at a time (a
   weight above fastmezo.paired_copies.MAX_COPY_BYTES, an lm_head, a slab of output rows at a time).
 * *fused* (:func:`fused_or_none`, fastmezo.kernels.paired_linear): both halves in one read of W with
@@ -118,10 +119,10 @@ def fused_or_none(provider, module, args, kwargs, rows: int, max_rows: int):
 
 def materialized_or_none(provider, module, args, kwargs, rows: int):
     """The output of a plain ``nn.Linear`` on a doubled batch of ``rows`` rows from both halves' copies
-    (one pair pass, the copies stacked as [2, out, in]) by ONE batched matmul over the two halves,
-    written straight into the output; or None where the generic path (the module's own forward once
-    per half) must run it. The same products as that path's F.linear per half, summed by cuBLAS's
-    batched kernel (float rounding may differ), without a concatenation."""
+    (one pair pass, the copies stacked as [2, out, in]) by ONE batched matmul over the two halves (with
+    a bias, a matmul per half), written straight into the output; or None where the generic path (the
+    module's own forward once per half) must run it. The same products as that path's F.linear per half,
+    summed by cuBLAS's kernels (float rounding may differ), without a concatenation."""
     if type(module).forward is not torch.nn.Linear.forward:
         return None
     x = only_input(args, kwargs)
