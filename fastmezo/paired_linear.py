@@ -62,12 +62,10 @@ _modules = {}
 def _kernel(name: str = "paired_linear"):
     """(fastmezo.kernels.<name>, backends.triton), imported on first use (triton may be missing) and
     kept: a forward calls this once per module."""
-    if name not in _modules:
-        import importlib
-
+    if not _modules:
         from .backends import triton as triton_backend
-        _modules[name] = importlib.import_module(f".kernels.{name}", __package__)
-        _modules["backend"] = triton_backend
+        from .kernels import paired_layer_norm, paired_linear
+        _modules.update(paired_linear=paired_linear, paired_layer_norm=paired_layer_norm, backend=triton_backend)
     return _modules[name], _modules["backend"]
 
 
