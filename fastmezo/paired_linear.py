@@ -178,12 +178,9 @@ def layer_norm_or_none(provider, module, args, kwargs, rows: int):
         return None
     plan, _, entries = provider._active
     params = (module.weight, module.bias)
-    trained = [p for p in params if p is not None and id(p) in entries]
-    kernel = None
     if getattr(plan.backend_of(x.device), "NAME", None) == "triton" and not torch.is_autocast_enabled(x.device.type):
-        kernel, triton_backend = _kernel("paired_layer_norm")
-    if kernel is not None:
         # Both halves in one launch, no concatenation (kernels/paired_layer_norm.py)
+        kernel, triton_backend = _kernel("paired_layer_norm")
         with _paused(provider._checker):     # fastmezo's own reads of the stored weights
             if kernel.unfusable_reason(x, module.normalized_shape, *params) is None:
                 w2, b2 = (None if p is None else provider.copies.stacked(p) if id(p) in entries else p.detach()
@@ -195,6 +192,7 @@ def layer_norm_or_none(provider, module, args, kwargs, rows: int):
                         return kernel.paired_layer_norm(x, module.normalized_shape, w2, b2, module.eps)
                 finally:
                     torch.set_grad_enabled(grad)
+    trained = [p for p in params if p is not None and id(p) in entries]
     with _paused(provider._checker):     # fastmezo's own reads of the stored weights
         plus, minus = provider.copies.pairs(trained)
     made_plus, made_minus = dict(zip(map(id, trained), plus)), dict(zip(map(id, trained), minus))

@@ -11,6 +11,7 @@ Why a kernel: F.layer_norm per half and a concatenation read and write the activ
 this reads and writes them once. The result is F.layer_norm's up to the rounding of the statistics
 (torch sums in another order), which the tests bound.
 """
+import math
 import os
 
 import torch
@@ -46,9 +47,7 @@ def _paired_layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, half_rows, N, W_STRIDE
 
 def unfusable_reason(x: torch.Tensor, normalized_shape, weight, bias) -> str | None:
     """Why :func:`paired_layer_norm` cannot take these operands (None: it can)."""
-    n = 1
-    for s in normalized_shape:
-        n *= int(s)
+    n = math.prod(normalized_shape)
     if x.dtype not in DTYPES:
         return f"dtype {x.dtype}"
     if tuple(x.shape[x.dim() - len(normalized_shape):]) != tuple(normalized_shape) or x.numel() == 0:
@@ -69,9 +68,7 @@ def paired_layer_norm(x: torch.Tensor, normalized_shape, weight=None, bias=None,
     reason = unfusable_reason(x, normalized_shape, weight, bias)
     if reason is not None:
         raise ValueError(f"paired_layer_norm: {reason}")
-    n = 1
-    for s in normalized_shape:
-        n *= int(s)
+    n = math.prod(normalized_shape)
     x2 = x.contiguous().view(-1, n)
     y = _output(x2)
     (w, w_stride), (b, b_stride) = (_halves(p, n) for p in (weight, bias))
