@@ -11,7 +11,9 @@ round(W +- eps*z). A plain ``nn.Linear`` takes one of two faster paths here:
   weight above fastmezo.paired_copies.MAX_COPY_BYTES, an lm_head, a slab of output rows at a time).
 * *fused* (:func:`fused_or_none`, fastmezo.kernels.paired_linear): both halves in one read of W with
   z generated in registers and no copy written; the least memory, but the kernel regenerates z for
-  every block of rows and runs far below cuBLAS's speed (docs/perf.md), so it is opt-in.
+  every block of rows and runs far below cuBLAS's speed (docs/perf.md), so it is opt-in. On a Hopper
+  GPU (float16 / bfloat16, Gaussian noise) it is fastmezo.kernels.paired_linear_ws, whose noise is
+  made by warps of their own beside the tensor-core warps; elsewhere the Triton kernel.
 
 ``fused`` (``fastmezo.patch(model, mode="paired", fused=...)``, ``PairedPerturbation(fused=...)``):
 None (default) fuses up to :data:`DEFAULT_MAX_ROWS` rows of the module's input (batch and sequence
@@ -61,11 +63,17 @@ _modules = {}
 
 def _kernel(name: str = "paired_linear"):
     """(fastmezo.kernels.<name>, backends.triton), imported on first use (triton may be missing) and
-    kept: a forward calls this once per module."""
+    kept: a forward calls this once per module. The warp-specialized kernel is None where this triton
+    has no Gluon (before 3.5)."""
     if not _modules:
         from .backends import triton as triton_backend
         from .kernels import paired_layer_norm, paired_linear
-        _modules.update(paired_linear=paired_linear, paired_layer_norm=paired_layer_norm, backend=triton_backend)
+        try:
+            from .kernels import paired_linear_ws
+        except ImportError:
+            paired_linear_ws = None
+        _modules.update(paired_linear=paired_linear, paired_layer_norm=paired_layer_norm,
+                        paired_linear_ws=paired_linear_ws, backend=triton_backend)
     return _modules[name], _modules["backend"]
 
 
@@ -98,6 +106,9 @@ def fused_or_none(provider, module, args, kwargs, rows: int, max_rows: int):
         key, offset, eps = entry
         if kernel.unfusable_reason(x2d, weight, plan.noise, offset) is not None:
             return None
+        hopper = _kernel("paired_linear_ws")[0]
+        if hopper is not None and x.is_cuda and hopper.unfusable_reason(x2d, weight, plan.noise, offset) is None:
+            kernel = hopper
         bias_plus = bias_minus = bias
         b_entry = None if bias is None else entries.get(id(bias))
         if b_entry is not None:          # the bias is tiny: materialized, as the other path does
