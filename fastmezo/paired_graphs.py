@@ -150,8 +150,10 @@ class ForwardGraphs:
         if not isinstance(seed, int) or not isinstance(labels, torch.Tensor) or labels.numel() > self.max_tokens:
             return None
         device = labels.device
-        if provider.max_rows > 0 and not fused_capturable(plan, device):
-            return None
+        if provider.max_rows > 0:
+            with _paused(provider._checker):       # fastmezo's own look at the weights' dtypes
+                if not fused_capturable(plan, device):
+                    return None
         tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
         if (device.type not in self.device_types or any(t.device != device for t in tensors)
                 or any(t.device != device for t in plan.tensors)
