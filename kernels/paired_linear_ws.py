@@ -7,18 +7,23 @@ with z the noise contract's Gaussian z of W (element n*K + k + offset, stream 0)
 made by warps of their own beside the tensor-core warps, so that generating z (the bound at small
 batches) overlaps the matmul instead of alternating with it.
 
-A program owns BLOCK_N output columns and BLOCK_M rows of each half, and walks K in BLOCK_K steps
-through a ring of STAGES shared-memory slots. Three partitions share the ring:
+A program owns BLOCK_N output columns and BLOCK_M rows of each half (and, split-K, a range of K), and
+walks K in BLOCK_K steps through rings of shared-memory slots. Its partitions:
 
-* the noise warps (NOISE_WARPS): load the [BLOCK_N, BLOCK_K] tile of W once, make its z, and write
+* a W loader warp: copies each [BLOCK_N, BLOCK_K] tile of W into a ring of W_STAGES slots with TMA
+  (W comes from HBM: a deeper ring hides its latency);
+* an x loader warp: copies both halves' [BLOCK_M, BLOCK_K] rows of x into a ring of STAGES slots (TMA);
+* two noise partitions (NOISE_WARPS in all), each making half of every tile's rows: read the raw tile,
+  make its z with kernels.philox's own functions (so the same bits as the Triton kernels), and write
   round(W + eps z) and round(W - eps z) into the slot (each rounded once, as the materialize path and
-  exact mode do: float32 eps*z, float32 sum, round to nearest even, no FMA contraction);
-* the loader warp: copies both halves' [BLOCK_M, BLOCK_K] rows of x into the slot with TMA;
+  exact mode do: float32 eps*z, float32 sum, round to nearest even, no FMA contraction); two partitions
+  run apart, so one's Philox overlaps the other's barriers and stores;
 * the default warps (one warpgroup): two asynchronous wgmma per slot, one per half, each into its own
-  float32 accumulator, and free the slot once its products are done; then add the bias in float32
-  and round y once.
+  float32 accumulator, freeing the slot once its products are done; then the bias in float32 and
+  the one rounding of y (or, split-K, float32 partial sums that torch adds in a fixed order).
 
-Compiled for sm_90 only (Gluon has no interpreter); the caller falls back to kernels/paired_linear.py
+The seed may be read from device memory (SEED_AT, as the pass kernel's), so a CUDA graph captures the
+launch. Compiled for sm_90 only (Gluon has no interpreter); the caller uses kernels/paired_linear.py
 elsewhere (:func:`unfusable_reason`).
 """
 import functools
@@ -32,6 +37,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .axpbz import _as_i32, _seed_args
+from .paired_linear import _output, _workspace
+from .philox import box_muller, philox4x32_10
 
 GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 PER_CALL = gl.constexpr(4)        # Gaussian elements per Philox call (a constexpr: read in kernels)
@@ -48,61 +55,6 @@ MIN_SPLIT_TILES = 16
 
 
 @gluon.jit
-def _mulhilo_m0(x):
-    return gl.inline_asm_elementwise(
-        asm="{ .reg .b64 t; mul.wide.u32 t, $2, 0xD2511F53; mov.b64 {$1, $0}, t; }",
-        constraints="=r,=r,r", args=[x], dtype=(gl.uint32, gl.uint32), is_pure=True, pack=1)
-
-
-@gluon.jit
-def _mulhilo_m1(x):
-    return gl.inline_asm_elementwise(
-        asm="{ .reg .b64 t; mul.wide.u32 t, $2, 0xCD9E8D57; mov.b64 {$1, $0}, t; }",
-        constraints="=r,=r,r", args=[x], dtype=(gl.uint32, gl.uint32), is_pure=True, pack=1)
-
-
-@gluon.jit
-def _philox(c0, c1, c2, c3, k0, k1):
-    """Philox4x32-10 (docs/noise.md section 1) on uint32 tensors of one layout."""
-    for _ in gl.static_range(10):
-        hi1, lo1 = _mulhilo_m1(c2)
-        hi0, lo0 = _mulhilo_m0(c0)
-        c0 = hi1 ^ c1 ^ k0
-        c2 = hi0 ^ c3 ^ k1
-        c1 = lo1
-        c3 = lo0
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
-    return c0, c1, c2, c3
-
-
-@gluon.jit
-def _fast(asm: gl.constexpr, x):
-    return gl.inline_asm_elementwise(asm=asm, constraints="=r,r", args=[x], dtype=gl.float32, is_pure=True,
-                                     pack=1)
-
-
-@gluon.jit
-def _uniform(x):
-    """kernels.philox.uniform_from_bits: (2 * (x >> 9) + 1) * 2**-24 from the bits."""
-    return ((x >> 9) | 0x3F800000).to(gl.float32, bitcast=True) - 0.99999994039535522
-
-
-@gluon.jit
-def _box_muller(x_a, x_b):
-    """kernels.philox.box_muller with FAST: the same instructions (lg2 / sin / cos approximations,
-    the series near u = 1), so z is the Triton kernels' z bit for bit."""
-    u_a = _uniform(x_a)
-    u_b = _uniform(x_b)
-    d = 1.0 - u_a
-    series = 2.0 * d * (1.0 + d * (0.5 + d * 0.3333333333333333))
-    lg = _fast("lg2.approx.ftz.f32 $0, $1;", u_a)
-    r = gl.sqrt(gl.where(d < 0.0009765625, series, -1.3862943611198906 * lg))
-    t = 3.141592653589793 * (2.0 * u_b - 1.0)
-    return r * _fast("cos.approx.ftz.f32 $0, $1;", t), r * _fast("sin.approx.ftz.f32 $0, $1;", t)
-
-
-@gluon.jit
 def _noise_tile(call, seed_lo, seed_hi, key):
     """z of the 8 consecutive elements served by Philox calls ``call`` and ``call + 1`` (a 2-D int64
     tensor of even call numbers), as [..., 8] in element order (kernels.philox.gaussian_rows)."""
@@ -112,12 +64,12 @@ def _noise_tile(call, seed_lo, seed_hi, key):
     c3 = gl.full(call.shape, 0, gl.uint32, call.type.layout)
     lo = (call & 0xFFFFFFFF).to(gl.uint32)
     hi = (call >> 32).to(gl.uint32)
-    e0, e1, e2, e3 = _philox(lo, hi, c2, c3, k0, k1)
-    o0, o1, o2, o3 = _philox(lo + 1, hi, c2, c3, k0, k1)      # call is even: no carry into hi
-    n0, n1 = _box_muller(e0, e1)
-    n2, n3 = _box_muller(e2, e3)
-    n4, n5 = _box_muller(o0, o1)
-    n6, n7 = _box_muller(o2, o3)
+    e0, e1, e2, e3 = philox4x32_10(lo, hi, c2, c3, k0, k1, True)
+    o0, o1, o2, o3 = philox4x32_10(lo + 1, hi, c2, c3, k0, k1, True)      # call is even: no carry into hi
+    n0, n1 = box_muller(e0, e1, True)
+    n2, n3 = box_muller(e2, e3, True)
+    n4, n5 = box_muller(o0, o1, True)
+    n6, n7 = box_muller(o2, o3, True)
     # column l = 4i + 2j + k of the [.., 2, 2, 2] join holds n_l (kernels.philox.tile8)
     t = gl.join(gl.join(gl.join(n0, n4), gl.join(n2, n6)), gl.join(gl.join(n1, n5), gl.join(n3, n7)))
     return t
@@ -227,8 +179,6 @@ def _paired_linear_ws_kernel(x_desc, w_desc, y_ptr, bias_plus_ptr, bias_minus_pt
         mbarrier.init(x_ready.index(s), count=1)
         mbarrier.init(w_ready.index(s), count=2)
         mbarrier.init(empty.index(s), count=1)
-    # Two noise partitions, each making half of every tile's rows: partitions run apart, so one's
-    # Philox overlaps the other's barriers and shared-memory stores.
     ROWS: gl.constexpr = BLOCK_N // 2
     acc_p, acc_m = gl.warp_specialize([
         (_mma_partition, (x_smem, wp_smem, wm_smem, x_ready, w_ready, empty, k_tiles, acc_layout, BLOCK_M, BLOCK_N,
@@ -341,14 +291,3 @@ def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed, key
         y[:h] += bias_plus.float()
         y[h:] += bias_minus.float()
     return y.to(x2d.dtype)
-
-
-def _output(m: int, n: int, dtype, device) -> torch.Tensor:
-    """y of a one-split launch; every element is written by the kernel."""
-    return torch.empty((m, n), dtype=dtype, device=device)
-
-
-def _workspace(split: int, m: int, n: int, device) -> torch.Tensor:
-    """The float32 partial sums, one [M, N] slice per split; every element is written by the kernel."""
-    return torch.empty((split, m, n), dtype=torch.float32, device=device)
-
