@@ -229,13 +229,18 @@ def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed: int
             _i32(key & 0xFFFFFFFF), offset, NOISE=noise, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             DIRECT=direct, HAS_BIAS=has_bias, FAST=not _INTERPRETING,
             num_warps=num_warps or default_warps(block_m), num_stages=stages, **_NO_FMA_CONTRACTION)
-    if direct:
-        return out
-    y = out[0] if split == 1 else out.sum(0)
-    if has_bias:
+    return out if direct else summed(out, bias_plus, bias_minus, x2d.dtype)
+
+
+def summed(workspace: torch.Tensor, bias_plus, bias_minus, dtype) -> torch.Tensor:
+    """y from the float32 partial sums of a workspace [splits, M, N]: the splits added in a fixed order,
+    each half's bias added in float32, then the one rounding to ``dtype``."""
+    y = workspace[0] if workspace.shape[0] == 1 else workspace.sum(0)
+    if bias_plus is not None:
+        h = y.shape[0] // 2
         y[:h] += bias_plus.float()
         y[h:] += bias_minus.float()
-    return y.to(x2d.dtype)
+    return y.to(dtype)
 
 
 def _output(m: int, n: int, dtype, device) -> torch.Tensor:

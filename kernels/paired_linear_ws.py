@@ -36,7 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .axpbz import _as_i32, seed_words
-from .paired_linear import _output, _workspace
+from .paired_linear import _output, _workspace, summed
 from .philox import box_muller, philox4x32_10
 
 GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
@@ -277,10 +277,4 @@ def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed: int
             k_per_split, float(eps), seed_lo, seed_hi, _as_i32(key & 0xFFFFFFFF), offset, w_layout, acc_layout,
             block_m, BLOCK_N, BLOCK_K, STAGES, W_STAGES, NOISE_WARPS, NOISE_REGS, LOADER_REGS, has_bias, split == 1,
             num_warps=4, enable_fp_fusion=False)
-    if split == 1:
-        return out
-    y = out.sum(0)
-    if has_bias:
-        y[:h] += bias_plus.float()
-        y[h:] += bias_minus.float()
-    return y.to(x2d.dtype)
+    return out if split == 1 else summed(out, bias_plus, bias_minus, x2d.dtype)
