@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .axpbz import _as_i32, seed_words
 from .philox import gaussian_block, rademacher_block, round_to_nearest
 
 # Read once, as kernels/axpbz.py does: triton reads TRITON_INTERPRET when it is imported.
@@ -225,9 +226,8 @@ def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed: int
         grid = (triton.cdiv(h, block_m), triton.cdiv(n, block_n), split)
         _paired_linear_kernel[grid](
             x2d, weight, out, bias_plus if has_bias else weight, bias_minus if has_bias else weight, h, n, k,
-            k_per_split, float(eps), _i32(seed & 0xFFFFFFFF), _i32((seed >> 32) & 0xFFFFFFFF),
-            _i32(key & 0xFFFFFFFF), offset, NOISE=noise, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            DIRECT=direct, HAS_BIAS=has_bias, FAST=not _INTERPRETING,
+            k_per_split, float(eps), *seed_words(seed), _as_i32(key & 0xFFFFFFFF), offset, NOISE=noise,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DIRECT=direct, HAS_BIAS=has_bias, FAST=not _INTERPRETING,
             num_warps=num_warps or default_warps(block_m), num_stages=stages, **_NO_FMA_CONTRACTION)
     return out if direct else summed(out, bias_plus, bias_minus, x2d.dtype)
 
@@ -251,7 +251,3 @@ def _output(m: int, n: int, dtype, device) -> torch.Tensor:
 def _workspace(split: int, m: int, n: int, device) -> torch.Tensor:
     """The float32 partial sums, one [M, N] slice per split; every element is written by the kernel."""
     return torch.empty((split, m, n), dtype=torch.float32, device=device)
-
-
-def _i32(word: int) -> int:
-    return word - (1 << 32) if word >= (1 << 31) else word
