@@ -104,11 +104,11 @@ def fused_or_none(provider, module, args, kwargs, rows: int, max_rows: int):
         return None
     with _paused(provider._checker):     # fastmezo's own reads of the stored weights
         key, offset, eps = entry
-        if kernel.unfusable_reason(x2d, weight, plan.noise, offset) is not None:
-            return None
         hopper = _kernel("paired_linear_ws")[0]
         if hopper is not None and x.is_cuda and hopper.unfusable_reason(x2d, weight, plan.noise, offset) is None:
             kernel = hopper
+        elif kernel.unfusable_reason(x2d, weight, plan.noise, offset) is not None:
+            return None
         bias_plus = bias_minus = bias
         b_entry = None if bias is None else entries.get(id(bias))
         if b_entry is not None:          # the bias is tiny: materialized, as the other path does

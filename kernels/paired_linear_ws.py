@@ -70,8 +70,7 @@ def _noise_tile(call, seed_lo, seed_hi, key):
     n4, n5 = box_muller(o0, o1, True)
     n6, n7 = box_muller(o2, o3, True)
     # column l = 4i + 2j + k of the [.., 2, 2, 2] join holds n_l (kernels.philox.tile8)
-    t = gl.join(gl.join(gl.join(n0, n4), gl.join(n2, n6)), gl.join(gl.join(n1, n5), gl.join(n3, n7)))
-    return t
+    return gl.join(gl.join(gl.join(n0, n4), gl.join(n2, n6)), gl.join(gl.join(n1, n5), gl.join(n3, n7)))
 
 
 @gluon.jit
@@ -211,7 +210,7 @@ def unfusable_reason(x2d: torch.Tensor, weight: torch.Tensor, noise: int, offset
         return f"dtypes {x2d.dtype} x {weight.dtype} (warp-specialized: float16 or bfloat16, both alike)"
     if weight.device.type != "cuda" or x2d.device != weight.device:
         return "operands not on one CUDA device"
-    if torch.cuda.get_device_capability(weight.device)[0] != 9:
+    if _capability(weight.device)[0] != 9:
         return "not a Hopper GPU (the warp-specialized kernel uses wgmma)"
     if weight.dim() != 2 or not weight.is_contiguous() or x2d.dim() != 2 or x2d.shape[1] != weight.shape[1]:
         return "operands are not contiguous matrices of matching width"
@@ -238,13 +237,19 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple:
+    """Asked once per device: unfusable_reason runs for every nn.Linear of every paired forward."""
+    return torch.cuda.get_device_capability(device)
+
+
 def default_split(tiles: int, k_tiles: int, sms: int) -> int:
     """Splits of K for a launch of ``tiles`` output tiles: none where the tiles fill the GPU, else
     enough for about two programs per SM, keeping each split at least MIN_SPLIT_TILES steps long and
     the float32 workspace (one [M, N] slice per split) to at most MAX_SPLIT."""
     if tiles >= sms:
         return 1
-    return max(1, min(MAX_SPLIT, (2 * sms) // tiles, k_tiles // MIN_SPLIT_TILES))
+    return max(1, min(MAX_SPLIT, (2 * sms) // max(1, tiles), k_tiles // MIN_SPLIT_TILES))
 
 
 def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed: int, key: int, noise: int = 0,

@@ -1,5 +1,6 @@
-"""Per-layer times of paired mode's fused kernels (kept beside its output; run from the repository root):
-cuBLAS on both halves and a normal_ fill of W, OPT-13B shapes at 2 x 128 rows, float16."""
+"""Per-layer times of paired mode's fused kernels, kept beside their output (run from the repository root):
+the warp-specialized kernel (automatic split and one split) against the Triton fused kernel, cuBLAS on
+both halves and a normal_ fill of W, OPT-13B shapes at 2 x 128 rows, float16."""
 import sys, json, torch
 from triton.testing import do_bench
 import fastmezo.kernels.paired_linear as pl
