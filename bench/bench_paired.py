@@ -226,8 +226,10 @@ def steps(name: str, configs, device, warmup, reps, backend, log=print, profile_
             if other == "materialized" or batch * tokens * 2 <= FUSED_COMPARE_ROWS:
                 with _patch(model, backend, mode="paired", fused=other == "fused") as handle:
                     handle.step({"input_ids": ids, "labels": ids})
-                    measured(f"paired-{other}", lambda: handle.step({"input_ids": ids, "labels": ids}),
-                             loss=handle.optimizer.loss_plus)
+                    row = measured(f"paired-{other}", lambda: handle.step({"input_ids": ids, "labels": ids}),
+                                   loss=handle.optimizer.loss_plus)
+                    if handle.graphs is not None and handle.graphs.captured:
+                        row["cuda_graphs"] = _graph_stats(handle.graphs)
                     if profile_dir is not None:
                         (profile_dir / f"profile_paired-{other}_{batch}x{tokens}.txt").write_text(
                             profile_table(lambda: handle.step({"input_ids": ids, "labels": ids}), device))

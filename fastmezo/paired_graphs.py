@@ -8,7 +8,8 @@ copies reads when it runs (PairedPerturbation.seeded_from), the batch into the g
 the replay makes bit for bit the copies an eager forward at that seed makes.
 
 When: PairedPatch's own loss (a dict batch with labels, fastmezo.paired_batch.half_losses), every
-tensor of the batch and of the plan on one CUDA device, the Triton backend, the fused kernel off, at
+tensor of the batch and of the plan on one CUDA device, the Triton backend, the fused kernel off or
+able to read the seed from device memory (fastmezo.paired_linear.fused_capturable), at
 most MAX_TOKENS labels in the doubled batch (small batches, where the host is what a step waits for). A
 user's ``loss_fn`` or closure runs eagerly: it may hold host state that a replay would not see. The first
 WARMUP_STEPS steps of a signature run eagerly (they fill the caches: launch tables, cuBLAS handles, the
@@ -28,7 +29,7 @@ import warnings
 
 import torch
 
-from .paired_linear import _paused
+from .paired_linear import _paused, fused_capturable
 
 #: Doubled batches of more elements in their labels (rows x tokens) run eagerly: there the forward's
 #: matmuls keep the GPU busy longer than the host takes to launch them, so a graph saves nothing, while
@@ -146,10 +147,13 @@ class ForwardGraphs:
         """The key of a graph of this forward, or None where it runs eagerly."""
         provider = self.provider
         plan, seed, entries = provider._active
-        if (provider.max_rows > 0 or not isinstance(seed, int) or not isinstance(labels, torch.Tensor)
-                or labels.numel() > self.max_tokens):
+        if not isinstance(seed, int) or not isinstance(labels, torch.Tensor) or labels.numel() > self.max_tokens:
             return None
         device = labels.device
+        if provider.max_rows > 0:
+            with _paused(provider._checker):       # fastmezo's own look at the weights' dtypes
+                if not fused_capturable(plan, device):
+                    return None
         tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
         if (device.type not in self.device_types or any(t.device != device for t in tensors)
                 or any(t.device != device for t in plan.tensors)

@@ -77,6 +77,16 @@ def _kernel(name: str = "paired_linear"):
     return _modules[name], _modules["backend"]
 
 
+def fused_capturable(plan, device: torch.device) -> bool:
+    """Whether a CUDA graph may capture fused forwards of ``plan`` on ``device``: the Hopper kernel, the
+    only fused kernel that reads the seed from device memory, takes every matrix of the plan (a Hopper
+    GPU, Gaussian noise, float16 / bfloat16 matrices). A module it still refuses in a capture (an input
+    that is not 16-byte aligned) runs on the copies there (fused_or_none)."""
+    hopper = _kernel("paired_linear_ws")[0]
+    return (hopper is not None and device.type == "cuda" and hopper._capability(device)[0] == 9
+            and plan.noise == 0 and all(t.dtype in hopper.GL_DTYPES for t in plan.tensors if t.dim() == 2))
+
+
 def only_input(args, kwargs):
     """The one argument of a module call made with only its input (positional or ``input=``), else None."""
     if len(args) == 1 and not kwargs:
@@ -107,6 +117,8 @@ def fused_or_none(provider, module, args, kwargs, rows: int, max_rows: int):
         hopper = _kernel("paired_linear_ws")[0]
         if hopper is not None and x.is_cuda and hopper.unfusable_reason(x2d, weight, plan.noise, offset) is None:
             kernel = hopper
+        elif isinstance(seed, torch.Tensor):     # a CUDA graph's capture: only the Hopper kernel reads the
+            return None                          # seed from device memory; the copies can
         elif kernel.unfusable_reason(x2d, weight, plan.noise, offset) is not None:
             return None
         bias_plus = bias_minus = bias

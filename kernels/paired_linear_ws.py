@@ -22,7 +22,8 @@ walks K in BLOCK_K steps through rings of shared-memory slots. Its partitions:
   float32 accumulator, freeing the slot once its products are done; then the bias in float32 and
   the one rounding of y (or, split-K, float32 partial sums that torch adds in a fixed order).
 
-Compiled for sm_90 only (Gluon has no interpreter); the caller uses kernels/paired_linear.py
+The seed may be read from device memory (SEED_AT, as the pass kernel's), so a CUDA graph captures the
+launch. Compiled for sm_90 only (Gluon has no interpreter); the caller uses kernels/paired_linear.py
 elsewhere (:func:`unfusable_reason`).
 """
 import functools
@@ -35,7 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                              warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .axpbz import _as_i32, seed_words
+from .axpbz import _as_i32, _seed_args
 from .paired_linear import _output, _workspace, summed
 from .philox import box_muller, philox4x32_10
 
@@ -75,8 +76,8 @@ def _noise_tile(call, seed_lo, seed_hi, key):
 
 @gluon.jit
 def _noise_partition(w_raw, w_loaded, w_free, wp_smem, wm_smem, w_ready, empty, off_n, K, k_lo, k_tiles, eps,
-                     seed_lo, seed_hi, key, offset, ROW0: gl.constexpr, ROWS: gl.constexpr,
-                     BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_STAGES: gl.constexpr):
+                     seed_lo, seed_hi, seed_ptr, key, offset, ROW0: gl.constexpr, ROWS: gl.constexpr,
+                     BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_STAGES: gl.constexpr, SEED_AT: gl.constexpr):
     # This partition's ROWS rows (from ROW0) of every step's tile; the other partitions make the rest.
     WARPS: gl.constexpr = gl.num_warps()
     OCTETS: gl.constexpr = BLOCK_K // 8
@@ -85,6 +86,9 @@ def _noise_partition(w_raw, w_loaded, w_free, wp_smem, wm_smem, w_ready, empty, 
     tile_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // OCTETS, OCTETS], [WARPS, 1], [1, 0])
     rows = off_n + ROW0 + gl.arange(0, ROWS, gl.SliceLayout(1, octet_layout)).to(gl.int64)
     octs = gl.arange(0, OCTETS, gl.SliceLayout(0, octet_layout)).to(gl.int64)
+    if SEED_AT:      # the seed's two words in device memory (a CUDA graph's replay writes each step's there)
+        seed_lo = gl.load(seed_ptr)
+        seed_hi = gl.load(seed_ptr + 1)
     for i in range(k_tiles):
         j = i % W_STAGES
         mbarrier.wait(w_loaded.index(j), (i // W_STAGES) & 1)
@@ -147,11 +151,11 @@ def _mma_partition(x_smem, wp_smem, wm_smem, x_ready, w_ready, empty, k_tiles, a
 
 @gluon.jit(do_not_specialize=["eps", "seed_lo", "seed_hi", "key", "offset", "k_per_split"])
 def _paired_linear_ws_kernel(x_desc, w_desc, y_ptr, bias_plus_ptr, bias_minus_ptr, M_HALF, N, K, k_per_split, eps,
-                             seed_lo, seed_hi, key, offset, w_layout: gl.constexpr, acc_layout: gl.constexpr,
+                             seed_lo, seed_hi, seed_ptr, key, offset, w_layout: gl.constexpr, acc_layout: gl.constexpr,
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                              STAGES: gl.constexpr, W_STAGES: gl.constexpr, NOISE_WARPS: gl.constexpr,
                              NOISE_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, HAS_BIAS: gl.constexpr,
-                             DIRECT: gl.constexpr):
+                             DIRECT: gl.constexpr, SEED_AT: gl.constexpr):
     off_n = gl.program_id(0) * BLOCK_N
     off_m = gl.program_id(1) * BLOCK_M
     pid_s = gl.program_id(2)
@@ -181,9 +185,10 @@ def _paired_linear_ws_kernel(x_desc, w_desc, y_ptr, bias_plus_ptr, bias_minus_pt
         (_x_loader_partition, (x_desc, x_smem, x_ready, empty, off_m, M_HALF, k_lo, k_tiles, BLOCK_K, STAGES)),
         (_w_loader_partition, (w_desc, w_raw, w_loaded, w_free, off_n, k_lo, k_tiles, BLOCK_K, W_STAGES)),
         (_noise_partition, (w_raw, w_loaded, w_free, wp_smem, wm_smem, w_ready, empty, off_n, K, k_lo, k_tiles, eps,
-                            seed_lo, seed_hi, key, offset, 0, ROWS, BLOCK_K, STAGES, W_STAGES)),
+                            seed_lo, seed_hi, seed_ptr, key, offset, 0, ROWS, BLOCK_K, STAGES, W_STAGES, SEED_AT)),
         (_noise_partition, (w_raw, w_loaded, w_free, wp_smem, wm_smem, w_ready, empty, off_n, K, k_lo, k_tiles, eps,
-                            seed_lo, seed_hi, key, offset, ROWS, ROWS, BLOCK_K, STAGES, W_STAGES)),
+                            seed_lo, seed_hi, seed_ptr, key, offset, ROWS, ROWS, BLOCK_K, STAGES, W_STAGES,
+                            SEED_AT)),
     ], [1, 1, NOISE_WARPS // 2, NOISE_WARPS // 2], [LOADER_REGS, LOADER_REGS, NOISE_REGS, NOISE_REGS])
     rows = off_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, acc_layout)).to(gl.int64)
     cols = off_n + gl.arange(0, BLOCK_N, gl.SliceLayout(0, acc_layout)).to(gl.int64)
@@ -252,11 +257,13 @@ def default_split(tiles: int, k_tiles: int, sms: int) -> int:
     return max(1, min(MAX_SPLIT, (2 * sms) // max(1, tiles), k_tiles // MIN_SPLIT_TILES))
 
 
-def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed: int, key: int, noise: int = 0,
+def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed, key: int, noise: int = 0,
                   offset: int = 0, bias_plus=None, bias_minus=None, *, split: int | None = None) -> torch.Tensor:
     """[M, N] in x2d's dtype, as kernels.paired_linear.paired_linear: rows :M/2 times round(W + eps z)^T,
     rows M/2: times round(W - eps z)^T, plus the halves' biases added in float32 before the one
-    rounding. ``split`` (None: :func:`default_split`) splits K; with more than one split the programs
+    rounding. ``seed``: a uint64, or an int32 tensor of its two words on the device
+    (kernels.axpbz.seed_words), read when the kernel runs (what a CUDA graph captures). ``split``
+    (None: :func:`default_split`) splits K; with more than one split the programs
     write float32 partial sums that torch adds in a fixed order (the same result run to run)."""
     reason = unfusable_reason(x2d, weight, noise, offset)
     if reason is not None:
@@ -273,13 +280,13 @@ def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed: int
     split = triton.cdiv(k, k_per_split)
     out = _output(m, n, x2d.dtype, x2d.device) if split == 1 else _workspace(split, m, n, x2d.device)
     has_bias = bias_plus is not None
-    seed_lo, seed_hi = seed_words(seed)
+    seed_lo, seed_hi, seed_ptr, seed_at = _seed_args(seed, weight)
     if m and n:
         x_desc = TensorDescriptor(x2d, list(x2d.shape), list(x2d.stride()), [block_m, BLOCK_K], x_layout)
         w_desc = TensorDescriptor(weight, list(weight.shape), list(weight.stride()), [BLOCK_N, BLOCK_K], w_layout)
         _paired_linear_ws_kernel[(triton.cdiv(n, BLOCK_N), triton.cdiv(h, block_m), split)](
             x_desc, w_desc, out, bias_plus if has_bias else weight, bias_minus if has_bias else weight, h, n, k,
-            k_per_split, float(eps), seed_lo, seed_hi, _as_i32(key & 0xFFFFFFFF), offset, w_layout, acc_layout,
-            block_m, BLOCK_N, BLOCK_K, STAGES, W_STAGES, NOISE_WARPS, NOISE_REGS, LOADER_REGS, has_bias, split == 1,
-            num_warps=4, enable_fp_fusion=False)
+            k_per_split, float(eps), seed_lo, seed_hi, seed_ptr, _as_i32(key & 0xFFFFFFFF), offset, w_layout,
+            acc_layout, block_m, BLOCK_N, BLOCK_K, STAGES, W_STAGES, NOISE_WARPS, NOISE_REGS, LOADER_REGS, has_bias,
+            split == 1, seed_at, num_warps=4, enable_fp_fusion=False)
     return out if split == 1 else summed(out, bias_plus, bias_minus, x2d.dtype)

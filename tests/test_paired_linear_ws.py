@@ -94,3 +94,28 @@ def test_the_split_fills_the_gpu_within_its_bounds():
 def test_the_policy_finds_the_kernel_or_none():
     assert policy._kernel("paired_linear_ws")[0] is ws
 
+
+@hopper_only
+def test_fused_forwards_are_captured_in_cuda_graphs_and_match_eager_steps():
+    from test_paired_graphs import batches, tiny_opt
+    data = batches("cuda")
+
+    def steps(cuda_graphs):
+        model = tiny_opt(torch.float16, "cuda")
+        with fastmezo.patch(model, lr=0.05, eps=EPS, seed=5, mode="paired", fused=True,
+                            cuda_graphs=cuda_graphs) as handle:
+            recs = []
+            for b in data:
+                handle.step(b)
+                recs.append((handle.optimizer.loss_plus, handle.optimizer.loss_minus, handle.optimizer.projected_grad))
+            assert {p for n, p in handle.paired.paths.items() if "proj" in n or "fc" in n} == {"fused"}
+            return handle.graphs, recs, [p.detach().float() for p in model.parameters()]
+
+    _, want, want_params = steps(False)
+    graphs, got, got_params = steps(True)
+    assert (graphs.captured, graphs.failed) == (2, 0) and graphs.replayed == 2
+    for (lp, lm, _), (wp, wm, _) in zip(got, want):
+        assert lp == pytest.approx(wp, rel=2e-3) and lm == pytest.approx(wm, rel=2e-3)
+    assert len({r[2] for r in got}) == len(got)              # new seeds every step, not one replayed z
+    for a, b in zip(got_params, want_params):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-3)
