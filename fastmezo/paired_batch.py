@@ -109,8 +109,10 @@ def half_losses(model, output, labels):
 
 
 #: Float32 logits the loss holds at a time (with their log-softmax): a doubled batch's logits over a
-#: vocabulary of tens of thousands would otherwise be copied to float32 whole, twice.
-LOSS_CHUNK_BYTES = 1 << 28
+#: vocabulary of tens of thousands would otherwise be copied to float32 whole, twice. Small, so that the
+#: loss's peak stays below an inference forward's (whose loss copies its logits to float32 whole); the
+#: chunks' launches cost nothing measurable (docs/perf.md).
+LOSS_CHUNK_BYTES = 8 << 20
 
 
 def _cross_entropy(logits, labels):

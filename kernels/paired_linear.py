@@ -232,15 +232,37 @@ def paired_linear(x2d: torch.Tensor, weight: torch.Tensor, eps: float, seed: int
     return out if direct else summed(out, bias_plus, bias_minus, x2d.dtype)
 
 
+@triton.jit
+def _summed_kernel(part_ptr, y_ptr, bias_plus_ptr, bias_minus_ptr, M_HALF, N, SPLIT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
+    total = 2 * M_HALF.to(tl.int64) * N
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT):          # a fixed order: the same y whichever split finished first
+        acc += tl.load(part_ptr + s * total + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        col = offs % N
+        plus = tl.load(bias_plus_ptr + col, mask=mask, other=0.0).to(tl.float32)
+        minus = tl.load(bias_minus_ptr + col, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.where(offs < total // 2, plus, minus)
+    tl.store(y_ptr + offs, round_to_nearest(acc, y_ptr.dtype.element_ty, FAST), mask=mask)
+
+
+SUM_BLOCK = 1024
+
+
 def summed(workspace: torch.Tensor, bias_plus, bias_minus, dtype) -> torch.Tensor:
     """y from the float32 partial sums of a workspace [splits, M, N]: the splits added in a fixed order,
-    each half's bias added in float32, then the one rounding to ``dtype``."""
-    y = workspace[0] if workspace.shape[0] == 1 else workspace.sum(0)
-    if bias_plus is not None:
-        h = y.shape[0] // 2
-        y[:h] += bias_plus.float()
-        y[h:] += bias_minus.float()
-    return y.to(dtype)
+    each half's bias added in float32, then the one rounding to ``dtype``; one launch, which reads the
+    partials once (a split matmul's sum otherwise costs as much as its speed-up on small layers)."""
+    splits, m, n = workspace.shape
+    y = _output(m, n, dtype, workspace.device)
+    has_bias = bias_plus is not None
+    _summed_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
+        workspace, y, bias_plus if has_bias else y, bias_minus if has_bias else y, m // 2, n, splits, has_bias,
+        SUM_BLOCK, not _INTERPRETING, num_warps=4, **_NO_FMA_CONTRACTION)
+    return y
 
 
 def _output(m: int, n: int, dtype, device) -> torch.Tensor:

@@ -74,6 +74,27 @@ def test_one_split_writes_the_bits_of_the_workspace_path(monkeypatch, dtype, noi
         assert torch.equal(direct.view(-1).view(torch.uint8), spilled.view(-1).view(torch.uint8)), (dtype, biases != ())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_split_partials_are_summed_in_order_with_each_halfs_bias(monkeypatch, dtype, splits):
+    # The bits of torch adding the partials in split order, then each half's bias in float32, then one
+    # rounding; M x N not a multiple of the sum's block, and the output poisoned.
+    monkeypatch.setattr(pl, "_output", lambda m, n, dt, dev: torch.full((m, n), float("nan"), dtype=dt, device=dev))
+    g = torch.Generator().manual_seed(splits)
+    parts = torch.randn(splits, 2 * 23, 57, generator=g)
+    bias_plus, bias_minus = (torch.randn(57, generator=g).to(dtype) for _ in range(2))
+    want = parts[0].clone()
+    for p in parts[1:]:
+        want += p
+    for biases in ((None, None), (bias_plus, bias_minus)):
+        got = pl.summed(parts.to(DEVICE), *(None if b is None else b.to(DEVICE) for b in biases), dtype).cpu()
+        expect = want.clone()
+        if biases[0] is not None:
+            expect[:23] += bias_plus.float()
+            expect[23:] += bias_minus.float()
+        assert got.dtype == dtype and torch.equal(got.view(torch.uint8), expect.to(dtype).view(torch.uint8))
+
+
 def nearest_copy(plan, t, key, offset, eps, sign):
     """round(t + sign * eps*z) to nearest even, eps*z the backend's float32 product (the contract's pass
     with load_x off), the sum and rounding by torch: the materialize path's copy, computed independently
