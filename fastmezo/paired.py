@@ -63,9 +63,9 @@ class PairedPerturbation:
 
     Wraps the forward of every module owning one of ``params`` (an instance attribute, removed by
     :meth:`remove`); outside :meth:`perturbation` the wrapped forwards are the original ones.
-    ``fused``: when an nn.Linear takes the fused kernel instead of materialized copies (None: up to
-    fastmezo.paired_linear.DEFAULT_MAX_ROWS rows, which is none; an int: that many rows; True / False:
-    always / never);
+    ``fused``: when an nn.Linear takes the fused kernel instead of materialized copies (None: the
+    Hopper kernel up to fastmezo.paired_linear.DEFAULT_MAX_ROWS rows; an int: either kernel up to that
+    many rows; True / False: always / never);
     :attr:`paths` says which path each module took in the last paired forward.
     """
 
@@ -108,6 +108,7 @@ class PairedPerturbation:
         #: module takes the most rows among its tensor arguments.
         self.rows = None
         self.max_rows = max_rows_of(fused)
+        self.fused_auto = fused is None       # the automatic choice takes only the Hopper kernel
         #: {module name: "fused" or "materialized"}: the path of each module in the last paired forward.
         self.paths: dict[str, str] = {}
         for module in self._owned:

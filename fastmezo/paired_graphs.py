@@ -8,8 +8,9 @@ copies reads when it runs (PairedPerturbation.seeded_from), the batch into the g
 the replay makes bit for bit the copies an eager forward at that seed makes.
 
 When: PairedPatch's own loss (a dict batch with labels, fastmezo.paired_batch.half_losses), every
-tensor of the batch and of the plan on one CUDA device, the Triton backend, the fused kernel off or
-able to read the seed from device memory (fastmezo.paired_linear.fused_capturable), at
+tensor of the batch and of the plan on one CUDA device, the Triton backend, the fused kernel automatic
+(the Hopper kernel only, which reads the seed from device memory), off, or asked for where the Hopper
+kernel takes every matrix (fastmezo.paired_linear.fused_capturable), at
 most MAX_TOKENS labels in the doubled batch (small batches, where the host is what a step waits for). A
 user's ``loss_fn`` or closure runs eagerly: it may hold host state that a replay would not see. The first
 WARMUP_STEPS steps of a signature run eagerly (they fill the caches: launch tables, cuBLAS handles, the
@@ -150,7 +151,7 @@ class ForwardGraphs:
         if not isinstance(seed, int) or not isinstance(labels, torch.Tensor) or labels.numel() > self.max_tokens:
             return None
         device = labels.device
-        if provider.max_rows > 0:
+        if provider.max_rows > 0 and not provider.fused_auto:    # the automatic choice: always capturable
             with _paused(provider._checker):       # fastmezo's own look at the weights' dtypes
                 if not fused_capturable(plan, device):
                     return None

@@ -9,15 +9,17 @@ round(W +- eps*z). A plain ``nn.Linear`` takes one of two faster paths here:
   half, whose epilogue adds that half's bias). Its cost is a pass over W
   that writes two copies plus cuBLAS reading them; it holds two copies of one weight at a time (a
   weight above fastmezo.paired_copies.MAX_COPY_BYTES, an lm_head, a slab of output rows at a time).
-* *fused* (:func:`fused_or_none`, fastmezo.kernels.paired_linear): both halves in one read of W with
-  z generated in registers and no copy written; the least memory, but the kernel regenerates z for
-  every block of rows and runs far below cuBLAS's speed (docs/perf.md), so it is opt-in. On a Hopper
-  GPU (float16 / bfloat16, Gaussian noise) it is fastmezo.kernels.paired_linear_ws, whose noise is
-  made by warps of their own beside the tensor-core warps; elsewhere the Triton kernel.
+* *fused* (:func:`fused_or_none`): both halves in one read of W with z generated on chip and no copy
+  written: the least memory. On a Hopper GPU (float16 / bfloat16, Gaussian noise) the kernel is
+  fastmezo.kernels.paired_linear_ws, whose noise is made by warps of their own beside the tensor-core
+  warps; it makes z once per weight tile for up to 128 rows a half, and there a graphed step is as
+  fast as the copies' (docs/perf.md). Elsewhere fastmezo.kernels.paired_linear, a Triton kernel far
+  below cuBLAS's speed, taken only when asked for.
 
 ``fused`` (``fastmezo.patch(model, mode="paired", fused=...)``, ``PairedPerturbation(fused=...)``):
-None (default) fuses up to :data:`DEFAULT_MAX_ROWS` rows of the module's input (batch and sequence
-flattened); an int is that row threshold; True fuses whatever the rows, False never. The fused path
+None (default) fuses by the Hopper kernel up to :data:`DEFAULT_MAX_ROWS` rows of the module's input
+(batch and sequence flattened), and never by the Triton kernel; an int is the row threshold for either
+kernel; True fuses whatever the rows, False never. The fused path
 also needs: the plan's backend for the device is Triton (compiled on CUDA; the interpreter on CPU
 when the backend is forced to "triton" with TRITON_INTERPRET=1), a plain ``nn.Linear`` forward with
 the input as its only argument, the weight trained, the input's dtype the weight's, and in-features
@@ -38,10 +40,11 @@ import torch
 
 from . import ops, paired_copies
 
-#: Rows (the doubled batch times the sequence) up to which an nn.Linear takes the fused kernel by
-#: default: none, since the materialize path (one pair pass, one batched matmul) beat the fused kernel
-#: at every row count of the sweep but the smallest layer's smallest (docs/perf.md).
-DEFAULT_MAX_ROWS = 0
+#: Rows (the doubled batch times the sequence) up to which an nn.Linear takes the Hopper fused kernel by
+#: default: one block of rows a half, within which it makes z once per weight tile; beyond, z again for
+#: every block, and the copies' path is faster (docs/perf.md). The Triton fused kernel is slower than
+#: the copies at every row count: by default never.
+DEFAULT_MAX_ROWS = 256
 
 #: An lm_head's slabs of output rows (materialize path) are multiples of this many rows.
 SLAB_ALIGN = 128
@@ -117,8 +120,9 @@ def fused_or_none(provider, module, args, kwargs, rows: int, max_rows: int):
         hopper = _kernel("paired_linear_ws")[0]
         if hopper is not None and x.is_cuda and hopper.unfusable_reason(x2d, weight, plan.noise, offset) is None:
             kernel = hopper
-        elif isinstance(seed, torch.Tensor):     # a CUDA graph's capture: only the Hopper kernel reads the
-            return None                          # seed from device memory; the copies can
+        elif provider.fused_auto or isinstance(seed, torch.Tensor):
+            return None     # automatic: the Hopper kernel only; a CUDA graph's capture: the Triton kernel
+                            # cannot read the seed from device memory, the copies can
         elif kernel.unfusable_reason(x2d, weight, plan.noise, offset) is not None:
             return None
         bias_plus = bias_minus = bias

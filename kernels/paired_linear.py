@@ -258,6 +258,8 @@ def summed(workspace: torch.Tensor, bias_plus, bias_minus, dtype) -> torch.Tenso
     partials once (a split matmul's sum otherwise costs as much as its speed-up on small layers)."""
     splits, m, n = workspace.shape
     y = _output(m, n, dtype, workspace.device)
+    if not y.numel():
+        return y
     has_bias = bias_plus is not None
     _summed_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
         workspace, y, bias_plus if has_bias else y, bias_minus if has_bias else y, m // 2, n, splits, has_bias,

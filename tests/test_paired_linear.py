@@ -184,7 +184,7 @@ def test_the_automatic_choice():
                             **{"backend": "triton", **options}) as handle:
             handle.step(x)
             return [handle.paired.paths[str(i)] for i in range(4)]
-    assert paths_of() == ["materialized"] * 4                                   # automatic: DEFAULT_MAX_ROWS = 0
+    assert paths_of() == ["materialized"] * 4              # automatic: the Hopper kernel only, never the Triton one
     assert paths_of(fused=12) == ["fused", "materialized", "fused", "materialized"]
     assert paths_of(fused=True) == ["fused", "materialized", "fused", "materialized"]
     assert paths_of(fused=11) == ["materialized"] * 4                           # threshold below the rows

@@ -18,6 +18,8 @@ def poison(monkeypatch):
     """Outputs and workspaces start as NaN, so an element the kernel does not write shows."""
     monkeypatch.setattr(ws, "_output", lambda m, n, dt, dev: torch.full((m, n), float("nan"), dtype=dt, device=dev))
     monkeypatch.setattr(ws, "_workspace", lambda *a: torch.full(a[:3], float("nan"), device=a[3]))
+    monkeypatch.setattr(policy._kernel()[0], "_output",          # the split partials' sum writes y there
+                        lambda m, n, dt, dev: torch.full((m, n), float("nan"), dtype=dt, device=dev))
 
 
 @hopper_only
@@ -25,7 +27,7 @@ def poison(monkeypatch):
 @pytest.mark.parametrize("rows,n,k,offset,split", [
     (26, 37, 136, 40, 1),          # one partial row block, N and K not multiples of the tiles
     (300, 70, 1000, 8, 1),         # two row blocks of each half, the second partial
-    (256, 200, 2048, 0, 3),        # three splits of K: float32 partial sums summed by torch
+    (256, 200, 2048, 0, 3),        # three splits of K: float32 partial sums, then their sum's launch
     (128, 5120, 512, 16, None),    # the automatic split
 ])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -65,6 +67,22 @@ def test_the_fused_path_takes_it_on_hopper(monkeypatch):
     linear = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert {name for name, p in paths.items() if p == "fused"} == linear
     assert len(calls) == len(linear)
+
+
+@hopper_only
+def test_the_automatic_choice_fuses_one_block_of_rows_a_half():
+    # By default the Hopper kernel takes a doubled batch of up to DEFAULT_MAX_ROWS rows (here 2 x 3 x 10),
+    # the copies a larger one (2 x 5 x 30); in CUDA graphs as eagerly.
+    model = tiny("opt", torch.float16).cuda()
+    linear = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for rows, length, want in ((3, 10, "fused"), (5, 30, "materialized")):
+        assert (2 * rows * length <= policy.DEFAULT_MAX_ROWS) == (want == "fused")
+        data = {k: v.cuda() for k, v in batch(rows, length).items()}
+        with fastmezo.patch(model, lr=0.0, eps=EPS, seed=3, mode="paired") as handle:
+            for _ in range(4):               # two eager steps, a capture, a replay
+                handle.step(data)
+            assert {handle.paired.paths[name] for name in linear} == {want}
+            assert handle.graphs.captured == 1 and handle.graphs.failed == 0
 
 
 def test_unfusable_operands_are_refused_with_the_reason():
