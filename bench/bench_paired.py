@@ -11,10 +11,12 @@ In order (a failed check stops the run before anything is timed, exit code 1):
    see the same weights: l+, l- within a relative ``CHECK_RTOL`` and the projected gradients within
    what that allows, ``2 * CHECK_RTOL * |l| / (2 eps)``.
 2. ``sweep``: on OPT-13B-shaped layers (q_proj 5120 x 5120 and fc1 20480 x 5120, float16), the fused
-   kernel against the materialize path (one pass making z once and both rounded copies, a matmul per
+   kernel the fused path takes (the Hopper kernel where it accepts the operands, else the Triton one)
+   against the materialize path (one pass making z once and both rounded copies, a matmul per
    half: what paired mode does without the kernel) at several row counts of the doubled batch, kernel time with calls queued;
    each point also compares the two outputs. ``suggested_max_rows``: the most rows at which the fused
-   kernel is not slower on every layer (fastmezo.paired_linear.DEFAULT_MAX_ROWS comes from it).
+   kernel is not slower on every layer (beside fastmezo.paired_linear.DEFAULT_MAX_ROWS, the automatic
+   choice's threshold for the Hopper kernel).
 3. ``steps``: random OPT-13B float16 (bench/models.py), at each --configs batch x tokens: the public
    API's default paired step (``fastmezo.patch(model, mode="paired")``, its ``step``), the default
    in-place step (``fastmezo.patch(model)``) and the reference (bench/baseline.py), in this run, each
@@ -97,8 +99,8 @@ def check(name: str, device, backend, log=print) -> dict:
 
 def sweep(device, layers, rows_list, warmup, reps, backend, log=print) -> dict:
     """Fused kernel vs materialize path on single layers at several row counts (kernel time, queued)."""
-    from fastmezo.kernels.paired_linear import paired_linear
     from fastmezo.paired_copies import ForwardCopies
+    from fastmezo.paired_linear import _kernel
     from fastmezo.plan import Plan
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -119,13 +121,17 @@ def sweep(device, layers, rows_list, warmup, reps, backend, log=print) -> dict:
                 torch.mm(x[h:], minus.t(), out=y[h:])
                 return y
 
-            fused = lambda w=w, x=x: paired_linear(x, w, EPS, SEED, 11, plan.noise)      # noqa: E731
+            kernel = _kernel("paired_linear_ws")[0]
+            if kernel is None or not x.is_cuda or kernel.unfusable_reason(x, w, plan.noise, 0) is not None:
+                kernel = _kernel()[0]
+            fused = lambda w=w, x=x, k=kernel: k.paired_linear(x, w, EPS, SEED, 11, plan.noise)    # noqa: E731
             diff = (fused().float() - materialize().float()).abs().max().item()
             scale = materialize().float().abs().max().item()
             t_f = statistics.median(time_ms(fused, device, warmup, reps))
             t_m = statistics.median(time_ms(materialize, device, warmup, reps))
-            points.append(dict(layer=layer, n=n, k=k, rows=rows, fused_ms=t_f, materialize_ms=t_m,
-                               fused_over_materialize=t_f / t_m, max_abs_diff=diff, max_abs_output=scale))
+            points.append(dict(layer=layer, n=n, k=k, rows=rows, kernel=kernel.__name__, fused_ms=t_f,
+                               materialize_ms=t_m, fused_over_materialize=t_f / t_m, max_abs_diff=diff,
+                               max_abs_output=scale))
             log(f"[sweep {layer} {n}x{k}] {rows:5d} rows: fused {t_f:8.3f} ms  materialize {t_m:8.3f} ms  "
                 f"ratio {t_f / t_m:5.2f}  max |diff| {diff:.3g} of {scale:.3g}")
         del w

@@ -55,8 +55,8 @@ def patch(model: torch.nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, weight
     materializes at once (fastmezo.exact_groups.plan_groups; default: the largest trained tensor, at least
     16 MiB; 0: one hooked module per module owning a trained parameter).
     ``fused`` (paired mode only): when an nn.Linear runs paired mode's fused kernel rather than
-    materialized copies: None (automatic, by rows), a number of rows, True or False
-    (fastmezo.paired_linear).
+    materialized copies: None (automatic: the Hopper kernel up to one block of rows a half), a number
+    of rows, True or False (fastmezo.paired_linear).
     ``cuda_graphs`` (paired mode only; default True): on CUDA, the paired forward of a batch with labels
     is captured once per batch shape and replayed (fastmezo.paired_graphs); False runs it eagerly.
     """
