@@ -12,9 +12,9 @@ In order (a failed check stops the run before anything is timed, exit code 1):
    what that allows, ``2 * CHECK_RTOL * |l| / (2 eps)``.
 2. ``sweep``: on OPT-13B-shaped layers (q_proj 5120 x 5120 and fc1 20480 x 5120, float16), the fused
    kernel the fused path takes (the Hopper kernel where it accepts the operands, else the Triton one)
-   against the materialize path (one pass making z once and both rounded copies, a matmul per
-   half: what paired mode does without the kernel) at several row counts of the doubled batch, kernel time with calls queued;
-   each point also compares the two outputs. ``suggested_max_rows``: the most rows at which the fused
+   against the materialize path (one pass making z once and both rounded copies, a matmul per half:
+   what paired mode does without the kernel) at several row counts of the doubled batch, kernel time
+   with calls queued; each point also compares the two outputs. ``suggested_max_rows``: the most rows at which the fused
    kernel is not slower on every layer (beside fastmezo.paired_linear.DEFAULT_MAX_ROWS, the automatic
    choice's threshold for the Hopper kernel).
 3. ``steps``: random OPT-13B float16 (bench/models.py), at each --configs batch x tokens: the public

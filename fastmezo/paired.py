@@ -16,10 +16,10 @@ tied use of the same weight (an lm_head) is its own module call and sees the who
 The alternative for nn.Linear, x W^T over the doubled batch plus +-eps * x z^T per half,
 would double the matmul FLOPs (a loss where large batches are compute-bound) and would not round the
 perturbed weight as exact mode does (in bfloat16 that rounding is of the order of eps*z itself).
-A plain nn.Linear multiplies both halves by one batched matmul over its stacked copies, or (by default
-on Hopper for small batches) by a fused kernel that reads W once and makes the same rounded tiles on chip; a plain
-nn.LayerNorm on the Triton backend normalizes both halves with their own affine in one launch
-(fastmezo.paired_linear).
+A plain nn.Linear multiplies both halves by one batched matmul over its stacked copies, or (by
+default on Hopper for small batches) by a fused kernel that reads W once and makes the same rounded
+tiles on chip; a plain nn.LayerNorm on the Triton backend normalizes both halves with their own affine
+in one launch (fastmezo.paired_linear).
 
 Any module works this way: nn.Linear, nn.Embedding, LayerNorm, RMSNorm and the modules of
 transformers are split along dim 0 of their tensor arguments; a module of another kind owning a

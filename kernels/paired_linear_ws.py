@@ -20,7 +20,8 @@ walks K in BLOCK_K steps through rings of shared-memory slots. Its partitions:
   run apart, so one's Philox overlaps the other's barriers and stores;
 * the default warps (one warpgroup): two asynchronous wgmma per slot, one per half, each into its own
   float32 accumulator, freeing the slot once its products are done; then the bias in float32 and
-  the one rounding of y (or, split-K, float32 partial sums that torch adds in a fixed order).
+  the one rounding of y (or, split-K, float32 partial sums that one launch adds in a fixed order,
+  kernels.paired_linear.summed).
 
 The seed may be read from device memory (SEED_AT, as the pass kernel's), so a CUDA graph captures the
 launch. Compiled for sm_90 only (Gluon has no interpreter); the caller uses kernels/paired_linear.py
