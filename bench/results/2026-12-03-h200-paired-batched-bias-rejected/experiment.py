@@ -1,13 +1,14 @@
 """16x256: a batched matmul for biased linears (bias filled into the output, then baddbmm with beta 1) vs a
 matmul per half with the bias in cuBLAS's epilogue; per-layer microbench then whole steps; SM clocks sampled."""
 import gc, json, subprocess, sys, time, torch
+from pathlib import Path
 import fastmezo
 from fastmezo import paired_linear as policy
 from bench.models import build_model, make_batch, make_closure
 from bench.bench_paired import user_ms, SEED, EPS
 from bench.step_variants import BaselineStepper
 out_dir = sys.argv[1]
-sys.path.insert(0, ".gpu"); from fillk import fill
+sys.path.insert(0, str(Path(__file__).parent)); from fillk import fill   # beside this script
 dev = torch.device("cuda")
 x = torch.randn(8192, 8192, device=dev, dtype=torch.half)
 t0 = time.time()
